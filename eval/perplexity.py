@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""WikiText-2 perplexity of RTN schemes on a real model (the protocol of shared/README.md).
+
+    python eval/perplexity.py --model ~/.cache/llmsqueeze/smollm2-135m \
+        --data ../shared/data/wikitext-2/test.txt --windows 8
+
+Runs dense, then RTN at 8/4/3 bits x group 128/64 x asym/sym x plain/clip-search; prints a
+markdown table (with the independent reference numbers where the protocol gives them) and writes
+JSON to eval/results/perplexity_rtn.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+import llmsqueeze
+from llmsqueeze.evaluate import environment, load_eval_text, perplexity, tokenize_text
+
+# Measured with this protocol by an implementation independent of the project (shared/README.md).
+REFERENCE = {
+    "dense": 17.04,
+    (4, 64, False): 21.60,
+    (4, 64, True): 23.84,
+    (3, 64, False): 52.03,
+    (8, 64, False): 17.03,
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(Path("~/.cache/llmsqueeze/smollm2-135m").expanduser()))
+    ap.add_argument("--data", default="../shared/data/wikitext-2/test.txt")
+    ap.add_argument("--windows", type=int, default=8, help="8 = quick protocol; 0 = all windows")
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 3])
+    ap.add_argument("--group-sizes", type=int, nargs="+", default=[128, 64])
+    ap.add_argument("--out", default="eval/results/perplexity_rtn.json")
+    args = ap.parse_args()
+    windows = args.windows or None
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    ids = tokenize_text(tok, load_eval_text(args.data))
+    rows = []
+
+    def run(label: str, cfg: dict | None) -> None:
+        model = llmsqueeze.load_dense(args.model, dtype=torch.float32).eval()
+        t0 = time.perf_counter()
+        if cfg is not None:
+            llmsqueeze.quantize(model, llmsqueeze.QuantScheme(**cfg), progress=False)
+        tq = time.perf_counter() - t0
+        res = perplexity(model, ids, windows=windows, progress=False)
+        key = "dense" if cfg is None else (cfg["bits"], cfg["group_size"], cfg["sym"])
+        ref = REFERENCE.get(key) if cfg is None or not cfg.get("clip_search") else None
+        row = {"config": label, **(cfg or {}), "ppl": res["ppl"], "windows": res["windows"],
+               "quantize_s": tq, "reference": ref,
+               "vs_reference_pct": None if ref is None else 100 * (res["ppl"] / ref - 1)}
+        rows.append(row)
+        extra = "" if ref is None else f"  (reference {ref}, {row['vs_reference_pct']:+.2f}%)"
+        print(f"{label:38s} ppl {res['ppl']:8.3f}   quantize {tq:6.1f}s{extra}", flush=True)
+        del model
+
+    run("dense", None)
+    for bits, g, sym, clip in itertools.product(args.bits, args.group_sizes, (False, True), (False, True)):
+        cfg = {"bits": bits, "group_size": g, "sym": sym, "clip_search": clip}
+        run(f"rtn w{bits} g{g} {'sym' if sym else 'asym'}{' +clip' if clip else ''}", cfg)
+
+    print("\n| scheme | perplexity | reference | quantize time |\n|---|---|---|---|")
+    for r in rows:
+        ref = "" if r["reference"] is None else f"{r['reference']} ({r['vs_reference_pct']:+.2f}%)"
+        print(f"| {r['config']} | {r['ppl']:.2f} | {ref} | {r['quantize_s']:.1f} s |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "protocol": f"WikiText-2 test, seq_len 2048, {'all' if windows is None else windows} windows, float32 CPU",
+        "model": args.model,
+        "environment": environment(),
+        "results": rows,
+    }, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

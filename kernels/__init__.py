@@ -1,0 +1,1 @@
+"""Triton kernels for packed weights, installed as `llmsqueeze.kernels`."""

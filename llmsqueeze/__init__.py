@@ -1,0 +1,28 @@
+"""llmsqueeze: make Hugging Face causal LMs small and fast.
+
+    import llmsqueeze
+    model = llmsqueeze.quantize(model, llmsqueeze.QuantScheme(bits=4, group_size=128))
+    llmsqueeze.save_quantized(model, "q4", tokenizer=tok)
+    model = llmsqueeze.from_pretrained("q4")   # or transformers.AutoModelForCausalLM.from_pretrained("q4")
+"""
+from .api import load_dense, quantize
+from .checkpoint import check_checkpoint, from_pretrained, register_with_transformers, save_quantized
+from .config import CheckpointError, LlmsqueezeError, QuantScheme
+from .nn import QuantLinear
+
+__version__ = "0.1.0"
+
+register_with_transformers()
+
+__all__ = [
+    "QuantScheme",
+    "QuantLinear",
+    "LlmsqueezeError",
+    "CheckpointError",
+    "quantize",
+    "load_dense",
+    "save_quantized",
+    "from_pretrained",
+    "check_checkpoint",
+    "register_with_transformers",
+]

@@ -1,0 +1,266 @@
+"""Checkpoints: save (temp dir, renamed at the end), verify before loading, and load through
+transformers' own `from_pretrained` via a registered HfQuantizer."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .api import FORMAT_VERSION, QUANT_METHOD
+from .config import CheckpointError, LlmsqueezeError, QuantScheme
+
+log = logging.getLogger("llmsqueeze")
+
+QUANT_SUFFIXES = ("qweight", "scales", "qzeros")
+
+
+# ---------------------------------------------------------------------------------------- save
+def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Check that `out` can be written; return it resolved. Nothing is created yet."""
+    out = Path(out).expanduser().resolve()
+    if out.exists():
+        if not out.is_dir():
+            raise LlmsqueezeError(f"--out {out} is a file; pass a directory path")
+        if any(out.iterdir()) and not overwrite:
+            raise LlmsqueezeError(f"--out {out} is not empty; pass --overwrite to replace it, or choose another path")
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LlmsqueezeError(f"--out {out}: cannot write in {parent} (permission denied); choose a writable path")
+    return out
+
+
+def save_quantized(
+    model: nn.Module,
+    out: str | os.PathLike,
+    tokenizer=None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+) -> Path:
+    """Write the quantized model (safetensors shards + config.json with quantization_config,
+    generation config, tokenizer) to a temp dir beside `out`, then rename it into place."""
+    if getattr(getattr(model, "config", None), "quantization_config", None) is None:
+        raise LlmsqueezeError("the model is not quantized: call llmsqueeze.quantize(model, scheme) first")
+    out = prepare_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %s", out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- verify
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a .safetensors file, after checking the file is complete."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated or not a safetensors file; re-create or re-download it")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{path} is truncated (header says {n} bytes, file has {size}); re-create or re-download it")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} has a corrupt header; re-create or re-download it") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        raise CheckpointError(
+            f"{path} is {'truncated' if size < expected else 'corrupt'} ({size} bytes, expected {expected}); "
+            "re-create or re-download it"
+        )
+    return header
+
+
+def read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{path} has no config.json: not a model directory; pass the directory save_quantized wrote")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg} is not valid JSON ({e.msg} at line {e.lineno}); re-create the checkpoint") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors shards of a model dir (from the index when sharded), each checked to exist."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise CheckpointError(f"{index} is corrupt; re-create the checkpoint") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{path} is missing shard(s) {', '.join(missing)}; re-create or re-download the checkpoint")
+        return [path / f for f in files]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{path} has no model.safetensors or index: no weights to load; re-create the checkpoint")
+
+
+def check_checkpoint(path: str | os.PathLike) -> dict:
+    """Verify a llmsqueeze checkpoint dir before any model is built: ours, a version we read,
+    complete shards, every quantized layer with all its tensors. Returns its quantization_config."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: no such directory")
+    config = read_config(path)
+    qc = config.get("quantization_config")
+    if qc is None:
+        raise CheckpointError(f"{path} is not quantized (no quantization_config); load it with transformers or quantize it first")
+    method = qc.get("quant_method")
+    if method != QUANT_METHOD:
+        raise CheckpointError(
+            f"{path} was made by another tool (quant_method={method!r}); llmsqueeze reads its own format "
+            f"'{QUANT_METHOD}': load it with transformers, or re-quantize the dense model with llmsqueeze"
+        )
+    version = qc.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {version!r}, this llmsqueeze reads up to {FORMAT_VERSION}: upgrade llmsqueeze"
+        )
+    QuantScheme.from_dict(qc.get("scheme", {}))
+    keys: set[str] = set()
+    for f in weight_files(path):
+        keys |= set(read_safetensors_header(f)) - {"__metadata__"}
+    prefixes = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".qweight")}
+    if not prefixes:
+        raise CheckpointError(f"{path} holds no quantized weights (no *.qweight); re-create the checkpoint")
+    for p in sorted(prefixes):
+        missing = [s for s in QUANT_SUFFIXES if f"{p}.{s}" not in keys]
+        if missing:
+            raise CheckpointError(f"{path}: layer {p} lacks {', '.join(missing)}; the checkpoint is corrupt, re-create it")
+    return qc
+
+
+# ---------------------------------------------------------------------------------------- load
+class LlmsqueezeConfig(QuantizationConfigMixin):
+    """transformers' view of our `quantization_config` (quant_method 'llmsqueeze')."""
+
+    def __init__(self, scheme=None, method="rtn", format_version=FORMAT_VERSION, modules_to_not_convert=None, **kwargs):
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.method = method
+        self.scheme = dict(scheme or {})
+        self.modules_to_not_convert = list(modules_to_not_convert or [])
+        QuantScheme.from_dict(self.scheme)  # validate
+
+    def to_dict(self) -> dict:
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "method": self.method,
+            "scheme": dict(self.scheme),
+            "modules_to_not_convert": list(self.modules_to_not_convert),
+        }
+
+    def to_diff_dict(self) -> dict:
+        return self.to_dict()
+
+
+class LlmsqueezeHfQuantizer(HfQuantizer):
+    """Loads llmsqueeze checkpoints inside `from_pretrained`: swaps Linears for empty QuantLinears
+    on the meta skeleton, then transformers fills their packed buffers from the shards."""
+
+    requires_calibration = True  # only pre-quantized checkpoints; quantizing is llmsqueeze.quantize()
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        replace_with_quant_linear(model, self.quantization_config.to_dict())
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self):
+        return False
+
+
+def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
+    """Swap every Linear not in modules_to_not_convert for an empty QuantLinear of the same shape
+    (on whatever device the skeleton is, usually meta); the loader then fills its buffers."""
+    from .models import all_linear_names
+    from .nn import QuantLinear, linear_weight, set_module
+
+    scheme = QuantScheme.from_dict(qc["scheme"])
+    keep = set(qc.get("modules_to_not_convert", []))
+    names = [n for n in all_linear_names(model) if n not in keep]
+    for name in names:
+        layer = model.get_submodule(name)
+        w = linear_weight(layer)
+        n_out, k = w.shape
+        set_module(
+            model,
+            name,
+            QuantLinear(
+                k, n_out, scheme.bits, scheme.group_size, bias=layer.bias is not None,
+                scale_dtype=scheme.torch_scale_dtype, bias_dtype=w.dtype, device=w.device,
+            ),
+        )
+    return names
+
+
+_REGISTERED = False
+
+
+def register_with_transformers() -> None:
+    """Make `transformers.AutoModelForCausalLM.from_pretrained` read llmsqueeze checkpoints."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LlmsqueezeHfQuantizer:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)  # a reloaded module's stale classes
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantization_config(QUANT_METHOD)(LlmsqueezeConfig)
+        register_quantizer(QUANT_METHOD)(LlmsqueezeHfQuantizer)
+    _REGISTERED = True
+
+
+def from_pretrained(path: str | os.PathLike, device_map=None, dtype: torch.dtype | str = "auto", **kwargs) -> nn.Module:
+    """Load a llmsqueeze checkpoint (local dir, verified first; or a hub id) as a causal LM."""
+    from transformers import AutoModelForCausalLM
+
+    register_with_transformers()
+    local = Path(str(path)).expanduser()
+    if local.exists() or str(path).startswith((".", "/", "~")):
+        check_checkpoint(local)
+        path = str(local)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load {path}: {first}") from None

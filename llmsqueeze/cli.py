@@ -1,0 +1,179 @@
+"""`llmsqueeze quantize | info | eval` — argument parsing and the one-line errors; the work is in
+the library modules."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import LlmsqueezeError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other bad input
+        self.exit(EXIT_BAD_INPUT, f"llmsqueeze: error: {message} (see '{self.prog} --help')\n")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def _load_any(model: str, dtype: str, **kwargs):
+    """A llmsqueeze checkpoint or a dense model, with its tokenizer (None if it has none)."""
+    from transformers import AutoTokenizer
+
+    from .api import load_dense
+    from .checkpoint import from_pretrained, read_config
+
+    path = Path(model).expanduser()
+    quantized = path.is_dir() and (path / "config.json").is_file() and "quantization_config" in read_config(path)
+    m = from_pretrained(path, dtype=_torch_dtype(dtype), **kwargs) if quantized else load_dense(model, _torch_dtype(dtype), **kwargs)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else model)
+    except Exception:  # a model dir without a tokenizer
+        tok = None
+    return m.eval(), tok
+
+
+def cmd_quantize(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from .api import load_dense, quantize
+    from .checkpoint import prepare_output_dir, save_quantized
+    from .config import QuantScheme
+
+    torch.manual_seed(args.seed)
+    scheme = QuantScheme(
+        bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype,
+        clip_search=args.clip_search, include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head,
+    )
+    prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
+    model = load_dense(args.model, _torch_dtype(args.dtype))
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(args.model))
+    except Exception:
+        logging.getLogger("llmsqueeze").warning("no tokenizer found beside %s; saving the model without one", args.model)
+        tok = None
+    quantize(model, scheme, method=args.method)
+    out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    print(out)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import checkpoint_info, format_info
+
+    info = checkpoint_info(args.dir)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+def cmd_eval_ppl(args) -> int:
+    from .evaluate import load_eval_text, perplexity, tokenize_text
+
+    model, tok = _load_any(args.model, args.dtype)
+    if tok is None:
+        raise LlmsqueezeError(f"{args.model} has no tokenizer; save one beside the model to measure perplexity")
+    ids = tokenize_text(tok, load_eval_text(args.data))
+    res = perplexity(model, ids, seq_len=args.seq_len, windows=None if args.full else args.windows)
+    res.update(model=args.model, data=args.data, dtype=args.dtype)
+    print(f"perplexity {res['ppl']:.4f}  ({res['windows']} windows of {res['seq_len']} tokens, {args.data})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def cmd_eval_latency(args) -> int:
+    import torch
+
+    from .evaluate import latency
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _ = _load_any(args.model, args.dtype)
+    res = latency(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch)
+    print(
+        f"prefill {res['prefill_tok_s']:.1f} tok/s (ttft {res['ttft_s'] * 1000:.1f} ms)  "
+        f"decode {res['decode_tok_s']:.2f} tok/s  peak RSS {res['peak_rss_mib']:.0f} MiB"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="llmsqueeze", description="Make Hugging Face causal LMs small and fast.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what is done")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    q = sub.add_parser("quantize", help="quantize a model and save a packed checkpoint")
+    q.add_argument("model", help="a hub id (org/name) or a local model directory")
+    q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    q.add_argument("--group-size", type=int, default=128, help="inputs per scale; -1 = per output channel (default 128)")
+    q.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at mid-grid)")
+    q.add_argument("--method", default="rtn", help="rtn (default)")
+    q.add_argument("--clip-search", action="store_true", help="grid-search the clipping range per group (lower error)")
+    q.add_argument("--scale-dtype", default="float16", help="float16 (default), bfloat16 or float32")
+    q.add_argument("--include", action="append", metavar="REGEX", help="quantize only layers matching (repeatable)")
+    q.add_argument("--exclude", action="append", metavar="REGEX", help="keep layers matching in full precision")
+    q.add_argument("--lm-head", action="store_true", help="quantize the output head too")
+    q.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype to load the dense model in")
+    q.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    q.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_quantize)
+
+    i = sub.add_parser("info", help="describe a llmsqueeze checkpoint")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("eval", help="measure a model")
+    esub = e.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    ppl = esub.add_parser("ppl", help="perplexity (protocol of the project README)")
+    ppl.add_argument("model", help="a llmsqueeze checkpoint dir, a dense model dir or a hub id")
+    ppl.add_argument("--data", default="wikitext2", help="a .txt file or a dataset name (wikitext2)")
+    ppl.add_argument("--windows", type=int, default=8, help="number of windows (default 8: the quick protocol)")
+    ppl.add_argument("--full", action="store_true", help="all windows")
+    ppl.add_argument("--seq-len", type=int, default=2048)
+    ppl.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (default float32)")
+    ppl.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    ppl.set_defaults(func=cmd_eval_ppl)
+    lat = esub.add_parser("latency", help="prefill and decode speed")
+    lat.add_argument("model")
+    lat.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    lat.add_argument("--prompt-len", type=int, default=128)
+    lat.add_argument("--new-tokens", type=int, default=32)
+    lat.add_argument("--batch", type=int, default=1)
+    lat.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    lat.set_defaults(func=cmd_eval_latency)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if not args.verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    try:
+        return args.func(args)
+    except LlmsqueezeError as e:
+        print(f"llmsqueeze: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("llmsqueeze: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Schemes: what to quantize and how. Small validated dataclasses that round-trip through JSON."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+METHODS = ("rtn",)
+
+
+class LlmsqueezeError(ValueError):
+    """Bad input from the user: the message says what was given, what is allowed and what to do.
+
+    The CLI prints it as one line and exits with code 2."""
+
+
+class CheckpointError(LlmsqueezeError):
+    """A checkpoint that is missing, corrupt, truncated or made by another tool."""
+
+
+@dataclass
+class QuantScheme:
+    """Block-wise weight quantization: `bits` per weight, one scale (and zero) per `group_size` inputs.
+
+    group_size -1 means one group per output channel; a size that does not divide the input width
+    leaves a shorter last group. `sym` uses a zero point fixed at mid-grid (2**(bits-1)); asymmetric
+    stores a true integer zero point per group. `clip_search` grid-searches a shrink of the min/max
+    range per group that minimises the quantization error (|w - q(w)|^clip_norm).
+
+    Modules: every Linear (and GPT-2 Conv1D) inside the decoder blocks, then `include` keeps only
+    names matching one of its regexes and `exclude` drops matches; `lm_head` adds the output head
+    (untied from the embeddings if they were tied).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    scale_dtype: str = "float16"
+    clip_search: bool = False
+    clip_grid: int = 100
+    clip_max_shrink: float = 0.8
+    clip_norm: float = 2.0
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    lm_head: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise LlmsqueezeError(f"bits={self.bits!r} is not supported: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
+            self.group_size != -1 and self.group_size <= 0
+        ):
+            raise LlmsqueezeError(
+                f"group_size={self.group_size!r} is not valid: use -1 (one group per output channel) or a positive size such as 128"
+            )
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise LlmsqueezeError(f"scale_dtype={self.scale_dtype!r} is not supported: use one of {', '.join(SCALE_DTYPES)}")
+        if not (isinstance(self.clip_grid, int) and self.clip_grid >= 1):
+            raise LlmsqueezeError(f"clip_grid={self.clip_grid!r} must be a positive integer, e.g. 100")
+        if not (0.0 < self.clip_max_shrink <= 1.0):
+            raise LlmsqueezeError(f"clip_max_shrink={self.clip_max_shrink!r} must lie in (0, 1], e.g. 0.8")
+        if not self.clip_norm > 0:
+            raise LlmsqueezeError(f"clip_norm={self.clip_norm!r} must be positive, e.g. 2.0")
+        for pattern in [*self.include, *self.exclude]:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LlmsqueezeError(f"module pattern {pattern!r} is not a valid regular expression ({e})") from None
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def group_size_for(self, in_features: int) -> int:
+        """The effective group size for a layer of `in_features` inputs (-1 -> the whole row)."""
+        return in_features if self.group_size == -1 else self.group_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantScheme":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise LlmsqueezeError(f"unknown scheme fields {sorted(unknown)}: allowed are {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "QuantScheme":
+        return cls.from_dict(json.loads(s))

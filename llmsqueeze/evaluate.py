@@ -1,0 +1,144 @@
+"""Perplexity and latency, as used by the CLI and the eval/ scripts.
+
+Perplexity follows the project's protocol (shared/README.md): tokenize the whole test text with the
+model's tokenizer, cut it into non-overlapping windows of `seq_len` tokens, average the token NLL
+over the first `windows` windows (8: "quick"; all: "full"), logits in float32.
+"""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import LlmsqueezeError
+
+DATASETS = {
+    # name -> (datasets path, config, split, joiner)
+    "wikitext2": ("wikitext", "wikitext-2-v1", "test", ""),
+    "wikitext2-raw": ("wikitext", "wikitext-2-raw-v1", "test", ""),
+}
+
+
+def load_eval_text(source: str) -> str:
+    """A local text file (.txt), or a dataset name (wikitext2) fetched through `datasets`."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if source in DATASETS:
+        name, config, split, joiner = DATASETS[source]
+        try:
+            from datasets import load_dataset
+
+            rows = load_dataset(name, config, split=split)["text"]
+        except Exception as e:  # offline, hub errors: one line
+            raise LlmsqueezeError(
+                f"cannot fetch dataset {source!r} ({type(e).__name__}); offline, pass the text file instead, "
+                "e.g. --data ../shared/data/wikitext-2/test.txt"
+            ) from None
+        return joiner.join(rows)
+    raise LlmsqueezeError(f"evaluation data {source!r}: no such file, and not one of {', '.join(DATASETS)}")
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """[T] int64 token ids of the whole text (no truncation)."""
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False, truncation=False, verbose=False)
+    return enc.input_ids[0]
+
+
+@torch.no_grad()
+def perplexity(
+    model, ids: torch.Tensor, seq_len: int = 2048, windows: int | None = 8, progress: bool = True
+) -> dict:
+    """ids [T] -> {"ppl", "nll", "windows", "tokens"} over the first `windows` windows (None: all)."""
+    if seq_len < 2:
+        raise LlmsqueezeError(f"seq_len={seq_len} is too short: use at least 2 (the protocol uses 2048)")
+    total = ids.numel() // seq_len
+    if total == 0:
+        raise LlmsqueezeError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; use a longer text")
+    n = total if windows is None else min(windows, total)
+    if windows is not None and windows <= 0:
+        raise LlmsqueezeError(f"windows={windows} must be positive (or omitted for all {total})")
+    device = next(model.parameters()).device
+    nlls = []
+    bar = tqdm(range(n), desc="perplexity", disable=not progress, unit="window")
+    for i in bar:
+        x = ids[i * seq_len : (i + 1) * seq_len].view(1, -1).to(device)
+        logits = model(x, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="mean").item()
+        if not math.isfinite(nll):
+            raise LlmsqueezeError(f"window {i} gave a non-finite loss ({nll}): the model's outputs hold NaN/Inf")
+        nlls.append(nll)
+        bar.set_postfix(ppl=f"{math.exp(sum(nlls) / len(nlls)):.3f}")
+    nll = sum(nlls) / len(nlls)
+    return {"ppl": math.exp(nll), "nll": nll, "windows": n, "windows_available": total, "seq_len": seq_len,
+            "tokens": n * seq_len}
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.no_grad()
+def latency(model, prompt_len: int = 128, new_tokens: int = 32, batch: int = 1, repeats: int = 3, seed: int = 0) -> dict:
+    """Time prefill (one forward over the prompt) and greedy decode (one token per step with the KV
+    cache), best of `repeats` after one warm-up. Returns tokens/s for each and time to first token."""
+    vocab = model.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
+    best_prefill, best_decode = float("inf"), float("inf")
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        out = model(prompt, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        t1 = time.perf_counter()
+        past = out.past_key_values
+        for _ in range(new_tokens):
+            out = model(nxt, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1:].argmax(-1)
+        t2 = time.perf_counter()
+        if r > 0:  # the first round warms up caches and lazily built kernel weights
+            best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "ttft_s": best_prefill,
+        "prefill_tok_s": batch * prompt_len / best_prefill,
+        "decode_tok_s": batch * new_tokens / best_decode,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def environment() -> dict:
+    """Device and versions, for every results JSON."""
+    import platform
+
+    import transformers
+
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        from . import __version__
+
+        info["llmsqueeze"] = __version__
+    except ImportError:  # pragma: no cover
+        pass
+    return info

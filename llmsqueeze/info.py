@@ -1,0 +1,102 @@
+"""`llmsqueeze info`: what a checkpoint holds, how many bits each weight costs, its size vs dense."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .checkpoint import check_checkpoint, read_config, read_safetensors_header, weight_files
+from .config import QuantScheme
+
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _skeleton(path: Path):
+    """The model built on the meta device (no memory, no weights read): its Linear shapes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    config.quantization_config = None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config), config
+
+
+def checkpoint_info(path: str | Path) -> dict:
+    from .models import all_linear_names
+    from .nn import linear_weight
+
+    path = Path(path).expanduser()
+    qc = check_checkpoint(path)
+    scheme = QuantScheme.from_dict(qc["scheme"])
+    model, config = _skeleton(path)
+    keep = set(qc.get("modules_to_not_convert", []))
+    tensors: dict[str, dict] = {}
+    for f in weight_files(path):
+        tensors.update({k: v for k, v in read_safetensors_header(f).items() if k != "__metadata__"})
+
+    def nbytes(key: str) -> int:
+        t = tensors.get(key)
+        return 0 if t is None else t["data_offsets"][1] - t["data_offsets"][0]
+
+    layers, q_weights, q_bytes = [], 0, 0
+    for name in all_linear_names(model):
+        if name in keep:
+            continue
+        n, k = linear_weight(model.get_submodule(name)).shape
+        b = sum(nbytes(f"{name}.{s}") for s in ("qweight", "scales", "qzeros", "g_idx"))
+        layers.append({"name": name, "in_features": k, "out_features": n, "bytes": b, "bits_per_weight": 8 * b / (k * n)})
+        q_weights += k * n
+        q_bytes += b
+    dense_dtype = str(getattr(config, "dtype", None) or "bfloat16").replace("torch.", "")
+    dense_elt = torch.empty(0, dtype=getattr(torch, dense_dtype, torch.bfloat16)).element_size()
+    params = {id(p): p.numel() for p in model.parameters()}  # tied weights count once
+    disk = sum(f.stat().st_size for f in weight_files(path))
+    return {
+        "path": str(path),
+        "model_type": config.model_type,
+        "architecture": (config.architectures or ["?"])[0],
+        "method": qc.get("method"),
+        "format_version": qc.get("format_version"),
+        "scheme": scheme.to_dict(),
+        "quantized_layers": len(layers),
+        "quantized_weights": q_weights,
+        "bits_per_quantized_weight": 8 * q_bytes / max(q_weights, 1),
+        "modules_to_not_convert": sorted(keep),
+        "dense_parameters": sum(params.values()),
+        "dense_dtype": dense_dtype,
+        "dense_bytes": sum(params.values()) * dense_elt,
+        "bytes_on_disk": disk,
+        "compression": sum(params.values()) * dense_elt / disk if disk else math.nan,
+        "layers": layers,
+    }
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:,.1f} MiB"
+
+
+def format_info(info: dict) -> str:
+    s = info["scheme"]
+    g = "per-channel" if s["group_size"] == -1 else f"group {s['group_size']}"
+    lines = [
+        f"{info['path']}: {info['architecture']} ({info['model_type']}), llmsqueeze format v{info['format_version']}",
+        f"  scheme      {s['bits']}-bit {g} {'sym' if s['sym'] else 'asym'}, scales {s['scale_dtype']}, "
+        f"method {info['method']}{', clip search' if s['clip_search'] else ''}",
+        f"  quantized   {info['quantized_layers']} layers, {info['quantized_weights']:,} weights at "
+        f"{info['bits_per_quantized_weight']:.3f} bits/weight (scales and zeros included)",
+        f"  kept dense  {len(info['modules_to_not_convert'])} linear modules"
+        + (f" ({', '.join(info['modules_to_not_convert'][:4])}{', ...' if len(info['modules_to_not_convert']) > 4 else ''})"
+           if info["modules_to_not_convert"] else "")
+        + ", plus embeddings and norms",
+        f"  size        {_mib(info['bytes_on_disk'])} on disk vs {_mib(info['dense_bytes'])} dense "
+        f"{info['dense_dtype']} ({info['compression']:.2f}x smaller)",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    print(json.dumps(checkpoint_info(sys.argv[1]), indent=2))

@@ -1,0 +1,134 @@
+"""Where things live in each architecture, as data. Adding a family is adding a row; anything not
+in the table goes through `generic_arch`, which finds the decoder blocks by shape."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import LlmsqueezeError, QuantScheme
+from .nn import is_linear
+
+_LLAMA_ORDER = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """blocks: dotted path of the ModuleList of decoder blocks; embeddings: input embedding modules;
+    lm_head: the output head; sequential: the Linears of one block in the order calibration visits
+    them (groups that read the same input together), relative to the block."""
+
+    blocks: str
+    embeddings: tuple[str, ...]
+    lm_head: str = "lm_head"
+    sequential: tuple[tuple[str, ...], ...] = ()
+
+
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("model.layers", ("model.embed_tokens",), sequential=_LLAMA_ORDER),
+    "mistral": Arch("model.layers", ("model.embed_tokens",), sequential=_LLAMA_ORDER),
+    "qwen2": Arch("model.layers", ("model.embed_tokens",), sequential=_LLAMA_ORDER),
+    "qwen3": Arch("model.layers", ("model.embed_tokens",), sequential=_LLAMA_ORDER),
+    "gemma": Arch("model.layers", ("model.embed_tokens",), sequential=_LLAMA_ORDER),
+    "gemma2": Arch("model.layers", ("model.embed_tokens",), sequential=_LLAMA_ORDER),
+    "gemma3_text": Arch("model.layers", ("model.embed_tokens",), sequential=_LLAMA_ORDER),
+    "phi3": Arch(
+        "model.layers",
+        ("model.embed_tokens",),
+        sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    ),
+    "gpt2": Arch(
+        "transformer.h",
+        ("transformer.wte", "transformer.wpe"),
+        sequential=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+    ),
+    "opt": Arch(
+        "model.decoder.layers",
+        ("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+        sequential=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+    ),
+    "gpt_neox": Arch(
+        "gpt_neox.layers",
+        ("gpt_neox.embed_in",),
+        lm_head="embed_out",
+        sequential=(
+            ("attention.query_key_value",),
+            ("attention.dense",),
+            ("mlp.dense_h_to_4h",),
+            ("mlp.dense_4h_to_h",),
+        ),
+    ),
+}
+
+
+def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is target), None)
+
+
+def generic_arch(model: nn.Module) -> Arch:
+    """Find the decoder blocks as the longest ModuleList of identical blocks that contain Linears."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            same = len({type(b) for b in module}) == 1
+            has_linear = any(is_linear(m) for m in module[0].modules())
+            if same and has_linear and (best is None or len(module) > len(best[1])):
+                best = (name, module)
+    if best is None:
+        raise LlmsqueezeError(
+            f"cannot find the decoder blocks of {type(model).__name__}: it has no list of repeated blocks "
+            "with Linear layers; pass a causal LM (e.g. LlamaForCausalLM) or add a row to llmsqueeze.models.ARCHS"
+        )
+    emb = _name_of(model, model.get_input_embeddings()) if hasattr(model, "get_input_embeddings") else None
+    head = _name_of(model, model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
+    return Arch(best[0], (emb,) if emb else (), head or "lm_head")
+
+
+def get_arch(model: nn.Module) -> Arch:
+    """The table row for this model's `config.model_type` (if its paths exist), else the generic one."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = ARCHS.get(model_type)
+    if arch is not None:
+        try:
+            model.get_submodule(arch.blocks)
+            return arch
+        except AttributeError:
+            pass  # e.g. a base model without the head wrapper: fall back to the search
+    return generic_arch(model)
+
+
+def quantizable_modules(model: nn.Module, scheme: QuantScheme) -> list[str]:
+    """Names of the layers the scheme quantizes, in model order."""
+    arch = get_arch(model)
+    prefix = arch.blocks + "."
+    names = [n for n, m in model.named_modules() if n.startswith(prefix) and is_linear(m)]
+    if scheme.lm_head:
+        head = _name_of(model, model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
+        head = head or arch.lm_head
+        try:
+            if is_linear(model.get_submodule(head)):
+                names.append(head)
+        except AttributeError:
+            raise LlmsqueezeError(f"lm_head=True but {type(model).__name__} has no output head named {head!r}") from None
+    if scheme.include:
+        names = [n for n in names if any(re.search(p, n) for p in scheme.include)]
+    if scheme.exclude:
+        names = [n for n in names if not any(re.search(p, n) for p in scheme.exclude)]
+    return names
+
+
+def all_linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if is_linear(m)]

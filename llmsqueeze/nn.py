@@ -1,0 +1,229 @@
+"""QuantLinear: a Linear whose weight lives only in packed form (GPTQ layout, true zero points).
+
+Forward paths, chosen per call from the input's device and dtype (deterministic, so a loaded model
+and the in-memory one run the same code):
+  * CPU, 4 bits, bf16/fp16 activations with at most INT4_CPU_MAX_M rows (decode), no act-order,
+    N % 16 == 0, a group size that is a multiple of 32 (or per-channel): PyTorch's int4 CPU kernel
+    (`aten._weight_int4pack_mm_for_cpu`), its packed weight built once on first use;
+  * CUDA with `llmsqueeze.kernels` providing `quant_linear`: the Triton kernels;
+  * otherwise: dequantize this layer's weight to the input dtype and matmul (the weight is freed
+    after the call: the model never holds a dense copy).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant import grid
+from .quant.pack import pack_cols, pack_rows, padded, unpack_cols, unpack_rows
+
+INT4_CPU_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts
+# The CPU int4 kernel is fast for half-precision activations and few rows (decode); measured on a
+# 2-core x86 CPU (1536x576 layer, bf16): 0.05 ms vs 0.54 ms dequantize+matmul at M=1, even at M=64,
+# 2x slower at M=2048. In float32 it is 2-80x slower than dequantize+matmul at every M.
+INT4_CPU_DTYPES = (torch.bfloat16,)  # fp16 runs 25x slower than bf16 in this kernel on CPU
+INT4_CPU_MAX_M = 64
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return ()
+    return Conv1D
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A dense matmul layer we know how to quantize: nn.Linear or GPT-2's Conv1D."""
+    return isinstance(module, (nn.Linear, _conv1d_type()))
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features], whatever the layer type (Conv1D stores [K, N])."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    return module.weight.t()
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W [N, K] stored as qweight/scales/qzeros[/g_idx].
+
+    Buffers: qweight int32 [K_pad*bits/32, N]; scales [ceil(K/G), N] in the scheme's scale dtype;
+    qzeros int32 [ceil(K/G), N_pad*bits/32]; g_idx int32 [K] (activation order only); bias [N].
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        scale_dtype: torch.dtype = torch.float16,
+        bias_dtype: torch.dtype = torch.float32,
+        act_order: bool = False,
+        device=None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.group_size = in_features if group_size == -1 else group_size  # effective size
+        ng = math.ceil(in_features / self.group_size)
+        self.register_buffer(
+            "qweight", torch.zeros(padded(in_features) * bits // 32, out_features, dtype=torch.int32, device=device)
+        )
+        self.register_buffer("scales", torch.zeros(ng, out_features, dtype=scale_dtype, device=device))
+        self.register_buffer(
+            "qzeros", torch.zeros(ng, padded(out_features) * bits // 32, dtype=torch.int32, device=device)
+        )
+        if act_order:
+            self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
+        else:
+            self.g_idx = None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.bias = None
+        self._int4_cache: tuple | None = None
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_quantized(
+        cls,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        scale_dtype: torch.dtype = torch.float16,
+        g_idx: torch.Tensor | None = None,
+    ) -> "QuantLinear":
+        """q [N, K] ints, scale/zero [N, ng] (scale already holding scale_dtype values) -> packed layer."""
+        n, k = q.shape
+        layer = cls(
+            k, n, bits, group_size, bias=bias is not None, scale_dtype=scale_dtype,
+            bias_dtype=bias.dtype if bias is not None else torch.float32, act_order=g_idx is not None,
+            device=q.device,
+        )
+        layer.qweight.copy_(pack_rows(q.t(), bits))
+        layer.scales.copy_(scale.t().to(scale_dtype))
+        layer.qzeros.copy_(pack_cols(zero.t(), bits))
+        if g_idx is not None:
+            layer.g_idx.copy_(g_idx.to(torch.int32))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    # -- unpacked views -------------------------------------------------------------------------
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (q [N, K] int32, scale [N, ng] float32, zero [N, ng] int32)."""
+        q = unpack_rows(self.qweight, self.bits, self.in_features).t()
+        zero = unpack_cols(self.qzeros, self.bits, self.out_features).t()
+        return q, self.scales.t().float(), zero
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [N, K] = (q - zero) * scale, computed in float32, returned in `dtype`."""
+        return self.dequantize_weight_t(dtype).t()
+
+    def dequantize_weight_t(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The transposed weight [K, N], built straight from the K-major packed layout (no gather
+        when groups are contiguous): the fast form for x @ W^T. Same values as `grid.dequantize`."""
+        k, n, g = self.in_features, self.out_features, self.group_size
+        q = unpack_rows(self.qweight, self.bits, k)  # [K, N]
+        zero = unpack_cols(self.qzeros, self.bits, n).float()  # [ng, N]
+        scale = self.scales.float()  # [ng, N]
+        if self.g_idx is not None:
+            gi = self.g_idx.long()
+            return ((q.float() - zero[gi]) * scale[gi]).to(dtype)
+        ng = scale.shape[0]
+        if ng * g != k:  # shorter last group: pad to whole groups, then drop the padding
+            q = torch.cat([q, q.new_zeros(ng * g - k, n)], dim=0)
+        w = (q.view(ng, g, n).float() - zero.view(ng, 1, n)) * scale.view(ng, 1, n)
+        return w.view(ng * g, n)[:k].to(dtype)
+
+    # -- forward --------------------------------------------------------------------------------
+    def _int4_cpu_group(self) -> int | None:
+        """The group size to run the CPU int4 kernel with, or None when it cannot run this layer."""
+        if self.bits != 4 or self.g_idx is not None or self.out_features % 16:
+            return None
+        if self.scales.shape[0] == 1:  # per-channel: any kernel group, same scale repeated
+            return 128
+        return next((g for g in INT4_CPU_GROUPS if self.group_size % g == 0), None)
+
+    def _int4_cpu_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Build (once per dtype) the int4 kernel's packed weight and [K_k/kg, N, 2] scale/offset table.
+
+        The kernel computes w = (q - 8) * s + o, so o = (8 - zero) * s gives our (q - zero) * s."""
+        cache = self._int4_cache
+        if cache is not None and cache[0] == dtype and cache[1].device == self.qweight.device:
+            return cache[1:]
+        kg = self._int4_cpu_group()
+        k, n = self.in_features, self.out_features
+        kk = math.ceil(k / kg) * kg
+        q, scale, zero = self.unpack()  # [N, K], [N, ng], [N, ng]
+        if kk != k:  # pad K; the padded activations are zero, so the padded weights do not matter
+            q = torch.cat([q, q.new_zeros(n, kk - k)], dim=1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+        groups = torch.arange(kk // kg) * kg // self.group_size  # our group of each kernel group
+        groups = groups.clamp(max=scale.shape[1] - 1)
+        s = scale[:, groups]
+        o = (8 - zero[:, groups].float()) * s
+        table = torch.stack([s, o], dim=2).transpose(0, 1).contiguous().to(dtype)  # [K_k/kg, N, 2]
+        self._int4_cache = (dtype, packed, table, kg, kk)
+        return packed, table, kg, kk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if (
+            x.device.type == "cpu"
+            and x.dtype in INT4_CPU_DTYPES
+            and x2.shape[0] <= INT4_CPU_MAX_M
+            and self._int4_cpu_group() is not None
+        ):
+            packed, table, kg, kk = self._int4_cpu_weights(x.dtype)
+            if kk != self.in_features:
+                x2 = F.pad(x2, (0, kk - self.in_features))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, kg, table)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            y = None
+            if x.is_cuda:
+                from . import kernels
+
+                fn = getattr(kernels, "quant_linear", None)
+                if fn is not None:
+                    y = fn(x2, self)
+            if y is None:
+                w_t = self.dequantize_weight_t(x.dtype)  # [K, N]
+                if x.dtype == torch.float16 and x.device.type == "cpu":
+                    y = F.linear(x2, w_t.t().contiguous())  # CPU fp16 GEMM is 14x slower on [K, N]
+                else:
+                    y = x2 @ w_t
+                if self.bias is not None:
+                    y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape, self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        self._int4_cache = None  # device/dtype moves invalidate the kernel's copy
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, act_order={self.g_idx is not None}, bias={self.bias is not None}"
+        )
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

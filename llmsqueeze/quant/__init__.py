@@ -1,0 +1,5 @@
+"""Quantizer math: grids (grid.py), round-to-nearest (rtn.py), bit packing (pack.py)."""
+from .grid import dequantize, fake_quantize, minmax_qparams, quantize
+from .rtn import rtn_qparams, rtn_quantize
+
+__all__ = ["quantize", "dequantize", "fake_quantize", "minmax_qparams", "rtn_qparams", "rtn_quantize"]

@@ -1,0 +1,27 @@
+"""Round-to-nearest (RTN): each group's scale/zero from its own range (optionally clip-searched);
+no calibration data."""
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantScheme
+from .grid import clip_search_qparams, group_minmax, minmax_qparams, quantize
+
+
+def rtn_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (scale, zero), each [N, n_groups]."""
+    g = scheme.group_size_for(w.shape[1])
+    if scheme.clip_search:
+        return clip_search_qparams(
+            w, scheme.bits, g, scheme.sym, scheme.torch_scale_dtype,
+            grid=scheme.clip_grid, max_shrink=scheme.clip_max_shrink, norm=scheme.clip_norm,
+        )
+    wmin, wmax = group_minmax(w, g)
+    return minmax_qparams(wmin, wmax, scheme.bits, scheme.sym, scheme.torch_scale_dtype)
+
+
+def rtn_quantize(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (q [N, K] int32, scale [N, ng] float32, zero [N, ng] int32)."""
+    scale, zero = rtn_qparams(w, scheme)
+    q = quantize(w, scale, zero, scheme.bits, scheme.group_size_for(w.shape[1]))
+    return q, scale, zero

@@ -1,0 +1,44 @@
+"""Tiny models built from configs and saved to temp dirs, so tests go through the real loading code."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+WORDS = "the of and to in a is was for on as with by he at from his an were are which it".split()
+TEXT = " ".join(WORDS[(i * 7 + i // 3) % len(WORDS)] for i in range(3000))
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama(hidden: int = 96, vocab: int = 64, layers: int = 2, **kw) -> LlamaForCausalLM:
+    """hidden 96 is not a multiple of 64: group 64 leaves a shorter last group."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A dense tiny Llama with a tokenizer, saved in float32."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "test.txt"
+    p.write_text(TEXT)
+    return p
