@@ -200,7 +200,15 @@ class LlmsqueezeHfQuantizer(HfQuantizer):
     requires_calibration = True  # only pre-quantized checkpoints; quantizing is llmsqueeze.quantize()
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        replace_with_quant_linear(model, self.quantization_config.to_dict())
+        names = replace_with_quant_linear(model, self.quantization_config.to_dict())
+        # The checkpoint holds every packed buffer, so transformers' random init must not visit the
+        # QuantLinears, nor their parents, whose _init_weights may reach for `child.weight` (GPT-2
+        # rescales c_proj.weight in GPT2Attention/GPT2MLP).
+        for name in names:
+            model.get_submodule(name)._is_hf_initialized = True
+            parent = name.rpartition(".")[0]
+            if parent:
+                model.get_submodule(parent)._is_hf_initialized = True
 
     def is_serializable(self):
         return True

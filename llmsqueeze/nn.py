@@ -209,8 +209,14 @@ class QuantLinear(nn.Module):
         return y.reshape(*shape, self.out_features)
 
     def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() must not re-round the scales: they keep their storage dtype
+        # (as the loader keeps them), so a cast model and a loaded one compute the same numbers.
         self._int4_cache = None  # device/dtype moves invalidate the kernel's copy
-        return super()._apply(fn, recurse)
+        scales = self.scales
+        out = super()._apply(fn, recurse)
+        if self.scales.dtype != scales.dtype:
+            self.scales = scales.to(self.scales.device)
+        return out
 
     def extra_repr(self) -> str:
         return (

@@ -42,3 +42,52 @@ def text_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("text") / "test.txt"
     p.write_text(TEXT)
     return p
+
+
+def tiny_config(family: str):
+    """A tiny random config of each architecture family the project supports by name.
+
+    hidden 80 with group 32 leaves a shorter last group (16); widths are multiples of 16 so the CPU
+    int4 kernel runs on most layers."""
+    import transformers as tf
+
+    common = dict(vocab_size=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    llama_like = dict(
+        hidden_size=80, intermediate_size=144, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, **common,
+    )
+    if family == "llama":
+        return tf.LlamaConfig(**llama_like)
+    if family == "mistral":
+        return tf.MistralConfig(**llama_like, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if family == "qwen3":
+        return tf.Qwen3Config(**llama_like, head_dim=32)
+    if family == "gemma2":
+        return tf.Gemma2Config(**llama_like, head_dim=32, query_pre_attn_scalar=32, sliding_window=64)
+    if family == "phi3":
+        return tf.Phi3Config(**llama_like)
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=80, n_layer=2, n_head=4, n_positions=128, vocab_size=64, bos_token_id=1, eos_token_id=2)
+    if family == "opt":
+        return tf.OPTConfig(
+            hidden_size=80, ffn_dim=144, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+            word_embed_proj_dim=80, **common,
+        )
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(
+            hidden_size=80, intermediate_size=144, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128, **common,
+        )
+    raise KeyError(family)
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3", "gpt2", "opt", "gpt_neox"]
+
+
+def tiny_model(family: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).eval()
