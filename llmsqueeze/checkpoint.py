@@ -31,8 +31,8 @@ QUANT_SUFFIXES = ("qweight", "scales", "qzeros")
 
 # ---------------------------------------------------------------------------------------- save
 def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check that `out` can be written; return it resolved. Nothing is created yet."""
-    out = Path(out).expanduser().resolve()
+    """Check that `out` can be written; return it resolved. Nothing is left behind."""
+    out = Path(out).expanduser().absolute()
     if out.exists():
         if not out.is_dir():
             raise LlmsqueezeError(f"--out {out} is a file; pass a directory path")
@@ -41,8 +41,14 @@ def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise LlmsqueezeError(f"--out {out}: cannot write in {parent} (permission denied); choose a writable path")
+    if not parent.is_dir():
+        raise LlmsqueezeError(f"--out {out}: {parent} is a file, not a directory; choose another path")
+    try:  # a real probe: permission bits say nothing for root, read-only mounts, /proc ...
+        shutil.rmtree(tempfile.mkdtemp(prefix=".llmsqueeze-probe-", dir=parent))
+    except OSError as e:
+        raise LlmsqueezeError(
+            f"--out {out}: cannot write in {parent} ({e.strerror or type(e).__name__}); choose a writable path"
+        ) from None
     return out
 
 
@@ -58,6 +64,7 @@ def save_quantized(
     if getattr(getattr(model, "config", None), "quantization_config", None) is None:
         raise LlmsqueezeError("the model is not quantized: call llmsqueeze.quantize(model, scheme) first")
     out = prepare_output_dir(out, overwrite)
+    created = [p for p in reversed(out.parents) if not p.exists()]  # parents we make, outermost first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -72,8 +79,13 @@ def save_quantized(
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException:  # leave nothing behind: no temp dir, no parents we made
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(created):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
         raise
     log.info("saved %s", out)
     return out

@@ -49,9 +49,11 @@ def cmd_quantize(args) -> int:
 
     from .api import load_dense, quantize
     from .checkpoint import prepare_output_dir, save_quantized
-    from .config import QuantScheme
+    from .config import METHODS, QuantScheme
 
     torch.manual_seed(args.seed)
+    if args.method not in METHODS:
+        raise LlmsqueezeError(f"method {args.method!r} is not available: use one of {', '.join(METHODS)}")
     scheme = QuantScheme(
         bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype,
         clip_search=args.clip_search, include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head,
@@ -80,10 +82,11 @@ def cmd_info(args) -> int:
 def cmd_eval_ppl(args) -> int:
     from .evaluate import load_eval_text, perplexity, tokenize_text
 
+    text = load_eval_text(args.data)  # bad --data fails before the model loads
     model, tok = _load_any(args.model, args.dtype)
     if tok is None:
         raise LlmsqueezeError(f"{args.model} has no tokenizer; save one beside the model to measure perplexity")
-    ids = tokenize_text(tok, load_eval_text(args.data))
+    ids = tokenize_text(tok, text)
     res = perplexity(model, ids, seq_len=args.seq_len, windows=None if args.full else args.windows)
     res.update(model=args.model, data=args.data, dtype=args.dtype)
     print(f"perplexity {res['ppl']:.4f}  ({res['windows']} windows of {res['seq_len']} tokens, {args.data})")

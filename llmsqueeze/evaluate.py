@@ -6,6 +6,7 @@ over the first `windows` windows (8: "quick"; all: "full"), logits in float32.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import resource
@@ -85,6 +86,11 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 @torch.no_grad()
 def latency(model, prompt_len: int = 128, new_tokens: int = 32, batch: int = 1, repeats: int = 3, seed: int = 0) -> dict:
     """Time prefill (one forward over the prompt) and greedy decode (one token per step with the KV
@@ -94,15 +100,17 @@ def latency(model, prompt_len: int = 128, new_tokens: int = 32, batch: int = 1, 
     device = next(model.parameters()).device
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
     best_prefill, best_decode = float("inf"), float("inf")
+    # transformers >= 5.x names the KV cache `cache`; earlier releases `past_key_values`
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     for r in range(repeats + 1):
         t0 = time.perf_counter()
         out = model(prompt, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         t1 = time.perf_counter()
-        past = out.past_key_values
+        past = _cache_of(out)
         for _ in range(new_tokens):
-            out = model(nxt, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(nxt, use_cache=True, **{cache_kw: past})
+            past = _cache_of(out)
             nxt = out.logits[:, -1:].argmax(-1)
         t2 = time.perf_counter()
         if r > 0:  # the first round warms up caches and lazily built kernel weights

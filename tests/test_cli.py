@@ -1,0 +1,117 @@
+"""The command line, in-process (main(argv)) and once through the installed console script."""
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from llmsqueeze.cli import main
+
+
+def _one_line_error(capsys, needle):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmsqueeze: error:") and "\n" not in err, err
+    assert needle in err, err
+    return err
+
+
+def test_quantize_info_eval(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "q4"
+    assert main(["quantize", str(tiny_model_dir), "--bits", "4", "--group-size", "64", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    capsys.readouterr()
+
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "4-bit group 64 asym" in text and "bits/weight" in text and "on disk" in text
+
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["quantized_layers"] == 14  # 7 Linears in each of 2 Llama blocks
+    # 4 bits + fp16 scale and 4-bit zero per 64 weights (the last group of 96 inputs is shorter)
+    assert 4.0 < info["bits_per_quantized_weight"] < 4.6
+    assert info["bytes_on_disk"] < info["dense_bytes"]
+
+    res = tmp_path / "ppl.json"
+    assert main(["eval", "ppl", str(out), "--data", str(text_file), "--seq-len", "32", "--windows", "3",
+                 "--json", str(res)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    r = json.loads(res.read_text())
+    assert r["windows"] == 3 and r["ppl"] > 1
+
+    assert main(["eval", "ppl", str(tiny_model_dir), "--data", str(text_file), "--seq-len", "32", "--windows", "3"]) == 0
+    assert main(["eval", "latency", str(out), "--prompt-len", "8", "--new-tokens", "4"]) == 0
+    assert "decode" in capsys.readouterr().out
+
+
+def test_sym_per_channel_clip_lm_head(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), "--bits", "3", "--group-size", "-1", "--sym", "--clip-search",
+                 "--lm-head", "--exclude", "down_proj", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["scheme"]["sym"] and info["scheme"]["clip_search"] and info["scheme"]["group_size"] == -1
+    names = {layer["name"] for layer in info["layers"]}
+    assert "lm_head" in names and not any("down_proj" in n for n in names)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--bits", "5"], "bits=5 is not supported: use one of 2, 3, 4, 8"),
+        (["--group-size", "0"], "group_size=0 is not valid"),
+        (["--method", "magic"], "method 'magic' is not available"),
+    ],
+)
+def test_bad_scheme_exit_2_no_output(tiny_model_dir, tmp_path, capsys, args, needle):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_model_dir), *args, "--out", str(out)]) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_unknown_model_exit_2(tmp_path, capsys):
+    assert main(["quantize", str(tmp_path / "nope"), "--out", str(tmp_path / "q")]) == 2
+    _one_line_error(capsys, "no such directory")
+    assert not (tmp_path / "q").exists()
+
+
+def test_non_empty_out_then_overwrite(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "x").write_text("x")
+    assert main(["quantize", str(tiny_model_dir), "--out", str(out)]) == 2
+    _one_line_error(capsys, "pass --overwrite")
+    assert main(["quantize", str(tiny_model_dir), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "x").exists()
+
+
+def test_info_on_bad_checkpoints(tiny_model_dir, tmp_path, capsys):
+    assert main(["info", str(tiny_model_dir)]) == 2
+    _one_line_error(capsys, "is not quantized")
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    _one_line_error(capsys, "no such directory")
+
+
+def test_eval_bad_data(tiny_model_dir, capsys):
+    assert main(["eval", "ppl", str(tiny_model_dir), "--data", "/no/such.txt"]) == 2
+    _one_line_error(capsys, "no such file")
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--out" in err
+
+
+def test_console_script(tiny_model_dir, tmp_path):
+    exe = shutil.which("llmsqueeze")
+    assert exe, "the console script is installed with the package"
+    r = subprocess.run([exe, "quantize", str(tiny_model_dir), "--bits", "5", "--out", str(tmp_path / "q")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "bits=5" in r.stderr
+    assert not (tmp_path / "q").exists()
