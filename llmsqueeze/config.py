@@ -29,7 +29,8 @@ class QuantScheme:
     group_size -1 means one group per output channel; a size that does not divide the input width
     leaves a shorter last group. `sym` uses a zero point fixed at mid-grid (2**(bits-1)); asymmetric
     stores a true integer zero point per group. `clip_search` grid-searches a shrink of the min/max
-    range per group that minimises the quantization error (|w - q(w)|^clip_norm).
+    range per group that minimises the quantization error sum |w|^clip_weight_power * |w - q(w)|^clip_norm
+    (1.0: each weight's error weighed by its magnitude; 0.0: plain L^p error).
 
     Modules: every Linear (and GPT-2 Conv1D) inside the decoder blocks, then `include` keeps only
     names matching one of its regexes and `exclude` drops matches; `lm_head` adds the output head
@@ -44,6 +45,7 @@ class QuantScheme:
     clip_grid: int = 100
     clip_max_shrink: float = 0.8
     clip_norm: float = 2.0
+    clip_weight_power: float = 1.0
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     lm_head: bool = False
@@ -68,6 +70,8 @@ class QuantScheme:
             raise LlmsqueezeError(f"clip_max_shrink={self.clip_max_shrink!r} must lie in (0, 1], e.g. 0.8")
         if not self.clip_norm > 0:
             raise LlmsqueezeError(f"clip_norm={self.clip_norm!r} must be positive, e.g. 2.0")
+        if not self.clip_weight_power >= 0:
+            raise LlmsqueezeError(f"clip_weight_power={self.clip_weight_power!r} must be >= 0, e.g. 1.0")
         for pattern in [*self.include, *self.exclude]:
             try:
                 re.compile(pattern)

@@ -75,17 +75,25 @@ def test_fake_quant_equals_dequantized_packed_weight():
 
 @pytest.mark.parametrize("bits", [3, 4])
 @pytest.mark.parametrize("sym", [False, True])
-def test_clip_search_never_worse_and_better_overall(bits, sym):
+@pytest.mark.parametrize("power", [0.0, 1.0])
+def test_clip_search_never_worse_and_better_overall(bits, sym, power):
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
     w[::7, ::13] *= 6  # outliers make shrinking the range pay off
     plain = QuantScheme(bits=bits, group_size=64, sym=sym)
-    clip = QuantScheme(bits=bits, group_size=64, sym=sym, clip_search=True)
+    clip = QuantScheme(bits=bits, group_size=64, sym=sym, clip_search=True, clip_weight_power=power)
     q0, s0, z0 = rtn_quantize(w, plain)
     q1, s1, z1 = rtn_quantize(w, clip)
-    e0 = ((grid.dequantize(q0, s0, z0, 64) - w) ** 2).view(64, 4, 64).sum(2)
-    e1 = ((grid.dequantize(q1, s1, z1, 64) - w) ** 2).view(64, 4, 64).sum(2)
-    assert torch.all(e1 <= e0 + 1e-5)  # per group, never worse than min/max
+    weight = w.abs() ** power
+
+    def objective(q, s, z):  # the searched objective, per group [64, 4]
+        return (weight * (grid.dequantize(q, s, z, 64) - w) ** 2).view(64, 4, 64).sum(2)
+
+    e0, e1 = objective(q0, s0, z0), objective(q1, s1, z1)
+    assert torch.all(e1 <= e0 * (1 + 1e-6) + 1e-6)  # per group, never worse than min/max
     assert e1.sum() < 0.97 * e0.sum()  # and clearly better in total
+    if power > 0:  # magnitude weighting clips the largest weights less than plain MSE does
+        _, s_mse, _ = rtn_quantize(w, QuantScheme(bits=bits, group_size=64, sym=sym, clip_search=True, clip_weight_power=0.0))
+        assert s1.mean() > s_mse.mean()
 
 
 def test_clip_search_ignores_padding_of_short_group():

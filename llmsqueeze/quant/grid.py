@@ -102,20 +102,28 @@ def clip_search_qparams(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.0,
+    weight_power: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Search, per group, the shrink p of the min/max range (p = 1, 1 - 1/grid, ... down to
-    1 - max_shrink) that minimises sum |w - fakequant_p(w)|^norm. p = 1 is plain min/max, so the
-    result is never worse than it. Returns (scale, zero), each [N, ng]."""
+    1 - max_shrink) that minimises the clipping-plus-rounding error
+
+        sum_k |w_k|**weight_power * |w_k - fakequant_p(w_k)|**norm
+
+    weight_power 0 is plain L^norm error; 1 (the default) weighs each weight's error by its
+    magnitude, the data-free saliency of magnitude pruning: large weights matter more, so the search
+    clips outliers less eagerly. (On SmolLM2-135M, plain MSE clipping raised WikiText-2 perplexity
+    at 4 bits, while the magnitude-weighted search lowered it at 4 and 3 bits: see README.)
+    p = 1 is plain min/max, so the result never has a larger objective than it.
+    w [N, K] -> (scale, zero), each [N, ng]."""
     w = w.float()
     n, k = w.shape
     ng = n_groups(k, group_size)
     pad = ng * group_size - k
     wmin, wmax = group_minmax(w, group_size)
     wg = torch.cat([w, w.new_zeros(n, pad)], dim=1).view(n, ng, group_size) if pad else w.view(n, ng, group_size)
-    valid = torch.ones(ng * group_size, device=w.device)
-    if pad:
-        valid[k:] = 0
-    valid = valid.view(1, ng, group_size)
+    weight = wg.abs().pow(weight_power) if weight_power else torch.ones_like(wg)
+    if pad:  # padding columns do not count
+        weight = weight * (torch.arange(ng * group_size, device=w.device) < k).view(1, ng, group_size)
     maxq = 2**bits - 1
 
     best_err = torch.full((n, ng), float("inf"), device=w.device)
@@ -125,7 +133,7 @@ def clip_search_qparams(
         scale, zero = minmax_qparams(p * wmin, p * wmax, bits, sym, scale_dtype)
         s, z = scale.unsqueeze(2), zero.unsqueeze(2).float()
         deq = ((torch.round(wg / s) + z).clamp(0, maxq) - z) * s
-        err = ((deq - wg).abs().pow(norm) * valid).sum(dim=2)
+        err = ((deq - wg).abs().pow(norm) * weight).sum(dim=2)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

@@ -15,6 +15,7 @@ def rtn_qparams(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, tor
         return clip_search_qparams(
             w, scheme.bits, g, scheme.sym, scheme.torch_scale_dtype,
             grid=scheme.clip_grid, max_shrink=scheme.clip_max_shrink, norm=scheme.clip_norm,
+            weight_power=scheme.clip_weight_power,
         )
     wmin, wmax = group_minmax(w, g)
     return minmax_qparams(wmin, wmax, scheme.bits, scheme.sym, scheme.torch_scale_dtype)
