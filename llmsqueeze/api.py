@@ -19,13 +19,15 @@ FORMAT_VERSION = 1
 QUANT_METHOD = "llmsqueeze"
 
 
-def quantization_config(scheme: QuantScheme, method: str, modules_to_not_convert: list[str]) -> dict:
+def quantization_config(scheme: QuantScheme, method: str, modules_to_not_convert: list[str],
+                        method_args: dict | None = None) -> dict:
     """What `config.json` carries so the checkpoint says how to read itself."""
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "method": method,
         "scheme": scheme.to_dict(),
+        "method_args": dict(method_args or {}),
         "modules_to_not_convert": modules_to_not_convert,
     }
 
@@ -46,12 +48,25 @@ def quantize(
     data=None,
     method: str = "rtn",
     progress: bool = True,
+    *,
+    device: str | None = None,
+    offload: str | None = None,
+    true_sequential: bool = False,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    batch_size: int = 1,
     **scheme_kwargs,
 ) -> nn.Module:
     """Quantize `model` in place and return it: each selected Linear becomes a packed QuantLinear.
 
-    `scheme` (or QuantScheme keyword arguments such as bits=4, group_size=128) says what and how;
-    `data` is calibration data for methods that need it (RTN does not).
+    `scheme` (or QuantScheme keyword arguments such as bits=4, group_size=128) says what and how.
+    method "rtn" needs no data; "gptq" needs `data`: calibration token ids [n_samples, seq_len]
+    (see llmsqueeze.data.calibration_batches), and runs block by block on `device` (default: CUDA
+    when available, else CPU) with the GPTQ options act_order, static_groups, damp (fraction of the
+    mean Hessian diagonal), block_size; true_sequential calibrates each block's Linears in the
+    architecture's order; offload keeps block activations on that device between blocks.
     """
     if scheme is None:
         scheme = QuantScheme(**scheme_kwargs)
@@ -73,20 +88,63 @@ def quantize(
         _untie_lm_head(model, head_name)
 
     log.info("quantizing %d layers with %s: %s", len(names), method, scheme.to_json())
-    with torch.no_grad():
-        for name in tqdm(names, desc=f"{method} {scheme.bits}-bit", disable=not progress, unit="layer"):
-            layer = model.get_submodule(name)
-            w = linear_weight(layer).detach()
-            q, scale, zero = rtn_quantize(w, scheme)
-            qlayer = QuantLinear.from_quantized(
-                q, scale, zero, scheme.bits, scheme.group_size_for(w.shape[1]),
-                bias=layer.bias, scale_dtype=scheme.torch_scale_dtype,
-            )
-            set_module(model, name, qlayer)
-            del layer, w, q
-    kept = [n for n in all_linear_names(model)]
-    model.config.quantization_config = quantization_config(scheme, method, kept)
+    method_args: dict = {}
+    if method == "rtn":
+        _quantize_rtn(model, names, scheme, progress)
+    else:
+        method_args = _quantize_gptq(
+            model, names, scheme, data, progress, device=device, offload=offload, true_sequential=true_sequential,
+            act_order=act_order, static_groups=static_groups, damp=damp, block_size=block_size, batch_size=batch_size,
+        )
+    kept = all_linear_names(model)
+    model.config.quantization_config = quantization_config(scheme, method, kept, method_args)
     return model
+
+
+@torch.no_grad()
+def _quantize_rtn(model: nn.Module, names: list[str], scheme: QuantScheme, progress: bool) -> None:
+    for name in tqdm(names, desc=f"rtn {scheme.bits}-bit", disable=not progress, unit="layer"):
+        layer = model.get_submodule(name)
+        w = linear_weight(layer).detach()
+        q, scale, zero = rtn_quantize(w, scheme)
+        qlayer = QuantLinear.from_quantized(
+            q, scale, zero, scheme.bits, scheme.group_size_for(w.shape[1]),
+            bias=layer.bias, scale_dtype=scheme.torch_scale_dtype,
+        )
+        set_module(model, name, qlayer)
+
+
+def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, true_sequential, act_order,
+                   static_groups, damp, block_size, batch_size) -> dict:
+    from .engine import run_sequential
+    from .evaluate import peak_rss_mib
+    from .quant.gptq import GPTQ
+
+    if data is None:
+        raise LlmsqueezeError("method 'gptq' needs calibration data: pass data= token ids [n_samples, seq_len] "
+                              "(llmsqueeze.data.calibration_batches), or --calib on the command line")
+    ids = data if isinstance(data, torch.Tensor) else torch.cat(list(data))
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise LlmsqueezeError(f"calibration data must be integer token ids [n_samples, seq_len], got {tuple(ids.shape)} {ids.dtype}")
+    if not (0 < damp < 1):
+        raise LlmsqueezeError(f"damp={damp} must lie in (0, 1), e.g. 0.01 (1% of the mean Hessian diagonal)")
+    if block_size < 1 or batch_size < 1:
+        raise LlmsqueezeError(f"block_size={block_size} and batch_size={batch_size} must be positive")
+    if static_groups and not act_order:
+        log.info("static_groups without act_order changes nothing: groups are already in natural order")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batches = list(ids.long().split(batch_size))
+    method = GPTQ(scheme, damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
+    stats = run_sequential(model, batches, method, names, device=device, offload=offload,
+                           true_sequential=true_sequential, progress=progress)
+    log.info("GPTQ done in %.1f s; peak RSS %.0f MiB%s", stats.seconds, peak_rss_mib(),
+             "" if stats.peak_device_mib is None else f", peak device memory {stats.peak_device_mib:.0f} MiB")
+    model._llmsqueeze_stats = stats  # for eval scripts and the CLI summary
+    model._llmsqueeze_report = method.report
+    return {
+        "act_order": act_order, "static_groups": static_groups, "damp": damp, "block_size": block_size,
+        "true_sequential": true_sequential, "n_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
+    }
 
 
 def load_dense(model_id: str, dtype: torch.dtype | str = "auto", **kwargs) -> nn.Module:

@@ -71,7 +71,11 @@ def save_quantized(
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tmp.chmod(0o755)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; the output gets the usual permissions
+        for f in tmp.rglob("*"):
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -166,7 +170,10 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(
             f"{path} has format_version {version!r}, this llmsqueeze reads up to {FORMAT_VERSION}: upgrade llmsqueeze"
         )
-    QuantScheme.from_dict(qc.get("scheme", {}))
+    try:
+        QuantScheme.from_dict(qc.get("scheme") or {})
+    except (LlmsqueezeError, TypeError) as e:
+        raise CheckpointError(f"{path} has an invalid scheme in config.json ({e}); re-create the checkpoint") from None
     keys: set[str] = set()
     for f in weight_files(path):
         keys |= set(read_safetensors_header(f)) - {"__metadata__"}
@@ -184,10 +191,12 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
 class LlmsqueezeConfig(QuantizationConfigMixin):
     """transformers' view of our `quantization_config` (quant_method 'llmsqueeze')."""
 
-    def __init__(self, scheme=None, method="rtn", format_version=FORMAT_VERSION, modules_to_not_convert=None, **kwargs):
+    def __init__(self, scheme=None, method="rtn", format_version=FORMAT_VERSION, modules_to_not_convert=None,
+                 method_args=None, **kwargs):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.method = method
+        self.method_args = dict(method_args or {})
         self.scheme = dict(scheme or {})
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         QuantScheme.from_dict(self.scheme)  # validate
@@ -198,6 +207,7 @@ class LlmsqueezeConfig(QuantizationConfigMixin):
             "format_version": self.format_version,
             "method": self.method,
             "scheme": dict(self.scheme),
+            "method_args": dict(self.method_args),
             "modules_to_not_convert": list(self.modules_to_not_convert),
         }
 
@@ -237,6 +247,8 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
     from .nn import QuantLinear, linear_weight, set_module
 
     scheme = QuantScheme.from_dict(qc["scheme"])
+    args = qc.get("method_args") or {}
+    act_order = bool(args.get("act_order")) and not args.get("static_groups")  # only then is g_idx stored
     keep = set(qc.get("modules_to_not_convert", []))
     names = [n for n in all_linear_names(model) if n not in keep]
     for name in names:
@@ -248,7 +260,7 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
             name,
             QuantLinear(
                 k, n_out, scheme.bits, scheme.group_size, bias=layer.bias is not None,
-                scale_dtype=scheme.torch_scale_dtype, bias_dtype=w.dtype, device=w.device,
+                scale_dtype=scheme.torch_scale_dtype, bias_dtype=w.dtype, act_order=act_order, device=w.device,
             ),
         )
     return names

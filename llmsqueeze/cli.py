@@ -59,13 +59,35 @@ def cmd_quantize(args) -> int:
         clip_search=args.clip_search, clip_norm=args.clip_norm, clip_weight_power=args.clip_weight_power, include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head,
     )
     prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
+    if args.method == "gptq":
+        from .data import load_calibration_texts
+
+        if args.n_samples < 1 or args.seq_len < 2:
+            raise LlmsqueezeError(f"--n-samples {args.n_samples} --seq-len {args.seq_len}: use at least 1 sample of 2 tokens")
+        calib_texts = load_calibration_texts(args.calib)  # a bad --calib fails before the model loads
     model = load_dense(args.model, _torch_dtype(args.dtype))
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(args.model))
     except Exception:
         logging.getLogger("llmsqueeze").warning("no tokenizer found beside %s; saving the model without one", args.model)
         tok = None
-    quantize(model, scheme, method=args.method)
+    data = None
+    if args.method == "gptq":
+        from .data import calibration_batches
+
+        if tok is None:
+            raise LlmsqueezeError(f"{args.model} has no tokenizer to read --calib with; save one beside the model")
+        data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed)
+    quantize(
+        model, scheme, data=data, method=args.method, device=args.device, offload=args.offload,
+        true_sequential=args.true_sequential, act_order=args.act_order, static_groups=args.static_groups,
+        damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
+    )
+    stats = getattr(model, "_llmsqueeze_stats", None)
+    if stats is not None:
+        dev = "" if stats.peak_device_mib is None else f", peak device memory {stats.peak_device_mib:,.0f} MiB"
+        print(f"{args.method}: {stats.layers} layers in {stats.blocks} blocks, {stats.seconds:.1f} s, "
+              f"peak RSS {stats.peak_rss_mib:,.0f} MiB{dev}", file=sys.stderr)
     out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(out)
     return 0
@@ -121,7 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     q.add_argument("--group-size", type=int, default=128, help="inputs per scale; -1 = per output channel (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at mid-grid)")
-    q.add_argument("--method", default="rtn", help="rtn (default)")
+    q.add_argument("--method", default="rtn", help="rtn (default, no data) or gptq (calibrated)")
+    q.add_argument("--calib", default="wikitext2",
+                   help="gptq calibration text: wikitext2, c4, pileval, or a .txt/.jsonl file or datasets dir")
+    q.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
+    q.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward (default 1)")
+    q.add_argument("--act-order", action="store_true", help="gptq: visit columns by decreasing Hessian diagonal")
+    q.add_argument("--static-groups", action="store_true",
+                   help="gptq with --act-order: fix group scales up front (no g_idx; fast kernels still apply)")
+    q.add_argument("--true-sequential", action="store_true",
+                   help="gptq: calibrate each block's Linears in order (attention in, attention out, MLP in, MLP out)")
+    q.add_argument("--damp", type=float, default=0.01, help="gptq damping, fraction of the mean Hessian diagonal")
+    q.add_argument("--block-size", type=int, default=128, help="gptq lazy-update block (default 128)")
+    q.add_argument("--device", default=None, help="where blocks are calibrated: cuda or cpu (default: cuda if present)")
+    q.add_argument("--offload", default=None, help="where activations wait between blocks (e.g. cpu)")
     q.add_argument("--clip-search", action="store_true", help="grid-search the clipping range per group (lower error)")
     q.add_argument("--clip-norm", type=float, default=2.0, help="error norm p of the clip search (default 2)")
     q.add_argument("--clip-weight-power", type=float, default=1.0,

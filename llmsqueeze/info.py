@@ -77,6 +77,16 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:,.1f} MiB"
 
 
+def _module_summary(layers: list[dict]) -> str:
+    """'q_proj x30 (576->576), ...' by the last name component, in model order."""
+    kinds: dict[str, list] = {}
+    for layer in layers:
+        kind = layer["name"].rsplit(".", 1)[-1]
+        entry = kinds.setdefault(kind, [0, layer["in_features"], layer["out_features"]])
+        entry[0] += 1
+    return ", ".join(f"{k} x{n} ({i}->{o})" for k, (n, i, o) in kinds.items())
+
+
 def format_info(info: dict) -> str:
     s = info["scheme"]
     g = "per-channel" if s["group_size"] == -1 else f"group {s['group_size']}"
@@ -86,6 +96,7 @@ def format_info(info: dict) -> str:
         f"method {info['method']}{', clip search' if s['clip_search'] else ''}",
         f"  quantized   {info['quantized_layers']} layers, {info['quantized_weights']:,} weights at "
         f"{info['bits_per_quantized_weight']:.3f} bits/weight (scales and zeros included)",
+        f"  modules     {_module_summary(info['layers'])}",
         f"  kept dense  {len(info['modules_to_not_convert'])} linear modules"
         + (f" ({', '.join(info['modules_to_not_convert'][:4])}{', ...' if len(info['modules_to_not_convert']) > 4 else ''})"
            if info["modules_to_not_convert"] else "")

@@ -190,3 +190,22 @@ def test_load_dense_errors(tmp_path, monkeypatch):
 def test_no_matching_layers():
     with pytest.raises(LlmsqueezeError, match="loosen the patterns"):
         llmsqueeze.quantize(tiny_model("llama"), include=["nothing-matches"], progress=False)
+
+
+def test_invalid_scheme_in_checkpoint(quantized, tmp_path):
+    out = llmsqueeze.save_quantized(quantized, tmp_path / "q")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["scheme"]["bits"] = 5
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="invalid scheme.*bits=5.*re-create"):
+        llmsqueeze.from_pretrained(out)
+
+
+def test_loaded_checkpoint_saves_again(quantized, tmp_path):
+    first = llmsqueeze.save_quantized(quantized, tmp_path / "a")
+    loaded = llmsqueeze.from_pretrained(first)
+    second = llmsqueeze.save_quantized(loaded, tmp_path / "b")
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        assert torch.equal(llmsqueeze.from_pretrained(second)(ids).logits, quantized(ids).logits)
+    assert json.loads((second / "config.json").read_text())["quantization_config"]["quant_method"] == "llmsqueeze"

@@ -115,3 +115,23 @@ def test_console_script(tiny_model_dir, tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "bits=5" in r.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_quantize_gptq(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "g"
+    assert main(["quantize", str(tiny_model_dir), "--method", "gptq", "--calib", str(text_file), "--n-samples", "4",
+                 "--seq-len", "32", "--act-order", "--static-groups", "--true-sequential", "--out", str(out)]) == 0
+    assert "gptq: 14 layers in 2 blocks" in capsys.readouterr().err
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "gptq"
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["method_args"]["act_order"] and cfg["method_args"]["n_samples"] == 4
+
+
+def test_quantize_gptq_bad_calib(tiny_model_dir, tmp_path, capsys):
+    assert main(["quantize", str(tiny_model_dir), "--method", "gptq", "--calib", str(tmp_path / "none.txt"),
+                 "--out", str(tmp_path / "g")]) == 2
+    _one_line_error(capsys, "no such file")
+    assert main(["quantize", str(tiny_model_dir), "--method", "gptq", "--calib", str(tmp_path), "--out", str(tmp_path / "g")]) == 2
+    _one_line_error(capsys, "not a datasets directory")

@@ -1,0 +1,92 @@
+"""Calibration data: text from a dataset name (online) or a local file/dir (offline), tokenized and
+cut into `n_samples` random windows of `seq_len` tokens (reproducible from `seed`).
+
+The project's protocol (shared/README.md): 128 samples of 512 tokens, seed 0, from WikiText-2's
+validation text; never calibrate on the test text.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import LlmsqueezeError
+
+# name -> (datasets path, config, split, data_files or None)
+CALIBRATION_DATASETS = {
+    "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", None),
+    "c4": ("allenai/c4", None, "train", {"train": "en/c4-train.00000-of-01024.json.gz"}),
+    "pileval": ("mit-han-lab/pile-val-backup", None, "validation", None),
+}
+
+
+def _texts_from_path(path: Path) -> list[str]:
+    if path.is_dir():  # a `datasets` dir written by save_to_disk
+        try:
+            from datasets import load_from_disk
+
+            ds = load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001 - any failure to read is the user's input
+            raise LlmsqueezeError(f"calibration data {path}: not a datasets directory ({type(e).__name__}); "
+                                  "pass a .txt or .jsonl file, or a dir from Dataset.save_to_disk") from None
+        if hasattr(ds, "keys"):  # a DatasetDict: take its first split
+            ds = ds[next(iter(ds.keys()))]
+        if "text" not in ds.column_names:
+            raise LlmsqueezeError(f"calibration data {path}: no 'text' column (has {ds.column_names})")
+        return list(ds["text"])
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)["text"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise LlmsqueezeError(f"{path} line {i + 1}: expected a JSON object with a 'text' field") from None
+        return texts
+    return [path.read_text(encoding="utf-8")]
+
+
+def load_calibration_texts(source: str) -> list[str]:
+    """Texts from a local .txt / .jsonl file or datasets dir, or a dataset name (wikitext2, c4, pileval)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return _texts_from_path(path)
+    if source in CALIBRATION_DATASETS:
+        name, config, split, files = CALIBRATION_DATASETS[source]
+        try:
+            from datasets import load_dataset
+
+            ds = load_dataset(name, config, split=split, data_files=files)
+        except Exception as e:  # noqa: BLE001 - offline, hub errors
+            raise LlmsqueezeError(
+                f"cannot fetch calibration dataset {source!r} ({type(e).__name__}); offline, pass a local file, "
+                "e.g. --calib ../shared/data/wikitext-2/valid.txt"
+            ) from None
+        texts = ds["text"]
+        return ["\n\n".join(texts)] if source == "wikitext2" else list(texts)
+    raise LlmsqueezeError(
+        f"calibration data {source!r}: no such file, and not one of {', '.join(CALIBRATION_DATASETS)}"
+    )
+
+
+def calibration_batches(
+    tokenizer, source: str | list[str], n_samples: int = 128, seq_len: int = 512, seed: int = 0
+) -> torch.Tensor:
+    """-> [n_samples, seq_len] int64 token ids: windows at random offsets of the tokenized text (all
+    texts joined by blank lines). `source` is a name/path for load_calibration_texts, or the texts."""
+    if n_samples < 1 or seq_len < 2:
+        raise LlmsqueezeError(f"n_samples={n_samples}, seq_len={seq_len}: use n_samples >= 1 and seq_len >= 2")
+    texts = load_calibration_texts(source) if isinstance(source, str) else source
+    text = "\n\n".join(texts)
+    source = source if isinstance(source, str) else "texts"
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, truncation=False, verbose=False).input_ids[0]
+    if ids.numel() < seq_len + 1:
+        raise LlmsqueezeError(
+            f"calibration data {source!r} has {ids.numel()} tokens, fewer than one sample of {seq_len}; "
+            "use more text or a smaller --seq-len"
+        )
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

@@ -1,0 +1,233 @@
+"""The sequential, block-by-block calibration engine, shared by every method that needs data (GPTQ
+here; Wanda and SparseGPT later).
+
+1. Capture: run the model on the calibration batches with every decoder block replaced by a stub
+   that records what the block is called with (hidden states for the first block; masks, position
+   embeddings and other kwargs for every block, since layer types may differ) and passes the hidden
+   states through unchanged; the last stub stops the forward, so the head never runs.
+2. For each block: move it alone to the compute device; for each group of Linears (one group, or
+   the architecture's true-sequential order), hook their inputs into `method.collect`, run the
+   block over all batches, then let `method.apply` replace each Linear (a packed QuantLinear for
+   GPTQ). Finally re-run the block, now quantized, and its outputs become the next block's inputs,
+   so each block is calibrated on what the compressed model upstream really produces.
+
+Host memory: the model plus one set of block activations (on `offload` device); compute device
+memory: one block plus, unless offloaded, the activations.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import LlmsqueezeError
+from .models import get_arch
+from .nn import is_linear, set_module
+
+log = logging.getLogger("llmsqueeze")
+
+
+class Method(Protocol):
+    """What the engine drives: statistics in, replacement modules out."""
+
+    def collect(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        """x [..., in_features]: one batch of the layer's inputs."""
+
+    def apply(self, name: str, module: nn.Module) -> nn.Module:
+        """The module that replaces `module` (statistics for it are complete)."""
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class EngineStats:
+    seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+    peak_device_mib: float | None = None
+    blocks: int = 0
+    layers: int = 0
+    per_block_s: list[float] = field(default_factory=list)
+
+
+def _to(obj, device):
+    """Move every tensor inside nested tuples/lists/dicts."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _move_outside(model: nn.Module, blocks_path: str, device) -> None:
+    """Move every parameter and buffer that is not inside the decoder blocks (embeddings, rotary
+    tables, final norm, head) to `device`."""
+    prefix = blocks_path + "."
+    for name, module in model.named_modules():
+        if name == blocks_path or name.startswith(prefix):
+            continue
+        module._apply(lambda t: t.to(device), recurse=False)
+
+
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], device, offload
+) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """-> (hidden [n_batches] each [B, T, H] on `offload`, kwargs[n_batches][n_blocks])."""
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = []
+    own = [b.__dict__.get("forward") for b in blocks]  # an instance-level forward (e.g. accelerate hooks)
+    signatures = [inspect.signature(b.forward) for b in blocks]
+    cache: dict[int, object] = {}  # tensors shared by several blocks are moved once
+
+    def offloaded(v):
+        if isinstance(v, torch.Tensor):
+            key = id(v)
+            if key not in cache:
+                cache[key] = v.to(offload)
+            return cache[key]
+        return _to(v, offload)
+
+    def stub(index):
+        def forward(*args, **kw):
+            # name every argument (GPT-2 passes the cache and mask positionally), so the block can be
+            # re-called as block(hidden, **kwargs)
+            bound = signatures[index].bind_partial(*args, **kw).arguments
+            extra = bound.pop(next(iter(signatures[index].parameters)))
+            var_kw = [p.name for p in signatures[index].parameters.values() if p.kind is p.VAR_KEYWORD]
+            for name in var_kw:
+                bound.update(bound.pop(name, {}))
+            h = extra
+            if index == 0:
+                hidden.append(h.to(offload))
+            kwargs[-1].append({k: offloaded(v) for k, v in bound.items()})
+            if index == len(blocks) - 1:
+                raise _StopForward
+            return h
+
+        return forward
+
+    try:
+        for i, b in enumerate(blocks):
+            b.forward = stub(i)
+        for ids in batches:
+            kwargs.append([])
+            cache.clear()
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for b, f in zip(blocks, own):
+            if f is None:
+                del b.forward  # back to the class method
+            else:
+                b.forward = f
+    return hidden, kwargs
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _groups(names: list[str], order: tuple[tuple[str, ...], ...], true_sequential: bool):
+    """The Linears of a block to calibrate together, in order; leftovers (not in the table) last."""
+    if not true_sequential or not order:
+        return [names]
+    groups, seen = [], set()
+    for g in order:
+        present = [n for n in g if n in names]
+        if present:
+            groups.append(present)
+            seen.update(present)
+    rest = [n for n in names if n not in seen]
+    return groups + ([rest] if rest else [])
+
+
+@torch.no_grad()
+def run_sequential(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    method: Method,
+    layer_names: list[str],
+    device: str | torch.device = "cpu",
+    offload: str | torch.device | None = None,
+    true_sequential: bool = False,
+    progress: bool = True,
+) -> EngineStats:
+    """Calibrate `layer_names` (full module names, all inside the decoder blocks) block by block.
+
+    batches: token id tensors [B, T]; device: where each block computes; offload: where block
+    activations wait between blocks (default: `device`)."""
+    from .evaluate import peak_rss_mib
+
+    device = torch.device(device)
+    offload = torch.device(offload) if offload is not None else device
+    arch = get_arch(model)
+    blocks = model.get_submodule(arch.blocks)
+    prefix = arch.blocks + "."
+    outside = [n for n in layer_names if not n.startswith(prefix)]
+    if outside:
+        raise LlmsqueezeError(
+            f"calibrated methods handle layers inside the decoder blocks only; {outside[0]} is not: "
+            "exclude it (e.g. drop --lm-head) or use --method rtn"
+        )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    stats = EngineStats()
+    t0 = time.perf_counter()
+    home = next(blocks[0].parameters()).device
+    _move_outside(model, arch.blocks, device)
+    hidden, kwargs = capture_block_inputs(model, blocks, batches, device, offload)
+    _move_outside(model, arch.blocks, home)
+    log.info("captured %d batches of block inputs %s", len(hidden), tuple(hidden[0].shape))
+
+    wanted = set(layer_names)
+    bar = tqdm(range(len(blocks)), desc="blocks", disable=not progress, unit="block")
+    for i in bar:
+        tb = time.perf_counter()
+        block = blocks[i].to(device)
+        bprefix = f"{prefix}{i}."
+        names = [n for n, m in block.named_modules() if is_linear(m) and bprefix + n in wanted]
+        for group in _groups(names, arch.sequential, true_sequential):
+            handles = []
+            for n in group:
+                full = bprefix + n
+
+                def hook(module, args, out, full=full):
+                    method.collect(full, module, args[0])
+
+                handles.append(block.get_submodule(n).register_forward_hook(hook))
+            try:
+                for h, kw in zip(hidden, kwargs):
+                    block(h.to(device), **_to(kw[i], device))
+            finally:
+                for hd in handles:
+                    hd.remove()
+            for n in group:
+                set_module(block, n, method.apply(bprefix + n, block.get_submodule(n)))
+                stats.layers += 1
+        for j, (h, kw) in enumerate(zip(hidden, kwargs)):
+            out = _block_output(block(h.to(device), **_to(kw[i], device)))
+            if not torch.isfinite(out).all():
+                raise FloatingPointError(f"block {i} produced NaN/Inf after calibration; check the model and the data")
+            hidden[j] = out.to(offload)
+        blocks[i] = block.to(home)
+        stats.per_block_s.append(time.perf_counter() - tb)
+        bar.set_postfix(rss=f"{peak_rss_mib():.0f}MiB")
+    stats.blocks = len(blocks)
+    stats.seconds = time.perf_counter() - t0
+    stats.peak_rss_mib = peak_rss_mib()
+    if device.type == "cuda":
+        stats.peak_device_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    return stats

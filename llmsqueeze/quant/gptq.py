@@ -1,0 +1,222 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column, pushing each column's rounding
+error onto the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+    H = 2/n * sum_x x x^T                               [K, K], float32, from calibration inputs
+    Hinv = chol(inverse(H + damp*I)) (upper)            the "lazy batch" form of Alg. 1 in the paper
+    for each column i:  q_i = quant(w_i);  e = (w_i - q_i) / Hinv[i, i];  w_j -= e * Hinv[i, j]  (j > i)
+
+Groups of `group_size` columns share a scale/zero, chosen when the sweep reaches the group's first
+column (from the already-updated weights), optionally by the clipping search of `grid`. With
+`act_order` the columns are visited by decreasing Hessian diagonal; `static_groups` then fixes each
+group's scale/zero up front from the natural column order, so the checkpoint needs no `g_idx` and
+runs on the fast kernel paths.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import grid
+
+log = logging.getLogger("llmsqueeze")
+
+
+@dataclass
+class GPTQResult:
+    q: torch.Tensor  # [N, K] int32, original column order
+    scale: torch.Tensor  # [N, ng] float32 (holding scale-dtype values)
+    zero: torch.Tensor  # [N, ng] int32
+    g_idx: torch.Tensor | None  # [K] int32 group of each column, only for act-order without static groups
+    loss: float  # sum over columns of (w - q)^2 / Hinv_ii^2 / 2: the layer-output error GPTQ minimises
+    damp: float  # the damping finally used (raised if the Cholesky factorisation failed)
+
+
+def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Running mean update of H = 2/n sum x x^T. h [K, K] float32, x [..., K] -> (h, n)."""
+    x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
+    t = x.shape[0]
+    h *= n / (n + t)
+    n += t
+    x = x * math.sqrt(2 / n)
+    h.addmm_(x.t(), x)
+    return h, n
+
+
+def _qparams(w: torch.Tensor, bits: int, sym: bool, scale_dtype, clip: dict | None):
+    """Scale/zero [N, 1] for one group of columns w [N, g]."""
+    if clip is not None:
+        return grid.clip_search_qparams(w, bits, w.shape[1], sym, scale_dtype, **clip)
+    wmin, wmax = w.float().amin(1, keepdim=True), w.float().amax(1, keepdim=True)
+    return grid.minmax_qparams(wmin, wmax, bits, sym, scale_dtype)
+
+
+def inverse_hessian_cholesky(h: torch.Tensor, damp_frac: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp*I)^-1, with damp = damp_frac * mean(diag H), raised x10
+    (and logged) while the factorisation fails."""
+    k = h.shape[0]
+    mean_diag = torch.mean(torch.diag(h)).item()
+    eye = torch.eye(k, device=h.device, dtype=h.dtype)
+    frac = damp_frac
+    for attempt in range(max_tries):
+        hd = h + frac * mean_diag * eye
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if info.item() == 0:
+            hinv = torch.cholesky_inverse(chol)
+            chol2, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            if info2.item() == 0:
+                if attempt:
+                    log.warning("GPTQ: Hessian not positive definite; damping raised to %.3g of the mean diagonal", frac)
+                return chol2, frac
+        frac *= 10
+    raise FloatingPointError(
+        f"the Hessian stays singular after damping {frac / 10:.3g} x its mean diagonal: the calibration data "
+        "are degenerate for this layer; use more or longer calibration samples"
+    )
+
+
+@torch.no_grad()
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool = False,
+    scale_dtype: torch.dtype = torch.float16,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+    clip: dict | None = None,
+) -> GPTQResult:
+    """w [N, K] (any float dtype), h [K, K] float32 Hessian -> GPTQResult. `group_size` -1 is one
+    group per row; `clip` holds grid.clip_search_qparams keyword arguments, or None for min/max."""
+    W = w.detach().float().clone()  # [N, K]
+    n, k = W.shape
+    g = k if group_size == -1 else group_size
+    ng = math.ceil(k / g)
+    maxq = 2**bits - 1
+    H = h.detach().float().clone()
+
+    dead = torch.diag(H) == 0  # inputs that never fire: any value works, make them exactly zero
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scale = torch.zeros(n, ng, device=W.device)
+    zero = torch.zeros(n, ng, dtype=torch.int32, device=W.device)
+    if static_groups:  # every group's parameters from the natural order, before any update
+        for gi in range(ng):
+            scale[:, gi : gi + 1], zero[:, gi : gi + 1] = _qparams(W[:, gi * g : (gi + 1) * g], bits, sym, scale_dtype, clip)
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, used_damp = inverse_hessian_cholesky(H, damp)
+    del H
+
+    Q = torch.zeros(n, k, dtype=torch.int32, device=W.device)
+    losses = torch.zeros(n, device=W.device)
+    col_group = torch.arange(k, device=W.device) // g  # natural group of each natural column
+    if perm is not None:
+        col_group = col_group[perm]  # ... of each visited column (static groups)
+    cur_s = cur_z = None
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()  # [N, B]
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            w_col = W1[:, i]
+            d = Hinv1[i, i]
+            if static_groups:
+                gi = col_group[col]
+                s, z = scale[:, gi], zero[:, gi].float()
+            else:
+                if col % g == 0:  # a new group (in visiting order): parameters from the updated weights
+                    gi = col // g
+                    span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : min(g, k - col)]
+                    cur_s, cur_z = _qparams(span, bits, sym, scale_dtype, clip)
+                    scale[:, gi : gi + 1], zero[:, gi : gi + 1] = cur_s, cur_z
+                s, z = cur_s[:, 0], cur_z[:, 0].float()
+            q = (torch.round(w_col / s) + z).clamp(0, maxq)
+            Q[:, col] = q.to(torch.int32)
+            dq = (q - z) * s
+            losses += (w_col - dq) ** 2 / d**2 / 2
+            err = (w_col - dq) / d
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        if not static_groups:  # visiting-order groups: column perm[j] belongs to group j // g
+            g_idx = (torch.arange(k, device=W.device) // g)[inv].to(torch.int32)
+    loss = losses.sum().item()
+    if not math.isfinite(loss) or not torch.isfinite(scale).all():
+        raise FloatingPointError("GPTQ produced NaN/Inf (the inputs or weights hold NaN/Inf)")
+    return GPTQResult(Q, scale, zero, g_idx, loss, used_damp)
+
+
+class GPTQ:
+    """The engine's method for GPTQ: accumulates each Linear's Hessian from its inputs, then swaps
+    the Linear for a packed QuantLinear. Linears fed the very same input tensor (q/k/v, gate/up)
+    share one Hessian, accumulated once."""
+
+    def __init__(self, scheme, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                 static_groups: bool = False):
+        self.scheme, self.damp, self.block_size = scheme, damp, block_size
+        self.act_order, self.static_groups = act_order, static_groups
+        self.hessians: dict[str, list] = {}  # name -> [H, n] (shared lists for shared inputs)
+        self._last_input: tuple | None = None  # (tensor, name) seen last; held so its memory is not reused
+        self.report: list[dict] = []
+
+    def collect(self, name: str, module, x: torch.Tensor) -> None:
+        if name not in self.hessians:
+            if self._last_input is not None and self._last_input[0] is x:
+                self.hessians[name] = self.hessians[self._last_input[1]]  # same input: share
+                return
+            k = x.shape[-1]
+            self.hessians[name] = [torch.zeros(k, k, device=x.device), 0, name]
+        entry = self.hessians[name]
+        if entry[2] != name:  # a sharer: its owner accumulates
+            return
+        entry[0], entry[1] = accumulate_hessian(entry[0], entry[1], x)
+        if not torch.isfinite(entry[0]).all():
+            raise FloatingPointError(f"the inputs of {name} hold NaN/Inf; check the model and the calibration data")
+        self._last_input = (x, name)
+
+    def apply(self, name: str, module):
+        from ..nn import QuantLinear, linear_weight
+
+        h, n, owner = self.hessians[name]
+        sharers = [k for k, v in self.hessians.items() if v[2] == owner]
+        w = linear_weight(module)
+        s = self.scheme
+        clip = None
+        if s.clip_search:
+            clip = dict(grid=s.clip_grid, max_shrink=s.clip_max_shrink, norm=s.clip_norm, weight_power=s.clip_weight_power)
+        try:
+            res = gptq_quantize(
+                w, h, s.bits, s.group_size, s.sym, s.torch_scale_dtype, self.damp, self.block_size,
+                self.act_order, self.static_groups, clip,
+            )
+        except FloatingPointError as e:
+            raise FloatingPointError(f"GPTQ failed on {name}: {e}") from None
+        del self.hessians[name]
+        if len(sharers) > 1 and owner == name:  # hand the shared Hessian to the next sharer
+            nxt = next(k for k in sharers if k != name)
+            for k in sharers:
+                if k != name:
+                    self.hessians[k][2] = nxt
+        self.report.append({"layer": name, "loss": res.loss, "damp": res.damp, "samples": n})
+        log.info("GPTQ %s: loss %.4g (damp %.3g, %d tokens)", name, res.loss, res.damp, n)
+        return QuantLinear.from_quantized(
+            res.q, res.scale, res.zero, s.bits, s.group_size_for(w.shape[1]),
+            bias=module.bias, scale_dtype=s.torch_scale_dtype, g_idx=res.g_idx,
+        )
