@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""GPTQ side by side with llm-compressor on the real model, same calibration samples, same protocol.
+
+    python -m venv /work/venvs/llmc && /work/venvs/llmc/bin/pip install torch==2.13.0 llmcompressor
+    python eval/compare_llmcompressor.py --llmc-python /work/venvs/llmc/bin/python
+
+Calibration: 128 samples x 512 tokens at random offsets (seed 0) of WikiText-2 valid.txt, tokenized
+once here and handed to both tools as token ids. Perplexity: WikiText-2 test, 2048-token windows,
+first 8, float32 CPU. Each run is a fresh process (wall time of the quantization alone, peak RSS of
+that process). Prints a markdown table and writes eval/results/gptq_vs_llmcompressor.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SCHEMES = [  # bits, group, sym
+    (4, 64, False),
+    (4, 64, True),
+    (3, 64, False),
+    (4, 128, False),
+]
+OURS = {  # label -> quantize() options
+    "llmsqueeze gptq": {},
+    "llmsqueeze gptq act-order static": {"act_order": True, "static_groups": True},
+}
+
+
+def run_ours(model: str, calib: str, test: str, bits: int, group: int, sym: bool, opts: dict, windows: int) -> dict:
+    import time
+
+    import torch
+
+    import llmsqueeze
+    from llmsqueeze.evaluate import peak_rss_mib, perplexity
+
+    ids = torch.load(calib)
+    model_ = llmsqueeze.load_dense(model, dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    llmsqueeze.quantize(model_, llmsqueeze.QuantScheme(bits=bits, group_size=group, sym=sym), data=ids,
+                        method="gptq", progress=False, **opts)
+    tq = time.perf_counter() - t0
+    rss = peak_rss_mib()
+    ppl = perplexity(model_, torch.load(test), windows=windows, progress=False)["ppl"]
+    return {"tool": f"llmsqueeze {llmsqueeze.__version__}", "options": opts, "quantize_s": tq, "peak_rss_mib": rss,
+            "ppl": ppl}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(Path("~/.cache/llmsqueeze/smollm2-135m").expanduser()))
+    ap.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
+    ap.add_argument("--test", default="../shared/data/wikitext-2/test.txt")
+    ap.add_argument("--llmc-python", default="/work/venvs/llmc/bin/python", help="python of llm-compressor's venv")
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--schemes", nargs="*", default=None, help="e.g. 4:64:asym 3:64:asym (default: all four)")
+    ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--out", default="eval/results/gptq_vs_llmcompressor.json")
+    ap.add_argument("--one", nargs=7, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.one:  # child: one of our runs
+        model, calib, test, bits, group, sym, opts = args.one
+        print(json.dumps(run_ours(model, calib, test, int(bits), int(group), sym == "1", json.loads(opts), args.windows)))
+        return
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from llmsqueeze.data import calibration_batches
+    from llmsqueeze.evaluate import environment, load_eval_text, tokenize_text
+
+    schemes = SCHEMES
+    if args.schemes:
+        schemes = [(int(b), int(g), s == "sym") for b, g, s in (x.split(":") for x in args.schemes)]
+    tok = AutoTokenizer.from_pretrained(args.model)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        calib, test = f"{tmp}/calib.pt", f"{tmp}/test.pt"
+        torch.save(calibration_batches(tok, args.calib, args.n_samples, args.seq_len, seed=0), calib)
+        torch.save(tokenize_text(tok, load_eval_text(args.test)), test)
+        for bits, group, sym in schemes:
+            name = f"w{bits} g{group} {'sym' if sym else 'asym'}"
+            runs = []
+            for label, opts in OURS.items():
+                cmd = [sys.executable, __file__, "--windows", str(args.windows), "--one", args.model, calib, test,
+                       str(bits), str(group), "1" if sym else "0", json.dumps(opts)]
+                runs.append((label, cmd))
+            if not args.skip_peer:
+                cmd = [args.llmc_python, str(HERE / "peers" / "llmcompressor_gptq.py"), args.model, calib, test,
+                       "--bits", str(bits), "--group-size", str(group), "--windows", str(args.windows)]
+                runs.append(("llm-compressor gptq (defaults: actorder static)", cmd + (["--sym"] if sym else [])))
+            for label, cmd in runs:
+                p = subprocess.run(cmd, capture_output=True, text=True)
+                lines = [ln for ln in p.stdout.strip().splitlines() if ln.startswith("{")]
+                if p.returncode or not lines:
+                    res = {"error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}"}
+                else:
+                    res = json.loads(lines[-1])
+                row = {"scheme": name, "bits": bits, "group_size": group, "sym": sym, "run": label, **res}
+                rows.append(row)
+                if "error" in res:
+                    print(f"{name:14s} {label:48s} ERROR {res['error']}", flush=True)
+                else:
+                    print(f"{name:14s} {label:48s} ppl {res['ppl']:8.3f}  quantize {res['quantize_s']:7.1f} s  "
+                          f"peak RSS {res['peak_rss_mib']:6.0f} MiB", flush=True)
+
+    print("\n| scheme | tool | perplexity | quantize time | peak RSS |\n|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['scheme']} | {r['run']} | error: {r['error']} | | |")
+        else:
+            print(f"| {r['scheme']} | {r['run']} | {r['ppl']:.2f} | {r['quantize_s']:.0f} s | {r['peak_rss_mib']:.0f} MiB |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "protocol": f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0) of {args.calib}; perplexity on "
+                    f"{args.test}, 2048-token windows, first {args.windows}, float32 CPU",
+        "model": args.model,
+        "environment": environment(),
+        "results": rows,
+    }, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

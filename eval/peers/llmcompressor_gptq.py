@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Run llm-compressor's GPTQ in its own virtualenv (it pins its own transformers) on given
+calibration token ids, then measure perplexity on given test token ids with the project's protocol.
+Called by eval/compare_llmcompressor.py; prints one JSON line.
+
+    VENV/bin/python eval/peers/llmcompressor_gptq.py MODEL CALIB.pt TEST.pt --bits 4 --group-size 64 [--sym]
+"""
+import argparse
+import json
+import math
+import resource
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def perplexity(model, ids, seq_len=2048, windows=8):
+    nlls = []
+    for i in range(min(windows, ids.numel() // seq_len)):
+        x = ids[i * seq_len : (i + 1) * seq_len].view(1, -1)
+        logits = model(x, use_cache=False).logits.float()
+        nlls.append(F.cross_entropy(logits[0, :-1], x[0, 1:]).item())
+    return math.exp(sum(nlls) / len(nlls))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("calib")
+    ap.add_argument("test")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--sym", action="store_true")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import llmcompressor
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    calib = torch.load(args.calib)
+    test = torch.load(args.test)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    weights = {"num_bits": args.bits, "type": "int", "symmetric": args.sym, "strategy": "group",
+               "group_size": args.group_size}
+    recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+                          ignore=["lm_head"], dampening_frac=0.01)
+    result = {"tool": f"llmcompressor {llmcompressor.__version__}", "bits": args.bits,
+              "group_size": args.group_size, "sym": args.sym, "weights": weights}
+    t0 = time.perf_counter()
+    try:
+        oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=calib.shape[1],
+                num_calibration_samples=calib.shape[0])
+    except Exception as e:  # e.g. a group size that does not divide the width
+        result.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                      traceback=traceback.format_exc()[-2000:])
+        print(json.dumps(result))
+        return
+    result["quantize_s"] = time.perf_counter() - t0
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["ppl"] = perplexity(model, test, windows=args.windows)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
