@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -76,7 +75,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from llmsqueeze.data import calibration_batches
-    from llmsqueeze.evaluate import environment, load_eval_text, tokenize_text
+    from llmsqueeze.evaluate import load_eval_text, tokenize_text, write_results
 
     schemes = SCHEMES
     if args.schemes:
@@ -119,17 +118,11 @@ def main() -> None:
             print(f"| {r['scheme']} | {r['run']} | error: {r['error']} | | |")
         else:
             print(f"| {r['scheme']} | {r['run']} | {r['ppl']:.2f} | {r['quantize_s']:.0f} s | {r['peak_rss_mib']:.0f} MiB |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "protocol": f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0) of {args.calib}; perplexity on "
-                    f"{args.test}, 2048-token windows, first {args.windows}, float32 CPU",
-        "model": args.model,
-        "environment": environment(),
-        "results": rows,
-    }, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_results(
+        args.out, rows, model=args.model,
+        protocol=f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0) of {args.calib}; perplexity on "
+                 f"{args.test}, 2048-token windows, first {args.windows}, float32 CPU",
+    )
 
 
 if __name__ == "__main__":

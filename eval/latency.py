@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -63,7 +62,7 @@ def main() -> None:
         print(json.dumps(res))
         return
 
-    from llmsqueeze.evaluate import environment
+    from llmsqueeze.evaluate import write_results
 
     with tempfile.TemporaryDirectory() as tmp:
         q4 = str(Path(tmp) / "q4")
@@ -87,16 +86,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['config']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['weights_mib']:.0f} MiB "
               f"| {r['peak_rss_mib']:.0f} MiB |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "model": args.model,
-        "batch": 1,
-        "environment": environment(),
-        "results": rows,
-    }, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_results(args.out, rows, model=args.model, batch=1)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 import llmsqueeze
-from llmsqueeze.evaluate import environment, load_eval_text, perplexity, tokenize_text
+from llmsqueeze.evaluate import load_eval_text, perplexity, tokenize_text, write_results
 
 # Measured with this protocol by an implementation independent of the project (shared/README.md).
 REFERENCE = {
@@ -81,16 +78,10 @@ def main() -> None:
     for r in rows:
         ref = "" if r["reference"] is None else f"{r['reference']} ({r['vs_reference_pct']:+.2f}%)"
         print(f"| {r['config']} | {r['ppl']:.2f} | {ref} | {r['quantize_s']:.1f} s |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "protocol": f"WikiText-2 test, seq_len 2048, {'all' if windows is None else windows} windows, float32 CPU",
-        "model": args.model,
-        "environment": environment(),
-        "results": rows,
-    }, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_results(
+        args.out, rows, model=args.model,
+        protocol=f"WikiText-2 test, seq_len 2048, {'all' if windows is None else windows} windows, float32 CPU",
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,12 @@
     model = llmsqueeze.from_pretrained("q4")   # or transformers.AutoModelForCausalLM.from_pretrained("q4")
 """
 from .api import load_dense, quantize
-from .checkpoint import check_checkpoint, from_pretrained, register_with_transformers, save_quantized
+from .checkpoint import (
+    check_checkpoint,
+    from_pretrained,
+    register_with_transformers,
+    save_quantized,
+)
 from .config import CheckpointError, LlmsqueezeError, QuantScheme
 from .nn import QuantLinear
 

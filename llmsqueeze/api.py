@@ -162,7 +162,10 @@ def load_dense(model_id: str, dtype: torch.dtype | str = "auto", **kwargs) -> nn
         raise LlmsqueezeError(
             f"cannot load model {model_id!r} ({first}); check the name or path, and the network for hub ids"
         ) from None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_MASKED_LM_MAPPING,
+    )
 
     # BERT-like encoders also register a CausalLM head class; they are still not decoder LMs.
     encoder = type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)

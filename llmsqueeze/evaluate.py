@@ -150,3 +150,19 @@ def environment() -> dict:
     except ImportError:  # pragma: no cover
         pass
     return info
+
+
+def write_results(path: str | Path, results: list, **fields) -> Path:
+    """The JSON every eval/ script writes: the command that made it, `fields`, the environment
+    (device, versions, date) and the result rows."""
+    import json
+    import shlex
+    import sys
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), **fields,
+           "environment": environment(), "results": results}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return path

@@ -7,10 +7,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_checkpoint, read_config, read_safetensors_header, weight_files
+from .checkpoint import (
+    check_checkpoint,
+    read_safetensors_header,
+    weight_files,
+)
 from .config import QuantScheme
 
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _skeleton(path: Path):

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import grid
 from .quant.pack import pack_cols, pack_rows, padded, unpack_cols, unpack_rows
 
 INT4_CPU_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts

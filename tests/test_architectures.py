@@ -3,13 +3,12 @@ import copy
 
 import pytest
 import torch
+from conftest import FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM
 
 import llmsqueeze
 from llmsqueeze.models import ARCHS, get_arch, quantizable_modules
 from llmsqueeze.nn import QuantLinear, is_linear
-
-from conftest import FAMILIES, tiny_model
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45]])
 

@@ -1,17 +1,15 @@
 """Checkpoint format, the temp-dir-then-rename save, and every bad input the core issue names."""
 import json
 import os
-import sys
 
 import pytest
 import torch
+from conftest import tiny_model, tiny_tokenizer
 from safetensors import safe_open
 
 import llmsqueeze
 from llmsqueeze import CheckpointError, LlmsqueezeError
 from llmsqueeze.api import load_dense
-
-from conftest import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture

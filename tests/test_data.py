@@ -2,11 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import TEXT, tiny_tokenizer
 
 from llmsqueeze import LlmsqueezeError
 from llmsqueeze.data import calibration_batches, load_calibration_texts
-
-from conftest import TEXT, tiny_tokenizer
 
 
 def test_txt_jsonl_and_datasets_dir(tmp_path):

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from conftest import FAMILIES, tiny_model
 
 import llmsqueeze
 from llmsqueeze import QuantScheme
@@ -12,8 +13,6 @@ from llmsqueeze.nn import QuantLinear, is_linear, set_module
 from llmsqueeze.quant import grid
 from llmsqueeze.quant.gptq import accumulate_hessian, gptq_quantize
 from llmsqueeze.quant.rtn import rtn_quantize
-
-from conftest import FAMILIES, tiny_model
 
 
 def correlated_inputs(t=2048, k=128, seed=0):
