@@ -26,8 +26,8 @@ SCHEMES = [  # bits, group, sym
     (4, 128, False),
 ]
 OURS = {  # label -> quantize() options
-    "llmsqueeze gptq": {},
-    "llmsqueeze gptq act-order static": {"act_order": True, "static_groups": True},
+    "llmsqueeze gptq (defaults: act-order static)": {},
+    "llmsqueeze gptq natural order": {"act_order": False, "static_groups": False},
 }
 
 

@@ -80,7 +80,7 @@ def cmd_quantize(args) -> int:
         data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed)
     quantize(
         model, scheme, data=data, method=args.method, device=args.device, offload=args.offload,
-        true_sequential=args.true_sequential, act_order=args.act_order, static_groups=args.static_groups,
+        true_sequential=args.true_sequential, act_order=args.act_order != "off", static_groups=args.act_order == "static",
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
     )
     stats = getattr(model, "_llmsqueeze_stats", None)
@@ -149,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
     q.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward (default 1)")
-    q.add_argument("--act-order", action="store_true", help="gptq: visit columns by decreasing Hessian diagonal")
-    q.add_argument("--static-groups", action="store_true",
-                   help="gptq with --act-order: fix group scales up front (no g_idx; fast kernels still apply)")
+    q.add_argument("--act-order", choices=("static", "dynamic", "off"), default="static",
+                   help="gptq column order: by decreasing Hessian diagonal with group scales fixed up front "
+                        "(static, default: no g_idx, fast kernels apply), with groups in that order (dynamic: "
+                        "stores g_idx), or natural order (off)")
     q.add_argument("--true-sequential", action="store_true",
                    help="gptq: calibrate each block's Linears in order (attention in, attention out, MLP in, MLP out)")
     q.add_argument("--damp", type=float, default=0.01, help="gptq damping, fraction of the mean Hessian diagonal")

@@ -120,13 +120,14 @@ def test_console_script(tiny_model_dir, tmp_path):
 def test_quantize_gptq(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "g"
     assert main(["quantize", str(tiny_model_dir), "--method", "gptq", "--calib", str(text_file), "--n-samples", "4",
-                 "--seq-len", "32", "--act-order", "--static-groups", "--true-sequential", "--out", str(out)]) == 0
+                 "--seq-len", "32", "--act-order", "dynamic", "--true-sequential", "--out", str(out)]) == 0
     assert "gptq: 14 layers in 2 blocks" in capsys.readouterr().err
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["method"] == "gptq"
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg["method_args"]["act_order"] and cfg["method_args"]["n_samples"] == 4
+    assert cfg["method_args"]["act_order"] and not cfg["method_args"]["static_groups"]
+    assert cfg["method_args"]["n_samples"] == 4
 
 
 def test_quantize_gptq_bad_calib(tiny_model_dir, tmp_path, capsys):

@@ -113,7 +113,7 @@ def test_engine_matches_direct_algorithm_block_by_block():
             hd.remove()
         for n in names:
             lin = block.get_submodule(n)
-            r = gptq_quantize(lin.weight, hs[n][0], 4, 32)
+            r = gptq_quantize(lin.weight, hs[n][0], 4, 32, act_order=True, static_groups=True)  # the defaults
             set_module(block, n, QuantLinear.from_quantized(r.q, r.scale, r.zero, 4, 32, bias=lin.bias))
         for n in names:
             a = model.get_submodule(f"{arch.blocks}.{i}.{n}")

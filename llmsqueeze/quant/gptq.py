@@ -168,8 +168,8 @@ class GPTQ:
     the Linear for a packed QuantLinear. Linears fed the very same input tensor (q/k/v, gate/up)
     share one Hessian, accumulated once."""
 
-    def __init__(self, scheme, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                 static_groups: bool = False):
+    def __init__(self, scheme, damp: float = 0.01, block_size: int = 128, act_order: bool = True,
+                 static_groups: bool = True):
         self.scheme, self.damp, self.block_size = scheme, damp, block_size
         self.act_order, self.static_groups = act_order, static_groups
         self.hessians: dict[str, list] = {}  # name -> [H, n] (shared lists for shared inputs)
