@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--schemes", nargs="*", default=None, help="e.g. 4:64:asym 3:64:asym (default: all four)")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--defaults-only", action="store_true", help="run only our default options beside the peer")
     ap.add_argument("--out", default="eval/results/gptq_vs_llmcompressor.json")
     ap.add_argument("--one", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -89,7 +90,7 @@ def main() -> None:
         for bits, group, sym in schemes:
             name = f"w{bits} g{group} {'sym' if sym else 'asym'}"
             runs = []
-            for label, opts in OURS.items():
+            for label, opts in list(OURS.items())[: 1 if args.defaults_only else None]:
                 cmd = [sys.executable, __file__, "--windows", str(args.windows), "--one", args.model, calib, test,
                        str(bits), str(group), "1" if sym else "0", json.dumps(opts)]
                 runs.append((label, cmd))

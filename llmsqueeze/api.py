@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import METHODS, LlmsqueezeError, QuantScheme
+from .config import METHODS, LlmsqueezeError, QuantScheme, first_line
 from .models import all_linear_names, quantizable_modules
 from .nn import QuantLinear, linear_weight, set_module
 from .quant.rtn import rtn_quantize
@@ -160,7 +160,7 @@ def load_dense(model_id: str, dtype: torch.dtype | str = "auto", **kwargs) -> nn
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise LlmsqueezeError(
             f"cannot load model {model_id!r} ({first}); check the name or path, and the network for hub ids"
         ) from None
@@ -184,5 +184,5 @@ def load_dense(model_id: str, dtype: torch.dtype | str = "auto", **kwargs) -> nn
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise LlmsqueezeError(f"cannot load model {model_id!r}: {first}") from None

@@ -22,7 +22,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .api import FORMAT_VERSION, QUANT_METHOD
-from .config import CheckpointError, LlmsqueezeError, QuantScheme
+from .config import CheckpointError, LlmsqueezeError, QuantScheme, first_line
 
 log = logging.getLogger("llmsqueeze")
 
@@ -294,5 +294,5 @@ def from_pretrained(path: str | os.PathLike, device_map=None, dtype: torch.dtype
     try:
         return AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype, **kwargs)
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"cannot load {path}: {first}") from None

@@ -22,6 +22,12 @@ class CheckpointError(LlmsqueezeError):
     """A checkpoint that is missing, corrupt, truncated or made by another tool."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 @dataclass
 class QuantScheme:
     """Block-wise weight quantization: `bits` per weight, one scale (and zero) per `group_size` inputs.

@@ -88,26 +88,27 @@ def capture_block_inputs(
     kwargs: list[list[dict]] = []
     own = [b.__dict__.get("forward") for b in blocks]  # an instance-level forward (e.g. accelerate hooks)
     signatures = [inspect.signature(b.forward) for b in blocks]
-    cache: dict[int, object] = {}  # tensors shared by several blocks are moved once
+    # tensors shared by several blocks (masks, rotary tables) are moved once per batch; the original
+    # is held beside its copy so that its id cannot be reused by another tensor meanwhile
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def offloaded(v):
         if isinstance(v, torch.Tensor):
-            key = id(v)
-            if key not in cache:
-                cache[key] = v.to(offload)
-            return cache[key]
+            if id(v) not in cache:
+                cache[id(v)] = (v, v.to(offload))
+            return cache[id(v)][1]
         return _to(v, offload)
 
     def stub(index):
         def forward(*args, **kw):
             # name every argument (GPT-2 passes the cache and mask positionally), so the block can be
             # re-called as block(hidden, **kwargs)
-            bound = signatures[index].bind_partial(*args, **kw).arguments
-            extra = bound.pop(next(iter(signatures[index].parameters)))
-            var_kw = [p.name for p in signatures[index].parameters.values() if p.kind is p.VAR_KEYWORD]
-            for name in var_kw:
-                bound.update(bound.pop(name, {}))
-            h = extra
+            sig = signatures[index]
+            bound = sig.bind_partial(*args, **kw).arguments
+            h = bound.pop(next(iter(sig.parameters)))  # the hidden states
+            for p in sig.parameters.values():
+                if p.kind is p.VAR_KEYWORD:  # flatten **kwargs back into keywords
+                    bound.update(bound.pop(p.name, {}))
             if index == 0:
                 hidden.append(h.to(offload))
             kwargs[-1].append({k: offloaded(v) for k, v in bound.items()})

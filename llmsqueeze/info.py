@@ -15,7 +15,6 @@ from .checkpoint import (
 from .config import QuantScheme
 
 
-
 def _skeleton(path: Path):
     """The model built on the meta device (no memory, no weights read): its Linear shapes."""
     from transformers import AutoConfig, AutoModelForCausalLM
