@@ -39,7 +39,7 @@ def test_gptq_beats_rtn_on_layer_output(bits, group, variant):
     x = correlated_inputs()
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
     h = hessian(x)
-    res = gptq_quantize(w, h, bits, group, act_order=variant != "plain", static_groups=variant == "static")
+    res = gptq_quantize(w, h, QuantScheme(bits=bits, group_size=group), act_order=variant != "plain", static_groups=variant == "static")
     gs = 128 if group == -1 else group
     deq = grid.dequantize(res.q, res.scale, res.zero, gs, res.g_idx)
     q0, s0, z0 = rtn_quantize(w, QuantScheme(bits=bits, group_size=group))
@@ -56,7 +56,7 @@ def test_diagonal_hessian_reduces_to_rtn():
     """With uncorrelated inputs there is no error to push forward: GPTQ is round-to-nearest."""
     w = torch.randn(32, 96, generator=torch.Generator().manual_seed(2))
     h = torch.diag(torch.rand(96) + 0.5)
-    res = gptq_quantize(w, h, 4, 32)
+    res = gptq_quantize(w, h, QuantScheme(bits=4, group_size=32))
     q, s, z = rtn_quantize(w, QuantScheme(bits=4, group_size=32))
     assert torch.equal(res.q, q) and torch.equal(res.scale, s) and torch.equal(res.zero, z)
 
@@ -65,7 +65,7 @@ def test_dead_inputs_and_damping(caplog):
     x = correlated_inputs(k=64)
     x[:, 5] = 0  # an input that never fires
     w = torch.randn(16, 64)
-    res = gptq_quantize(w, hessian(x), 4, 32)
+    res = gptq_quantize(w, hessian(x), QuantScheme(bits=4, group_size=32))
     assert torch.isfinite(res.scale).all() and res.damp == 0.01
     # an indefinite "Hessian" (eigenvalue -0.05 at mean diagonal ~1): 1% damping fails, 10% works
     q, _ = torch.linalg.qr(torch.randn(64, 64))
@@ -73,7 +73,7 @@ def test_dead_inputs_and_damping(caplog):
     ev[0] = -0.05
     h = q @ torch.diag(ev) @ q.t()
     with caplog.at_level(logging.WARNING, logger="llmsqueeze"):
-        res = gptq_quantize(w, h, 4, 32)
+        res = gptq_quantize(w, h, QuantScheme(bits=4, group_size=32))
     assert res.damp == pytest.approx(0.1) and "damping raised" in caplog.text
 
 
@@ -113,7 +113,7 @@ def test_engine_matches_direct_algorithm_block_by_block():
             hd.remove()
         for n in names:
             lin = block.get_submodule(n)
-            r = gptq_quantize(lin.weight, hs[n][0], 4, 32, act_order=True, static_groups=True)  # the defaults
+            r = gptq_quantize(lin.weight, hs[n][0], QuantScheme(bits=4, group_size=32), act_order=True, static_groups=True)  # the defaults
             set_module(block, n, QuantLinear.from_quantized(r.q, r.scale, r.zero, 4, 32, bias=lin.bias))
         for n in names:
             a = model.get_submodule(f"{arch.blocks}.{i}.{n}")

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import grid
+from ..config import QuantScheme
+from .rtn import rtn_qparams
 
 log = logging.getLogger("llmsqueeze")
 
@@ -43,14 +44,6 @@ def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.
     x = x * math.sqrt(2 / n)
     h.addmm_(x.t(), x)
     return h, n
-
-
-def _qparams(w: torch.Tensor, bits: int, sym: bool, scale_dtype, clip: dict | None):
-    """Scale/zero [N, 1] for one group of columns w [N, g]."""
-    if clip is not None:
-        return grid.clip_search_qparams(w, bits, w.shape[1], sym, scale_dtype, **clip)
-    wmin, wmax = w.float().amin(1, keepdim=True), w.float().amax(1, keepdim=True)
-    return grid.minmax_qparams(wmin, wmax, bits, sym, scale_dtype)
 
 
 def inverse_hessian_cholesky(h: torch.Tensor, damp_frac: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
@@ -81,21 +74,18 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp_frac: float, max_tries: int =
 def gptq_quantize(
     w: torch.Tensor,
     h: torch.Tensor,
-    bits: int,
-    group_size: int,
-    sym: bool = False,
-    scale_dtype: torch.dtype = torch.float16,
+    scheme: QuantScheme,
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
-    clip: dict | None = None,
 ) -> GPTQResult:
-    """w [N, K] (any float dtype), h [K, K] float32 Hessian -> GPTQResult. `group_size` -1 is one
-    group per row; `clip` holds grid.clip_search_qparams keyword arguments, or None for min/max."""
+    """w [N, K] (any float dtype), h [K, K] float32 Hessian -> GPTQResult. Each group's scale/zero
+    comes from `rtn_qparams` on that group's columns, so the scheme's clipping search applies."""
     W = w.detach().float().clone()  # [N, K]
     n, k = W.shape
-    g = k if group_size == -1 else group_size
+    bits = scheme.bits
+    g = scheme.group_size_for(k)
     ng = math.ceil(k / g)
     maxq = 2**bits - 1
     H = h.detach().float().clone()
@@ -108,7 +98,7 @@ def gptq_quantize(
     zero = torch.zeros(n, ng, dtype=torch.int32, device=W.device)
     if static_groups:  # every group's parameters from the natural order, before any update
         for gi in range(ng):
-            scale[:, gi : gi + 1], zero[:, gi : gi + 1] = _qparams(W[:, gi * g : (gi + 1) * g], bits, sym, scale_dtype, clip)
+            scale[:, gi : gi + 1], zero[:, gi : gi + 1] = rtn_qparams(W[:, gi * g : (gi + 1) * g], scheme)
 
     perm = None
     if act_order:
@@ -139,7 +129,7 @@ def gptq_quantize(
                 if col % g == 0:  # a new group (in visiting order): parameters from the updated weights
                     gi = col // g
                     span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : min(g, k - col)]
-                    cur_s, cur_z = _qparams(span, bits, sym, scale_dtype, clip)
+                    cur_s, cur_z = rtn_qparams(span, scheme)  # one group: <= g columns
                     scale[:, gi : gi + 1], zero[:, gi : gi + 1] = cur_s, cur_z
                 s, z = cur_s[:, 0], cur_z[:, 0].float()
             q = (torch.round(w_col / s) + z).clamp(0, maxq)
@@ -198,14 +188,8 @@ class GPTQ:
         sharers = [k for k, v in self.hessians.items() if v[2] == owner]
         w = linear_weight(module)
         s = self.scheme
-        clip = None
-        if s.clip_search:
-            clip = dict(grid=s.clip_grid, max_shrink=s.clip_max_shrink, norm=s.clip_norm, weight_power=s.clip_weight_power)
         try:
-            res = gptq_quantize(
-                w, h, s.bits, s.group_size, s.sym, s.torch_scale_dtype, self.damp, self.block_size,
-                self.act_order, self.static_groups, clip,
-            )
+            res = gptq_quantize(w, h, s, self.damp, self.block_size, self.act_order, self.static_groups)
         except FloatingPointError as e:
             raise FloatingPointError(f"GPTQ failed on {name}: {e}") from None
         del self.hessians[name]
