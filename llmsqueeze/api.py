@@ -135,6 +135,15 @@ def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, tru
     if static_groups and not act_order:
         log.info("static_groups without act_order changes nothing: groups are already in natural order")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for what, dev in (("device", device), ("offload", offload)):
+        if dev is None:
+            continue
+        try:
+            kind = torch.device(dev).type
+        except RuntimeError:
+            raise LlmsqueezeError(f"--{what} {dev!r} is not a device: use cpu or cuda (cuda:N)") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise LlmsqueezeError(f"--{what} {dev!r}: no CUDA GPU is visible here; use --{what} cpu")
     batches = list(ids.long().split(batch_size))
     method = GPTQ(scheme, damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
     stats = run_sequential(model, batches, method, names, device=device, offload=offload,

@@ -165,3 +165,11 @@ def test_gptq_needs_data_and_block_layers():
         llmsqueeze.quantize(tiny_model("llama"), method="gptq", progress=False)
     with pytest.raises(llmsqueeze.LlmsqueezeError, match="inside the decoder blocks only"):
         llmsqueeze.quantize(tiny_model("llama"), method="gptq", data=_calib(), lm_head=True, progress=False)
+
+
+def test_bad_devices_are_one_line_errors():
+    with pytest.raises(llmsqueeze.LlmsqueezeError, match="'gpu' is not a device: use cpu or cuda"):
+        llmsqueeze.quantize(tiny_model("llama"), method="gptq", data=_calib(), device="gpu", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(llmsqueeze.LlmsqueezeError, match="no CUDA GPU is visible here; use --offload cpu"):
+            llmsqueeze.quantize(tiny_model("llama"), method="gptq", data=_calib(), offload="cuda", progress=False)
