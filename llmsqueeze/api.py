@@ -116,6 +116,24 @@ def _quantize_rtn(model: nn.Module, names: list[str], scheme: QuantScheme, progr
         set_module(model, name, qlayer)
 
 
+def check_devices(device: str | None, offload: str | None) -> str:
+    """The calibration device (default: CUDA when present, else CPU), after checking that it and the
+    offload device exist here; raises a one-line LlmsqueezeError otherwise."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for what, dev in (("device", device), ("offload", offload)):
+        if dev is None:
+            continue
+        try:
+            kind = torch.device(dev).type
+        except RuntimeError:
+            raise LlmsqueezeError(f"--{what} {dev!r} is not a device: use cpu or cuda (cuda:N)") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise LlmsqueezeError(f"--{what} {dev!r}: no CUDA GPU is visible here; use --{what} cpu")
+        if kind == "cuda" and (torch.device(dev).index or 0) >= torch.cuda.device_count():
+            raise LlmsqueezeError(f"--{what} {dev!r}: only {torch.cuda.device_count()} CUDA GPU(s) here; use cuda:0")
+    return device
+
+
 def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, true_sequential, act_order,
                    static_groups, damp, block_size, batch_size) -> dict:
     from .engine import run_sequential
@@ -134,16 +152,7 @@ def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, tru
         raise LlmsqueezeError(f"block_size={block_size} and batch_size={batch_size} must be positive")
     if static_groups and not act_order:
         log.info("static_groups without act_order changes nothing: groups are already in natural order")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for what, dev in (("device", device), ("offload", offload)):
-        if dev is None:
-            continue
-        try:
-            kind = torch.device(dev).type
-        except RuntimeError:
-            raise LlmsqueezeError(f"--{what} {dev!r} is not a device: use cpu or cuda (cuda:N)") from None
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise LlmsqueezeError(f"--{what} {dev!r}: no CUDA GPU is visible here; use --{what} cpu")
+    device = check_devices(device, offload)
     batches = list(ids.long().split(batch_size))
     method = GPTQ(scheme, damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
     stats = run_sequential(model, batches, method, names, device=device, offload=offload,

@@ -47,7 +47,7 @@ def cmd_quantize(args) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from .api import load_dense, quantize
+    from .api import check_devices, load_dense, quantize
     from .checkpoint import prepare_output_dir, save_quantized
     from .config import METHODS, QuantScheme
 
@@ -65,6 +65,7 @@ def cmd_quantize(args) -> int:
         if args.n_samples < 1 or args.seq_len < 2:
             raise LlmsqueezeError(f"--n-samples {args.n_samples} --seq-len {args.seq_len}: use at least 1 sample of 2 tokens")
         calib_texts = load_calibration_texts(args.calib)  # a bad --calib fails before the model loads
+        check_devices(args.device, args.offload)  # ... and so does a bad --device / --offload
     model = load_dense(args.model, _torch_dtype(args.dtype))
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(args.model))

@@ -136,3 +136,11 @@ def test_quantize_gptq_bad_calib(tiny_model_dir, tmp_path, capsys):
     _one_line_error(capsys, "no such file")
     assert main(["quantize", str(tiny_model_dir), "--method", "gptq", "--calib", str(tmp_path), "--out", str(tmp_path / "g")]) == 2
     _one_line_error(capsys, "not a datasets directory")
+
+
+def test_quantize_gptq_bad_device_fails_before_loading(text_file, tmp_path, capsys):
+    # the model path does not exist: the device error must come first, before any slow loading
+    assert main(["quantize", str(tmp_path / "no-model"), "--method", "gptq", "--calib", str(text_file),
+                 "--device", "gpu", "--out", str(tmp_path / "g")]) == 2
+    _one_line_error(capsys, "'gpu' is not a device")
+    assert not (tmp_path / "g").exists()

@@ -173,3 +173,21 @@ def test_bad_devices_are_one_line_errors():
     if not torch.cuda.is_available():
         with pytest.raises(llmsqueeze.LlmsqueezeError, match="no CUDA GPU is visible here; use --offload cpu"):
             llmsqueeze.quantize(tiny_model("llama"), method="gptq", data=_calib(), offload="cuda", progress=False)
+
+
+def test_offload_and_batch_size_do_not_change_the_result():
+    """Activations parked on the offload device between blocks, and calibration run two samples at a
+    time, give the same checkpoint as the defaults (the Hessian is a running mean over tokens, so
+    only float rounding differs with the batch split)."""
+    data = _calib(n=6, t=24)
+    ref, off, bat = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
+    for m, kw in ((ref, {}), (off, {"offload": "cpu"}), (bat, {"batch_size": 2})):
+        llmsqueeze.quantize(m, bits=4, group_size=32, method="gptq", data=data, progress=False, device="cpu", **kw)
+    assert off.config.quantization_config["method_args"] == ref.config.quantization_config["method_args"]
+    ids = data[:2]
+    with torch.no_grad():
+        assert torch.equal(off(ids).logits, ref(ids).logits)
+        torch.testing.assert_close(bat(ids).logits, ref(ids).logits, rtol=0, atol=2e-2)
+    layers = [n for n, m in ref.named_modules() if isinstance(m, QuantLinear)]
+    same = sum(torch.equal(ref.get_submodule(n).qweight, bat.get_submodule(n).qweight) for n in layers)
+    assert same >= len(layers) - 2, f"only {same}/{len(layers)} layers identical with batch_size=2"

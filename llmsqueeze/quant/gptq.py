@@ -79,9 +79,11 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
+    act_aware_clip: bool = True,
 ) -> GPTQResult:
     """w [N, K] (any float dtype), h [K, K] float32 Hessian -> GPTQResult. Each group's scale/zero
-    comes from `rtn_qparams` on that group's columns, so the scheme's clipping search applies."""
+    comes from `rtn_qparams` on that group's columns, so the scheme's clipping search applies; with
+    `act_aware_clip` its error is weighted per column by the Hessian diagonal (mean x_k^2)."""
     W = w.detach().float().clone()  # [N, K]
     n, k = W.shape
     bits = scheme.bits
@@ -94,16 +96,22 @@ def gptq_quantize(
     H[dead, dead] = 1
     W[:, dead] = 0
 
+    hdiag = torch.diag(H) if act_aware_clip and scheme.clip_search else None  # [K] natural order
+
     scale = torch.zeros(n, ng, device=W.device)
     zero = torch.zeros(n, ng, dtype=torch.int32, device=W.device)
     if static_groups:  # every group's parameters from the natural order, before any update
         for gi in range(ng):
-            scale[:, gi : gi + 1], zero[:, gi : gi + 1] = rtn_qparams(W[:, gi * g : (gi + 1) * g], scheme)
+            cols = slice(gi * g, (gi + 1) * g)
+            scale[:, gi : gi + 1], zero[:, gi : gi + 1] = rtn_qparams(
+                W[:, cols], scheme, None if hdiag is None else hdiag[cols])
 
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+        if hdiag is not None:
+            hdiag = hdiag[perm]
     Hinv, used_damp = inverse_hessian_cholesky(H, damp)
     del H
 
@@ -129,7 +137,8 @@ def gptq_quantize(
                 if col % g == 0:  # a new group (in visiting order): parameters from the updated weights
                     gi = col // g
                     span = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : min(g, k - col)]
-                    cur_s, cur_z = rtn_qparams(span, scheme)  # one group: <= g columns
+                    hw = None if hdiag is None else hdiag[col : col + span.shape[1]]
+                    cur_s, cur_z = rtn_qparams(span, scheme, hw)  # one group: <= g columns
                     scale[:, gi : gi + 1], zero[:, gi : gi + 1] = cur_s, cur_z
                 s, z = cur_s[:, 0], cur_z[:, 0].float()
             q = (torch.round(w_col / s) + z).clamp(0, maxq)
@@ -159,8 +168,9 @@ class GPTQ:
     share one Hessian, accumulated once."""
 
     def __init__(self, scheme, damp: float = 0.01, block_size: int = 128, act_order: bool = True,
-                 static_groups: bool = True):
+                 static_groups: bool = True, act_aware_clip: bool = True):
         self.scheme, self.damp, self.block_size = scheme, damp, block_size
+        self.act_aware_clip = act_aware_clip
         self.act_order, self.static_groups = act_order, static_groups
         self.hessians: dict[str, list] = {}  # name -> [H, n] (shared lists for shared inputs)
         self._last_input: tuple | None = None  # (tensor, name) seen last; held so its memory is not reused
@@ -189,7 +199,8 @@ class GPTQ:
         w = linear_weight(module)
         s = self.scheme
         try:
-            res = gptq_quantize(w, h, s, self.damp, self.block_size, self.act_order, self.static_groups)
+            res = gptq_quantize(w, h, s, self.damp, self.block_size, self.act_order, self.static_groups,
+                                self.act_aware_clip)
         except FloatingPointError as e:
             raise FloatingPointError(f"GPTQ failed on {name}: {e}") from None
         del self.hessians[name]
