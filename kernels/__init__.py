@@ -20,9 +20,12 @@ _LAZY = {
 }
 
 
+_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: torch.compile traces quant_linear
+
+
 def available() -> bool:
     """Triton importable (any device: without a GPU only under TRITON_INTERPRET=1)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def __getattr__(name: str):
@@ -36,7 +39,7 @@ def quant_linear(x2, module):
     input cannot run on them (Triton missing, float32 activations), so the caller falls back to torch."""
     import torch
 
-    if not available() or x2.dtype not in (torch.float16, torch.bfloat16):
+    if not _TRITON or x2.dtype not in (torch.float16, torch.bfloat16):
         return None
     from .dispatch import quant_matmul
     from .layout import kernel_weights

@@ -80,7 +80,7 @@ def _gemv_kernel(
     kw_total = tl.cdiv(K, EPW)
     kw_start = pid_k * KW_SPLIT
     kw_end = tl.minimum(kw_total, kw_start + KW_SPLIT)
-    acc = tl.zeros([BN], dtype=tl.float32)
+    acc = tl.zeros([BKW, BN], dtype=tl.float32)  # reduced over BKW once, after the loop
     for kw0 in range(kw_start, kw_end, BKW):
         w_idx = kw0 + offs_w  # [BKW] word rows of qweight
         w_mask = w_idx < kw_end
@@ -90,11 +90,13 @@ def _gemv_kernel(
         packed = tl.load(qw_ptr + w_idx[:, None] * N + offs_n[None, :], mask=w_mask[:, None] & n_mask[None, :], other=0)
         q = (packed[:, None, :] >> (offs_j * BITS)[None, :, None]) & MASK  # [BKW, EPW, BN]
         if GROUP_MODE == 0:
+            # one scale and zero per column in this tile: sum_j x_j (q_j - z) s = s (sum_j x_j q_j - z sum_j x_j)
             g = (kw0 * EPW) // G
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             zw = tl.load(qz_ptr + g * stride_z + offs_n // EPW, mask=n_mask, other=0)
-            z = (zw >> ((offs_n % EPW) * BITS)) & MASK
-            w = (q - z[None, None, :]).to(tl.float32) * s[None, None, :]
+            z = ((zw >> ((offs_n % EPW) * BITS)) & MASK).to(tl.float32)
+            xq = tl.sum(xv[:, :, None] * q.to(tl.float32), axis=1)  # [BKW, BN]
+            acc += (xq - tl.sum(xv, axis=1)[:, None] * z[None, :]) * s[None, :]
         else:
             if GROUP_MODE == 1:
                 g = k // G
@@ -104,8 +106,8 @@ def _gemv_kernel(
             s = tl.load(s_ptr + g[:, :, None] * N + offs_n[None, None, :], mask=wmask, other=0.0).to(tl.float32)
             zw = tl.load(qz_ptr + g[:, :, None] * stride_z + (offs_n // EPW)[None, None, :], mask=wmask, other=0)
             z = (zw >> ((offs_n % EPW) * BITS)[None, None, :]) & MASK
-            w = (q - z).to(tl.float32) * s
-        acc += tl.sum(tl.sum(xv[:, :, None] * w, axis=1), axis=0)
+            acc += tl.sum(xv[:, :, None] * ((q - z).to(tl.float32) * s), axis=1)
+    acc = tl.sum(acc, axis=0)  # [BN]
     if SPLIT_K == 1:
         tl.store(y_ptr + m * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
     else:
@@ -189,6 +191,17 @@ def _dequant_kernel(
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _splitk_sum_kernel(p_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    # y [M*N] = sum over the SPLIT_K fp32 partials [SPLIT_K, M*N], cast once: one launch, deterministic
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(SPLIT_K):
+        acc += tl.load(p_ptr + i * MN + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ------------------------------------------------------------------------------------------------
 # launchers: tensors in, tensors out. All take the packed buffers as stored plus the true K.
 
@@ -216,7 +229,14 @@ def group_mode(g_idx: torch.Tensor | None, group_size: int, block_k: int) -> int
 
 
 def _finish(y: torch.Tensor, split_k: int, dtype: torch.dtype) -> torch.Tensor:
-    return y if split_k == 1 else y.sum(0).to(dtype)
+    """y [M, N] as is, or fp32 partials [split_k, M, N] summed into [M, N] of `dtype`."""
+    if split_k == 1:
+        return y
+    out = torch.empty(y.shape[1:], device=y.device, dtype=dtype)
+    mn = out.numel()
+    block = 1024
+    _splitk_sum_kernel[(triton.cdiv(mn, block),)](y, out, mn, SPLIT_K=split_k, BLOCK=block)
+    return out
 
 
 def gemv(

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels  # light: Triton itself is imported on the first kernel call
 from .quant.pack import pack_cols, pack_rows, padded, unpack_cols, unpack_rows
 
 INT4_CPU_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts
@@ -183,8 +184,6 @@ class QuantLinear(nn.Module):
 
     def _triton_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
         """x2 [M, K] -> [M, N] (bias added) by the Triton kernels, or None where they cannot run it."""
-        from . import kernels
-
         fn = getattr(kernels, "quant_linear", None)
         return fn(x2, self) if fn is not None else None
 

@@ -207,3 +207,16 @@ def test_tiny_model_logits_triton_vs_torch(monkeypatch, dtype):
     err_torch = (torch_path - truth).norm() / truth.norm()
     err_triton = (triton_path - truth).norm() / truth.norm()
     assert err_triton < 2 * err_torch + 4 * UNIT[dtype], (err_triton, err_torch)
+
+
+def test_traces_whole_under_torch_compile(monkeypatch):
+    """The GPU path must not break a torch.compile graph (CUDA graphs need one): the kernels are
+    one opaque custom op. aot_eager traces like inductor does, without compiling C++ on the CPU."""
+    monkeypatch.setattr(qnn, "BACKEND", "triton")
+    g_idx = g_idx_of("permuted", 96, 32)  # the permuted path: a gather before the op
+    layer = make_layer(33, 96, 32, bias=True, g_idx=g_idx)
+    kernels.prepare_model(torch.nn.Sequential(layer))
+    x = torch.randn(2, 96, dtype=torch.float16)
+    torch._dynamo.reset()
+    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(y, layer(x))
