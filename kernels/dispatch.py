@@ -29,17 +29,17 @@ GEMV_CONFIGS = [
     (128, 8, 4, 4), (64, 8, 4, 4), (128, 16, 2, 4), (256, 8, 2, 8),
     (64, 16, 8, 4), (128, 8, 8, 4), (256, 16, 1, 8), (64, 8, 1, 4),
 ]
-# (block_m, block_n, block_k, split_k, num_warps, num_stages)
+# (block_m, block_n, block_k, split_k, word_tile, num_warps, num_stages)
 SPLITK_CONFIGS = [
-    (16, 64, 128, 4, 4, 3), (16, 128, 64, 4, 4, 3), (16, 64, 64, 8, 4, 4),
-    (16, 128, 128, 2, 4, 3), (16, 256, 64, 2, 8, 3), (16, 64, 128, 1, 4, 4),
+    (16, 64, 128, 4, False, 4, 3), (16, 128, 64, 4, False, 4, 3), (16, 64, 64, 8, False, 4, 4),
+    (16, 128, 128, 2, True, 4, 3), (16, 256, 64, 2, True, 8, 3), (16, 64, 128, 4, True, 4, 4),
 ]
 GEMM_CONFIGS = [
-    (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3),
-    (64, 64, 64, 1, 4, 4), (32, 64, 128, 1, 4, 4), (128, 128, 32, 1, 4, 4),
+    (64, 128, 64, 1, False, 4, 4), (128, 128, 64, 1, False, 8, 3), (128, 256, 64, 1, True, 8, 3),
+    (128, 128, 64, 1, True, 8, 3), (64, 128, 64, 1, True, 4, 4), (32, 64, 128, 1, False, 4, 4),
 ]
 INTERPRET_GEMV = (64, 8, 1, 4)  # few, large programs: the interpreter's cost is per program
-INTERPRET_GEMM = (32, 64, 64, 1, 4, 1)
+INTERPRET_GEMM = (32, 64, 64, 1, True, 4, 1)
 
 _best: dict[tuple, tuple] = {}
 
@@ -53,9 +53,9 @@ def _run(kind: str, cfg: tuple, x, w, g_idx, bits, group_size, k):
         bn, bkw, split, warps = cfg
         return qm.gemv(x, w.qweight, w.scales, w.qzeros, g_idx, bits, group_size, k,
                        block_n=bn, block_kw=bkw, split_k=split, num_warps=warps)
-    bm, bn, bk, split, warps, stages = cfg
-    return qm.gemm(x, w.qweight, w.scales, w.qzeros, g_idx, bits, group_size, k,
-                   block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps, num_stages=stages)
+    bm, bn, bk, split, word_tile, warps, stages = cfg
+    return qm.gemm(x, w.qweight, w.scales, w.qzeros, g_idx, bits, group_size, k, block_m=bm, block_n=bn,
+                   block_k=bk, split_k=split, word_tile=word_tile, num_warps=warps, num_stages=stages)
 
 
 def _choose(kind: str, x, w, g_idx, bits, group_size, k) -> tuple:

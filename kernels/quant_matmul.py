@@ -119,9 +119,11 @@ def _gemm_kernel(
     x_ptr, qw_ptr, s_ptr, qz_ptr, gidx_ptr, y_ptr,
     M, N, K, G, K_SPLIT, stride_z,
     BITS: tl.constexpr, GROUP_MODE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_FP32: tl.constexpr, WORD_TILE: tl.constexpr,
 ):
     # grid (cdiv(M, BM) * cdiv(N, BN), SPLIT_K); x [M, K]; y [M, N] or fp32 partials [SPLIT_K, M, N]
+    EPW: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # GROUP_M row tiles share each weight column tile while it sits in L2
@@ -145,7 +147,13 @@ def _gemm_kernel(
         k_mask = offs_k < k_end
         a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         wmask = k_mask[:, None] & n_mask[None, :]
-        q = _unpack(qw_ptr, offs_k[:, None], N, offs_n[None, :], wmask, BITS)  # [BK, BN]
+        if WORD_TILE:  # load each word once: [BK/EPW, BN] words -> [BK/EPW, EPW, BN] values -> [BK, BN]
+            w_idx = k0 // EPW + tl.arange(0, BK // EPW)
+            packed = tl.load(qw_ptr + w_idx[:, None] * N + offs_n[None, :],
+                             mask=(w_idx * EPW < k_end)[:, None] & n_mask[None, :], other=0)
+            q = tl.reshape((packed[:, None, :] >> (tl.arange(0, EPW) * BITS)[None, :, None]) & MASK, [BK, BN])
+        else:  # one (repeated) word load per value: the compiler's cache dedups the repeats
+            q = _unpack(qw_ptr, offs_k[:, None], N, offs_n[None, :], wmask, BITS)  # [BK, BN]
         if GROUP_MODE == 0:
             g = k0 // G
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -273,9 +281,10 @@ def gemv(
 def gemm(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, g_idx: torch.Tensor | None,
     bits: int, group_size: int, in_features: int, *, block_m: int = 64, block_n: int = 64, block_k: int = 64,
-    split_k: int = 1, group_m: int = 8, num_warps: int = 4, num_stages: int = 3,
+    split_k: int = 1, group_m: int = 8, word_tile: bool = False, num_warps: int = 4, num_stages: int = 3,
 ) -> torch.Tensor:
-    """x [M, K] -> y [M, N] in x.dtype, tiles on tl.dot (block sizes >= 16). 2/4/8 bits."""
+    """x [M, K] -> y [M, N] in x.dtype, tiles on tl.dot (block sizes >= 16). 2/4/8 bits. word_tile:
+    unpack a tile of whole words with a reshape instead of one repeated word load per value."""
     _check(x, qweight, bits, in_features)
     if 32 % bits:
         raise ValueError(f"gemm runs 2, 4 or 8 bits, not {bits}: use dequantize() for {bits}-bit")
@@ -295,7 +304,8 @@ def gemm(
         x, qweight, scales, qzeros, g_idx if g_idx is not None else qweight, y,
         m, n, k, group_size, k_split, qzeros.stride(0),
         BITS=bits, GROUP_MODE=mode, BM=block_m, BN=block_n, BK=block_k, SPLIT_K=split_k, GROUP_M=group_m,
-        DOT_FP32=interpreting() and x.dtype != torch.float16, num_warps=num_warps, num_stages=num_stages,
+        DOT_FP32=interpreting() and x.dtype != torch.float16, WORD_TILE=word_tile,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return _finish(y, split_k, x.dtype)
 

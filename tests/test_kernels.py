@@ -117,7 +117,8 @@ def test_gemm(bits, n, k, group, dtype):
     layer = make_layer(n, k, group, bits, seed=bits + 10)
     x = torch.randn(33, k).to(dtype)
     check(qm.gemm(x, *args(layer), block_m=32, block_n=64, block_k=64), x, layer)  # M = 33: two row tiles
-    check(qm.gemm(x[:16], *args(layer), block_m=16, block_n=32, block_k=32, split_k=2), x[:16], layer)
+    check(qm.gemm(x, *args(layer), block_m=32, block_n=64, block_k=64, word_tile=True), x, layer)
+    check(qm.gemm(x[:16], *args(layer), block_m=16, block_n=32, block_k=32, split_k=2, word_tile=True), x[:16], layer)
 
 
 # -- activation order -----------------------------------------------------------------------------------
@@ -147,6 +148,7 @@ def test_act_order(kind, plan, dtype):
     # the kernels' own per-row g_idx gather (GROUP_MODE 2) on the unpermuted layout
     check(qm.gemv(x[:2], *args(layer)), x[:2], layer, bias=False)
     check(qm.gemm(x[:16], *args(layer), block_m=16, block_n=32, block_k=32), x[:16], layer, bias=False)
+    check(qm.gemm(x[:16], *args(layer), block_m=16, block_n=32, block_k=32, word_tile=True), x[:16], layer, bias=False)
 
 
 # -- dispatch and QuantLinear -------------------------------------------------------------------------
