@@ -118,7 +118,11 @@ def generate_timed(model, batch: int, prompt_len: int, new_tokens: int, compile_
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
+    cfg = model.config
+    cache = StaticCache(config=cfg, max_cache_len=prompt_len + new_tokens)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    # allocate the cache now, not lazily inside the compiled forward
+    cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, model.get_input_embeddings().weight.dtype, device)
     forward = model.forward
     if compile_:
         forward = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)

@@ -6,8 +6,9 @@ dtype and B = |x| @ |W^T| (elementwise):
   * the tile kernels round each dequantized weight to the activation dtype for tl.dot: <= u * B;
   * the result is rounded once to the activation dtype: <= u * |y| <= u * B;
   * float32 products and sums add at most K * 2**-24 * B.
-So |y - ref| <= (2u + K * 2**-24) * B is a bound, not a fudge factor (the GEMV kernel keeps the
-weight in float32 and stays within u * B + ...; it is held to the same bound). The interpreter
+So |y - ref| <= (2u + K * 2**-24) * B is a bound, not a fudge factor. The GEMV kernel never rounds
+the weight (it computes s * (sum x q - z * sum x) in float32 per tile) and is held to the same bound;
+its float32 cancellation error is far below u * B at these K. The interpreter
 converts float32 to bfloat16 by truncation, not round-to-nearest: u is doubled for bfloat16 here.
 """
 from __future__ import annotations
@@ -119,6 +120,18 @@ def test_gemm(bits, n, k, group, dtype):
     check(qm.gemm(x, *args(layer), block_m=32, block_n=64, block_k=64), x, layer)  # M = 33: two row tiles
     check(qm.gemm(x, *args(layer), block_m=32, block_n=64, block_k=64, word_tile=True), x, layer)
     check(qm.gemm(x[:16], *args(layer), block_m=16, block_n=32, block_k=32, split_k=2, word_tile=True), x[:16], layer)
+
+
+@pytest.mark.parametrize("kind, cfg", [("gemv", c) for c in dispatch.GEMV_CONFIGS]
+                         + [("splitk", c) for c in dispatch.SPLITK_CONFIGS] + [("gemm", c) for c in dispatch.GEMM_CONFIGS])
+def test_every_gpu_autotune_config(kind, cfg):
+    """The configs the GPU autotuner may pick (block sizes larger than these shapes, split-K that
+    leaves empty splits) give correct results too: K = 576 with G = 128, odd N."""
+    layer = make_layer(97, 576, 128, seed=3)
+    w = layout.kernel_weights(layer)
+    m = {"gemv": 3, "splitk": 9, "gemm": 33}[kind]
+    x = torch.randn(m, 576, dtype=torch.float16)
+    check(dispatch._run(kind, cfg, x, w, None, 4, 128, 576), x, layer)
 
 
 # -- activation order -----------------------------------------------------------------------------------
