@@ -29,6 +29,8 @@ from llmsqueeze.quant.rtn import rtn_quantize  # noqa: E402
 
 UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7}  # bf16: 2**-8, doubled for the interpreter's truncation
 SHAPES = [(64, 576, 128), (33, 96, 32), (48, 100, -1), (64, 256, 64)]  # (N, K, G): short last group, odd N, per-channel
+# 4 bits on every shape; 2 and 8 bits (other words-per-value) on the two that exercise both group modes
+CASES = [(4, *s) for s in SHAPES] + [(b, *s) for b in (8, 2) for s in (SHAPES[0], SHAPES[2])]
 
 
 def make_layer(n, k, group, bits=4, bias=False, seed=0, g_idx=None):
@@ -98,8 +100,7 @@ def test_dequantize_g_idx_3bit():
 # -- GEMV (decode) -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits", [4, 8, 2])
-@pytest.mark.parametrize("n, k, group", SHAPES)
+@pytest.mark.parametrize("bits, n, k, group", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv(bits, n, k, group, dtype):
     layer = make_layer(n, k, group, bits, seed=bits)
@@ -111,8 +112,7 @@ def test_gemv(bits, n, k, group, dtype):
 # -- GEMM (tl.dot tiles; split-K for small M) ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("bits", [4, 8, 2])
-@pytest.mark.parametrize("n, k, group", SHAPES)
+@pytest.mark.parametrize("bits, n, k, group", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemm(bits, n, k, group, dtype):
     layer = make_layer(n, k, group, bits, seed=bits + 10)
