@@ -149,7 +149,11 @@ def generate_timed(model, batch: int, prompt_len: int, new_tokens: int, compile_
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(2 if compile_ else 1):  # warm-up: compile, autotune, capture
+    with torch.no_grad():  # eager prefill + one step first: kernel autotuning happens outside compile/capture
+        cache.reset()
+        model(input_ids=prompt, cache=cache, use_cache=True, position_ids=positions[:, :prompt_len])
+        model(input_ids=prompt[:, :1], cache=cache, use_cache=True, position_ids=positions[:, prompt_len:prompt_len + 1])
+    for _ in range(2 if compile_ else 1):  # warm-up: compile, capture
         one_run()
     ttft, decode = min(one_run() for _ in range(repeats))
     res = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "compile": compile_,

@@ -235,3 +235,13 @@ def test_traces_whole_under_torch_compile(monkeypatch):
     torch._dynamo.reset()
     y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
     assert torch.equal(y, layer(x))
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_act_order_permuted_other_bits(bits):
+    """The load-time row permutation repacks 3-bit streams too (they then run dequantize + matmul)."""
+    layer = make_layer(40, 96, 32, bits=bits, g_idx=g_idx_of("permuted", 96, 32))
+    assert layout.kernel_weights(layer).perm is not None
+    x = torch.randn(17, 96, dtype=torch.float16)
+    for m in (1, 17):
+        check(kernels.quant_linear(x[:m], layer), x[:m], layer)
