@@ -22,6 +22,9 @@ torch.cuda.set_per_process_memory_fraction, fp16 7B fails to load and 4-bit 7B l
 
     python eval/latency.py --device cuda --model ~/.cache/llmsqueeze/smollm2-135m --fits
 
+(Each 7B configuration builds, compiles and times in its own process, minutes each: split a run
+with --batch, --no-real, --fits-only where a session limits command time.)
+
 Every configuration runs in a fresh process (peak memory belongs to it alone); JSON to --out
 (default eval/results/latency_{cpu,cuda}.json) and a markdown table on stdout.
 """
@@ -289,6 +292,7 @@ def main() -> None:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile(mode=reduce-overhead) for both dense and 4-bit (default: on for cuda)")
     ap.add_argument("--fits", action="store_true", help="cuda: the 8 GiB demo with the 7B shape")
+    ap.add_argument("--fits-only", action="store_true", help="cuda: only the 8 GiB demo")
     ap.add_argument("--cap-gib", type=float, default=8.0)
     ap.add_argument("--out", help="JSON path (default eval/results/latency_{device}.json)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -323,10 +327,10 @@ def main() -> None:
             models = []
             if args.synthetic:
                 models.append((args.synthetic, "synthetic:" + args.synthetic, "synthetic:" + args.synthetic))
-            if real and cuda:
+            if real and cuda and not args.fits_only:
                 models.append((Path(args.model).name, args.model, quantize_dir(args.model, tmp)))
-            plan = plan_generate(args, models, args.device, dtype)
-        if args.fits and cuda:
+            plan = [] if args.fits_only else plan_generate(args, models, args.device, dtype)
+        if (args.fits or args.fits_only) and cuda:
             for wname, weights in (("dense float16", "dense"), ("rtn w4 g128", "q4")):
                 plan.append((f"fits {args.cap_gib:g} GiB: llama2-7b {wname} b1", {
                     "model": "synthetic:llama2-7b", "weights": weights, "dtype": "float16", "device": "cuda",
