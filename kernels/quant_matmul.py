@@ -9,9 +9,10 @@ Packed operands, exactly as QuantLinear stores them (see llmsqueeze/quant/pack.p
     g_idx   int32 [K] or None          group of each input row (activation order, any permutation)
 
 Three kernels:
-  * `_gemv_kernel`  decode, a few rows: each program streams a [BKW words, BN] tile of qweight,
-    unpacks it to [BKW, 32/bits, BN] with one shift per value and reduces against x without tl.dot;
-    split-K over a third grid axis writes fp32 partials that the launcher sums. 2/4/8 bits.
+  * `_gemv_kernel`  decode, a few rows: each program streams a [BKW words, BN] tile of qweight and
+    takes value j of every word with one shift (j = 0..32/bits-1, unrolled), multiplying by x[w*32/bits + j]
+    in fp32 without tl.dot; scale and zero are applied once per tile (s * (sum x q - z * sum x)).
+    Split-K over a grid axis writes fp32 partials that one small kernel sums. 2/4/8 bits.
   * `_gemm_kernel`  prefill (and small-M split-K with BM=16): a [BM, BK] x [BK, BN] tile product
     on tl.dot, the weight tile dequantized in registers to the activation dtype. 2/4/8 bits.
   * `_dequant_kernel`  W^T [K, N] in the activation dtype, any of 2/3/4/8 bits (3-bit values that
@@ -76,7 +77,6 @@ def _gemv_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     offs_w = tl.arange(0, BKW)
-    offs_j = tl.arange(0, EPW)
     kw_total = tl.cdiv(K, EPW)
     kw_start = pid_k * KW_SPLIT
     kw_end = tl.minimum(kw_total, kw_start + KW_SPLIT)
@@ -84,29 +84,36 @@ def _gemv_kernel(
     for kw0 in range(kw_start, kw_end, BKW):
         w_idx = kw0 + offs_w  # [BKW] word rows of qweight
         w_mask = w_idx < kw_end
-        k = w_idx[:, None] * EPW + offs_j[None, :]  # [BKW, EPW] input rows, in stream order
-        k_mask = (k < K) & w_mask[:, None]
-        xv = tl.load(x_ptr + m * K + k, mask=k_mask, other=0.0).to(tl.float32)
         packed = tl.load(qw_ptr + w_idx[:, None] * N + offs_n[None, :], mask=w_mask[:, None] & n_mask[None, :], other=0)
-        q = (packed[:, None, :] >> (offs_j * BITS)[None, :, None]) & MASK  # [BKW, EPW, BN]
         if GROUP_MODE == 0:
-            # one scale and zero per column in this tile: sum_j x_j (q_j - z) s = s (sum_j x_j q_j - z sum_j x_j)
+            # one scale and zero per column in this tile: sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k)
             g = (kw0 * EPW) // G
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             zw = tl.load(qz_ptr + g * stride_z + offs_n // EPW, mask=n_mask, other=0)
             z = ((zw >> ((offs_n % EPW) * BITS)) & MASK).to(tl.float32)
-            xq = tl.sum(xv[:, :, None] * q.to(tl.float32), axis=1)  # [BKW, BN]
-            acc += (xq - tl.sum(xv, axis=1)[:, None] * z[None, :]) * s[None, :]
+            xq = tl.zeros([BKW, BN], dtype=tl.float32)
+            xs = tl.zeros([BKW], dtype=tl.float32)
+            for j in tl.static_range(EPW):  # value j of every word: input row w*EPW + j
+                k = w_idx * EPW + j
+                xj = tl.load(x_ptr + m * K + k, mask=w_mask & (k < K), other=0.0).to(tl.float32)  # [BKW]
+                xq += xj[:, None] * ((packed >> (j * BITS)) & MASK).to(tl.float32)
+                xs += xj
+            acc += (xq - xs[:, None] * z[None, :]) * s[None, :]
         else:
-            if GROUP_MODE == 1:
-                g = k // G
-            else:
-                g = tl.load(gidx_ptr + k, mask=k_mask, other=0)
-            wmask = k_mask[:, :, None] & n_mask[None, None, :]
-            s = tl.load(s_ptr + g[:, :, None] * N + offs_n[None, None, :], mask=wmask, other=0.0).to(tl.float32)
-            zw = tl.load(qz_ptr + g[:, :, None] * stride_z + (offs_n // EPW)[None, None, :], mask=wmask, other=0)
-            z = (zw >> ((offs_n % EPW) * BITS)[None, None, :]) & MASK
-            acc += tl.sum(xv[:, :, None] * ((q - z).to(tl.float32) * s), axis=1)
+            for j in tl.static_range(EPW):
+                k = w_idx * EPW + j
+                k_mask = w_mask & (k < K)
+                xj = tl.load(x_ptr + m * K + k, mask=k_mask, other=0.0).to(tl.float32)  # [BKW]
+                if GROUP_MODE == 1:
+                    g = k // G
+                else:
+                    g = tl.load(gidx_ptr + k, mask=k_mask, other=0)
+                wmask = k_mask[:, None] & n_mask[None, :]
+                s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
+                zw = tl.load(qz_ptr + g[:, None] * stride_z + (offs_n // EPW)[None, :], mask=wmask, other=0)
+                z = (zw >> ((offs_n % EPW) * BITS)[None, :]) & MASK
+                q = (packed >> (j * BITS)) & MASK  # [BKW, BN]
+                acc += xj[:, None] * ((q - z).to(tl.float32) * s)
     acc = tl.sum(acc, axis=0)  # [BN]
     if SPLIT_K == 1:
         tl.store(y_ptr + m * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
