@@ -78,7 +78,7 @@ def peers(layer, w_dense, group: int) -> dict:
             lin.weight.data.copy_(w_dense.to(dtype))
             tq.quantize_(lin, cfg_cls(group_size=group))
             out[name] = (lambda x, lin=lin, dtype=dtype: lin(x.to(dtype)), f"torchao {__import__('torchao').__version__}")
-        except Exception as e:  # noqa: BLE001 - a peer that does not install or run is reported, not fatal
+        except Exception as e:  # a peer that does not install or run is reported, not fatal
             out[name] = (None, f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
     return out
 
@@ -146,7 +146,7 @@ def run(args) -> list[dict]:
                     rel = ((y.float() - ref).norm() / ref.norm()).item()
                     row["err_over_bound"] = ((y.float() - ref).abs() / bound.clamp_min(1e-30)).max().item() / limit
                     us = bench(fn, x, args.smoke)
-                except Exception as e:  # noqa: BLE001 - record and go on (a peer that rejects a shape)
+                except Exception as e:  # record and go on (a peer that rejects a shape)
                     rows.append({**row, "us": None, "note": f"failed: {type(e).__name__}: {str(e)[:120]}"})
                     continue
                 moved = wbytes + 2 * m * (k + n)  # weights + x + y in fp16

@@ -48,22 +48,22 @@ def _bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()  # next power of two
 
 
-def _run(kind: str, cfg: tuple, x, w, g_idx, bits, group_size, k):
+def _run(kind: str, cfg: tuple, x, packed: tuple, g_idx, bits, group_size, k):
+    """One launch of `kind` with `cfg`; packed = (qweight, scales, qzeros)."""
     if kind == "gemv":
         bn, bkw, split, warps = cfg
-        return qm.gemv(x, w.qweight, w.scales, w.qzeros, g_idx, bits, group_size, k,
-                       block_n=bn, block_kw=bkw, split_k=split, num_warps=warps)
+        return qm.gemv(x, *packed, g_idx, bits, group_size, k, block_n=bn, block_kw=bkw, split_k=split, num_warps=warps)
     bm, bn, bk, split, word_tile, warps, stages = cfg
-    return qm.gemm(x, w.qweight, w.scales, w.qzeros, g_idx, bits, group_size, k, block_m=bm, block_n=bn,
-                   block_k=bk, split_k=split, word_tile=word_tile, num_warps=warps, num_stages=stages)
+    return qm.gemm(x, *packed, g_idx, bits, group_size, k, block_m=bm, block_n=bn, block_k=bk, split_k=split,
+                   word_tile=word_tile, num_warps=warps, num_stages=stages)
 
 
-def _choose(kind: str, x, w, g_idx, bits, group_size, k) -> tuple:
+def _choose(kind: str, x, packed: tuple, g_idx, bits, group_size, k) -> tuple:
     """The config for this call: fixed under the interpreter, else timed once per shape and cached."""
     if qm.interpreting():
         return INTERPRET_GEMV if kind == "gemv" else INTERPRET_GEMM
     configs = {"gemv": GEMV_CONFIGS, "splitk": SPLITK_CONFIGS, "gemm": GEMM_CONFIGS}[kind]
-    key = (kind, _bucket(x.shape[0]), w.qweight.shape[1], k, bits, group_size, g_idx is not None, x.dtype)
+    key = (kind, _bucket(x.shape[0]), packed[0].shape[1], k, bits, group_size, g_idx is not None, x.dtype)
     cfg = _best.get(key)
     if cfg is not None:
         return cfg
@@ -74,17 +74,12 @@ def _choose(kind: str, x, w, g_idx, bits, group_size, k) -> tuple:
     times = []
     for c in configs:
         try:
-            times.append((do_bench(lambda c=c: _run(kind, c, x, w, g_idx, bits, group_size, k), warmup=5, rep=20), c))
-        except Exception:  # a config this GPU cannot run (shared memory): skip it  # noqa: BLE001
+            times.append((do_bench(lambda c=c: _run(kind, c, x, packed, g_idx, bits, group_size, k), warmup=5, rep=20), c))
+        except Exception:  # a config this GPU cannot run (out of shared memory): skip it
             continue
     cfg = min(times)[1] if times else configs[0]
     _best[key] = cfg
     return cfg
-
-
-class _Packed:  # what _run needs of KernelWeights, from the custom op's tensor arguments
-    def __init__(self, qweight, scales, qzeros):
-        self.qweight, self.scales, self.qzeros = qweight, scales, qzeros
 
 
 def kernel_for(m: int, bits: int) -> str:
@@ -105,9 +100,9 @@ def quant_matmul(
     if kind == "dequant":
         w_t = qm.dequantize(qweight, scales, qzeros, g_idx, bits, group_size, in_features, x.dtype)
         return x @ w_t
-    w = _Packed(qweight, scales, qzeros)
-    cfg = _choose(kind, x, w, g_idx, bits, group_size, in_features)
-    return _run(kind, cfg, x, w, g_idx, bits, group_size, in_features)
+    packed = (qweight, scales, qzeros)
+    cfg = _choose(kind, x, packed, g_idx, bits, group_size, in_features)
+    return _run(kind, cfg, x, packed, g_idx, bits, group_size, in_features)
 
 
 @quant_matmul.register_fake

@@ -128,10 +128,9 @@ def test_every_gpu_autotune_config(kind, cfg):
     """The configs the GPU autotuner may pick (block sizes larger than these shapes, split-K that
     leaves empty splits) give correct results too: K = 576 with G = 128, odd N."""
     layer = make_layer(97, 576, 128, seed=3)
-    w = layout.kernel_weights(layer)
     m = {"gemv": 3, "splitk": 9, "gemm": 33}[kind]
     x = torch.randn(m, 576, dtype=torch.float16)
-    check(dispatch._run(kind, cfg, x, w, None, 4, 128, 576), x, layer)
+    check(dispatch._run(kind, cfg, x, (layer.qweight, layer.scales, layer.qzeros), None, 4, 128, 576), x, layer)
 
 
 # -- activation order -----------------------------------------------------------------------------------
