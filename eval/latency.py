@@ -1,12 +1,32 @@
 #!/usr/bin/env python3
-"""CPU latency of a 4-bit model vs the same model dense, batch 1: prefill and decode tokens/s.
+"""Generation latency of 4-bit models vs the same model dense: time to first token, decode tokens/s, memory.
+
+CPU (the default), batch 1, a real model:
 
     python eval/latency.py --model ~/.cache/llmsqueeze/smollm2-135m --threads 2
 
-Quantizes the model once (RTN 4-bit, group 128) into a temp dir, then measures each configuration
-in a fresh process (so peak RSS belongs to that configuration alone): dense fp32, dense bf16,
-4-bit with bf16 activations (CPU int4 kernel for decode), 4-bit with fp32 activations (dequantize +
-matmul). Prints a markdown table and writes eval/results/latency_cpu.json.
+  quantizes the model once (RTN 4-bit, group 128) into a temp dir, then measures dense fp32, dense
+  bf16, 4-bit with bf16 activations (CPU int4 kernel for decode) and 4-bit with fp32 activations
+  (dequantize + matmul). Writes eval/results/latency_cpu.json.
+
+CPU, a Llama-shaped model with random weights (no download), int4 CPU path vs bf16:
+
+    python eval/latency.py --synthetic llama-small --prompt-len 64 --new-tokens 16
+
+GPU: fp16 vs 4-bit (Triton kernels), a Llama-2-7B-shaped model (random weights from its config,
+quantized with RTN layer by layer on the GPU: values do not change speed) and the real small model,
+batch 1 and 8, prompt 512, 256 new tokens. Both run the same static KV cache and the same
+torch.compile(mode="reduce-overhead") forward (CUDA graphs), so the comparison measures the
+kernels, not Python overhead. Then the "fits" demo: the GPU capped at 8 GiB with
+torch.cuda.set_per_process_memory_fraction, fp16 7B fails to load and 4-bit 7B loads and generates.
+
+    python eval/latency.py --device cuda --model ~/.cache/llmsqueeze/smollm2-135m --fits
+
+(Each 7B configuration builds, compiles and times in its own process, minutes each: split a run
+with --batch, --no-real, --fits-only where a session limits command time.)
+
+Every configuration runs in a fresh process (peak memory belongs to it alone); JSON to --out
+(default eval/results/latency_{cpu,cuda}.json) and a markdown table on stdout.
 """
 from __future__ import annotations
 
@@ -15,30 +35,180 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-CONFIGS = [
+CPU_CONFIGS = [
     # label, which model, dtype
     ("dense fp32", "dense", "float32"),
     ("dense bf16", "dense", "bfloat16"),
     ("rtn w4 g128, bf16 activations", "q4", "bfloat16"),
     ("rtn w4 g128, fp32 activations", "q4", "float32"),
 ]
+SYNTHETIC = {  # Llama configs by shape; vocab 32000, untied head, as Llama-2
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32),
+    "llama-small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                        num_key_value_heads=8),
+}
+GROUP_SIZE = 128
 
 
-def measure_one(model_dir: str, dtype: str, prompt_len: int, new_tokens: int, repeats: int, threads: int) -> dict:
+# ------------------------------------------------------------------------------------------------
+# models
+
+
+def build_synthetic(name: str, weights: str, device: str, dtype, seed: int = 0):
+    """A LlamaForCausalLM of shape `name` with random weights, built without a dense copy of the
+    quantized layers: each decoder Linear is drawn on `device`, RTN-quantized (4-bit, group 128)
+    and packed one at a time. weights: "dense" or "q4"."""
+    import torch
+    from torch import nn
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmsqueeze.config import QuantScheme
+    from llmsqueeze.models import quantizable_modules
+    from llmsqueeze.nn import QuantLinear, set_module
+    from llmsqueeze.quant.rtn import rtn_quantize
+
+    cfg = LlamaConfig(**SYNTHETIC[name], vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
+                      bos_token_id=1, eos_token_id=2)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    if weights == "q4":
+        scheme = QuantScheme(bits=4, group_size=GROUP_SIZE)
+        for lname in quantizable_modules(model, scheme):
+            lin = model.get_submodule(lname)
+            w = torch.randn(lin.out_features, lin.in_features, generator=g, device=device) * 0.02
+            q, s, z = rtn_quantize(w, scheme)
+            del w
+            set_module(model, lname, QuantLinear.from_quantized(q, s, z, 4, scheme.group_size_for(lin.in_features)))
+            del q, s, z
+    for mname, mod in model.named_modules():  # materialize what is still on the meta device
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            if p.is_meta:
+                t = (torch.ones(p.shape, device=device) if "norm" in mname else
+                     torch.randn(p.shape, generator=g, device=device) * 0.02)
+                mod._parameters[pname] = nn.Parameter(t.to(dtype), requires_grad=False)
+    rot = model.model.rotary_emb  # its inv_freq is computed at construction: build it again off meta
+    model.model.rotary_emb = type(rot)(config=cfg).to(device)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    return model.eval()
+
+
+def load_real(model_dir: str, dtype: str, device: str):
+    from llmsqueeze.cli import _load_any
+
+    model, _ = _load_any(model_dir, dtype)
+    return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# measurement
+
+
+def generate_timed(model, batch: int, prompt_len: int, new_tokens: int, compile_: bool, repeats: int, seed: int = 0) -> dict:
+    """Greedy generation with a static KV cache: prefill (time to first token) then `new_tokens`
+    one-token steps, best of `repeats` after warm-up (compilation, autotuning, CUDA graph capture)."""
+    import torch
+    from transformers import StaticCache
+
+    from llmsqueeze.evaluate import peak_rss_mib
+
+    device = model.get_input_embeddings().weight.device
+    cuda = device.type == "cuda"
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
+    cfg = model.config
+    cache = StaticCache(config=cfg, max_cache_len=prompt_len + new_tokens)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    # allocate the cache now, not lazily inside the compiled forward
+    cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, model.get_input_embeddings().weight.dtype, device)
+    forward = model.forward
+    if compile_:
+        forward = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
+    positions = torch.arange(prompt_len + new_tokens, device=device).view(1, -1)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def one_run():
+        cache.reset()
+        t0 = time.perf_counter()
+        logits = forward(input_ids=prompt, cache=cache, use_cache=True, position_ids=positions[:, :prompt_len]).logits
+        tok = logits[:, -1:].argmax(-1)
+        sync()
+        t1 = time.perf_counter()
+        for i in range(new_tokens - 1):  # the first new token came from the prefill
+            p = prompt_len + i
+            logits = forward(input_ids=tok, cache=cache, use_cache=True, position_ids=positions[:, p:p + 1]).logits
+            tok = logits[:, -1:].argmax(-1)
+        sync()
+        return t1 - t0, time.perf_counter() - t1
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():  # eager prefill + one step first: kernel autotuning happens outside compile/capture
+        cache.reset()
+        model(input_ids=prompt, cache=cache, use_cache=True, position_ids=positions[:, :prompt_len])
+        model(input_ids=prompt[:, :1], cache=cache, use_cache=True, position_ids=positions[:, prompt_len:prompt_len + 1])
+    for _ in range(2 if compile_ else 1):  # warm-up: compile, capture
+        one_run()
+    ttft, decode = min(one_run() for _ in range(repeats))
+    res = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "compile": compile_,
+           "ttft_s": ttft, "prefill_tok_s": batch * prompt_len / ttft, "decode_tok_s": batch * (new_tokens - 1) / decode,
+           "threads": torch.get_num_threads()}
+    if cuda:
+        res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    res["peak_rss_mib"] = peak_rss_mib()
+    return res
+
+
+def weights_mib(model) -> float:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+
+
+def measure_one(spec: dict) -> dict:
+    """Child process: one configuration."""
     import torch
 
-    from llmsqueeze.cli import _load_any
     from llmsqueeze.evaluate import latency, peak_rss_mib
 
-    if threads:
-        torch.set_num_threads(threads)
-    model, _ = _load_any(model_dir, dtype)
-    rss_loaded = peak_rss_mib()
-    res = latency(model, prompt_len=prompt_len, new_tokens=new_tokens, batch=1, repeats=repeats)
-    res["rss_after_load_mib"] = rss_loaded
-    res["weights_mib"] = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = spec.get("device", "cpu")
+    if spec.get("cap_gib"):  # the fits demo: the GPU as if it had cap_gib
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(spec["cap_gib"] * 2**30 / total)
+    t0 = time.perf_counter()
+    try:
+        if spec["model"].startswith("synthetic:"):
+            model = build_synthetic(spec["model"].split(":", 1)[1], spec["weights"], device, getattr(torch, spec["dtype"]))
+        else:
+            model = load_real(spec["model"], spec["dtype"], device)
+    except torch.OutOfMemoryError as e:
+        return {"loaded": False, "error": f"OutOfMemoryError: {str(e).splitlines()[0][:200]}"}
+    res = {"loaded": True, "load_s": time.perf_counter() - t0, "weights_mib": weights_mib(model),
+           "rss_after_load_mib": peak_rss_mib()}
+    if device == "cuda":
+        from llmsqueeze.kernels import prepare_model
+
+        prepare_model(model)  # the kernels' weights, before compile
+        res["gpu_after_load_mib"] = torch.cuda.memory_allocated() / 2**20
+    try:
+        if spec.get("legacy"):  # the CPU table's protocol (dynamic cache, eager), kept comparable
+            res.update(latency(model, prompt_len=spec["prompt_len"], new_tokens=spec["new_tokens"], batch=1,
+                               repeats=spec["repeats"]))
+        else:
+            res.update(generate_timed(model, spec["batch"], spec["prompt_len"], spec["new_tokens"],
+                                      spec.get("compile", False), spec["repeats"]))
+        res["generated"] = True
+    except torch.OutOfMemoryError as e:
+        res.update(generated=False, error=f"OutOfMemoryError: {str(e).splitlines()[0][:200]}")
     # the CPU int4 kernel's own packed copy of each 4-bit layer, built on first decode step
     caches = [m._int4_cache for m in model.modules() if getattr(m, "_int4_cache", None) is not None]
     res["int4_kernel_copy_mib"] = sum(c[1].numel() * c[1].element_size() + c[2].numel() * c[2].element_size()
@@ -46,47 +216,146 @@ def measure_one(model_dir: str, dtype: str, prompt_len: int, new_tokens: int, re
     return res
 
 
+def run_child(spec: dict, timeout: float | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--one", json.dumps(spec)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        tail = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return {"loaded": False, "error": f"exit {p.returncode}: {tail[:300]}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def quantize_dir(model: str, tmp: str) -> str:
+    q4 = str(Path(tmp) / "q4")
+    subprocess.run([sys.executable, "-m", "llmsqueeze.cli", "quantize", model, "--bits", "4", "--group-size",
+                    str(GROUP_SIZE), "--out", q4], check=True, stdout=subprocess.DEVNULL)
+    return q4
+
+
+# ------------------------------------------------------------------------------------------------
+# plans
+
+
+def plan_cpu_real(args, q4: str) -> list[tuple[str, dict]]:
+    return [(label, {"model": args.model if which == "dense" else q4, "dtype": dtype, "device": "cpu", "legacy": True,
+                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                     "threads": args.threads})
+            for label, which, dtype in CPU_CONFIGS]
+
+
+def plan_generate(args, models: list[tuple[str, str, str]], device: str, dtype: str) -> list[tuple[str, dict]]:
+    """models: (label, dense model, 4-bit model) -> dense vs 4-bit at each batch size."""
+    plan = []
+    for label, dense, q4 in models:
+        for batch in args.batch:
+            for wname, model in (("dense " + dtype, dense), ("rtn w4 g128", q4)):
+                spec = {"model": model, "dtype": dtype, "device": device, "batch": batch,
+                        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                        "compile": args.compile, "threads": args.threads}
+                if model.startswith("synthetic:"):
+                    spec["weights"] = "q4" if wname.startswith("rtn") else "dense"
+                spec["group"] = f"{label} b{batch}"  # dense and 4-bit of one group are compared
+                spec["kind"] = "q4" if wname.startswith("rtn") else "dense"
+                plan.append((f"{label} {wname} b{batch}", spec))
+    return plan
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| config | ttft (prompt) | prefill tok/s | decode tok/s | decode speed-up | weights | peak memory |",
+             "|---|---|---|---|---|---|---|"]
+    dense_tok = {r.get("group"): r["decode_tok_s"] for r in rows if r.get("kind") == "dense" and r.get("generated")}
+    for r in rows:
+        if not r.get("generated"):
+            lines.append(f"| {r['config']} | {r.get('error', 'failed')} | | | | | |")
+            continue
+        sp = r["decode_tok_s"] / dense_tok[r["group"]] if r.get("kind") == "q4" and r.get("group") in dense_tok else None
+        mem = r.get("peak_gpu_mib", r.get("peak_rss_mib"))
+        lines.append(f"| {r['config']} | {r['ttft_s'] * 1e3:.1f} ms ({r['prompt_len']}) | {r['prefill_tok_s']:.0f} "
+                     f"| {r['decode_tok_s']:.1f} | {f'{sp:.2f}x' if sp else ''} | {r['weights_mib']:.0f} MiB "
+                     f"| {mem:.0f} MiB |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(Path("~/.cache/llmsqueeze/smollm2-135m").expanduser()))
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--model", default=str(Path("~/.cache/llmsqueeze/smollm2-135m").expanduser()),
+                    help="a real dense model dir (quantized here with RTN w4 g128)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="also run a random-weight Llama of this shape "
+                    "(default on cuda: llama2-7b; on cpu only when given, and then instead of the real-model table)")
+    ap.add_argument("--no-real", action="store_true", help="skip the real model")
+    ap.add_argument("--batch", type=int, nargs="*", help="batch sizes (cuda default 1 8; cpu 1)")
+    ap.add_argument("--prompt-len", type=int, help="default 512 on cuda, 128 on cpu")
+    ap.add_argument("--new-tokens", type=int, help="default 256 on cuda, 64 on cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="eval/results/latency_cpu.json")
-    ap.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "DTYPE"), help=argparse.SUPPRESS)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile(mode=reduce-overhead) for both dense and 4-bit (default: on for cuda)")
+    ap.add_argument("--fits", action="store_true", help="cuda: the 8 GiB demo with the 7B shape")
+    ap.add_argument("--fits-only", action="store_true", help="cuda: only the 8 GiB demo")
+    ap.add_argument("--cap-gib", type=float, default=8.0)
+    ap.add_argument("--out", help="JSON path (default eval/results/latency_{device}.json)")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.one:  # child process: one configuration, JSON on the last line of stdout
-        res = measure_one(args.one[0], args.one[1], args.prompt_len, args.new_tokens, args.repeats, args.threads)
-        print(json.dumps(res))
+        print(json.dumps(measure_one(json.loads(args.one))))
         return
+
+    cuda = args.device == "cuda"
+    args.prompt_len = args.prompt_len or (512 if cuda else 128)
+    args.new_tokens = args.new_tokens or (256 if cuda else 64)
+    args.batch = args.batch or ([1, 8] if cuda else [1])
+    args.compile = cuda if args.compile is None else args.compile
+    args.out = args.out or f"eval/results/latency_{args.device}.json"
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("eval/latency.py --device cuda needs a CUDA GPU; without one run the CPU modes (see --help)")
+        args.synthetic = args.synthetic or "llama2-7b"
+    dtype = "float16" if cuda else "bfloat16"
+    real = Path(args.model).expanduser().is_dir() and not args.no_real
 
     from llmsqueeze.evaluate import write_results
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        q4 = str(Path(tmp) / "q4")
-        subprocess.run(
-            [sys.executable, "-m", "llmsqueeze.cli", "quantize", args.model, "--bits", "4", "--group-size", "128",
-             "--out", q4], check=True, stdout=subprocess.DEVNULL,
-        )
-        rows = []
-        for label, which, dtype in CONFIGS:
-            cmd = [sys.executable, __file__, "--one", args.model if which == "dense" else q4, dtype,
-                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-                   "--repeats", str(args.repeats), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            res = json.loads(out.strip().splitlines()[-1])
-            rows.append({"config": label, "dtype": dtype, **res})
-            print(f"{label:34s} prefill {res['prefill_tok_s']:8.1f} tok/s  decode {res['decode_tok_s']:7.2f} tok/s  "
-                  f"weights {res['weights_mib']:6.1f} MiB  peak RSS {res['peak_rss_mib']:6.0f} MiB", flush=True)
+        if not cuda and not args.synthetic:
+            plan = plan_cpu_real(args, quantize_dir(args.model, tmp))
+        else:
+            models = []
+            if args.synthetic:
+                models.append((args.synthetic, "synthetic:" + args.synthetic, "synthetic:" + args.synthetic))
+            if real and cuda and not args.fits_only:
+                models.append((Path(args.model).name, args.model, quantize_dir(args.model, tmp)))
+            plan = [] if args.fits_only else plan_generate(args, models, args.device, dtype)
+        if (args.fits or args.fits_only) and cuda:
+            for wname, weights in (("dense float16", "dense"), ("rtn w4 g128", "q4")):
+                plan.append((f"fits {args.cap_gib:g} GiB: llama2-7b {wname} b1", {
+                    "model": "synthetic:llama2-7b", "weights": weights, "dtype": "float16", "device": "cuda",
+                    "cap_gib": args.cap_gib, "batch": 1, "prompt_len": args.prompt_len, "new_tokens": 32,
+                    "repeats": 1, "compile": False}))
+        for label, spec in plan:
+            res = run_child(spec)
+            row = {"config": label, **spec, **res}
+            rows.append(row)
+            if res.get("generated"):
+                print(f"{label:44s} ttft {res['ttft_s'] * 1e3:8.1f} ms  prefill {res['prefill_tok_s']:8.1f} tok/s  "
+                      f"decode {res['decode_tok_s']:8.2f} tok/s  weights {res['weights_mib']:7.1f} MiB", flush=True)
+            else:
+                print(f"{label:44s} {res.get('error', 'failed')}", flush=True)
 
-    print(f"\n| model | prefill tok/s ({args.prompt_len} tokens) | decode tok/s | weights in memory | peak RSS |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['config']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['weights_mib']:.0f} MiB "
-              f"| {r['peak_rss_mib']:.0f} MiB |")
-    write_results(args.out, rows, model=args.model, batch=1)
+    print()
+    if not cuda and not args.synthetic:  # the historical CPU table
+        print(f"| model | prefill tok/s ({args.prompt_len} tokens) | decode tok/s | weights in memory | peak RSS |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['config']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['weights_mib']:.0f} MiB "
+                  f"| {r['peak_rss_mib']:.0f} MiB |")
+    else:
+        print(table(rows))
+    write_results(args.out, rows, model=args.model, device=args.device)
 
 
 if __name__ == "__main__":

@@ -5,18 +5,21 @@ and the in-memory one run the same code):
   * CPU, 4 bits, bf16/fp16 activations with at most INT4_CPU_MAX_M rows (decode), no act-order,
     N % 16 == 0, a group size that is a multiple of 32 (or per-channel): PyTorch's int4 CPU kernel
     (`aten._weight_int4pack_mm_for_cpu`), its packed weight built once on first use;
-  * CUDA with `llmsqueeze.kernels` providing `quant_linear`: the Triton kernels;
+  * CUDA, fp16/bf16 activations: the Triton kernels of `llmsqueeze.kernels` (`quant_linear`), which
+    build their own view of the packed weights once (`_kernel_cache`, never saved);
   * otherwise: dequantize this layer's weight to the input dtype and matmul (the weight is freed
     after the call: the model never holds a dense copy).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels  # light: Triton itself is imported on the first kernel call
 from .quant.pack import pack_cols, pack_rows, padded, unpack_cols, unpack_rows
 
 INT4_CPU_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts
@@ -25,6 +28,10 @@ INT4_CPU_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts
 # 2x slower at M=2048. In float32 it is 2-80x slower than dequantize+matmul at every M.
 INT4_CPU_DTYPES = (torch.bfloat16,)  # fp16 runs 25x slower than bf16 in this kernel on CPU
 INT4_CPU_MAX_M = 64
+BACKENDS = ("auto", "triton", "dequant")
+BACKEND = os.environ.get("LLMSQUEEZE_BACKEND", "auto")
+if BACKEND not in BACKENDS:
+    raise ValueError(f"LLMSQUEEZE_BACKEND={BACKEND!r} is not one of {', '.join(BACKENDS)}: unset it or pick one")
 
 
 def _conv1d_type():
@@ -86,6 +93,7 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self._int4_cache: tuple | None = None
+        self._kernel_cache = None  # llmsqueeze.kernels.layout.KernelWeights, built on first use
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -174,11 +182,20 @@ class QuantLinear(nn.Module):
         self._int4_cache = (dtype, packed, table, kg, kk)
         return packed, table, kg, kk
 
+    def _triton_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """x2 [M, K] -> [M, N] (bias added) by the Triton kernels, or None where they cannot run it."""
+        fn = getattr(kernels, "quant_linear", None)
+        return fn(x2, self) if fn is not None else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if (
-            x.device.type == "cpu"
+        y = None
+        if BACKEND == "triton" or (BACKEND == "auto" and x.is_cuda):
+            y = self._triton_forward(x2)
+        if y is None and (
+            BACKEND == "auto"
+            and x.device.type == "cpu"
             and x.dtype in INT4_CPU_DTYPES
             and x2.shape[0] <= INT4_CPU_MAX_M
             and self._int4_cpu_group() is not None
@@ -189,33 +206,32 @@ class QuantLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, kg, table)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
-        else:
-            y = None
-            if x.is_cuda:
-                from . import kernels
-
-                fn = getattr(kernels, "quant_linear", None)
-                if fn is not None:
-                    y = fn(x2, self)
-            if y is None:
-                w_t = self.dequantize_weight_t(x.dtype)  # [K, N]
-                if x.dtype == torch.float16 and x.device.type == "cpu":
-                    y = F.linear(x2, w_t.t().contiguous())  # CPU fp16 GEMM is 14x slower on [K, N]
-                else:
-                    y = x2 @ w_t
-                if self.bias is not None:
-                    y = y + self.bias.to(y.dtype)
+        if y is None:
+            w_t = self.dequantize_weight_t(x.dtype)  # [K, N]
+            if x.dtype == torch.float16 and x.device.type == "cpu":
+                y = F.linear(x2, w_t.t().contiguous())  # CPU fp16 GEMM is 14x slower on [K, N]
+            else:
+                y = x2 @ w_t
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
         return y.reshape(*shape, self.out_features)
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) / .half() must not re-round the scales: they keep their storage dtype
         # (as the loader keeps them), so a cast model and a loaded one compute the same numbers.
-        self._int4_cache = None  # device/dtype moves invalidate the kernel's copy
+        self._int4_cache = None  # device/dtype moves invalidate the kernels' copies
+        self._kernel_cache = None
         scales = self.scales
         out = super()._apply(fn, recurse)
         if self.scales.dtype != scales.dtype:
             self.scales = scales.to(self.scales.device)
         return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # new packed values: the kernels' copies built from the old ones are stale
+        self._int4_cache = None
+        self._kernel_cache = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

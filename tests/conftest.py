@@ -1,7 +1,13 @@
 """Tiny models built from configs and saved to temp dirs, so tests go through the real loading code."""
 from __future__ import annotations
 
-import pytest
+import os
+
+# The Triton kernels run on CPU tensors under the interpreter. Triton reads this when a kernel is
+# defined (llmsqueeze.kernels imports its kernels lazily, after this), not when triton is imported.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
