@@ -105,7 +105,8 @@ def cmd_info(args) -> int:
 def cmd_export(args) -> int:
     from .formats import export
 
-    print(export(args.dir, args.format, args.out, overwrite=args.overwrite, checkpoint_format=args.gptq_format))
+    print(export(args.dir, args.format, args.out, overwrite=args.overwrite, checkpoint_format=args.gptq_format,
+                 scale_dtype=args.scale_dtype))
     return 0
 
 
@@ -192,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, help="compressed-tensors (pack-quantized, vLLM) or gptq (transformers, TGI, vLLM)")
     x.add_argument("--gptq-format", default="gptq", choices=("gptq", "gptq_v2"),
                    help="gptq checkpoint_format: gptq (v1, zero - 1, read everywhere; default) or gptq_v2 (GPTQModel)")
+    x.add_argument("--scale-dtype", choices=("float32",), default=None,
+                   help="compressed-tensors: store scales in float32, so its loader's dense weights equal ours exactly "
+                        "(it dequantizes in the scales' dtype; default: the checkpoint's own scale dtype)")
     x.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     x.set_defaults(func=cmd_export)

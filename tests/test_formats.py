@@ -307,6 +307,17 @@ def test_unexpressible_schemes_are_one_line_errors(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
+def test_compressed_tensors_reader_rejects_a_shorter_last_group():
+    """Why export refuses K % G != 0: compressed-tensors (0.20) sizes scales ceil(K/G) but its
+    dequantize, which transformers' loader runs, raises on such a weight."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=64)
+    with pytest.raises(ValueError, match="group_size 64 but got 96"):
+        dequantize(torch.zeros(8, 96, dtype=torch.int8), torch.ones(8, 2), None, args)
+
+
 def test_export_refuses_foreign_and_corrupt_input(tmp_path, capsys):
     _, src = _quantized(tmp_path)
     ct_dir = llmsqueeze.export(src, "compressed-tensors", tmp_path / "ct")

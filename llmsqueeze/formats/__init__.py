@@ -223,10 +223,14 @@ def weight_conversions(source: dict) -> list:
 
 # ====================================================================================== export
 def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrite: bool = False,
-           checkpoint_format: str = "gptq") -> Path:
+           checkpoint_format: str = "gptq", scale_dtype: str | None = None) -> Path:
     """Write the llmsqueeze checkpoint `src` as a `format` checkpoint in `out` (temp dir renamed at
     the end). format: "compressed-tensors" (pack-quantized) or "gptq" (checkpoint_format "gptq" = v1,
-    or "gptq_v2"). A scheme the format cannot express is refused before anything is written."""
+    or "gptq_v2"). A scheme the format cannot express is refused before anything is written.
+
+    scale_dtype="float32" (compressed-tensors only) widens the stored scales: compressed-tensors
+    dequantizes in the scales' dtype, so float16 scales give fp16((q - zero) * scale), rounded,
+    where ours is exact in float32; float32 scales make its dense weights equal ours bit for bit."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -235,6 +239,8 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
 
     if format not in EXPORT_FORMATS:
         raise LlmsqueezeError(f"--format {format!r} is not an export format: use one of {', '.join(EXPORT_FORMATS)}")
+    if scale_dtype not in (None, "float32") or (scale_dtype and format != "compressed-tensors"):
+        raise LlmsqueezeError(f"--scale-dtype {scale_dtype!r}: only float32, and only with --format compressed-tensors")
     src = Path(src).expanduser()
     qc = check_checkpoint(src)
     if qc.get("source"):
@@ -280,7 +286,7 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
             layer.g_idx = get(f"{p}.g_idx")
         if format == "gptq":
             return _gptq_layer(p, layer, checkpoint_format)
-        return _ct_layer(p, layer, scheme.sym)
+        return _ct_layer(p, layer, scheme.sym, scale_dtype)
 
     shard_of = {}  # output tensors of a layer go to the shard that held its qweight
     for name, (f, _) in keys.items():
@@ -350,11 +356,12 @@ def _gptq_layer(p: str, layer, checkpoint_format: str) -> dict[str, torch.Tensor
     }
 
 
-def _ct_layer(p: str, layer, sym: bool) -> dict[str, torch.Tensor]:
+def _ct_layer(p: str, layer, sym: bool, scale_dtype: str | None) -> dict[str, torch.Tensor]:
     bits, k, n = layer.bits, layer.in_features, layer.out_features
+    scales = layer.scales if scale_dtype is None else layer.scales.to(getattr(torch, scale_dtype))  # widening: exact
     out = {
         f"{p}.weight_packed": compressed_tensors.weight_packed_from_ours(layer.qweight, bits, k),
-        f"{p}.weight_scale": layer.scales.t().contiguous(),
+        f"{p}.weight_scale": scales.t().contiguous(),
         f"{p}.weight_shape": torch.tensor([n, k], dtype=torch.int64),
     }
     if not sym:
