@@ -226,6 +226,37 @@ def test_gptq_act_order_with_g_idx(tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
+def test_g_idx_imports_from_gptq_without_desc_act_and_from_ct(tmp_path):
+    """A stored g_idx that is not arange(K)//G is honoured even where the config says no desc_act,
+    and compressed-tensors' weight_g_idx (actorder "group", written by older versions) imports."""
+    from llmsqueeze.formats import _ct_layer
+
+    model = tiny_model("llama")
+    data = torch.randint(3, 64, (4, 24), generator=torch.Generator().manual_seed(0))
+    llmsqueeze.quantize(model, bits=4, group_size=16, method="gptq", data=data, progress=False, static_groups=False)
+    src = llmsqueeze.save_quantized(model, tmp_path / "src")
+    out = llmsqueeze.export(src, "gptq", tmp_path / "gptq")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["desc_act"] = False
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(_logits(llmsqueeze.from_pretrained(out)), _logits(model))
+
+    plain = llmsqueeze.quantize(tiny_model("llama"), bits=4, group_size=16, progress=False)  # same shapes, no g_idx
+    ct_dir = llmsqueeze.export(llmsqueeze.save_quantized(plain, tmp_path / "plain"), "compressed-tensors", tmp_path / "ct")
+    sd = load_file(ct_dir / "model.safetensors")
+    for name, mod in model.named_modules():  # the g_idx model's layers, in compressed-tensors' layout
+        if isinstance(mod, QuantLinear):
+            sd.update(_ct_layer(name, mod, False, None))
+            sd[f"{name}.weight_g_idx"] = mod.g_idx
+    save_file(sd, ct_dir / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((ct_dir / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (ct_dir / "config.json").write_text(json.dumps(cfg))
+    back = llmsqueeze.from_pretrained(ct_dir)
+    assert torch.equal(back.model.layers[1].mlp.up_proj.g_idx, model.model.layers[1].mlp.up_proj.g_idx)
+    assert torch.equal(_logits(back), _logits(model))
+
+
 def test_gptq_zero_point_zero_needs_v2(tmp_path):
     model = tiny_llama()
     with torch.no_grad():  # an all-positive group: its zero point is 0, which v1 (zero - 1) cannot store

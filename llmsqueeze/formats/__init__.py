@@ -119,6 +119,8 @@ def imported_config(path: Path, config: dict, keys: dict) -> dict:
                     f"{path}: {p}.{suffix} has shape {list(got)}, but a {k}->{n} layer with bits={scheme['bits']} "
                     f"group_size={scheme['group_size']} needs {want[0]}: config.json does not match the weights; re-download it"
                 )
+    if method == "gptq" and not args["act_order"] and _any_permuted_g_idx(keys, prefixes, shapes, scheme):
+        args.update(act_order=True, static_groups=False)  # desc_act false, yet a g_idx that is not arange(K)//G
     if args.get("act_order") and method == "compressed-tensors":
         args["act_order"] = any(f"{p}.weight_g_idx" in keys for p in prefixes)
         args["static_groups"] = not args["act_order"]
@@ -131,6 +133,22 @@ def imported_config(path: Path, config: dict, keys: dict) -> dict:
         "modules_to_not_convert": sorted(set(shapes) - set(prefixes)),
         "source": source,
     }
+
+
+def _any_permuted_g_idx(keys: dict, prefixes: list[str], shapes: dict, scheme: dict) -> bool:
+    """Whether some layer's stored g_idx differs from the natural arange(K) // G (a few KB to read)."""
+    from safetensors import safe_open
+
+    for p in prefixes:
+        entry = keys.get(f"{p}.g_idx")
+        if entry is None:
+            continue
+        k = shapes[p][1]
+        with safe_open(entry[0], "pt") as f:
+            g_idx = f.get_tensor(f"{p}.g_idx")
+        if not torch.equal(g_idx.long(), torch.arange(k) // (k if scheme["group_size"] == -1 else scheme["group_size"])):
+            return True
+    return False
 
 
 def expected_shapes(method: str, scheme: dict, n: int, k: int) -> dict[str, list[list[int]]]:
