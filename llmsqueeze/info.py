@@ -13,17 +13,7 @@ from .checkpoint import (
     weight_files,
 )
 from .config import QuantScheme
-from .formats import LAYER_TENSORS, describe_source
-
-
-def _skeleton(path: Path):
-    """The model built on the meta device (no memory, no weights read): its Linear shapes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    config.quantization_config = None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config), config
+from .formats import LAYER_TENSORS, describe_source, skeleton
 
 
 def checkpoint_info(path: str | Path) -> dict:
@@ -34,7 +24,7 @@ def checkpoint_info(path: str | Path) -> dict:
     qc = check_checkpoint(path)
     fmt = (qc.get("source") or {}).get("format", "llmsqueeze")
     scheme = QuantScheme.from_dict(qc["scheme"])
-    model, config = _skeleton(path)
+    model, config = skeleton(path)
     keep = set(qc.get("modules_to_not_convert", []))
     tensors: dict[str, dict] = {}
     for f in weight_files(path):

@@ -311,6 +311,20 @@ def test_awq_gemm_checkpoint_imports(tmp_path):
         llmsqueeze.from_pretrained(src)
 
 
+def test_sharded_checkpoint_exports_shard_by_shard(tmp_path):
+    model = tiny_llama()
+    llmsqueeze.quantize(model, bits=4, group_size=32, progress=False)
+    src = llmsqueeze.save_quantized(model, tmp_path / "src", max_shard_size="40KB")  # a layer's tensors may straddle shards
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(shards) > 2
+    for fmt in ("gptq", "compressed-tensors"):
+        out = llmsqueeze.export(src, fmt, tmp_path / fmt)
+        assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+        index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert all((out / f).is_file() for f in index.values())
+        assert torch.equal(_logits(llmsqueeze.from_pretrained(out)), _logits(model))
+
+
 # ==================================================================== refusals, CLI, info
 def test_unexpressible_schemes_are_one_line_errors(tmp_path, capsys):
     _, short = _quantized(tmp_path, "short", group_size=64)  # K = 96: a last group of 32
