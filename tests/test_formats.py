@@ -39,6 +39,8 @@ def _listing(d):
 
 
 # ==================================================================== compressed-tensors export
+# transformers warns that a passed CompressedTensorsConfig only sets loading attributes (dequantize): intended
+@pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
 @pytest.mark.parametrize("scheme", [
     dict(bits=4, group_size=32),
     dict(bits=4, group_size=-1, sym=True),
