@@ -4,6 +4,7 @@
     model = llmsqueeze.quantize(model, llmsqueeze.QuantScheme(bits=4, group_size=128))
     llmsqueeze.save_quantized(model, "q4", tokenizer=tok)
     model = llmsqueeze.from_pretrained("q4")   # or transformers.AutoModelForCausalLM.from_pretrained("q4")
+    llmsqueeze.export("q4", "compressed-tensors", "q4-ct")   # for vLLM; also "gptq"; GPTQ/AWQ/CT dirs load too
 """
 from .api import load_dense, quantize
 from .checkpoint import (
@@ -13,6 +14,7 @@ from .checkpoint import (
     save_quantized,
 )
 from .config import CheckpointError, LlmsqueezeError, QuantScheme
+from .formats import export
 from .nn import QuantLinear
 
 __version__ = "0.1.0"
@@ -29,5 +31,6 @@ __all__ = [
     "save_quantized",
     "from_pretrained",
     "check_checkpoint",
+    "export",
     "register_with_transformers",
 ]

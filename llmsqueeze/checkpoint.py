@@ -2,6 +2,7 @@
 transformers' own `from_pretrained` via a registered HfQuantizer."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from .config import CheckpointError, LlmsqueezeError, QuantScheme, first_line
 log = logging.getLogger("llmsqueeze")
 
 QUANT_SUFFIXES = ("qweight", "scales", "qzeros")
+IMPORT_METHODS = ("gptq", "awq", "compressed-tensors")  # see formats/
 
 
 # ---------------------------------------------------------------------------------------- save
@@ -52,25 +54,15 @@ def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 
-def save_quantized(
-    model: nn.Module,
-    out: str | os.PathLike,
-    tokenizer=None,
-    overwrite: bool = False,
-    max_shard_size: str | int = "2GB",
-) -> Path:
-    """Write the quantized model (safetensors shards + config.json with quantization_config,
-    generation config, tokenizer) to a temp dir beside `out`, then rename it into place."""
-    if getattr(getattr(model, "config", None), "quantization_config", None) is None:
-        raise LlmsqueezeError("the model is not quantized: call llmsqueeze.quantize(model, scheme) first")
-    out = prepare_output_dir(out, overwrite)
+@contextlib.contextmanager
+def atomic_output_dir(out: Path):
+    """Yield a temp dir beside `out` to write into; on success it is renamed to `out` (replacing it
+    when `overwrite`), on any failure it is removed with the parents made for it: never a half-written dir."""
     created = [p for p in reversed(out.parents) if not p.exists()]  # parents we make, outermost first
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        yield tmp
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp made it private; the output gets the usual permissions
@@ -91,6 +83,24 @@ def save_quantized(
             except OSError:
                 pass
         raise
+
+
+def save_quantized(
+    model: nn.Module,
+    out: str | os.PathLike,
+    tokenizer=None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+) -> Path:
+    """Write the quantized model (safetensors shards + config.json with quantization_config,
+    generation config, tokenizer) to a temp dir beside `out`, then rename it into place."""
+    if getattr(getattr(model, "config", None), "quantization_config", None) is None:
+        raise LlmsqueezeError("the model is not quantized: call llmsqueeze.quantize(model, scheme) first")
+    out = prepare_output_dir(out, overwrite)
+    with atomic_output_dir(out) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     log.info("saved %s", out)
     return out
 
@@ -160,10 +170,15 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
     if qc is None:
         raise CheckpointError(f"{path} is not quantized (no quantization_config); load it with transformers or quantize it first")
     method = qc.get("quant_method")
+    if method in IMPORT_METHODS:  # a peer's checkpoint: translated to ours, converted while loading
+        from .formats import imported_config, tensor_index
+
+        return imported_config(path, config, tensor_index(path))
     if method != QUANT_METHOD:
         raise CheckpointError(
             f"{path} was made by another tool (quant_method={method!r}); llmsqueeze reads its own format "
-            f"'{QUANT_METHOD}': load it with transformers, or re-quantize the dense model with llmsqueeze"
+            f"'{QUANT_METHOD}' and imports {', '.join(IMPORT_METHODS)}: load it with transformers, or re-quantize "
+            "the dense model with llmsqueeze"
         )
     version = qc.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
@@ -192,8 +207,9 @@ class LlmsqueezeConfig(QuantizationConfigMixin):
     """transformers' view of our `quantization_config` (quant_method 'llmsqueeze')."""
 
     def __init__(self, scheme=None, method="rtn", format_version=FORMAT_VERSION, modules_to_not_convert=None,
-                 method_args=None, **kwargs):
+                 method_args=None, source=None, **kwargs):
         self.quant_method = QUANT_METHOD
+        self.source = dict(source) if source else None  # a peer format being imported (formats/)
         self.format_version = format_version
         self.method = method
         self.method_args = dict(method_args or {})
@@ -209,6 +225,7 @@ class LlmsqueezeConfig(QuantizationConfigMixin):
             "scheme": dict(self.scheme),
             "method_args": dict(self.method_args),
             "modules_to_not_convert": list(self.modules_to_not_convert),
+            **({"source": dict(self.source)} if self.source else {}),
         }
 
     def to_diff_dict(self) -> dict:
@@ -223,6 +240,13 @@ class LlmsqueezeHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         names = replace_with_quant_linear(model, self.quantization_config.to_dict())
+        if self.quantization_config.source:  # tensors of the peer format that our layout does without
+            from .formats import ignored_on_import
+
+            model._keys_to_ignore_on_load_unexpected = {
+                *(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
+                *ignored_on_import(self.quantization_config.source, self.quantization_config.method_args),
+            }
         # The checkpoint holds every packed buffer, so transformers' random init must not visit the
         # QuantLinears, nor their parents, whose _init_weights may reach for `child.weight` (GPT-2
         # rescales c_proj.weight in GPT2Attention/GPT2MLP).
@@ -231,6 +255,25 @@ class LlmsqueezeHfQuantizer(HfQuantizer):
             parent = name.rpartition(".")[0]
             if parent:
                 model.get_submodule(parent)._is_hf_initialized = True
+
+    def get_weight_conversions(self):
+        if not self.quantization_config.source:
+            return super().get_weight_conversions()
+        from .formats import weight_conversions
+
+        return weight_conversions(self.quantization_config.source)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # the buffers now hold our layout: saving the model writes a plain llmsqueeze checkpoint, so
+        # neither the config nor transformers' save (which reverts load-time conversions) may recall
+        # the peer format
+        self.quantization_config.source = None
+        convs = getattr(model, "_weight_conversions", None)
+        if convs:
+            model._weight_conversions = [
+                c for c in convs if not any(getattr(op, "llmsqueeze_import", False) for op in getattr(c, "operations", ()))
+            ]
+        return model
 
     def is_serializable(self):
         return True
@@ -289,8 +332,14 @@ def from_pretrained(path: str | os.PathLike, device_map=None, dtype: torch.dtype
     register_with_transformers()
     local = Path(str(path)).expanduser()
     if local.exists() or str(path).startswith((".", "/", "~")):
-        check_checkpoint(local)
+        qc = check_checkpoint(local)
         path = str(local)
+        if qc.get("source") and "config" not in kwargs:  # a peer's checkpoint: load it as ours
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(path)
+            config.quantization_config = qc
+            kwargs["config"] = config
     try:
         return AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype, **kwargs)
     except OSError as e:

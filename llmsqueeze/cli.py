@@ -1,4 +1,4 @@
-"""`llmsqueeze quantize | info | eval` — argument parsing and the one-line errors; the work is in
+"""`llmsqueeze quantize | export | info | eval` — argument parsing and the one-line errors; the work is in
 the library modules."""
 from __future__ import annotations
 
@@ -102,6 +102,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .formats import export
+
+    print(export(args.dir, args.format, args.out, overwrite=args.overwrite, checkpoint_format=args.gptq_format,
+                 scale_dtype=args.scale_dtype))
+    return 0
+
+
 def cmd_eval_ppl(args) -> int:
     from .evaluate import load_eval_text, perplexity, tokenize_text
 
@@ -179,6 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
+
+    x = sub.add_parser("export", help="write a llmsqueeze checkpoint in a format serving engines load")
+    x.add_argument("dir", help="a llmsqueeze checkpoint directory")
+    x.add_argument("--format", required=True, help="compressed-tensors (pack-quantized, vLLM) or gptq (transformers, TGI, vLLM)")
+    x.add_argument("--gptq-format", default="gptq", choices=("gptq", "gptq_v2"),
+                   help="gptq checkpoint_format: gptq (v1, zero - 1, read everywhere; default) or gptq_v2 (GPTQModel)")
+    x.add_argument("--scale-dtype", choices=("float32",), default=None,
+                   help="compressed-tensors: store scales in float32, so its loader's dense weights equal ours exactly "
+                        "(it dequantizes in the scales' dtype; default: the checkpoint's own scale dtype)")
+    x.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="measure a model")
     esub = e.add_subparsers(dest="what", required=True, parser_class=_Parser)

@@ -13,16 +13,7 @@ from .checkpoint import (
     weight_files,
 )
 from .config import QuantScheme
-
-
-def _skeleton(path: Path):
-    """The model built on the meta device (no memory, no weights read): its Linear shapes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    config.quantization_config = None
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config), config
+from .formats import LAYER_TENSORS, describe_source, skeleton
 
 
 def checkpoint_info(path: str | Path) -> dict:
@@ -31,8 +22,9 @@ def checkpoint_info(path: str | Path) -> dict:
 
     path = Path(path).expanduser()
     qc = check_checkpoint(path)
+    fmt = (qc.get("source") or {}).get("format", "llmsqueeze")
     scheme = QuantScheme.from_dict(qc["scheme"])
-    model, config = _skeleton(path)
+    model, config = skeleton(path)
     keep = set(qc.get("modules_to_not_convert", []))
     tensors: dict[str, dict] = {}
     for f in weight_files(path):
@@ -47,7 +39,7 @@ def checkpoint_info(path: str | Path) -> dict:
         if name in keep:
             continue
         n, k = linear_weight(model.get_submodule(name)).shape
-        b = sum(nbytes(f"{name}.{s}") for s in ("qweight", "scales", "qzeros", "g_idx"))
+        b = sum(nbytes(f"{name}.{s}") for s in LAYER_TENSORS[fmt])
         layers.append({"name": name, "in_features": k, "out_features": n, "bytes": b, "bits_per_weight": 8 * b / (k * n)})
         q_weights += k * n
         q_bytes += b
@@ -61,6 +53,7 @@ def checkpoint_info(path: str | Path) -> dict:
         "architecture": (config.architectures or ["?"])[0],
         "method": qc.get("method"),
         "format_version": qc.get("format_version"),
+        "format": describe_source(qc),
         "scheme": scheme.to_dict(),
         "quantized_layers": len(layers),
         "quantized_weights": q_weights,
@@ -93,7 +86,7 @@ def format_info(info: dict) -> str:
     s = info["scheme"]
     g = "per-channel" if s["group_size"] == -1 else f"group {s['group_size']}"
     lines = [
-        f"{info['path']}: {info['architecture']} ({info['model_type']}), llmsqueeze format v{info['format_version']}",
+        f"{info['path']}: {info['architecture']} ({info['model_type']}), {info['format']}",
         f"  scheme      {s['bits']}-bit {g} {'sym' if s['sym'] else 'asym'}, scales {s['scale_dtype']}, "
         f"method {info['method']}{', clip search' if s['clip_search'] else ''}",
         f"  quantized   {info['quantized_layers']} layers, {info['quantized_weights']:,} weights at "

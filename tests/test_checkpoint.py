@@ -78,9 +78,14 @@ def test_corrupt_header(quantized, tmp_path):
 def test_checkpoint_from_another_tool(quantized, tmp_path):
     out = llmsqueeze.save_quantized(quantized, tmp_path / "q")
     cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "hqq", "nbits": 4, "group_size": 128}
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="made by another tool.*'hqq'.*imports gptq, awq, compressed-tensors"):
+        llmsqueeze.from_pretrained(out)
+    # a format we import, whose config does not match its tensors: one line, before any model is built
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
     (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="made by another tool.*'gptq'"):
+    with pytest.raises(CheckpointError, match="down_proj.scales has shape \\[5, 80\\], but a 144->80 layer .* needs \\[2, 80\\].*does not match"):
         llmsqueeze.from_pretrained(out)
 
 

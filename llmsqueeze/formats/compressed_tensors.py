@@ -1,0 +1,136 @@
+"""compressed-tensors "pack-quantized" checkpoints (quant_method "compressed-tensors"): what
+llm-compressor writes and vLLM loads (its WNA16 / Marlin path).
+
+Per Linear of K inputs, N outputs, group size G (K when per-channel: strategy "channel"), b in {4, 8}:
+  weight_packed     int32 [N, ceil(K*b/32)]   packed along K, 32 values per b words, first value in
+                                              the low bits; values stored as q_signed + 2**(b-1),
+                                              which is our unsigned q
+  weight_scale      [N, K/G]                  in the checkpoint's scale dtype
+  weight_zero_point int32 [ceil(N*b/32), K/G] asymmetric only, packed along N, stored as
+                                              zp_signed + 2**(b-1), which is our unsigned zero
+  weight_shape      int64 [2]                 (N, K)
+  w = (q_signed - zp_signed) * scale = (q - zero) * scale;  symmetric means zero = 2**(b-1)
+
+compressed-tensors' dequantize refuses K % G != 0 (and vLLM's kernels need it), so a shorter last
+group is refused on export. Activation order with a stored g_idx ("group" actorder) was removed from
+compressed-tensors (0.20 decompresses it in natural order), so only static act-order ("weight")
+exports; a checkpoint with weight_g_idx still imports.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import LlmsqueezeError
+from ..quant.pack import pack_cols, pack_rows, unpack_cols, unpack_rows
+
+BITS = (4, 8)
+
+
+def _library():
+    try:
+        import compressed_tensors
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    except ImportError:
+        raise LlmsqueezeError(
+            "exporting to compressed-tensors needs the compressed-tensors package: pip install 'compressed-tensors>=0.15'"
+        ) from None
+    return compressed_tensors, QuantizationArgs, QuantizationScheme, QuantizationConfig
+
+
+# ------------------------------------------------------------------------------ tensor conversions
+def weight_packed_from_ours(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Our qweight [K_pad*b/32, N] -> weight_packed [N, ceil(K*b/32)] (b divides 32)."""
+    return qweight[: -(-k * bits // 32)].t().contiguous()
+
+
+def weight_packed_to_ours(weight_packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """weight_packed [N, ceil(K*b/32)] -> our qweight [K_pad*b/32, N] (zero words for the padding)."""
+    q = unpack_rows(weight_packed.t().contiguous(), bits, k)  # [K, N]
+    return pack_rows(q, bits)
+
+
+def zero_point_from_ours(qzeros: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Our qzeros [ng, N_pad*b/32] -> weight_zero_point [ceil(N*b/32), ng]."""
+    zero = unpack_cols(qzeros, bits, n)  # [ng, N]
+    return pack_rows(zero.t(), bits)[: -(-n * bits // 32)].contiguous()
+
+
+def zero_point_to_ours(zero_point: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """weight_zero_point [ceil(N*b/32), ng] -> our qzeros [ng, N_pad*b/32]."""
+    zero = unpack_rows(zero_point, bits, n)  # [N, ng]
+    return pack_cols(zero.t(), bits)
+
+
+def symmetric_qzeros(ng: int, n: int, bits: int) -> torch.Tensor:
+    """Our qzeros for a symmetric layer: every zero at mid-grid 2**(b-1)."""
+    return pack_cols(torch.full((ng, n), 2 ** (bits - 1), dtype=torch.int32), bits)
+
+
+# ------------------------------------------------------------------------------ config
+def export_check(scheme, layers: dict, act_order_g_idx: bool, conv1d: list[str]) -> None:
+    problems = []
+    if scheme.bits not in BITS:
+        problems.append(f"bits={scheme.bits} (pack-quantized loaders take {', '.join(map(str, BITS))})")
+    if act_order_g_idx:
+        problems.append("act_order with g_idx (--act-order dynamic; compressed-tensors dropped actorder 'group': "
+                        "export to --format gptq, or re-quantize with --act-order static)")
+    if conv1d:
+        problems.append(f"Conv1D layers ({conv1d[0]}, ...; compressed-tensors targets nn.Linear)")
+    for name, (_, k) in layers.items():
+        g = k if scheme.group_size == -1 else scheme.group_size
+        if k % g:
+            divisors = [d for d in (256, 128, 64, 32, 16) if all(kk % d == 0 for _, kk in layers.values())]
+            problems.append(f"group_size={g} does not divide in_features={k} of {name} "
+                            f"(re-quantize with --group-size {divisors[0] if divisors else -1})")
+            break
+    if problems:
+        raise LlmsqueezeError("cannot export to compressed-tensors: " + "; ".join(problems))
+
+
+def export_config(scheme, method_args: dict, ignore: list[str]) -> dict:
+    """config.json's quantization_config, built and validated with compressed-tensors' own classes."""
+    ct, QuantizationArgs, QuantizationScheme, QuantizationConfig = _library()
+    args = QuantizationArgs(
+        num_bits=scheme.bits, type="int", symmetric=scheme.sym, dynamic=False,
+        strategy="channel" if scheme.group_size == -1 else "group",
+        group_size=None if scheme.group_size == -1 else scheme.group_size,
+        actorder="weight" if method_args.get("act_order") else None,
+    )
+    group = QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
+    cfg = QuantizationConfig(config_groups={"group_0": group}, format="pack-quantized", ignore=sorted(ignore),
+                             quantization_status="compressed")
+    return {"quant_method": "compressed-tensors", "version": ct.__version__, "sparsity_config": {},
+            "transform_config": {}, **cfg.model_dump(exclude=["quant_method"])}
+
+
+def import_scheme(qc: dict, scale_dtype: str) -> tuple[dict, dict, list[str]]:
+    """A compressed-tensors quantization_config -> (our scheme dict, method_args, unsupported fields)."""
+    bad = []
+    groups = list((qc.get("config_groups") or {}).values())
+    weights = [g.get("weights") or {} for g in groups]
+    if not groups or any(w != weights[0] for w in weights):
+        bad.append("config_groups (read: one weight scheme for all quantized layers)")
+        weights = weights[:1] or [{}]
+    w = weights[0]
+    fmt = qc.get("format") or (groups[0].get("format") if groups else None)
+    if fmt != "pack-quantized":
+        bad.append(f"format={fmt!r} (read: pack-quantized)")
+    if any(g.get("input_activations") or g.get("output_activations") for g in groups):
+        bad.append("input/output activation quantization (read: weight-only)")
+    if w.get("num_bits") not in BITS:
+        bad.append(f"num_bits={w.get('num_bits')!r} (read: {', '.join(map(str, BITS))})")
+    if w.get("type", "int") != "int":
+        bad.append(f"type={w.get('type')!r} (read: int)")
+    strategy = w.get("strategy") or ("group" if w.get("group_size") else "channel")
+    if strategy not in ("group", "channel"):
+        bad.append(f"strategy={strategy!r} (read: group, channel)")
+    if w.get("dynamic"):
+        bad.append("dynamic=true")
+    if qc.get("sparsity_config") and (qc["sparsity_config"].get("format") not in (None, "dense")):
+        bad.append(f"sparsity_config format {qc['sparsity_config'].get('format')!r}")
+    if qc.get("transform_config"):
+        bad.append("transform_config")
+    scheme = {"bits": w.get("num_bits"), "group_size": w.get("group_size") if strategy == "group" else -1,
+              "sym": bool(w.get("symmetric", True)), "scale_dtype": scale_dtype}
+    g_idx = w.get("actorder") in ("group", "dynamic")
+    return scheme, {"act_order": g_idx, "static_groups": not g_idx}, bad
