@@ -3,10 +3,13 @@
 
     python eval/latency.py --model ~/.cache/llmsqueeze/smollm2-135m --threads 2
 
-Quantizes the model once (RTN 4-bit, group 128) into a temp dir, then measures each configuration
-in a fresh process (so peak RSS belongs to that configuration alone): dense fp32, dense bf16,
-4-bit with bf16 activations (CPU int4 kernel for decode), 4-bit with fp32 activations (dequantize +
-matmul). Prints a markdown table and writes eval/results/latency_cpu.json.
+Quantizes the model once (RTN 4-bit, group 128; and W8A8 dynamic) into a temp dir, then measures each
+configuration in a fresh process (so peak RSS belongs to that configuration alone): dense fp32, dense
+bf16, 4-bit with bf16 activations (CPU int4 kernel for decode), 4-bit with fp32 activations
+(dequantize + matmul), W8A8 (int8 GEMM) with fp32 and bf16 activations. Prints a markdown table and
+writes eval/results/latency_cpu.json. W8A8 is a prefill (compute-bound) scheme: compare it with
+
+    python eval/latency.py --prompt-len 2048 --new-tokens 8 --configs 0 1 4 5 --out eval/results/latency_cpu_w8a8.json
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ CONFIGS = [
     ("dense bf16", "dense", "bfloat16"),
     ("rtn w4 g128, bf16 activations", "q4", "bfloat16"),
     ("rtn w4 g128, fp32 activations", "q4", "float32"),
+    ("w8a8 dynamic (int8 GEMM), fp32 activations", "w8a8", "float32"),
+    ("w8a8 dynamic (int8 GEMM), bf16 activations", "w8a8", "bfloat16"),
 ]
 
 
@@ -53,6 +58,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", nargs="*", type=int, help="indices into the configuration list (default: all)")
     ap.add_argument("--out", default="eval/results/latency_cpu.json")
     ap.add_argument("--one", nargs=2, metavar=("MODEL_DIR", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -70,9 +76,15 @@ def main() -> None:
             [sys.executable, "-m", "llmsqueeze.cli", "quantize", args.model, "--bits", "4", "--group-size", "128",
              "--out", q4], check=True, stdout=subprocess.DEVNULL,
         )
+        w8a8 = str(Path(tmp) / "w8a8")  # speed does not depend on SmoothQuant: skip its calibration
+        subprocess.run(
+            [sys.executable, "-m", "llmsqueeze.cli", "quantize", args.model, "--scheme", "w8a8", "--smooth-alpha", "off",
+             "--out", w8a8], check=True, stdout=subprocess.DEVNULL,
+        )
         rows = []
-        for label, which, dtype in CONFIGS:
-            cmd = [sys.executable, __file__, "--one", args.model if which == "dense" else q4, dtype,
+        configs = [CONFIGS[i] for i in args.configs] if args.configs else CONFIGS
+        for label, which, dtype in configs:
+            cmd = [sys.executable, __file__, "--one", {"dense": args.model, "q4": q4, "w8a8": w8a8}[which], dtype,
                    "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                    "--repeats", str(args.repeats), "--threads", str(args.threads)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

@@ -76,7 +76,7 @@ def quantize(
         from .quant.w8a8 import quantize_w8a8
 
         return quantize_w8a8(model, scheme, data, method, progress, device=device, offload=offload, damp=damp,
-                             block_size=block_size, batch_size=batch_size, act_order=act_order)
+                             block_size=block_size, batch_size=batch_size, act_order=act_order, **scheme_kwargs)
     if scheme is None:
         scheme = QuantScheme(**scheme_kwargs)
     elif scheme_kwargs:

@@ -10,7 +10,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quant.int8 import quantize_weight_per_channel, w8a8_linear
+from .quant.int8 import int8_mm, quantize_per_token, quantize_static, quantize_weight_per_channel, rescale
+
+_last_input: tuple | None = None  # (x, x._version, xq, scale): the last input quantized per token
+
+
+def quantize_input(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_per_token, reused when the next Int8Linear reads the very same tensor (q/k/v read one
+    norm output, gate/up another): a reference to x is held so its identity cannot pass to another
+    tensor, and its _version changes with any in-place write."""
+    global _last_input
+    last = _last_input
+    if last is not None and last[0] is x2 and last[1] == x2._version:
+        return last[2], last[3]
+    xq, scale = quantize_per_token(x2)
+    _last_input = (x2, x2._version, xq, scale)
+    return xq, scale
 
 
 class Int8Linear(nn.Module):
@@ -56,7 +71,17 @@ class Int8Linear(nn.Module):
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return w8a8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale)
+        """Computes quant.int8.w8a8_linear with this layer's buffers."""
+        shape = x.shape[:-1]
+        if self.input_scale is None:
+            # the cache keys on the tensor itself, so key on x (a reshape makes a new view each call)
+            xq, xs = quantize_input(x)
+            xq = xq.reshape(-1, self.in_features)
+            xs = xs.reshape(-1)
+        else:
+            xq, xs = quantize_static(x.reshape(-1, self.in_features), self.input_scale), self.input_scale
+        y = rescale(int8_mm(xq, self.weight), xs, self.weight_scale, self.bias, x.dtype)
+        return y.reshape(*shape, self.out_features)
 
     def _apply(self, fn, recurse=True):
         # model.to(dtype) must not re-round the scales: they stay float32, as saved

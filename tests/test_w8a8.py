@@ -191,7 +191,7 @@ def test_every_family_quantizes_and_reloads(family, tmp_path):
     model = tiny_model(family)
     ref = copy.deepcopy(model)
     ids = _calib()
-    llmsqueeze.quantize(model, W8A8Scheme(act="static", smooth_grid=[0.5, 0.8]), data=ids, progress=False)
+    llmsqueeze.quantize(model, W8A8Scheme(act="static", smooth_grid=[0.5, 0.8], smooth_refine=[]), data=ids, progress=False)
     assert _logit_error(model, ref, ids[:1]) < 0.05
     out = llmsqueeze.save_quantized(model, tmp_path / "q")
     loaded = llmsqueeze.from_pretrained(out)
@@ -272,3 +272,100 @@ def test_w8a8_direct_matches_manual_module():
     layer = Int8Linear.from_float(w)
     x = torch.randn(5, 40, generator=_gen(1))
     assert torch.equal(layer(x), w8a8_linear(x, layer.weight, layer.weight_scale))
+
+
+def test_shared_input_is_quantized_once_and_in_place_writes_are_seen(monkeypatch):
+    import llmsqueeze.nn_int8 as nn_int8
+
+    calls = []
+    real = nn_int8.quantize_per_token
+    monkeypatch.setattr(nn_int8, "quantize_per_token", lambda x: calls.append(1) or real(x))
+    a, b = Int8Linear.from_float(torch.randn(8, 16)), Int8Linear.from_float(torch.randn(12, 16))
+    x = torch.randn(2, 5, 16, generator=_gen())
+    ya, yb = a(x), b(x)
+    assert len(calls) == 1
+    assert torch.equal(ya, w8a8_linear(x, a.weight, a.weight_scale)) and torch.equal(yb, w8a8_linear(x, b.weight, b.weight_scale))
+    x.mul_(2)  # same tensor, new values: quantized again
+    assert torch.equal(b(x), w8a8_linear(x, b.weight, b.weight_scale)) and len(calls) == 2
+
+
+def test_cli_w8a8(tiny_model_dir, text_file, tmp_path, capsys):
+    from llmsqueeze.cli import main
+
+    out = tmp_path / "w8a8"
+    assert main(["quantize", str(tiny_model_dir), "--scheme", "w8a8", "--act", "static", "--smooth-alpha", "auto",
+                 "--method", "gptq", "--calib", str(text_file), "--n-samples", "4", "--seq-len", "32",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["scheme"]["act"] == "static" and qc["method"] == "gptq" and qc["method_args"]["n_samples"] == 4
+    assert main(["info", str(out)]) == 0
+    assert "w8a8: int8 per-channel sym weights, int8 static activations, SmoothQuant alpha auto" in capsys.readouterr().out
+    assert main(["eval", "ppl", str(out), "--data", str(text_file), "--seq-len", "32", "--windows", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    # dynamic without smoothing needs no calibration text at all
+    assert main(["quantize", str(tiny_model_dir), "--scheme", "w8a8", "--smooth-alpha", "off", "--calib", "/nonexistent",
+                 "--out", str(tmp_path / "rtn")]) == 0
+    capsys.readouterr()
+    assert main(["quantize", str(tiny_model_dir), "--scheme", "w8a8", "--smooth-alpha", "1.5",
+                 "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmsqueeze: error: smooth_alpha=1.5") and "\n" not in err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+def test_export_compressed_tensors(tmp_path, act):
+    from safetensors import safe_open
+
+    from llmsqueeze.quant.w8a8 import export_compressed_tensors
+
+    model = llmsqueeze.quantize(tiny_model("llama"), W8A8Scheme(act=act, smooth_alpha=0.5), data=_calib(), progress=False)
+    out = export_compressed_tensors(model, tmp_path / "ct")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "int-quantized"
+    g = qc["config_groups"]["group_0"]
+    assert g["weights"]["strategy"] == "channel" and g["weights"]["num_bits"] == 8 and g["weights"]["symmetric"]
+    assert g["input_activations"]["dynamic"] == (act == "dynamic")
+    assert g["input_activations"]["strategy"] == ("token" if act == "dynamic" else "tensor")
+    assert qc["ignore"] == ["lm_head"]
+    layer = model.model.layers[0].mlp.up_proj
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("model.layers.0.mlp.up_proj.weight"), layer.weight)
+        assert torch.equal(f.get_tensor("model.layers.0.mlp.up_proj.weight_scale"), layer.weight_scale.view(-1, 1))
+        assert ("model.layers.0.mlp.up_proj.input_scale" in f.keys()) == (act == "static")
+        assert f.get_tensor("model.layers.0.input_layernorm.weight").dtype == torch.float32
+    # the in-memory model is untouched
+    assert model.config.quantization_config["quant_method"] == "llmsqueeze" and layer.weight_scale.dim() == 1
+
+
+def test_alpha_search_coarse_to_fine():
+    """The returned alpha is the least error of all tried; refinement tries best +- each step."""
+    from llmsqueeze.engine import capture_block_inputs
+    from llmsqueeze.quant.smoothquant import collect_input_absmax, search_alpha
+    from llmsqueeze.quant.w8a8 import _rtn_int8
+
+    model = _outlier_llama()
+    block = model.model.layers[0]
+    hidden, kwargs = capture_block_inputs(model, model.model.layers, [_calib(2)], "cpu", "cpu")
+    inputs = [(hidden[0], kwargs[0][0])]
+    names = [n for n, m in block.named_modules() if is_linear(m)]
+    stats = collect_input_absmax(block, names, lambda: block(inputs[0][0], **inputs[0][1]))
+    from llmsqueeze.engine import _block_output
+
+    with torch.no_grad():
+        targets = [_block_output(block(inputs[0][0], **inputs[0][1]))]
+
+    def quantize_block(trial, applied):
+        from llmsqueeze.nn import set_module
+
+        for n in names:
+            set_module(trial, n, _rtn_int8(trial.get_submodule(n)))
+
+    smap = smooth_map_for(model)
+    alpha, errors = search_alpha(block, smap, stats, [0.2, 0.4, 0.6, 0.8], True, quantize_block, inputs, targets,
+                                 refine=[0.1, 0.05])
+    assert errors[alpha] == min(errors.values())
+    assert {0.2, 0.4, 0.6, 0.8} <= set(errors) and 4 < len(errors) <= 8
+    coarse = min((0.2, 0.4, 0.6, 0.8), key=errors.get)
+    assert abs(alpha - coarse) <= 0.15 + 1e-9

@@ -199,14 +199,21 @@ def collect_input_absmax(block: nn.Module, names: list[str], run) -> dict[str, t
 
 @torch.no_grad()
 def search_alpha(block: nn.Module, smap: SmoothMap, act_absmax: dict[str, torch.Tensor], grid: list[float],
-                 pairs: bool, quantize_block, inputs: list, targets: list[torch.Tensor]) -> tuple[float, list[float]]:
-    """The alpha of `grid` whose smoothed-then-quantized copy of `block` gives the least squared
-    error against `targets` (the float block's outputs) on `inputs` [(hidden, kwargs)].
-    quantize_block(copy, applied_scales) turns the copy's Linears into their W8A8 form in place."""
+                 pairs: bool, quantize_block, inputs: list, targets: list[torch.Tensor],
+                 refine: list[float] = ()) -> tuple[float, dict[float, float]]:
+    """The alpha whose smoothed-then-quantized copy of `block` gives the least squared error against
+    `targets` (the float block's outputs) on `inputs` [(hidden, kwargs)]: the best of `grid`, then
+    best +- step for each step of `refine` (coarse to fine: the error is close to unimodal in alpha).
+    quantize_block(copy, applied_scales) turns the copy's Linears into their W8A8 form in place.
+    Returns (alpha, {alpha tried: error})."""
     from ..engine import _block_output
 
-    errors = []
-    for alpha in grid:
+    errors: dict[float, float] = {}
+
+    def error(alpha: float) -> None:
+        alpha = round(float(alpha), 4)
+        if alpha in errors or not 0 <= alpha <= 1:
+            return
         trial = copy.deepcopy(block)
         applied = smooth_block(trial, smap, act_absmax, alpha, pairs)
         quantize_block(trial, applied)
@@ -214,7 +221,13 @@ def search_alpha(block: nn.Module, smap: SmoothMap, act_absmax: dict[str, torch.
         for (h, kw), ref in zip(inputs, targets):
             out = _block_output(trial(h, **kw)).float()
             err += (out - ref).pow(2).sum().item()
-        errors.append(err)
-        del trial
-    best = min(range(len(grid)), key=lambda i: errors[i])
-    return float(grid[best]), errors
+        errors[alpha] = err
+
+    for a in grid:
+        error(a)
+    best = min(errors, key=errors.get)
+    for step in refine:
+        error(best - step)
+        error(best + step)
+        best = min(errors, key=errors.get)
+    return best, errors

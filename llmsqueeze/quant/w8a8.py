@@ -42,13 +42,14 @@ class W8A8:
     """The engine's method for W8A8 (see the module docstring)."""
 
     def __init__(self, scheme: W8A8Scheme, layer_names: list[str], smap: SmoothMap | None, gptq=None,
-                 search_batches: int = 8):
+                 search_batches: int = 4):
         self.scheme, self.smap, self.gptq = scheme, smap, gptq
         self.wanted = set(layer_names)
         self.search_batches = search_batches
         self.absmax: dict[str, torch.Tensor] = {}  # static: max|x| per layer
         self.alphas: list[float] = []
         self.report: list[dict] = []
+        self.collect_inputs = gptq is not None or scheme.act == "static"
 
     # -- before the block's Linears are calibrated: smooth the float block
     @torch.no_grad()
@@ -82,9 +83,9 @@ class W8A8:
                     set_module(trial, n, _rtn_int8(layer, inp))
 
             alpha, errors = search_alpha(block, self.smap, stats, s.smooth_grid, pairs, quantize_trial,
-                                         inputs[: self.search_batches], targets)
+                                         inputs[: self.search_batches], targets, s.smooth_refine)
             log.info("SmoothQuant %s: alpha %.2f (block-output error %s)", prefix, alpha,
-                     ", ".join(f"{a}:{e:.3g}" for a, e in zip(s.smooth_grid, errors)))
+                     ", ".join(f"{a}:{e:.3g}" for a, e in sorted(errors.items())))
         else:
             alpha = float(s.smooth_alpha)
         smooth_block(block, self.smap, stats, alpha, pairs)
@@ -111,10 +112,23 @@ def _rtn_int8(layer: nn.Module, input_scale: float | None = None):
     return Int8Linear.from_float(linear_weight(layer), getattr(layer, "bias", None), input_scale)
 
 
+def w8a8_scheme_from_args(args) -> W8A8Scheme:
+    """The CLI's --smooth-alpha/--act/--include/--exclude/--lm-head as a W8A8Scheme."""
+    a = args.smooth_alpha
+    if a not in ("auto", "off"):
+        try:
+            a = float(a)
+        except ValueError:
+            raise LlmsqueezeError(f"--smooth-alpha {a!r} is not valid: use a number in [0, 1], auto or off") from None
+    return W8A8Scheme(act=args.act, smooth_alpha=None if a == "off" else a, include=args.include or [],
+                      exclude=args.exclude or [], lm_head=args.lm_head)
+
+
 def quantize_w8a8(model: nn.Module, scheme: W8A8Scheme, data=None, method: str = "rtn", progress: bool = True, *,
                   device: str | None = None, offload: str | None = None, batch_size: int = 1, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = True, search_batches: int = 8, **_ignored) -> nn.Module:
-    """Quantize `model` in place to W8A8 (see llmsqueeze.quantize, which calls this for a W8A8Scheme)."""
+                  block_size: int = 128, act_order: bool = True, search_batches: int = 4) -> nn.Module:
+    """Quantize `model` in place to W8A8 (llmsqueeze.quantize calls this for a W8A8Scheme).
+    search_batches: calibration batches the alpha search of SmoothQuant runs each candidate on."""
     from ..api import _untie_lm_head, check_devices, quantization_config
     from ..models import all_linear_names, quantizable_modules
 
@@ -174,3 +188,53 @@ def quantize_w8a8(model: nn.Module, scheme: W8A8Scheme, data=None, method: str =
                                           "pairs": scheme.smooth_pairs, "search_batches": search_batches}
     model.config.quantization_config = quantization_config(scheme, method, all_linear_names(model), method_args)
     return model
+
+
+# ------------------------------------------------------------------------------ export
+def compressed_tensors_config(scheme: W8A8Scheme, ignore: list[str]) -> dict:
+    """The `quantization_config` of a compressed-tensors "int-quantized" checkpoint (what vLLM's
+    W8A8 int8 path reads) describing this scheme."""
+    act = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+           "strategy": "token" if scheme.act == "dynamic" else "tensor", "dynamic": scheme.act == "dynamic",
+           "observer": "memoryless" if scheme.act == "dynamic" else "minmax", "observer_kwargs": {},
+           "actorder": None, "block_structure": None}
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
+               "dynamic": False, "observer": "minmax", "observer_kwargs": {}, "actorder": None,
+               "block_structure": None}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": act,
+                                      "output_activations": None, "format": "int-quantized"}},
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+    }
+
+
+def export_compressed_tensors(model: nn.Module, out, tokenizer=None, overwrite: bool = False):
+    """Write a W8A8 model (llmsqueeze.quantize with a W8A8Scheme, or a loaded W8A8 checkpoint) as a
+    compressed-tensors int-quantized checkpoint for vLLM: the same int8 `weight` [N, K], `weight_scale`
+    as [N, 1], `input_scale` [1] (static only), dense modules unchanged. For the general export
+    command to call; the directory is written through save_quantized (temp dir, renamed at the end).
+    Not yet loaded by vLLM here (no GPU): checked only against the format's published field names."""
+    from ..checkpoint import save_quantized
+    from ..nn_int8 import Int8Linear
+
+    qc = getattr(model.config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else None)
+    if not qc or (qc.get("scheme") or {}).get("type") != "w8a8":
+        raise LlmsqueezeError("export to compressed-tensors int-quantized needs a W8A8 model: quantize it with "
+                              "--scheme w8a8 first")
+    scheme = W8A8Scheme.from_dict(qc["scheme"])
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    old = [(m, m.weight_scale) for m in layers]
+    for m in layers:  # compressed-tensors keeps the channel scale as a column [N, 1]
+        m._buffers["weight_scale"] = m.weight_scale.view(-1, 1)
+    model.config.quantization_config = compressed_tensors_config(scheme, qc.get("modules_to_not_convert", []))
+    try:
+        return save_quantized(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    finally:
+        model.config.quantization_config = qc
+        for m, s in old:
+            m._buffers["weight_scale"] = s
