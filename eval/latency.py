@@ -7,7 +7,10 @@ CPU (the default), batch 1, a real model:
 
   quantizes the model once (RTN 4-bit, group 128) into a temp dir, then measures dense fp32, dense
   bf16, 4-bit with bf16 activations (CPU int4 kernel for decode) and 4-bit with fp32 activations
-  (dequantize + matmul). Writes eval/results/latency_cpu.json.
+  (dequantize + matmul), and W8A8 (int8 GEMM, per-token dynamic activations) with fp32 and bf16
+  activations. Writes eval/results/latency_cpu.json. W8A8 is a prefill (compute-bound) scheme:
+
+    python eval/latency.py --prompt-len 2048 --new-tokens 8 --configs 0 1 4 5 --out eval/results/latency_cpu_w8a8.json
 
 CPU, a Llama-shaped model with random weights (no download), int4 CPU path vs bf16:
 
@@ -44,6 +47,8 @@ CPU_CONFIGS = [
     ("dense bf16", "dense", "bfloat16"),
     ("rtn w4 g128, bf16 activations", "q4", "bfloat16"),
     ("rtn w4 g128, fp32 activations", "q4", "float32"),
+    ("w8a8 dynamic (int8 GEMM), fp32 activations", "w8a8", "float32"),
+    ("w8a8 dynamic (int8 GEMM), bf16 activations", "w8a8", "bfloat16"),
 ]
 SYNTHETIC = {  # Llama configs by shape; vocab 32000, untied head, as Llama-2
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -232,15 +237,29 @@ def quantize_dir(model: str, tmp: str) -> str:
     return q4
 
 
+def quantize_w8a8_dir(model: str, tmp: str) -> str:
+    """W8A8 dynamic; speed does not depend on SmoothQuant, so its calibration is skipped."""
+    out = str(Path(tmp) / "w8a8")
+    subprocess.run([sys.executable, "-m", "llmsqueeze.cli", "quantize", model, "--scheme", "w8a8", "--smooth-alpha",
+                    "off", "--out", out], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # plans
 
 
-def plan_cpu_real(args, q4: str) -> list[tuple[str, dict]]:
-    return [(label, {"model": args.model if which == "dense" else q4, "dtype": dtype, "device": "cpu", "legacy": True,
+def plan_cpu_real(args, tmp: str) -> list[tuple[str, dict]]:
+    configs = [CPU_CONFIGS[i] for i in args.configs] if args.configs else CPU_CONFIGS
+    dirs = {"dense": args.model}
+    if any(c[1] == "q4" for c in configs):
+        dirs["q4"] = quantize_dir(args.model, tmp)
+    if any(c[1] == "w8a8" for c in configs):
+        dirs["w8a8"] = quantize_w8a8_dir(args.model, tmp)
+    return [(label, {"model": dirs[which], "dtype": dtype, "device": "cpu", "legacy": True,
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                      "threads": args.threads})
-            for label, which, dtype in CPU_CONFIGS]
+            for label, which, dtype in configs]
 
 
 def plan_generate(args, models: list[tuple[str, str, str]], device: str, dtype: str) -> list[tuple[str, dict]]:
@@ -294,6 +313,7 @@ def main() -> None:
     ap.add_argument("--fits", action="store_true", help="cuda: the 8 GiB demo with the 7B shape")
     ap.add_argument("--fits-only", action="store_true", help="cuda: only the 8 GiB demo")
     ap.add_argument("--cap-gib", type=float, default=8.0)
+    ap.add_argument("--configs", nargs="*", type=int, help="CPU real-model mode: indices into its configuration list")
     ap.add_argument("--out", help="JSON path (default eval/results/latency_{device}.json)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -322,7 +342,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if not cuda and not args.synthetic:
-            plan = plan_cpu_real(args, quantize_dir(args.model, tmp))
+            plan = plan_cpu_real(args, tmp)
         else:
             models = []
             if args.synthetic:

@@ -16,6 +16,8 @@ from .checkpoint import (
 from .config import CheckpointError, LlmsqueezeError, QuantScheme
 from .formats import export
 from .nn import QuantLinear
+from .nn_int8 import Int8Linear
+from .quant.int8 import W8A8Scheme
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,8 @@ register_with_transformers()
 __all__ = [
     "QuantScheme",
     "QuantLinear",
+    "W8A8Scheme",
+    "Int8Linear",
     "LlmsqueezeError",
     "CheckpointError",
     "quantize",

@@ -70,6 +70,13 @@ def quantize(
     mean Hessian diagonal), block_size; true_sequential calibrates each block's Linears in the
     architecture's order; offload keeps block activations on that device between blocks.
     """
+    from .quant.int8 import W8A8Scheme
+
+    if isinstance(scheme, W8A8Scheme):  # integer-only inference: its own module
+        from .quant.w8a8 import quantize_w8a8
+
+        return quantize_w8a8(model, scheme, data, method, progress, device=device, offload=offload, damp=damp,
+                             block_size=block_size, batch_size=batch_size, act_order=act_order, **scheme_kwargs)
     if scheme is None:
         scheme = QuantScheme(**scheme_kwargs)
     elif scheme_kwargs:

@@ -23,12 +23,14 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .api import FORMAT_VERSION, QUANT_METHOD
-from .config import CheckpointError, LlmsqueezeError, QuantScheme, first_line
+from .config import CheckpointError, LlmsqueezeError, first_line
+from .quant.int8 import W8A8Scheme, scheme_from_dict
 
 log = logging.getLogger("llmsqueeze")
 
 QUANT_SUFFIXES = ("qweight", "scales", "qzeros")
 IMPORT_METHODS = ("gptq", "awq", "compressed-tensors")  # see formats/
+W8A8_SUFFIXES = ("weight", "weight_scale")
 
 
 # ---------------------------------------------------------------------------------------- save
@@ -186,17 +188,24 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
             f"{path} has format_version {version!r}, this llmsqueeze reads up to {FORMAT_VERSION}: upgrade llmsqueeze"
         )
     try:
-        QuantScheme.from_dict(qc.get("scheme") or {})
+        scheme = scheme_from_dict(qc.get("scheme") or {})
     except (LlmsqueezeError, TypeError) as e:
-        raise CheckpointError(f"{path} has an invalid scheme in config.json ({e}); re-create the checkpoint") from None
-    keys: set[str] = set()
+        raise CheckpointError(f"{path} has an invalid scheme in config.json ({first_line(e)}); re-create the checkpoint") from None
+    header: dict[str, dict] = {}
     for f in weight_files(path):
-        keys |= set(read_safetensors_header(f)) - {"__metadata__"}
-    prefixes = {k.rsplit(".", 1)[0] for k in keys if k.endswith(".qweight")}
+        header.update(read_safetensors_header(f))
+    keys = set(header) - {"__metadata__"}
+    marker, suffixes = "qweight", QUANT_SUFFIXES
+    if isinstance(scheme, W8A8Scheme):
+        marker, suffixes = "weight_scale", W8A8_SUFFIXES + (("input_scale",) if scheme.act == "static" else ())
+    prefixes = {k.rsplit(".", 1)[0] for k in keys if k.endswith("." + marker)}
     if not prefixes:
-        raise CheckpointError(f"{path} holds no quantized weights (no *.qweight); re-create the checkpoint")
+        raise CheckpointError(f"{path} holds no quantized weights (no *.{marker}); re-create the checkpoint")
     for p in sorted(prefixes):
-        missing = [s for s in QUANT_SUFFIXES if f"{p}.{s}" not in keys]
+        if marker == "weight_scale" and header.get(f"{p}.weight", {}).get("dtype", "I8") != "I8":
+            raise CheckpointError(f"{path}: layer {p} has a {header[p + '.weight']['dtype']} weight, w8a8 stores int8; "
+                                  "the checkpoint is corrupt, re-create it")
+        missing = [s for s in suffixes if f"{p}.{s}" not in keys]
         if missing:
             raise CheckpointError(f"{path}: layer {p} lacks {', '.join(missing)}; the checkpoint is corrupt, re-create it")
     return qc
@@ -215,7 +224,7 @@ class LlmsqueezeConfig(QuantizationConfigMixin):
         self.method_args = dict(method_args or {})
         self.scheme = dict(scheme or {})
         self.modules_to_not_convert = list(modules_to_not_convert or [])
-        QuantScheme.from_dict(self.scheme)  # validate
+        scheme_from_dict(self.scheme)  # validate
 
     def to_dict(self) -> dict:
         return {
@@ -289,7 +298,7 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
     from .models import all_linear_names
     from .nn import QuantLinear, linear_weight, set_module
 
-    scheme = QuantScheme.from_dict(qc["scheme"])
+    scheme = scheme_from_dict(qc["scheme"])
     args = qc.get("method_args") or {}
     act_order = bool(args.get("act_order")) and not args.get("static_groups")  # only then is g_idx stored
     keep = set(qc.get("modules_to_not_convert", []))
@@ -298,6 +307,12 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
         layer = model.get_submodule(name)
         w = linear_weight(layer)
         n_out, k = w.shape
+        if isinstance(scheme, W8A8Scheme):
+            from .nn_int8 import Int8Linear
+
+            set_module(model, name, Int8Linear(k, n_out, bias=layer.bias is not None, static=scheme.act == "static",
+                                               bias_dtype=w.dtype, device=w.device))
+            continue
         set_module(
             model,
             name,

@@ -54,12 +54,19 @@ def cmd_quantize(args) -> int:
     torch.manual_seed(args.seed)
     if args.method not in METHODS:
         raise LlmsqueezeError(f"method {args.method!r} is not available: use one of {', '.join(METHODS)}")
-    scheme = QuantScheme(
-        bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype,
-        clip_search=args.clip_search, clip_norm=args.clip_norm, clip_weight_power=args.clip_weight_power, include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head,
-    )
+    if args.scheme == "w8a8":
+        from .quant.w8a8 import w8a8_scheme_from_args
+
+        scheme = w8a8_scheme_from_args(args)
+        calibrated = scheme.needs_data or args.method == "gptq"
+    else:
+        scheme = QuantScheme(
+            bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype,
+            clip_search=args.clip_search, clip_norm=args.clip_norm, clip_weight_power=args.clip_weight_power, include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head,
+        )
+        calibrated = args.method == "gptq"
     prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
-    if args.method == "gptq":
+    if calibrated:
         from .data import load_calibration_texts
 
         if args.n_samples < 1 or args.seq_len < 2:
@@ -73,7 +80,7 @@ def cmd_quantize(args) -> int:
         logging.getLogger("llmsqueeze").warning("no tokenizer found beside %s; saving the model without one", args.model)
         tok = None
     data = None
-    if args.method == "gptq":
+    if calibrated:
         from .data import calibration_batches
 
         if tok is None:
@@ -153,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=128, help="inputs per scale; -1 = per output channel (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at mid-grid)")
     q.add_argument("--method", default="rtn", help="rtn (default, no data) or gptq (calibrated)")
+    q.add_argument("--scheme", choices=("weight-only", "w8a8"), default="weight-only",
+                   help="weight-only (default: --bits/--group-size) or w8a8 (int8 weights and activations, "
+                        "integer GEMM; --bits/--group-size do not apply)")
+    q.add_argument("--smooth-alpha", default="auto",
+                   help="w8a8: SmoothQuant migration strength in [0, 1], auto (searched per block) or off")
+    q.add_argument("--act", choices=("dynamic", "static"), default="dynamic",
+                   help="w8a8 activations: per-token scales at run time (dynamic) or one calibrated scale per layer")
     q.add_argument("--calib", default="wikitext2",
                    help="gptq calibration text: wikitext2, c4, pileval, or a .txt/.jsonl file or datasets dir")
     q.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")

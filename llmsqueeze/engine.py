@@ -42,6 +42,11 @@ class Method(Protocol):
     def apply(self, name: str, module: nn.Module) -> nn.Module:
         """The module that replaces `module` (statistics for it are complete)."""
 
+    # Optional: `collect_inputs = False` when collect needs no calls (the engine then skips that pass);
+    # prepare_block(prefix, block, batches) rewrites the float block in place before its
+    # Linears are calibrated (SmoothQuant folds scales into norms and Linears); `batches()` yields
+    # the block's calibration inputs (hidden [B, T, H], kwargs) on the compute device.
+
 
 class _StopForward(Exception):
     pass
@@ -199,6 +204,9 @@ def run_sequential(
         tb = time.perf_counter()
         block = blocks[i].to(device)
         bprefix = f"{prefix}{i}."
+        prepare = getattr(method, "prepare_block", None)
+        if prepare is not None:
+            prepare(bprefix, block, lambda: ((h.to(device), _to(kw[i], device)) for h, kw in zip(hidden, kwargs)))
         names = [n for n, m in block.named_modules() if is_linear(m) and bprefix + n in wanted]
         for group in _groups(names, arch.sequential, true_sequential):
             handles = []
@@ -210,7 +218,8 @@ def run_sequential(
 
                 handles.append(block.get_submodule(n).register_forward_hook(hook))
             try:
-                for h, kw in zip(hidden, kwargs):
+                # a method that needs no inputs (e.g. W8A8 round-to-nearest) says so: skip the pass
+                for h, kw in zip(hidden, kwargs) if getattr(method, "collect_inputs", True) else ():
                     block(h.to(device), **_to(kw[i], device))
             finally:
                 for hd in handles:

@@ -12,8 +12,8 @@ from .checkpoint import (
     read_safetensors_header,
     weight_files,
 )
-from .config import QuantScheme
 from .formats import LAYER_TENSORS, describe_source, skeleton
+from .quant.int8 import scheme_from_dict
 
 
 def checkpoint_info(path: str | Path) -> dict:
@@ -23,7 +23,7 @@ def checkpoint_info(path: str | Path) -> dict:
     path = Path(path).expanduser()
     qc = check_checkpoint(path)
     fmt = (qc.get("source") or {}).get("format", "llmsqueeze")
-    scheme = QuantScheme.from_dict(qc["scheme"])
+    scheme = scheme_from_dict(qc["scheme"])
     model, config = skeleton(path)
     keep = set(qc.get("modules_to_not_convert", []))
     tensors: dict[str, dict] = {}
@@ -40,6 +40,8 @@ def checkpoint_info(path: str | Path) -> dict:
             continue
         n, k = linear_weight(model.get_submodule(name)).shape
         b = sum(nbytes(f"{name}.{s}") for s in LAYER_TENSORS[fmt])
+        if f"{name}.weight_scale" in tensors and fmt == "llmsqueeze":  # w8a8: int8 weight + scales
+            b = sum(nbytes(f"{name}.{s}") for s in ("weight", "weight_scale", "input_scale"))
         layers.append({"name": name, "in_features": k, "out_features": n, "bytes": b, "bits_per_weight": 8 * b / (k * n)})
         q_weights += k * n
         q_bytes += b
@@ -84,11 +86,17 @@ def _module_summary(layers: list[dict]) -> str:
 
 def format_info(info: dict) -> str:
     s = info["scheme"]
-    g = "per-channel" if s["group_size"] == -1 else f"group {s['group_size']}"
+    if s.get("type") == "w8a8":
+        alpha = s["smooth_alpha"]
+        scheme_line = (f"  scheme      w8a8: {s['weights']} weights, int8 {s['act']} activations, "
+                       f"SmoothQuant {'off' if alpha is None else f'alpha {alpha}'}, method {info['method']}")
+    else:
+        g = "per-channel" if s["group_size"] == -1 else f"group {s['group_size']}"
+        scheme_line = (f"  scheme      {s['bits']}-bit {g} {'sym' if s['sym'] else 'asym'}, scales {s['scale_dtype']}, "
+                       f"method {info['method']}{', clip search' if s['clip_search'] else ''}")
     lines = [
         f"{info['path']}: {info['architecture']} ({info['model_type']}), {info['format']}",
-        f"  scheme      {s['bits']}-bit {g} {'sym' if s['sym'] else 'asym'}, scales {s['scale_dtype']}, "
-        f"method {info['method']}{', clip search' if s['clip_search'] else ''}",
+        scheme_line,
         f"  quantized   {info['quantized_layers']} layers, {info['quantized_weights']:,} weights at "
         f"{info['bits_per_quantized_weight']:.3f} bits/weight (scales and zeros included)",
         f"  modules     {_module_summary(info['layers'])}",

@@ -1,0 +1,185 @@
+"""W8A8 integer math: int8 activations (per token, dynamic; or one calibrated scale per tensor,
+static), int8 weights (per output channel, symmetric), an int8 x int8 -> int32 GEMM and the float
+rescale. Pure functions on tensors, plus the `W8A8Scheme` that says what a checkpoint holds.
+
+    x ≈ xq * sx      xq int8 in [-127, 127]   sx [M] (dynamic: max|x_m| / 127) or [1] (static)
+    W ≈ wq * sw      wq int8 [N, K]           sw [N]  (max|W_n| / 127; GPTQ may also use -128)
+    y = x @ W^T ≈ (xq @ wq^T) * (sx[:, None] * sw[None, :])      the integer product accumulates in int32
+
+The int32 accumulation is exact while K * 128 * 127 < 2**31 (K < 132,000), so every backend that
+gives the integer product gives the same integers; only the final float rescale rounds.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from ..config import LlmsqueezeError
+
+QMAX = 127  # activations and weights use the symmetric range [-127, 127]
+ACT_MODES = ("dynamic", "static")
+SMOOTH_PAIRS = ("norm", "all")  # smoothing folded into the norms only, or also v -> o and up -> down
+WEIGHTS = "int8 per-channel sym"
+
+
+def _tiny(dtype=torch.float32) -> float:
+    return torch.finfo(dtype).tiny
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] float -> (xq [..., K] int8, scale [...] float32): one scale per row (token).
+
+    Memory-bound, so written for few passes: max|x| as an inf-norm (no |x| temporary), one division,
+    rounding in place; |x| / scale <= 127 (to float rounding), so no clamp. A true division, not a
+    multiply by 1/scale: the two differ on rounding ties, and W8A8 without smoothing on SmolLM2-135M
+    is sensitive enough that those few flips move perplexity by ~1% (see eval/w8a8.py)."""
+    xf = x.float()
+    scale = (torch.linalg.vector_norm(xf, float("inf"), dim=-1) / QMAX).clamp_(min=_tiny())  # all-zero row: any
+    xq = (xf / scale.unsqueeze(-1)).round_().to(torch.int8)
+    return xq, scale
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float, scale [1] (calibrated max|x| / 127) -> xq [M, K] int8; larger values clip."""
+    return (x.float() / scale).round_().clamp_(-QMAX, QMAX).to(torch.int8)
+
+
+def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (wq [N, K] int8, scale [N] float32): round to nearest on a symmetric grid per row."""
+    wf = w.detach().float()
+    scale = (wf.abs().amax(dim=1) / QMAX).clamp(min=_tiny())
+    wq = torch.round(wf / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return wq, scale
+
+
+def _int_mm_ok(m: int, k: int, n: int, device: torch.device) -> bool:
+    """Whether torch._int_mm takes these shapes: anything on the CPU (torch 2.13); cuBLASLt on CUDA
+    wants M > 16 and K, N multiples of 8."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return m > 16 and k % 8 == 0 and n % 8 == 0
+    return False
+
+
+def int8_mm(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """xq [M, K] int8, wq [N, K] int8 -> xq @ wq^T [M, N] int32, exact.
+
+    torch._int_mm where it runs (CUDA shapes padded to its constraints: zero rows/columns add
+    nothing); elsewhere an int32 matmul of the widened operands (slow, exact)."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    dev = xq.device
+    if dev.type == "cuda" and not _int_mm_ok(m, k, n, dev):
+        mp, kp, np_ = max(m, 17), -(-k // 8) * 8, -(-n // 8) * 8
+        xq = torch.nn.functional.pad(xq, (0, kp - k, 0, mp - m))
+        wq = torch.nn.functional.pad(wq, (0, kp - k, 0, np_ - n))
+        return torch._int_mm(xq, wq.t())[:m, :n]
+    if _int_mm_ok(m, k, n, dev):
+        return torch._int_mm(xq, wq.t())
+    return xq.to(torch.int32) @ wq.to(torch.int32).t()  # pragma: no cover (other devices)
+
+
+def rescale(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """acc [M, N] int32, x_scale [M] or [1], w_scale [N] -> acc * x_scale * w_scale (+ bias), in `dtype`.
+
+    Two passes over [M, N]: the int32 -> float32 multiply by the per-row scale allocates the output,
+    the per-column scale (and bias) are applied in place."""
+    y = torch.mul(acc, x_scale.view(-1, 1) if x_scale.numel() > 1 else x_scale)
+    y.mul_(w_scale)
+    if bias is not None:
+        y.add_(bias.float())
+    return y.to(dtype)
+
+
+def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] float -> y [..., N] in x's dtype: activations quantized per token (or with the
+    static `input_scale` [1]), integer GEMM against wq [N, K], float rescale."""
+    shape = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if input_scale is None:
+        xq, xs = quantize_per_token(x2)
+    else:
+        xq, xs = quantize_static(x2, input_scale), input_scale.float()
+    y = rescale(int8_mm(xq, wq), xs, w_scale.float(), bias, x.dtype)
+    return y.reshape(*shape, wq.shape[0])
+
+
+@dataclass
+class W8A8Scheme:
+    """Integer-only inference: every selected Linear gets int8 per-channel symmetric weights and
+    int8 activations, `act` "dynamic" (one scale per token, computed at run time) or "static" (one
+    scale per layer, calibrated and saved). `smooth_alpha` (a float in [0, 1], "auto" to search a
+    grid per block on calibration data, or None for none) migrates activation outliers into the
+    weights (SmoothQuant) before quantizing (auto: the best of `smooth_grid`, refined by best +- each
+    step of `smooth_refine`); `smooth_pairs` "norm" folds the smoothing into the
+    norms before q/k/v and gate/up, "all" also smooths v -> o and up -> down. include/exclude/lm_head
+    pick layers as in QuantScheme (the head stays dense by default)."""
+
+    act: str = "dynamic"
+    smooth_alpha: float | str | None = "auto"
+    smooth_grid: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    smooth_refine: list[float] = field(default_factory=lambda: [0.1, 0.05])
+    smooth_pairs: str = "all"
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    lm_head: bool = False
+    type: str = "w8a8"
+    weights: str = WEIGHTS
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.type != "w8a8":
+            raise LlmsqueezeError(f"scheme type {self.type!r} is not 'w8a8'")
+        if self.weights != WEIGHTS:
+            raise LlmsqueezeError(f"weights={self.weights!r}: only {WEIGHTS!r} is supported")
+        if self.act not in ACT_MODES:
+            raise LlmsqueezeError(f"act={self.act!r} is not valid: use dynamic (per token) or static (calibrated)")
+        a = self.smooth_alpha
+        if not (a is None or a == "auto" or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1)):
+            raise LlmsqueezeError(f"smooth_alpha={a!r} is not valid: use a number in [0, 1], 'auto' or None (no smoothing)")
+        if not self.smooth_grid or not all(isinstance(g, (int, float)) and 0 <= g <= 1 for g in self.smooth_grid):
+            raise LlmsqueezeError(f"smooth_grid={self.smooth_grid!r} must be a non-empty list of numbers in [0, 1]")
+        if not all(isinstance(g, (int, float)) and 0 < g < 1 for g in self.smooth_refine):
+            raise LlmsqueezeError(f"smooth_refine={self.smooth_refine!r} must be a list of steps in (0, 1), e.g. [0.1, 0.05]")
+        if self.smooth_pairs not in SMOOTH_PAIRS:
+            raise LlmsqueezeError(f"smooth_pairs={self.smooth_pairs!r} is not valid: use one of {', '.join(SMOOTH_PAIRS)}")
+        for pattern in [*self.include, *self.exclude]:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LlmsqueezeError(f"module pattern {pattern!r} is not a valid regular expression ({e})") from None
+
+    @property
+    def needs_data(self) -> bool:
+        return self.smooth_alpha is not None or self.act == "static"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "W8A8Scheme":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise LlmsqueezeError(f"unknown w8a8 scheme fields {sorted(unknown)}: allowed are {sorted(known)}")
+        return cls(**d)
+
+
+def scheme_from_dict(d: dict):
+    """A QuantScheme (weight-only) or a W8A8Scheme, by the dict's "type" (absent: weight-only)."""
+    from ..config import QuantScheme
+
+    if not isinstance(d, dict):
+        raise LlmsqueezeError(f"scheme must be a JSON object, got {type(d).__name__}")
+    if d.get("type", "weight-only") == "w8a8":
+        return W8A8Scheme.from_dict(d)
+    if "type" in d:
+        raise LlmsqueezeError(f"scheme type {d['type']!r} is not known: this llmsqueeze reads weight-only and w8a8")
+    return QuantScheme.from_dict(d)

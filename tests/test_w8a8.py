@@ -1,0 +1,371 @@
+"""W8A8: integer GEMM vs integer and float references, SmoothQuant's exactness in float, the
+engine-driven quantization on every family, and the checkpoint round trip."""
+import copy
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+import llmsqueeze
+from llmsqueeze import CheckpointError, Int8Linear, LlmsqueezeError, W8A8Scheme
+from llmsqueeze.models import get_arch
+from llmsqueeze.nn import is_linear
+from llmsqueeze.quant.int8 import (
+    int8_mm,
+    quantize_per_token,
+    quantize_static,
+    quantize_weight_per_channel,
+    scheme_from_dict,
+    w8a8_linear,
+)
+from llmsqueeze.quant.smoothquant import (
+    gqa_index,
+    smooth_block,
+    smooth_map_for,
+    smoothing_scales,
+)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("m, k, n", [(1, 8, 8), (7, 33, 5), (17, 64, 48), (64, 96, 160)])
+def test_int8_mm_is_exact(m, k, n):
+    a = torch.randint(-128, 128, (m, k), generator=_gen(), dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=_gen(1), dtype=torch.int8)
+    ref = a.to(torch.int64) @ b.to(torch.int64).t()  # int64: no overflow possible
+    out = int8_mm(a, b)
+    assert out.dtype == torch.int32 and torch.equal(out.to(torch.int64), ref)
+
+
+def test_per_token_and_per_channel_quantization():
+    x = torch.randn(16, 40, generator=_gen()) * torch.linspace(0.1, 10, 16)[:, None]
+    xq, s = quantize_per_token(x)
+    assert xq.dtype == torch.int8 and s.shape == (16,)
+    assert (xq.abs().amax(dim=1) == 127).all()  # each row's max lands on the grid's end
+    assert ((xq.float() * s[:, None] - x).abs() <= s[:, None] / 2 + 1e-6).all()  # round to nearest
+    wq, ws = quantize_weight_per_channel(x)
+    assert torch.equal(wq, xq) and torch.allclose(ws, s)
+    assert torch.equal(quantize_static(x, torch.tensor([0.01])).abs().max(), torch.tensor(127, dtype=torch.int8))
+    zq, zs = quantize_per_token(torch.zeros(2, 8))  # all-zero rows: finite scale, zero codes
+    assert torch.isfinite(zs).all() and not zq.any()
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_w8a8_linear_vs_references(static):
+    x = torch.randn(3, 11, 64, generator=_gen())
+    w = torch.randn(48, 64, generator=_gen(1)) / 8
+    bias = torch.randn(48, generator=_gen(2))
+    layer = Int8Linear.from_float(w, bias, input_scale=float(x.abs().max()) / 127 if static else None)
+    y = layer(x)
+    # integer reference: the same codes, an int64 product, the rescale in float64
+    x2 = x.reshape(-1, 64)
+    if static:
+        xq, xs = quantize_static(x2, layer.input_scale), layer.input_scale.double().expand(x2.shape[0])
+    else:
+        xq, xs = quantize_per_token(x2)
+    acc = xq.to(torch.int64) @ layer.weight.to(torch.int64).t()
+    ref = (acc.double() * xs.double()[:, None] * layer.weight_scale.double()[None, :] + bias.double()).float()
+    torch.testing.assert_close(y.reshape(-1, 48), ref, rtol=1e-6, atol=1e-5)  # float32 rescale rounding only
+    # float reference: int8 on both sides keeps ~1% relative error on Gaussian data
+    yf = x @ w.t() + bias
+    assert (y - yf).norm() / yf.norm() < 0.02
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_int8_linear_keeps_float32_scales_on_cast():
+    layer = Int8Linear.from_float(torch.randn(8, 16), input_scale=0.1).to(torch.bfloat16)
+    assert layer.weight.dtype == torch.int8 and layer.weight_scale.dtype == torch.float32
+    assert layer.input_scale.dtype == torch.float32
+
+
+def test_smoothing_scales():
+    a, w = torch.tensor([4.0, 1.0, 0.0, 9.0]), torch.tensor([1.0, 4.0, 2.0, 0.0])
+    s = smoothing_scales(a, w, 0.5)
+    torch.testing.assert_close(s, torch.tensor([2.0, 0.5, 1.0, 1.0]))  # zeros: left alone
+    torch.testing.assert_close(smoothing_scales(a[:2], w[:2], 1.0), a[:2])
+    torch.testing.assert_close(smoothing_scales(a[:2], w[:2], 0.0), 1 / w[:2])
+
+
+def test_gqa_index():
+    # 4 query heads, 2 kv heads of dim 3: query heads 0, 1 read kv head 0
+    assert gqa_index(6, 12, 3).tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
+    assert gqa_index(8, 8, None).tolist() == list(range(8))
+    assert gqa_index(6, 10, 3) is None
+
+
+def _randomize_norms(model):
+    """Non-trivial norm weights and biases, so folding into them is really exercised."""
+    g = _gen(5)
+    with torch.no_grad():
+        for mod in model.modules():
+            if "norm" in type(mod).__name__.lower():
+                for p in (getattr(mod, "weight", None), getattr(mod, "bias", None)):
+                    if isinstance(p, torch.nn.Parameter):
+                        p.copy_(p + 0.3 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_smoothing_leaves_float_logits_unchanged(family):
+    model = tiny_model(family)
+    _randomize_norms(model)
+    ids = torch.randint(3, 64, (2, 24), generator=_gen())
+    with torch.no_grad():
+        before = model(ids).logits
+    smap = smooth_map_for(model)
+    blocks = model.get_submodule(get_arch(model).blocks)
+    g = _gen(3)
+    for block in blocks:
+        # outlier-heavy statistics, so the scales span orders of magnitude
+        stats = {n: torch.rand(m.in_features if hasattr(m, "in_features") else m.weight.shape[0], generator=g)
+                 .pow(4).mul(50).add(0.01) for n, m in block.named_modules() if is_linear(m)}
+        applied = smooth_block(block, smap, stats, 0.5, pairs=True)
+        assert applied and max(float(s.max() / s.min()) for s in applied.values()) > 10
+    with torch.no_grad():
+        after = model(ids).logits
+    # float32 rounding of the rescaled weights only: ~1e-6 relative
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_pairs_found_in_llama():
+    from llmsqueeze.quant.smoothquant import linear_pair_plan
+
+    model = tiny_model("llama")  # 4 heads, 2 kv heads: v_proj 40 -> o_proj 80 inputs
+    plan = linear_pair_plan(model.model.layers[0], smooth_map_for(model))
+    assert [(p, c) for p, c, _ in plan] == [("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_proj")]
+
+
+def _calib(n=4, t=32):
+    return torch.randint(3, 64, (n, t), generator=_gen())
+
+
+def _outlier_llama():
+    """A tiny Llama whose norms produce a few large channels, as real LLMs do."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[[3, 17, 50]] = 40.0
+    return model
+
+
+def _logit_error(model, ref, ids):
+    with torch.no_grad():
+        a, b = model(ids).logits, ref(ids).logits
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+def test_smoothquant_helps_with_outliers(act):
+    ref = _outlier_llama()
+    ids = torch.randint(3, 64, (2, 32), generator=_gen(9))
+    plain = llmsqueeze.quantize(_outlier_llama(), W8A8Scheme(act=act, smooth_alpha=None), data=_calib(), progress=False)
+    smooth = llmsqueeze.quantize(_outlier_llama(), W8A8Scheme(act=act), data=_calib(), progress=False)
+    e_plain, e_smooth = _logit_error(plain, ref, ids), _logit_error(smooth, ref, ids)
+    assert e_smooth < 0.7 * e_plain, (e_smooth, e_plain)
+    alphas = smooth.config.quantization_config["method_args"]["smoothquant"]["alphas"]
+    assert len(alphas) == 2 and all(0 <= a <= 1 for a in alphas)
+
+
+def test_rtn_dynamic_needs_no_data_and_gptq_runs():
+    ref = tiny_model("llama")
+    ids = _calib()
+    rtn = llmsqueeze.quantize(tiny_model("llama"), W8A8Scheme(smooth_alpha=None), progress=False)
+    assert isinstance(rtn.model.layers[0].self_attn.q_proj, Int8Linear)
+    assert isinstance(rtn.lm_head, torch.nn.Linear)  # the head stays dense
+    gptq = llmsqueeze.quantize(tiny_model("llama"), W8A8Scheme(smooth_alpha=0.5), data=ids, method="gptq",
+                               progress=False)
+    assert gptq.config.quantization_config["method"] == "gptq"
+    assert _logit_error(gptq, ref, ids) < 0.05 and _logit_error(rtn, ref, ids) < 0.05
+    with pytest.raises(LlmsqueezeError, match="needs calibration data"):
+        llmsqueeze.quantize(tiny_model("llama"), W8A8Scheme(), progress=False)
+    with pytest.raises(LlmsqueezeError, match="not available for w8a8"):
+        llmsqueeze.quantize(tiny_model("llama"), W8A8Scheme(smooth_alpha=None), method="awq", progress=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_quantizes_and_reloads(family, tmp_path):
+    model = tiny_model(family)
+    ref = copy.deepcopy(model)
+    ids = _calib()
+    llmsqueeze.quantize(model, W8A8Scheme(act="static", smooth_grid=[0.5, 0.8], smooth_refine=[]), data=ids, progress=False)
+    assert _logit_error(model, ref, ids[:1]) < 0.05
+    out = llmsqueeze.save_quantized(model, tmp_path / "q")
+    loaded = llmsqueeze.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids[:1]).logits, model(ids[:1]).logits)
+
+
+def test_checkpoint_round_trip_and_format(tmp_path):
+    model = tiny_model("llama")
+    llmsqueeze.quantize(model, W8A8Scheme(act="static"), data=_calib(), progress=False)
+    out = llmsqueeze.save_quantized(model, tmp_path / "q", tokenizer=tiny_tokenizer())
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["scheme"]["type"] == "w8a8" and qc["scheme"]["act"] == "static"
+    assert qc["scheme"]["weights"] == "int8 per-channel sym"
+    assert len(qc["method_args"]["smoothquant"]["alphas"]) == 2
+    ids = _calib()[:1]
+    with torch.no_grad():
+        want = model(ids).logits
+        via_hf = AutoModelForCausalLM.from_pretrained(out)
+        assert isinstance(via_hf.model.layers[1].mlp.down_proj, Int8Linear)
+        assert via_hf.model.layers[1].mlp.down_proj.weight.dtype == torch.int8
+        assert torch.equal(via_hf(ids).logits, want)
+        assert torch.equal(llmsqueeze.from_pretrained(out, dtype=torch.float32)(ids).logits, want)
+    from llmsqueeze.info import checkpoint_info, format_info
+
+    info = checkpoint_info(out)
+    assert 8 < info["bits_per_quantized_weight"] < 9
+    assert "w8a8" in format_info(info)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("act", "per-group", "act='per-group' is not valid"),
+    ("smooth_alpha", 3, "smooth_alpha=3"),
+    ("colour", "red", "unknown w8a8 scheme fields"),
+    ("weights", "int4", "only 'int8 per-channel sym'"),
+])
+def test_corrupt_scheme_field_is_one_line(tmp_path, field, value, match):
+    model = llmsqueeze.quantize(tiny_model("llama"), W8A8Scheme(smooth_alpha=None), progress=False)
+    out = llmsqueeze.save_quantized(model, tmp_path / "q")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"]["scheme"][field] = value
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=match) as e:
+        llmsqueeze.from_pretrained(out)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_input_scale_and_wrong_weight_dtype(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = llmsqueeze.quantize(tiny_model("llama"), W8A8Scheme(act="static", smooth_alpha=None), data=_calib(),
+                                progress=False)
+    out = llmsqueeze.save_quantized(model, tmp_path / "q")
+    tensors = load_file(out / "model.safetensors")
+    del tensors["model.layers.0.mlp.up_proj.input_scale"]
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="up_proj lacks input_scale"):
+        llmsqueeze.check_checkpoint(out)
+    tensors["model.layers.0.mlp.up_proj.input_scale"] = torch.ones(1)
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].float()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="F32 weight, w8a8 stores int8"):
+        llmsqueeze.check_checkpoint(out)
+
+
+def test_scheme_from_dict_dispatch():
+    assert isinstance(scheme_from_dict({"type": "w8a8"}), W8A8Scheme)
+    assert isinstance(scheme_from_dict({"bits": 4}), llmsqueeze.QuantScheme)
+    with pytest.raises(LlmsqueezeError, match="scheme type 'w4a4' is not known"):
+        scheme_from_dict({"type": "w4a4"})
+    s = W8A8Scheme(act="static", smooth_alpha=0.5)
+    assert scheme_from_dict(json.loads(json.dumps(s.to_dict()))) == s
+
+
+def test_w8a8_direct_matches_manual_module():
+    """Int8Linear of a given weight computes w8a8_linear with its buffers (no hidden state)."""
+    w = torch.randn(24, 40, generator=_gen())
+    layer = Int8Linear.from_float(w)
+    x = torch.randn(5, 40, generator=_gen(1))
+    assert torch.equal(layer(x), w8a8_linear(x, layer.weight, layer.weight_scale))
+
+
+def test_shared_input_is_quantized_once_and_in_place_writes_are_seen(monkeypatch):
+    import llmsqueeze.nn_int8 as nn_int8
+
+    calls = []
+    real = nn_int8.quantize_per_token
+    monkeypatch.setattr(nn_int8, "quantize_per_token", lambda x: calls.append(1) or real(x))
+    a, b = Int8Linear.from_float(torch.randn(8, 16)), Int8Linear.from_float(torch.randn(12, 16))
+    x = torch.randn(2, 5, 16, generator=_gen())
+    ya, yb = a(x), b(x)
+    assert len(calls) == 1
+    assert torch.equal(ya, w8a8_linear(x, a.weight, a.weight_scale)) and torch.equal(yb, w8a8_linear(x, b.weight, b.weight_scale))
+    x.mul_(2)  # same tensor, new values: quantized again
+    assert torch.equal(b(x), w8a8_linear(x, b.weight, b.weight_scale)) and len(calls) == 2
+
+
+def test_cli_w8a8(tiny_model_dir, text_file, tmp_path, capsys):
+    from llmsqueeze.cli import main
+
+    out = tmp_path / "w8a8"
+    assert main(["quantize", str(tiny_model_dir), "--scheme", "w8a8", "--act", "static", "--smooth-alpha", "auto",
+                 "--method", "gptq", "--calib", str(text_file), "--n-samples", "4", "--seq-len", "32",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["scheme"]["act"] == "static" and qc["method"] == "gptq" and qc["method_args"]["n_samples"] == 4
+    assert main(["info", str(out)]) == 0
+    assert "w8a8: int8 per-channel sym weights, int8 static activations, SmoothQuant alpha auto" in capsys.readouterr().out
+    assert main(["eval", "ppl", str(out), "--data", str(text_file), "--seq-len", "32", "--windows", "2"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    # dynamic without smoothing needs no calibration text at all
+    assert main(["quantize", str(tiny_model_dir), "--scheme", "w8a8", "--smooth-alpha", "off", "--calib", "/nonexistent",
+                 "--out", str(tmp_path / "rtn")]) == 0
+    capsys.readouterr()
+    assert main(["quantize", str(tiny_model_dir), "--scheme", "w8a8", "--smooth-alpha", "1.5",
+                 "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmsqueeze: error: smooth_alpha=1.5") and "\n" not in err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+def test_export_compressed_tensors(tmp_path, act):
+    from safetensors import safe_open
+
+    from llmsqueeze.quant.w8a8 import export_compressed_tensors
+
+    model = llmsqueeze.quantize(tiny_model("llama"), W8A8Scheme(act=act, smooth_alpha=0.5), data=_calib(), progress=False)
+    out = export_compressed_tensors(model, tmp_path / "ct")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "int-quantized"
+    g = qc["config_groups"]["group_0"]
+    assert g["weights"]["strategy"] == "channel" and g["weights"]["num_bits"] == 8 and g["weights"]["symmetric"]
+    assert g["input_activations"]["dynamic"] == (act == "dynamic")
+    assert g["input_activations"]["strategy"] == ("token" if act == "dynamic" else "tensor")
+    assert qc["ignore"] == ["lm_head"]
+    layer = model.model.layers[0].mlp.up_proj
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("model.layers.0.mlp.up_proj.weight"), layer.weight)
+        assert torch.equal(f.get_tensor("model.layers.0.mlp.up_proj.weight_scale"), layer.weight_scale.view(-1, 1))
+        assert ("model.layers.0.mlp.up_proj.input_scale" in f.keys()) == (act == "static")
+        assert f.get_tensor("model.layers.0.input_layernorm.weight").dtype == torch.float32
+    # the in-memory model is untouched
+    assert model.config.quantization_config["quant_method"] == "llmsqueeze" and layer.weight_scale.dim() == 1
+
+
+def test_alpha_search_coarse_to_fine():
+    """The returned alpha is the least error of all tried; refinement tries best +- each step."""
+    from llmsqueeze.engine import capture_block_inputs
+    from llmsqueeze.quant.smoothquant import collect_input_absmax, search_alpha
+    from llmsqueeze.quant.w8a8 import _rtn_int8
+
+    model = _outlier_llama()
+    block = model.model.layers[0]
+    hidden, kwargs = capture_block_inputs(model, model.model.layers, [_calib(2)], "cpu", "cpu")
+    inputs = [(hidden[0], kwargs[0][0])]
+    names = [n for n, m in block.named_modules() if is_linear(m)]
+    stats = collect_input_absmax(block, names, lambda: block(inputs[0][0], **inputs[0][1]))
+    from llmsqueeze.engine import _block_output
+
+    with torch.no_grad():
+        targets = [_block_output(block(inputs[0][0], **inputs[0][1]))]
+
+    def quantize_block(trial, applied):
+        from llmsqueeze.nn import set_module
+
+        for n in names:
+            set_module(trial, n, _rtn_int8(trial.get_submodule(n)))
+
+    smap = smooth_map_for(model)
+    alpha, errors = search_alpha(block, smap, stats, [0.2, 0.4, 0.6, 0.8], True, quantize_block, inputs, targets,
+                                 refine=[0.1, 0.05])
+    assert errors[alpha] == min(errors.values())
+    assert {0.2, 0.4, 0.6, 0.8} <= set(errors) and 4 < len(errors) <= 8
+    coarse = min((0.2, 0.4, 0.6, 0.8), key=errors.get)
+    assert abs(alpha - coarse) <= 0.15 + 1e-9
