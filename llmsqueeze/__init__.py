@@ -5,7 +5,7 @@
     llmsqueeze.save_quantized(model, "q4", tokenizer=tok)
     model = llmsqueeze.from_pretrained("q4")   # or transformers.AutoModelForCausalLM.from_pretrained("q4")
 """
-from .api import load_dense, quantize
+from .api import load_dense, prune, quantize
 from .checkpoint import (
     check_checkpoint,
     from_pretrained,
@@ -25,6 +25,7 @@ __all__ = [
     "LlmsqueezeError",
     "CheckpointError",
     "quantize",
+    "prune",
     "load_dense",
     "save_quantized",
     "from_pretrained",
