@@ -201,6 +201,8 @@ def run_sequential(
         bprefix = f"{prefix}{i}."
         names = [n for n, m in block.named_modules() if is_linear(m) and bprefix + n in wanted]
         for group in _groups(names, arch.sequential, true_sequential):
+            if not group:  # a block with nothing selected: only its outputs are needed
+                continue
             handles = []
             for n in group:
                 full = bprefix + n

@@ -31,7 +31,8 @@ def checkpoint_info(path: str | Path) -> dict:
 
     path = Path(path).expanduser()
     qc = check_checkpoint(path)
-    scheme = QuantScheme.from_dict(qc["scheme"])
+    scheme = None if qc.get("scheme") is None else QuantScheme.from_dict(qc["scheme"])
+    sparse = qc.get("sparsity")
     model, config = _skeleton(path)
     keep = set(qc.get("modules_to_not_convert", []))
     tensors: dict[str, dict] = {}
@@ -47,7 +48,7 @@ def checkpoint_info(path: str | Path) -> dict:
         if name in keep:
             continue
         n, k = linear_weight(model.get_submodule(name)).shape
-        b = sum(nbytes(f"{name}.{s}") for s in ("qweight", "scales", "qzeros", "g_idx"))
+        b = sum(nbytes(f"{name}.{s}") for s in ("qweight", "scales", "qzeros", "g_idx", "values", "indices", "bitmask"))
         layers.append({"name": name, "in_features": k, "out_features": n, "bytes": b, "bits_per_weight": 8 * b / (k * n)})
         q_weights += k * n
         q_bytes += b
@@ -61,7 +62,8 @@ def checkpoint_info(path: str | Path) -> dict:
         "architecture": (config.architectures or ["?"])[0],
         "method": qc.get("method"),
         "format_version": qc.get("format_version"),
-        "scheme": scheme.to_dict(),
+        "scheme": None if scheme is None else scheme.to_dict(),
+        "sparsity": sparse,
         "quantized_layers": len(layers),
         "quantized_weights": q_weights,
         "bits_per_quantized_weight": 8 * q_bytes / max(q_weights, 1),
@@ -90,14 +92,20 @@ def _module_summary(layers: list[dict]) -> str:
 
 
 def format_info(info: dict) -> str:
-    s = info["scheme"]
-    g = "per-channel" if s["group_size"] == -1 else f"group {s['group_size']}"
-    lines = [
-        f"{info['path']}: {info['architecture']} ({info['model_type']}), llmsqueeze format v{info['format_version']}",
-        f"  scheme      {s['bits']}-bit {g} {'sym' if s['sym'] else 'asym'}, scales {s['scale_dtype']}, "
-        f"method {info['method']}{', clip search' if s['clip_search'] else ''}",
-        f"  quantized   {info['quantized_layers']} layers, {info['quantized_weights']:,} weights at "
-        f"{info['bits_per_quantized_weight']:.3f} bits/weight (scales and zeros included)",
+    s, sp = info["scheme"], info.get("sparsity")
+    lines = [f"{info['path']}: {info['architecture']} ({info['model_type']}), llmsqueeze format v{info['format_version']}"]
+    if s is not None:
+        g = "per-channel" if s["group_size"] == -1 else f"group {s['group_size']}"
+        lines.append(f"  scheme      {s['bits']}-bit {g} {'sym' if s['sym'] else 'asym'}, scales {s['scale_dtype']}, "
+                     f"method {info['method']}{', clip search' if s['clip_search'] else ''}")
+    if sp is not None:
+        what = sp["nm_pattern"] if sp.get("nm_pattern") else f"{sp['sparsity']:.0%} unstructured ({sp.get('scope')})"
+        store = {"nm": "values + N:M indices", "bitmask": "bitmask + values"}.get(sp.get("format"), "packed, q == zero")
+        lines.append(f"  sparsity    {what}, method {info['method']}, stored as {store}")
+    lines += [
+        f"  {'quantized ' if sp is None else 'compressed'}  {info['quantized_layers']} layers, "
+        f"{info['quantized_weights']:,} weights at {info['bits_per_quantized_weight']:.3f} bits/weight "
+        f"({'scales and zeros' if sp is None else 'values, indices, scales and zeros'} included)",
         f"  modules     {_module_summary(info['layers'])}",
         f"  kept dense  {len(info['modules_to_not_convert'])} linear modules"
         + (f" ({', '.join(info['modules_to_not_convert'][:4])}{', ...' if len(info['modules_to_not_convert']) > 4 else ''})"

@@ -232,3 +232,134 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+class SparseLinear(nn.Module):
+    """y = x @ W^T + b with a pruned W [N, K] stored compressed, in one of two formats:
+
+      * "nm" (N:M, e.g. 2:4): `values` [N, K*n/m] and `indices` uint8 [N, K*n/m], the position
+        (0..m-1) of each kept value inside its group of m inputs, increasing within the group; a group
+        with fewer than n nonzeros stores zeros. The layout torch's semi-structured tensors start from.
+      * "bitmask" (unstructured): `bitmask` uint8 [N, ceil(K/8)] (input j of a row is bit j % 8 of
+        byte j // 8) and `values` [nnz], the nonzeros in row-major order.
+
+    `verify()` checks the stored pattern; the loader refuses a checkpoint that fails it. Forward: on a
+    CUDA GPU with fp16/bf16 activations a 2:4 layer runs as a torch semi-structured sparse tensor
+    (built once); everywhere else through the dense weight, rebuilt once and cached.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, nm: tuple[int, int] | None = None,
+                 nnz: int | None = None, bias: bool = False, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.nm = tuple(nm) if nm is not None else None
+        if fmt == "nm":
+            n, m = self.nm
+            width = in_features // m * n
+            self.register_buffer("values", torch.zeros(out_features, width, dtype=dtype, device=device))
+            self.register_buffer("indices", torch.zeros(out_features, width, dtype=torch.uint8, device=device))
+        elif fmt == "bitmask":
+            self.register_buffer("values", torch.zeros(nnz, dtype=dtype, device=device))
+            self.register_buffer("bitmask", torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8,
+                                                        device=device))
+        else:
+            raise ValueError(f"sparse format {fmt!r}: use 'nm' or 'bitmask'")
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        self._cache: tuple | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def from_dense(cls, w: torch.Tensor, bias: torch.Tensor | None, nm: tuple[int, int] | None = None) -> "SparseLinear":
+        """w [N, K] with zeros where pruned -> compressed layer ("nm" when `nm` is given, else "bitmask")."""
+        n_out, k = w.shape
+        if nm is not None:
+            n, m = nm
+            nz = (w != 0).view(n_out, k // m, m)
+            if (nz.sum(-1) > n).any():
+                raise ValueError(f"weight is not {n}:{m} sparse")
+            # the nonzeros first, then the lowest free positions; then positions in increasing order
+            order = nz.float() * 2 * m - torch.arange(m, device=w.device)  # [N, K/m, m]
+            pos = order.topk(n, dim=-1).indices.sort(dim=-1).values  # [N, K/m, n]
+            layer = cls(k, n_out, "nm", nm, bias=bias is not None, dtype=w.dtype, device=w.device)
+            layer.values.copy_(w.view(n_out, k // m, m).gather(-1, pos).reshape(n_out, -1))
+            layer.indices.copy_(pos.reshape(n_out, -1).to(torch.uint8))
+        else:
+            keep = w != 0
+            layer = cls(k, n_out, "bitmask", nnz=int(keep.sum()), bias=bias is not None, dtype=w.dtype, device=w.device)
+            layer.values.copy_(w[keep])
+            layer.bitmask.copy_(_pack_bits(keep))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def verify(self) -> str | None:
+        """None when the stored pattern is sound, else what is wrong."""
+        if self.fmt == "nm":
+            n, m = self.nm
+            idx = self.indices.long().view(self.out_features, -1, n)
+            if idx.numel() and int(idx.max()) >= m:
+                return f"an N:M index is {int(idx.max())}, outside 0..{m - 1}"
+            if n > 1 and (idx[..., 1:] <= idx[..., :-1]).any():
+                return f"a group of {m} inputs holds a repeated or unordered index: not {n}:{m}"
+            return None
+        ones = int(_unpack_bits(self.bitmask, self.in_features).sum())
+        if ones != self.values.numel():
+            return f"the bitmask marks {ones} weights but {self.values.numel()} values are stored"
+        pad = self.bitmask.shape[1] * 8 - self.in_features
+        if pad and (self.bitmask[:, -1].int() >> (8 - pad)).any():
+            return "the bitmask marks inputs beyond the layer's width"
+        return None
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [N, K]."""
+        dtype = dtype or self.values.dtype
+        n_out, k = self.out_features, self.in_features
+        w = torch.zeros(n_out, k, dtype=dtype, device=self.values.device)
+        if self.fmt == "nm":
+            n, m = self.nm
+            w.view(n_out, k // m, m).scatter_(-1, self.indices.long().view(n_out, k // m, n),
+                                              self.values.to(dtype).view(n_out, k // m, n))
+        else:
+            w[_unpack_bits(self.bitmask, k)] = self.values.to(dtype)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        if self._cache is None or self._cache[0] != key:
+            w = self.to_dense(x.dtype)
+            if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.nm == (2, 4):
+                try:
+                    from torch.sparse import to_sparse_semi_structured
+
+                    w = to_sparse_semi_structured(w)
+                except (RuntimeError, ValueError, ImportError):  # shapes or GPU it does not support
+                    pass
+            self._cache = (key, w)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self._cache[1], bias)
+
+    def _apply(self, fn, recurse=True):
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"bitmask, nnz={self.values.numel()}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {pattern}, bias={self.bias is not None}"
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool [N, K] -> uint8 [N, ceil(K/8)], input j in bit j % 8 of byte j // 8."""
+    n, k = mask.shape
+    m = torch.zeros(n, (k + 7) // 8 * 8, dtype=torch.uint8, device=mask.device)
+    m[:, :k] = mask
+    weights = (2 ** torch.arange(8, device=mask.device)).to(torch.uint8)
+    return (m.view(n, -1, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def _unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 [N, ceil(K/8)] -> bool [N, K]."""
+    shifts = torch.arange(8, device=bits.device)
+    return ((bits.unsqueeze(-1).int() >> shifts) & 1).bool().view(bits.shape[0], -1)[:, :k]

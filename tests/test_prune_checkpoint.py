@@ -1,0 +1,153 @@
+"""Sparse checkpoints: compressed N:M and bitmask layers, sparse+4-bit, verified on load by our loader
+and by transformers' from_pretrained; a broken pattern is refused."""
+import json
+
+import pytest
+import torch
+from conftest import tiny_llama, tiny_tokenizer
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import llmsqueeze
+from llmsqueeze import CheckpointError, QuantScheme
+from llmsqueeze.nn import QuantLinear, SparseLinear, _pack_bits, _unpack_bits
+from llmsqueeze.pruning.masks import is_nm
+
+
+def calib():
+    return torch.randint(3, 64, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8)])
+def test_sparse_linear_nm_roundtrip(nm):
+    w = torch.randn(6, 32)
+    n, m = nm
+    from llmsqueeze.pruning.masks import nm_mask
+
+    w = w * nm_mask(w.abs(), n, m)
+    w[0, :m] = 0  # a group with fewer nonzeros than n still stores n (zero) values
+    layer = SparseLinear.from_dense(w, torch.randn(6), nm)
+    assert layer.values.shape == (6, 32 // m * n) and layer.indices.dtype == torch.uint8
+    assert layer.verify() is None and torch.equal(layer.to_dense(), w)
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(layer(x), x @ w.t() + layer.bias)
+    with pytest.raises(ValueError, match="not 1:4"):
+        SparseLinear.from_dense(torch.ones(2, 8), None, (1, 4))
+
+
+def test_sparse_linear_bitmask_roundtrip():
+    w = torch.randn(5, 13) * (torch.rand(5, 13) > 0.6)
+    layer = SparseLinear.from_dense(w, None)
+    assert layer.bitmask.shape == (5, 2) and layer.values.numel() == int((w != 0).sum())
+    assert layer.verify() is None and torch.equal(layer.to_dense(), w)
+    keep = torch.rand(3, 21) > 0.5
+    assert torch.equal(_unpack_bits(_pack_bits(keep), 21), keep)
+
+
+@pytest.mark.parametrize("target", ["2:4", 0.6])
+def test_pruned_checkpoint_loads_both_ways(tmp_path, target):
+    model = tiny_llama()
+    kw = {"pattern": target} if isinstance(target, str) else {"sparsity": target}
+    llmsqueeze.prune(model, "sparsegpt", data=calib(), progress=False, **kw)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = llmsqueeze.save_quantized(model, tmp_path / "p", tokenizer=tiny_tokenizer())
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["format_version"] == 2 and qc["scheme"] is None
+    assert qc["sparsity"]["format"] == ("nm" if isinstance(target, str) else "bitmask")
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj"
+    assert f"{name}.weight" not in tensors and f"{name}.values" in tensors
+    for loaded in (llmsqueeze.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)):
+        layer = loaded.get_submodule(name)
+        assert isinstance(layer, SparseLinear)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, ref)
+        if isinstance(target, str):
+            assert is_nm(layer.to_dense(), 2, 4)
+
+
+def test_broken_pattern_refused(tmp_path):
+    model = tiny_llama()
+    llmsqueeze.prune(model, "magnitude", pattern="2:4", progress=False)
+    out = llmsqueeze.save_quantized(model, tmp_path / "p")
+    f = out / "model.safetensors"
+    tensors = load_file(f)
+    key = "model.layers.1.self_attn.o_proj.indices"
+    tensors[key][0, :2] = torch.tensor([1, 1], dtype=torch.uint8)  # two values at one position: 1 nonzero slot lost
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="o_proj.*repeated or unordered index"):
+        llmsqueeze.from_pretrained(out)
+    with pytest.raises(CheckpointError, match="not 2:4"):
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_broken_bitmask_refused(tmp_path):
+    model = tiny_llama()
+    llmsqueeze.prune(model, "magnitude", sparsity=0.5, progress=False)
+    out = llmsqueeze.save_quantized(model, tmp_path / "p")
+    f = out / "model.safetensors"
+    tensors = load_file(f)
+    tensors["model.layers.0.mlp.up_proj.bitmask"][0, 0] ^= 1
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="up_proj.*bitmask marks"):
+        llmsqueeze.from_pretrained(out)
+
+
+def test_sparse_quantized_checkpoint(tmp_path):
+    model = tiny_llama()
+    llmsqueeze.prune(model, "wanda", pattern="2:4", data=calib(), scheme=QuantScheme(bits=4, group_size=32), progress=False)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = llmsqueeze.save_quantized(model, tmp_path / "p")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    layer = loaded.model.layers[0].mlp.gate_proj
+    assert isinstance(layer, QuantLinear) and is_nm(layer.dequantize_weight(), 2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref)
+    # a code moved off zero in a pruned slot breaks 2:4: refused
+    f = out / "model.safetensors"
+    tensors = load_file(f)
+    key = "model.layers.0.mlp.gate_proj.qweight"
+    tensors[key][0] = torch.iinfo(torch.int32).max  # 8 codes of 4 bits, all 15 on the first inputs
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="gate_proj.*2:4"):
+        llmsqueeze.from_pretrained(out)
+
+
+@pytest.mark.parametrize("score", ["l2", "activation"])
+def test_structured_mlp_pruning_plain_checkpoint(tmp_path, score):
+    from llmsqueeze.pruning.structured import prune_mlp_channels, save_structured
+
+    model = tiny_llama()
+    n0 = sum(p.numel() for p in model.parameters())
+    ids = calib()
+    prune_mlp_channels(model, 0.5, score=score, data=ids)
+    assert model.config.intermediate_size == 80
+    assert model.model.layers[1].mlp.down_proj.weight.shape == (96, 80)
+    n1 = sum(p.numel() for p in model.parameters())
+    assert n0 - n1 == 2 * 3 * 96 * 80  # 2 blocks x 3 matrices x hidden x removed channels
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = save_structured(model, tmp_path / "s", tokenizer=tiny_tokenizer())
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["intermediate_size"] == 80
+    loaded = AutoModelForCausalLM.from_pretrained(out)  # plain transformers
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref)
+
+
+def test_structured_keeps_the_loudest_channels():
+    from llmsqueeze.pruning.structured import prune_mlp_channels
+
+    model = tiny_llama(layers=1)
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        mlp.down_proj.weight[:, 7] *= 100  # channel 7 dominates
+        mlp.down_proj.weight[:, 3] *= 0  # channel 3 contributes nothing
+    up = mlp.up_proj.weight.detach().clone()
+    prune_mlp_channels(model, 0.1)
+    kept_rows = [int(((up - r).abs().sum(1) == 0).nonzero()) for r in model.model.layers[0].mlp.up_proj.weight]
+    assert 7 in kept_rows and 3 not in kept_rows and kept_rows == sorted(kept_rows)
