@@ -202,7 +202,7 @@ def load_dense(model_id: str, dtype: torch.dtype | str = "auto", **kwargs) -> nn
         raise LlmsqueezeError(f"cannot load model {model_id!r}: {first}") from None
 
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "snip", "taylor")
 
 
 def sparsity_config(sparsity: float, nm: tuple[int, int] | None, layers: list[str], scope: str | None,
@@ -264,8 +264,8 @@ def prune(
         sparsity = check_sparsity(sparsity)
     else:
         sparsity = 1 - nm[0] / nm[1]
-    scope = scope or {"magnitude": "layer", "wanda": "row", "sparsegpt": "layer"}[method]
-    allowed = ("row", "layer", "global") if method == "magnitude" else ("row", "layer")
+    scope = scope or {"magnitude": "layer", "wanda": "row", "sparsegpt": "layer", "snip": "row", "taylor": "row"}[method]
+    allowed = ("row", "layer") if method in ("wanda", "sparsegpt") else ("row", "layer", "global")
     if scope not in allowed:
         raise LlmsqueezeError(f"scope {scope!r} is not available for {method}: use one of {', '.join(allowed)}")
     names = quantizable_modules(model, QuantScheme(include=include or [], exclude=exclude or []))
@@ -274,8 +274,8 @@ def prune(
     if nm is not None:
         for n in names:
             check_nm_width(*nm, linear_weight(model.get_submodule(n)).shape[1], n)
-    if owl is not None and method == "magnitude":
-        raise LlmsqueezeError("owl allocation needs activations: use it with wanda or sparsegpt")
+    if owl is not None and method not in ("wanda", "sparsegpt"):
+        raise LlmsqueezeError("owl allocation is available with wanda and sparsegpt")
     if owl is not None and nm is not None:
         raise LlmsqueezeError("owl allocates unstructured sparsity per layer; it does not apply to an N:M pattern")
 
@@ -284,6 +284,10 @@ def prune(
     layer_sparsity = None
     if method == "magnitude":
         _prune_magnitude(model, names, sparsity, nm, scope, scheme, progress)
+    elif method in ("snip", "taylor"):
+        batches, ids, _ = _engine_inputs(data, method, damp, block_size, batch_size, device, offload)
+        _prune_saliency(model, names, batches, method, sparsity, nm, scope, scheme)
+        args.update(n_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
     else:
         from .engine import run_sequential
         from .evaluate import peak_rss_mib
@@ -314,19 +318,40 @@ def prune(
     return model
 
 
-@torch.no_grad()
-def _prune_magnitude(model, names, sparsity, nm, scope, scheme, progress) -> None:
-    from .pruning.layer import pruned_module
-    from .pruning.magnitude import apply_mask, magnitude_prune, magnitude_score
-    from .pruning.masks import global_masks
+def _prune_saliency(model, names, batches, criterion, sparsity, nm, scope, scheme) -> None:
+    """SNIP / Taylor scores from the next-token loss on the calibration batches (whole model, one
+    backward per batch), then masks as for magnitude."""
+    from .pruning.saliency import gradient_saliency
 
-    if scope == "global":
-        keeps = global_masks({n: magnitude_score(linear_weight(model.get_submodule(n))) for n in names}, sparsity)
+    params = {n: model.get_submodule(n).weight for n in names}
+    was_training = model.training
+    model.eval()  # no dropout; gradients still flow
+    with torch.enable_grad():
+        scores = gradient_saliency(model, batches, params, criterion)
+    model.train(was_training)
+    scores = {n: (s if isinstance(model.get_submodule(n), nn.Linear) else s.t()) for n, s in scores.items()}  # [N, K]
+    _prune_magnitude(model, names, sparsity, nm, scope, scheme, False, scores)
+
+
+@torch.no_grad()
+def _prune_magnitude(model, names, sparsity, nm, scope, scheme, progress, scores=None) -> None:
+    """Magnitude pruning, or any given per-layer scores [N, K] (higher = kept)."""
+    from .pruning.layer import pruned_module
+    from .pruning.magnitude import apply_mask, magnitude_score
+    from .pruning.masks import global_masks, nm_mask, unstructured_mask
+
+    if scores is None:
+        scores = {n: magnitude_score(linear_weight(model.get_submodule(n))) for n in names}
+    if scope == "global" and nm is None:
+        keeps = global_masks(scores, sparsity)
     for name in tqdm(names, desc="magnitude", disable=not progress, unit="layer"):
         layer = model.get_submodule(name)
         w = linear_weight(layer)
-        if scope == "global":
-            res = apply_mask(w, keeps.pop(name), scheme)
+        if nm is not None:
+            keep = nm_mask(scores.pop(name), *nm)
+        elif scope == "global":
+            keep = keeps.pop(name)
         else:
-            res = magnitude_prune(w, sparsity, nm, scope, scheme)
+            keep = unstructured_mask(scores.pop(name), sparsity, scope)
+        res = apply_mask(w, keep, scheme)
         set_module(model, name, pruned_module(layer, res, scheme))

@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a model (optionally also quantize) and save it")
     pr.add_argument("model", help="a hub id (org/name) or a local model directory")
-    pr.add_argument("--method", default="wanda", help="magnitude (no data), wanda (default) or sparsegpt")
+    pr.add_argument("--method", default="wanda", help="magnitude (no data), wanda (default), sparsegpt, or snip / taylor (gradient saliency)")
     pr.add_argument("--sparsity", type=float, default=None, help="fraction of weights set to zero, in [0, 1)")
     pr.add_argument("--pattern", default=None, help="N:M: keep N of every M inputs (e.g. 2:4)")
     pr.add_argument("--scope", default=None, choices=("row", "layer", "global"),
