@@ -173,3 +173,23 @@ def test_prune_bad_input():
     with pytest.raises(LlmsqueezeError, match="not available"):
         llmsqueeze.prune(m, "obs", sparsity=0.5)
     assert all(p.ne(0).all() for n, p in m.named_parameters() if "proj" in n)  # nothing touched
+
+
+def test_owl_allocation_mean_and_range():
+    from llmsqueeze.pruning.owl import owl_allocation
+
+    s = owl_allocation([0.01, 0.05, 0.02, 0.03], 0.5, 0.08)
+    assert sum(s) / 4 == pytest.approx(0.5) and max(s) - min(s) == pytest.approx(0.16)
+    assert s[1] == min(s) and s[0] == max(s)  # the block with the most outliers is pruned least
+    assert owl_allocation([0.02, 0.02], 0.5, 0.08) == [0.5, 0.5]
+
+
+def test_prune_with_owl():
+    model = tiny_llama(layers=3)
+    llmsqueeze.prune(model, "wanda", sparsity=0.5, data=calib(), owl={"lam": 0.1, "m": 3}, progress=False)
+    per = model.config.quantization_config["sparsity"]["layer_sparsity"]
+    blocks = [per[f"model.layers.{i}.mlp.up_proj"] for i in range(3)]
+    assert sum(blocks) / 3 == pytest.approx(0.5) and len(set(round(b, 6) for b in blocks)) > 1
+    for i in range(3):
+        w = model.model.layers[i].mlp.up_proj.weight
+        assert ((w == 0).sum(1) == int(blocks[i] * w.shape[1] + 1e-9)).all()
