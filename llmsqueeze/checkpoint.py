@@ -104,15 +104,29 @@ def save_model_dir(model: nn.Module, out: str | os.PathLike, tokenizer=None, ove
 
 
 def compress_sparse_layers(model: nn.Module) -> None:
-    """Pruned, unquantized Linears -> SparseLinear (N:M values + indices, or bitmask + values), in
-    place; records the storage format (and each bitmask layer's nonzero count) in quantization_config."""
-    from .nn import SparseLinear, is_linear, linear_weight, set_module
+    """Pruned layers -> SparseLinear, in place: N:M as values + packed indices (the values quantized on
+    the compressed matrix when the model is also quantized and the group size is a multiple of M),
+    unstructured as bitmask + values; a quantized unstructured layer stays a QuantLinear (q == zero
+    where pruned). Records the storage format (and each bitmask layer's nonzero count) in
+    quantization_config["sparsity"]."""
+    from .nn import QuantLinear, SparseLinear, is_linear, linear_weight, set_module
 
     qc = model.config.quantization_config
     sp = qc.get("sparsity") if isinstance(qc, dict) else None
-    if sp is None or qc.get("scheme") is not None:
+    if sp is None or "format" in sp:
         return
     nm = tuple(int(v) for v in sp["nm_pattern"].split(":")) if sp.get("nm_pattern") else None
+    if qc.get("scheme") is not None:
+        g = qc["scheme"]["group_size"]
+        if nm is None or (g != -1 and g % nm[1]):
+            sp["format"] = "quant"
+            return
+        for name in sp["layers"]:
+            layer = model.get_submodule(name)
+            if isinstance(layer, QuantLinear):
+                set_module(model, name, SparseLinear.from_quant_linear(layer, nm))
+        sp["format"] = "nm"
+        return
     sp["format"] = "nm" if nm else "bitmask"
     nnz = sp.setdefault("nnz", {})
     for name in sp["layers"]:
@@ -210,8 +224,10 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
     keys: set[str] = set()
     for f in weight_files(path):
         keys |= set(read_safetensors_header(f)) - {"__metadata__"}
-    if sparse is not None and qc.get("scheme") is None:  # pruned only: compressed sparse layers
-        suffixes = ("values", "indices") if sparse["format"] == "nm" else ("values", "bitmask")
+    fmt = None if sparse is None else sparse.get("format")
+    if fmt in ("nm", "bitmask"):  # compressed sparse layers
+        values = ("values",) if qc.get("scheme") is None else tuple(f"qvalues.{x}" for x in QUANT_SUFFIXES)
+        suffixes = values + (("indices",) if fmt == "nm" else ("bitmask",))
         prefixes = set(sparse["layers"])
     else:
         suffixes = QUANT_SUFFIXES
@@ -229,7 +245,7 @@ def _check_sparsity_config(sp: dict) -> None:
     from .pruning.masks import parse_nm
 
     parse_nm(sp.get("nm_pattern"))
-    if sp.get("format", "nm" if sp.get("nm_pattern") else "bitmask") not in ("nm", "bitmask"):
+    if sp.get("format", "nm" if sp.get("nm_pattern") else "bitmask") not in ("nm", "bitmask", "quant"):
         raise LlmsqueezeError(f"sparse format {sp.get('format')!r} is unknown")
     if not isinstance(sp["layers"], list):
         raise LlmsqueezeError("sparsity.layers must list the pruned layers")
@@ -304,6 +320,19 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
     from .nn import QuantLinear, SparseLinear, linear_weight, set_module
 
     sp = qc.get("sparsity")
+    if sp is not None and sp.get("format") == "nm" and qc.get("scheme") is not None:  # N:M, values quantized
+        scheme = QuantScheme.from_dict(qc["scheme"])
+        n, m = (int(v) for v in sp["nm_pattern"].split(":"))
+        for name in sp["layers"]:
+            layer = model.get_submodule(name)
+            w = linear_weight(layer)
+            n_out, k = w.shape
+            g = scheme.group_size_for(k)
+            cg = k // m * n if -(-k // g) == 1 else g // m * n
+            set_module(model, name, SparseLinear(k, n_out, "nm", (n, m), bias=layer.bias is not None, dtype=w.dtype,
+                                                 device=w.device, quant=(scheme.bits, cg),
+                                                 scale_dtype=scheme.torch_scale_dtype))
+        return list(sp["layers"])
     if qc.get("scheme") is None:  # pruned only
         nm = tuple(int(v) for v in sp["nm_pattern"].split(":")) if sp.get("nm_pattern") else None
         for name in sp["layers"]:

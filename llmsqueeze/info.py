@@ -48,7 +48,8 @@ def checkpoint_info(path: str | Path) -> dict:
         if name in keep:
             continue
         n, k = linear_weight(model.get_submodule(name)).shape
-        b = sum(nbytes(f"{name}.{s}") for s in ("qweight", "scales", "qzeros", "g_idx", "values", "indices", "bitmask"))
+        b = sum(nbytes(f"{name}.{s}") for s in ("qweight", "scales", "qzeros", "g_idx", "values", "indices", "bitmask",
+                                                  "qvalues.qweight", "qvalues.scales", "qvalues.qzeros"))
         layers.append({"name": name, "in_features": k, "out_features": n, "bytes": b, "bits_per_weight": 8 * b / (k * n)})
         q_weights += k * n
         q_bytes += b
@@ -101,6 +102,8 @@ def format_info(info: dict) -> str:
     if sp is not None:
         what = sp["nm_pattern"] if sp.get("nm_pattern") else f"{sp['sparsity']:.0%} unstructured ({sp.get('scope')})"
         store = {"nm": "values + N:M indices", "bitmask": "bitmask + values"}.get(sp.get("format"), "packed, q == zero")
+        if s is not None and sp.get("format") == "nm":
+            store = f"{s['bits']}-bit values + N:M indices"
         lines.append(f"  sparsity    {what}, method {info['method']}, stored as {store}")
     lines += [
         f"  {'quantized ' if sp is None else 'compressed'}  {info['quantized_layers']} layers, "

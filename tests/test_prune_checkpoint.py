@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import llmsqueeze
 from llmsqueeze import CheckpointError, QuantScheme
-from llmsqueeze.nn import QuantLinear, SparseLinear, _pack_bits, _unpack_bits
+from llmsqueeze.nn import QuantLinear, SparseLinear, _pack_bits, _unpack_bits, index_bits
 from llmsqueeze.pruning.masks import is_nm
 
 
@@ -27,7 +27,8 @@ def test_sparse_linear_nm_roundtrip(nm):
     w = w * nm_mask(w.abs(), n, m)
     w[0, :m] = 0  # a group with fewer nonzeros than n still stores n (zero) values
     layer = SparseLinear.from_dense(w, torch.randn(6), nm)
-    assert layer.values.shape == (6, 32 // m * n) and layer.indices.dtype == torch.uint8
+    assert layer.values.shape == (6, 32 // m * n) and layer.indices.dtype == torch.int32
+    assert layer.indices.numel() * 32 == 6 * 32 * index_bits(m)  # one padded word row per 32 kept values
     assert layer.verify() is None and torch.equal(layer.to_dense(), w)
     x = torch.randn(3, 32)
     torch.testing.assert_close(layer(x), x @ w.t() + layer.bias)
@@ -75,7 +76,7 @@ def test_broken_pattern_refused(tmp_path):
     f = out / "model.safetensors"
     tensors = load_file(f)
     key = "model.layers.1.self_attn.o_proj.indices"
-    tensors[key][0, :2] = torch.tensor([1, 1], dtype=torch.uint8)  # two values at one position: 1 nonzero slot lost
+    tensors[key][0, 0] = 0  # the first 16 kept values all at position 0 of their group: repeated
     save_file(tensors, f, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="o_proj.*repeated or unordered index"):
         llmsqueeze.from_pretrained(out)
@@ -95,25 +96,66 @@ def test_broken_bitmask_refused(tmp_path):
         llmsqueeze.from_pretrained(out)
 
 
-def test_sparse_quantized_checkpoint(tmp_path):
+@pytest.mark.parametrize("group", [32, -1])
+def test_sparse_quantized_nm_checkpoint(tmp_path, group):
+    """2:4 + 4-bit: the kept codes are stored compressed (half the codes) with 2-bit indices."""
     model = tiny_llama()
-    llmsqueeze.prune(model, "wanda", pattern="2:4", data=calib(), scheme=QuantScheme(bits=4, group_size=32), progress=False)
+    llmsqueeze.prune(model, "wanda", pattern="2:4", data=calib(), scheme=QuantScheme(bits=4, group_size=group),
+                     progress=False)
     ids = torch.tensor([[1, 5, 7, 9, 11]])
+    dense_w = model.model.layers[0].mlp.gate_proj.dequantize_weight()
     with torch.no_grad():
         ref = model(ids).logits
     out = llmsqueeze.save_quantized(model, tmp_path / "p")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["sparsity"]["format"] == "nm"
+    tensors = load_file(out / "model.safetensors")
+    assert tensors["model.layers.0.mlp.gate_proj.qvalues.qweight"].shape == (64 * 4 // 32, 160)  # 96 inputs -> 48 codes, padded to 64
+    for loaded in (llmsqueeze.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)):
+        layer = loaded.model.layers[0].mlp.gate_proj
+        assert isinstance(layer, SparseLinear) and torch.equal(layer.to_dense(), dense_w)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, ref)
+
+
+def test_compressed_24_codes_cost_three_bits():
+    """At SmolLM2's width (576 = 18 words of 32 kept codes) 2:4 + 4-bit stores 4 bits for half the
+    weights plus 2 bits of index for half: exactly 3 bits per weight before scales and zeros."""
+    from llmsqueeze.pruning.magnitude import magnitude_prune
+
+    w = torch.randn(64, 576)
+    res = magnitude_prune(w, nm=(2, 4), scheme=QuantScheme(bits=4, group_size=64))
+    q = QuantLinear.from_quantized(res.q, res.scale, res.zero, 4, 64)
+    sp = SparseLinear.from_quant_linear(q, (2, 4))
+    bits = 8 * (sp.qvalues.qweight.numel() + sp.indices.numel()) * 4 / w.numel()
+    assert bits == 3.0 and q.qweight.numel() * 32 / w.numel() == 4.0
+    torch.testing.assert_close(sp.to_dense(), q.dequantize_weight())
+    assert torch.equal(sp.to_dense(), res.w)
+
+
+def test_sparse_quantized_unstructured_checkpoint(tmp_path):
+    """Unstructured + 4-bit: packed QuantLinear with q == zero where pruned; the loader counts codes."""
+    model = tiny_llama()
+    llmsqueeze.prune(model, "sparsegpt", pattern=None, sparsity=0.5, data=calib(), scheme=QuantScheme(bits=4, group_size=32),
+                     progress=False)
+    out = llmsqueeze.save_quantized(model, tmp_path / "p")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["sparsity"]["format"] == "quant"
     loaded = AutoModelForCausalLM.from_pretrained(out)
     layer = loaded.model.layers[0].mlp.gate_proj
-    assert isinstance(layer, QuantLinear) and is_nm(layer.dequantize_weight(), 2, 4)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, ref)
-    # a code moved off zero in a pruned slot breaks 2:4: refused
+    assert isinstance(layer, QuantLinear) and (layer.dequantize_weight() == 0).float().mean() >= 0.5
+
+
+def test_group_size_not_multiple_of_m_stays_packed(tmp_path):
+    model = tiny_llama()
+    llmsqueeze.prune(model, "magnitude", pattern="2:8", scheme=QuantScheme(bits=4, group_size=36), progress=False)
+    out = llmsqueeze.save_quantized(model, tmp_path / "p")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["sparsity"]["format"] == "quant"
+    # a code moved off zero in a pruned slot breaks 2:8: refused
     f = out / "model.safetensors"
     tensors = load_file(f)
-    key = "model.layers.0.mlp.gate_proj.qweight"
-    tensors[key][0] = torch.iinfo(torch.int32).max  # 8 codes of 4 bits, all 15 on the first inputs
+    tensors["model.layers.0.mlp.up_proj.qweight"][0] = torch.iinfo(torch.int32).max  # 8 inputs, all nonzero codes
     save_file(tensors, f, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="gate_proj.*2:4"):
+    with pytest.raises(CheckpointError, match="up_proj.*2:8"):
         llmsqueeze.from_pretrained(out)
 
 
