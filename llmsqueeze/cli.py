@@ -258,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier threshold, multiples of the mean score")
     pr.add_argument("--structured", action="store_true", help="remove MLP channels: a physically smaller model")
     pr.add_argument("--mlp-ratio", type=float, default=0.75, help="--structured: fraction of MLP channels kept")
-    pr.add_argument("--score", default="l2", choices=("l2", "activation"), help="--structured: channel ranking")
+    pr.add_argument("--score", default="activation", choices=("l2", "activation"),
+                    help="--structured: channel ranking (default activation: needs --calib; l2 is data-free)")
     pr.add_argument("--calib", default="wikitext2",
                     help="calibration text: wikitext2, c4, pileval, or a .txt/.jsonl file or datasets dir")
     pr.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")

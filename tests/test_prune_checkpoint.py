@@ -190,6 +190,6 @@ def test_structured_keeps_the_loudest_channels():
         mlp.down_proj.weight[:, 7] *= 100  # channel 7 dominates
         mlp.down_proj.weight[:, 3] *= 0  # channel 3 contributes nothing
     up = mlp.up_proj.weight.detach().clone()
-    prune_mlp_channels(model, 0.1)
+    prune_mlp_channels(model, 0.1, score="l2")
     kept_rows = [int(((up - r).abs().sum(1) == 0).nonzero()) for r in model.model.layers[0].mlp.up_proj.weight]
     assert 7 in kept_rows and 3 not in kept_rows and kept_rows == sorted(kept_rows)

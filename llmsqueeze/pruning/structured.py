@@ -94,7 +94,7 @@ def _slice_linear(layer: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
 
 
 @torch.no_grad()
-def prune_mlp_channels(model: nn.Module, mlp_ratio: float, score: str = "l2", data: torch.Tensor | None = None,
+def prune_mlp_channels(model: nn.Module, mlp_ratio: float, score: str = "activation", data: torch.Tensor | None = None,
                        progress: bool = False) -> nn.Module:
     """Keep round(mlp_ratio * I) channels of every block's MLP (the highest-scoring, in their original
     order) and set the config's intermediate size to that; in place, returns the model."""
