@@ -105,9 +105,19 @@ def cmd_prune(args) -> int:
     torch.manual_seed(args.seed)
     structured = args.structured
     if structured:
-        from .pruning.structured import check_ratio
+        from transformers import AutoConfig
+
+        from .pruning.structured import check_ratio, check_structured
 
         check_ratio(args.mlp_ratio)
+        if isinstance(args.attn_ratio, bool) or not (0 < args.attn_ratio <= 1):
+            raise LlmsqueezeError(f"--attn-ratio {args.attn_ratio} must lie in (0, 1]: the fraction of key/value groups kept")
+        try:
+            config = AutoConfig.from_pretrained(os.path.expanduser(args.model))
+        except (OSError, ValueError):
+            config = None  # load_dense below says what is wrong with the model
+        if config is not None:
+            check_structured(config, args.mlp_ratio)
         if args.sparsity is not None or args.pattern is not None or args.bits is not None:
             raise LlmsqueezeError("--structured removes MLP channels (--mlp-ratio); it does not take --sparsity, --pattern or --bits")
     else:
@@ -143,9 +153,12 @@ def cmd_prune(args) -> int:
             raise LlmsqueezeError(f"{args.model} has no tokenizer to read --calib with; save one beside the model")
         data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed)
     if structured:
-        from .pruning.structured import prune_mlp_channels, save_structured
+        from .pruning.structured import prune_attention_groups, prune_mlp_channels, save_structured
 
-        prune_mlp_channels(model, args.mlp_ratio, score=args.score, data=data, progress=not args.quiet)
+        if args.attn_ratio < 1:
+            prune_attention_groups(model, args.attn_ratio, score=args.score, data=data)
+        if args.mlp_ratio < 1:
+            prune_mlp_channels(model, args.mlp_ratio, score=args.score, data=data, progress=not args.quiet)
         print(save_structured(model, args.out, tokenizer=tok, overwrite=args.overwrite))
         return 0
     owl = {"lam": args.owl_lambda, "m": args.owl_m} if args.owl else None
@@ -258,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier threshold, multiples of the mean score")
     pr.add_argument("--structured", action="store_true", help="remove MLP channels: a physically smaller model")
     pr.add_argument("--mlp-ratio", type=float, default=0.75, help="--structured: fraction of MLP channels kept")
+    pr.add_argument("--attn-ratio", type=float, default=1.0,
+                    help="--structured: fraction of attention key/value groups kept (each with its query heads; default 1)")
     pr.add_argument("--score", default="activation", choices=("l2", "activation"),
                     help="--structured: channel ranking (default activation: needs --calib; l2 is data-free)")
     pr.add_argument("--calib", default="wikitext2",

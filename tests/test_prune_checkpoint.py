@@ -193,3 +193,38 @@ def test_structured_keeps_the_loudest_channels():
     prune_mlp_channels(model, 0.1, score="l2")
     kept_rows = [int(((up - r).abs().sum(1) == 0).nonzero()) for r in model.model.layers[0].mlp.up_proj.weight]
     assert 7 in kept_rows and 3 not in kept_rows and kept_rows == sorted(kept_rows)
+
+
+@pytest.mark.parametrize("score", ["l2", "activation"])
+def test_structured_attention_groups_plain_checkpoint(tmp_path, score):
+    from llmsqueeze.pruning.structured import prune_attention_groups, save_structured
+
+    model = tiny_llama()  # 4 heads, 2 key/value groups, head_dim 24
+    ids = calib()
+    prune_attention_groups(model, 0.5, score=score, data=ids)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (2, 1, 24)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape == (48, 96) and attn.k_proj.weight.shape == (24, 96)
+    assert attn.o_proj.weight.shape == (96, 48)
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = save_structured(model, tmp_path / "a")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref)
+
+
+def test_structured_attention_group_removal_is_exact():
+    """Zeroing a group's o_proj columns makes it dead; pruning that group leaves the outputs unchanged."""
+    from llmsqueeze.pruning.structured import prune_attention_groups
+
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, :48] = 0  # group 0 (query heads 0, 1) contributes nothing
+        ids = calib()
+        ref = model(ids).logits
+        prune_attention_groups(model, 0.5, score="l2")
+        torch.testing.assert_close(model(ids).logits, ref)
+    with pytest.raises(llmsqueeze.LlmsqueezeError, match="keeps no key/value group"):
+        prune_attention_groups(tiny_llama(), 0.1, score="l2")

@@ -39,9 +39,18 @@ def test_prune_info_eval(tiny_model_dir, text_file, tmp_path, capsys, args):
     (["--sparsity", "0.5", "--bits", "5"], "bits=5"),
     (["--structured", "--mlp-ratio", "0.001"], "no channel"),
     (["--structured", "--mlp-ratio", "1.5"], "mlp-ratio"),
+    (["--structured", "--attn-ratio", "0"], "attn-ratio"),
 ])
 def test_prune_bad_input(tiny_model_dir, tmp_path, capsys, args, needle):
     out = tmp_path / "p"
     assert main(["prune", str(tiny_model_dir), "--method", "magnitude", *args, "--out", str(out)]) == 2
     _one_line_error(capsys, needle)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_prune_structured_cli(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["prune", str(tiny_model_dir), "--structured", "--mlp-ratio", "0.5", "--attn-ratio", "0.5",
+                 "--calib", str(text_file), "--n-samples", "4", "--seq-len", "32", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["intermediate_size"] == 80 and cfg["num_key_value_heads"] == 1 and "quantization_config" not in cfg

@@ -41,6 +41,17 @@ def check_ratio(ratio: float, width: int | None = None) -> int | None:
     return kept
 
 
+def check_structured(config, mlp_ratio: float) -> int:
+    """Before loading any weights: the model type is supported and the ratio keeps a channel -> kept."""
+    layout = MLP_LAYOUT.get(getattr(config, "model_type", None))
+    if layout is None:
+        raise LlmsqueezeError(
+            f"structured MLP pruning knows {', '.join(sorted(MLP_LAYOUT))}; {config.model_type!r} is not one "
+            "(fused or Conv1D MLPs): add a row to llmsqueeze.pruning.structured.MLP_LAYOUT"
+        )
+    return check_ratio(mlp_ratio, getattr(config, layout[2]))
+
+
 def _layout(model: nn.Module):
     from ..models import get_arch
 
@@ -62,9 +73,12 @@ def l2_scores(producers: list[nn.Linear], consumer: nn.Linear) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activation_sq_norms(model: nn.Module, data: torch.Tensor, batch_size: int = 1) -> list[torch.Tensor]:
-    """Sum over the calibration tokens of h_j^2, h the input of each block's consumer -> [I] per block."""
-    blocks, (_, consumer, _) = _layout(model)
+def activation_sq_norms(model: nn.Module, data: torch.Tensor, batch_size: int = 1, consumer: str | None = None
+                        ) -> list[torch.Tensor]:
+    """Sum over the calibration tokens of h_j^2, h the input of each block's `consumer` (default: the
+    MLP's down projection) -> [width] per block. One forward of the whole model per batch."""
+    blocks, layout = _layout(model)
+    consumer = consumer or layout[1]
     sums: list[torch.Tensor | None] = [None] * len(blocks)
     handles = []
     for i, b in enumerate(blocks):
@@ -129,3 +143,51 @@ def save_structured(model: nn.Module, out, tokenizer=None, overwrite: bool = Fal
     from ..checkpoint import save_model_dir
 
     return save_model_dir(model, out, tokenizer, overwrite)
+
+
+ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+@torch.no_grad()
+def prune_attention_groups(model: nn.Module, attn_ratio: float, score: str = "activation",
+                           data: torch.Tensor | None = None) -> nn.Module:
+    """Keep round(attn_ratio * G) of the G key/value groups of every block (each group: one K and one V
+    head and the H/G query heads that read them), ranked by sum over the group's o_proj input columns c
+    of ||x_c|| * ||o_proj[:, c]|| ("activation") or ||o_proj[:, group]|| * ||v_proj[group]|| ("l2").
+    Llama-like models; the config gets the new head counts and an explicit head_dim."""
+    from ..nn import set_module
+
+    blocks, layout = _layout(model)
+    if layout[1] != "mlp.down_proj":
+        raise LlmsqueezeError(f"attention-group pruning supports Llama-like models, not {model.config.model_type!r}")
+    cfg = model.config
+    heads, groups = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    r = heads // groups
+    if isinstance(attn_ratio, bool) or not (0 < attn_ratio <= 1):
+        raise LlmsqueezeError(f"--attn-ratio {attn_ratio!r} must lie in (0, 1]: the fraction of key/value groups kept")
+    kept = int(round(attn_ratio * groups))
+    if kept < 1:
+        raise LlmsqueezeError(f"--attn-ratio {attn_ratio} keeps no key/value group of {groups}: use >= {1 / groups:.3g}")
+    if score == "activation" and data is None:
+        raise LlmsqueezeError("the activation score needs calibration data: pass data= token ids [n_samples, seq_len]")
+    sq = activation_sq_norms(model, data, consumer="self_attn.o_proj") if score == "activation" else None
+    for i, b in enumerate(blocks):
+        q, k, v, o = (b.get_submodule(n) for n in ATTN)
+        o_cols = o.weight.detach().float().norm(dim=0)  # [H*d]
+        if score == "activation":
+            s = (sq[i].sqrt() * o_cols).view(groups, r * d).sum(1)
+        else:
+            s = o.weight.detach().float().view(-1, groups, r * d).norm(dim=(0, 2)) * \
+                v.weight.detach().float().view(groups, -1).norm(dim=1)
+        keep_g = torch.topk(s, kept).indices.sort().values  # [kept]
+        kv_rows = (keep_g[:, None] * d + torch.arange(d)).reshape(-1)
+        q_rows = (keep_g[:, None] * (r * d) + torch.arange(r * d)).reshape(-1)
+        set_module(b, ATTN[0], _slice_linear(q, q_rows, 0))
+        set_module(b, ATTN[1], _slice_linear(k, kv_rows, 0))
+        set_module(b, ATTN[2], _slice_linear(v, kv_rows, 0))
+        set_module(b, ATTN[3], _slice_linear(o, q_rows, 1))
+    cfg.head_dim = d
+    cfg.num_attention_heads, cfg.num_key_value_heads = kept * r, kept
+    log.info("structured: kept %d of %d key/value groups (%d query heads) in %d blocks", kept, groups, kept * r, len(blocks))
+    return model
