@@ -240,9 +240,10 @@ def prune(
     """Prune the Linears inside the decoder blocks of `model` in place and return it.
 
     method: magnitude (no data), wanda or sparsegpt (calibration `data`, token ids [n_samples,
-    seq_len], run block by block by the shared engine). Either `sparsity` in [0, 1) (unstructured:
-    per row for wanda, per layer for magnitude, per block of columns for sparsegpt; `scope` overrides)
-    or `pattern` "N:M" (keep N of every M inputs, e.g. "2:4"). `scheme` (a QuantScheme) also
+    seq_len], run block by block by the shared engine), snip or taylor (gradient saliency on `data`).
+    Either `sparsity` in [0, 1) (unstructured: per row for wanda, snip and taylor, per layer for
+    magnitude; SparseGPT per row within each block of 128 columns, or with scope "layer" across the
+    block's rows as in the paper: row was better on SmolLM2 in quick checks) or `pattern` "N:M" (keep N of every M inputs, e.g. "2:4"). `scheme` (a QuantScheme) also
     quantizes in the same pass: SparseGPT rounds each kept weight inside its OBS sweep, Wanda keeps its
     mask and runs the same sweep, magnitude rounds to nearest. `owl` (e.g. {"lam": 0.08, "m": 5})
     spreads the sparsity unevenly over layers by their outlier ratio (OWL; wanda and sparsegpt).
@@ -264,7 +265,7 @@ def prune(
         sparsity = check_sparsity(sparsity)
     else:
         sparsity = 1 - nm[0] / nm[1]
-    scope = scope or {"magnitude": "layer", "wanda": "row", "sparsegpt": "layer", "snip": "row", "taylor": "row"}[method]
+    scope = scope or {"magnitude": "layer", "wanda": "row", "sparsegpt": "row", "snip": "row", "taylor": "row"}[method]
     allowed = ("row", "layer") if method in ("wanda", "sparsegpt") else ("row", "layer", "global")
     if scope not in allowed:
         raise LlmsqueezeError(f"scope {scope!r} is not available for {method}: use one of {', '.join(allowed)}")

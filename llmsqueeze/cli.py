@@ -261,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--sparsity", type=float, default=None, help="fraction of weights set to zero, in [0, 1)")
     pr.add_argument("--pattern", default=None, help="N:M: keep N of every M inputs (e.g. 2:4)")
     pr.add_argument("--scope", default=None, choices=("row", "layer", "global"),
-                    help="unstructured comparison group (default: row for wanda, layer for magnitude and sparsegpt; "
-                         "global: magnitude only)")
+                    help="unstructured comparison group (default: row, within each column block for sparsegpt; "
+                         "layer for magnitude; global: not for wanda/sparsegpt)")
     pr.add_argument("--bits", type=int, default=None, help="also quantize the kept weights to this many bits")
     pr.add_argument("--group-size", type=int, default=128, help="with --bits: inputs per scale (default 128)")
     pr.add_argument("--sym", action="store_true", help="with --bits: symmetric grid")
