@@ -103,6 +103,13 @@ def main() -> None:
         rows.append((f"{label}, no fine-tuning", args.sparsity, before))
         rows.append((f"{label} + {total} steps", args.sparsity, test_loss(model)))
 
+    # the dense model given the same extra steps: the reference the pruned models are held to
+    model.load_state_dict(dense)
+    opt = make_opt(model.parameters())
+    for step in range(total):
+        train_step(model, opt, step)
+    rows.append((f"dense + {total} steps", 0.0, test_loss(model)))
+
     # one-shot magnitude
     model.load_state_dict(dense)
     finetune_with(magnitude_masks(prunable_params(model), args.sparsity, "global"), "one-shot magnitude")

@@ -391,7 +391,8 @@ class SparseLinear(nn.Module):
                     pass
             self._cache = (key, w)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self._cache[1], bias)
+        y = F.linear(x.reshape(-1, self.in_features), self._cache[1], bias)  # semi-structured wants 2-D inputs
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _apply(self, fn, recurse=True):
         self._cache = None

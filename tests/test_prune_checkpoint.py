@@ -228,3 +228,16 @@ def test_structured_attention_group_removal_is_exact():
         torch.testing.assert_close(model(ids).logits, ref)
     with pytest.raises(llmsqueeze.LlmsqueezeError, match="keeps no key/value group"):
         prune_attention_groups(tiny_llama(), 0.1, score="l2")
+
+
+def test_sparse_linear_dtypes_and_3d_inputs():
+    w = torch.randn(8, 16)
+    from llmsqueeze.pruning.masks import nm_mask
+
+    w = w * nm_mask(w.abs(), 2, 4)
+    layer = SparseLinear.from_dense(w, None, (2, 4))
+    x = torch.randn(2, 3, 16)
+    torch.testing.assert_close(layer(x), x @ w.t())
+    yb = layer(x.bfloat16())  # the cache is rebuilt for the new dtype
+    assert yb.dtype == torch.bfloat16 and yb.shape == (2, 3, 8)
+    torch.testing.assert_close(yb.float(), x @ w.t(), rtol=2e-2, atol=5e-2)  # bf16 rounding of x and w
