@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import FAMILIES, tiny_llama, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -241,3 +241,17 @@ def test_sparse_linear_dtypes_and_3d_inputs():
     yb = layer(x.bfloat16())  # the cache is rebuilt for the new dtype
     assert yb.dtype == torch.bfloat16 and yb.shape == (2, 3, 8)
     torch.testing.assert_close(yb.float(), x @ w.t(), rtol=2e-2, atol=5e-2)  # bf16 rounding of x and w
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_save_load_every_family(tmp_path, family):
+    model = tiny_model(family)
+    llmsqueeze.prune(model, "sparsegpt", pattern="2:4", data=calib(), progress=False)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        ref = model(ids).logits
+    out = llmsqueeze.save_quantized(model, tmp_path / family)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert any(isinstance(m, SparseLinear) for m in loaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref)
