@@ -6,7 +6,7 @@
     model = llmsqueeze.from_pretrained("q4")   # or transformers.AutoModelForCausalLM.from_pretrained("q4")
     llmsqueeze.export("q4", "compressed-tensors", "q4-ct")   # for vLLM; also "gptq"; GPTQ/AWQ/CT dirs load too
 """
-from .api import load_dense, quantize
+from .api import load_dense, prune, quantize
 from .checkpoint import (
     check_checkpoint,
     from_pretrained,
@@ -31,6 +31,7 @@ __all__ = [
     "LlmsqueezeError",
     "CheckpointError",
     "quantize",
+    "prune",
     "load_dense",
     "save_quantized",
     "from_pretrained",

@@ -15,7 +15,7 @@ from .quant.rtn import rtn_quantize
 
 log = logging.getLogger("llmsqueeze")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest we write and read; plain quantized checkpoints still say 1
 QUANT_METHOD = "llmsqueeze"
 
 
@@ -24,7 +24,7 @@ def quantization_config(scheme: QuantScheme, method: str, modules_to_not_convert
     """What `config.json` carries so the checkpoint says how to read itself."""
     return {
         "quant_method": QUANT_METHOD,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,  # prune() writes 2 (sparsity, scheme may be null)
         "method": method,
         "scheme": scheme.to_dict(),
         "method_args": dict(method_args or {}),
@@ -141,14 +141,10 @@ def check_devices(device: str | None, offload: str | None) -> str:
     return device
 
 
-def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, true_sequential, act_order,
-                   static_groups, damp, block_size, batch_size) -> dict:
-    from .engine import run_sequential
-    from .evaluate import peak_rss_mib
-    from .quant.gptq import GPTQ
-
+def _engine_inputs(data, what: str, damp: float, block_size: int, batch_size: int, device, offload):
+    """Validate calibration data and engine options (one-line errors) -> (batches [B, T] list, ids, device)."""
     if data is None:
-        raise LlmsqueezeError("method 'gptq' needs calibration data: pass data= token ids [n_samples, seq_len] "
+        raise LlmsqueezeError(f"method {what!r} needs calibration data: pass data= token ids [n_samples, seq_len] "
                               "(llmsqueeze.data.calibration_batches), or --calib on the command line")
     ids = data if isinstance(data, torch.Tensor) else torch.cat(list(data))
     if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
@@ -157,10 +153,19 @@ def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, tru
         raise LlmsqueezeError(f"damp={damp} must lie in (0, 1), e.g. 0.01 (1% of the mean Hessian diagonal)")
     if block_size < 1 or batch_size < 1:
         raise LlmsqueezeError(f"block_size={block_size} and batch_size={batch_size} must be positive")
+    device = check_devices(device, offload)
+    return list(ids.long().split(batch_size)), ids, device
+
+
+def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, true_sequential, act_order,
+                   static_groups, damp, block_size, batch_size) -> dict:
+    from .engine import run_sequential
+    from .evaluate import peak_rss_mib
+    from .quant.gptq import GPTQ
+
+    batches, ids, device = _engine_inputs(data, "gptq", damp, block_size, batch_size, device, offload)
     if static_groups and not act_order:
         log.info("static_groups without act_order changes nothing: groups are already in natural order")
-    device = check_devices(device, offload)
-    batches = list(ids.long().split(batch_size))
     method = GPTQ(scheme, damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
     stats = run_sequential(model, batches, method, names, device=device, offload=offload,
                            true_sequential=true_sequential, progress=progress)
@@ -211,3 +216,159 @@ def load_dense(model_id: str, dtype: torch.dtype | str = "auto", **kwargs) -> nn
     except (OSError, ValueError) as e:
         first = first_line(e)
         raise LlmsqueezeError(f"cannot load model {model_id!r}: {first}") from None
+
+
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "snip", "taylor")
+
+
+def sparsity_config(sparsity: float, nm: tuple[int, int] | None, layers: list[str], scope: str | None,
+                    layer_sparsity: dict[str, float] | None = None) -> dict:
+    """What `quantization_config["sparsity"]` says of a pruned model; the saver adds the storage format."""
+    return {
+        "sparsity": sparsity,
+        "nm_pattern": None if nm is None else f"{nm[0]}:{nm[1]}",
+        "scope": scope,
+        "layers": list(layers),
+        "layer_sparsity": dict(layer_sparsity or {}),
+    }
+
+
+def prune(
+    model: nn.Module,
+    method: str = "wanda",
+    sparsity: float | None = None,
+    pattern: str | tuple[int, int] | None = None,
+    data=None,
+    scheme: QuantScheme | None = None,
+    progress: bool = True,
+    *,
+    scope: str | None = None,
+    owl: dict | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    device: str | None = None,
+    offload: str | None = None,
+    true_sequential: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    batch_size: int = 1,
+) -> nn.Module:
+    """Prune the Linears inside the decoder blocks of `model` in place and return it.
+
+    method: magnitude (no data), wanda or sparsegpt (calibration `data`, token ids [n_samples,
+    seq_len], run block by block by the shared engine), snip or taylor (gradient saliency on `data`).
+    Either `sparsity` in [0, 1) (unstructured: per row for wanda, snip and taylor, per layer for
+    magnitude; SparseGPT per row within each block of 128 columns, or with scope "layer" across the
+    block's rows as in the paper: row was better on SmolLM2 in quick checks) or `pattern` "N:M" (keep N of every M inputs, e.g. "2:4"). `scheme` (a QuantScheme) also
+    quantizes in the same pass: SparseGPT rounds each kept weight inside its OBS sweep, Wanda keeps its
+    mask and runs the same sweep, magnitude rounds to nearest. `owl` (e.g. {"lam": 0.08, "m": 5})
+    spreads the sparsity unevenly over layers by their outlier ratio (OWL; wanda and sparsegpt).
+    Pruned Linears keep their dense shape in memory, zeros written in; `save_quantized` stores them
+    sparse (N:M values + indices, or a bitmask), or packed with q == zero when quantized.
+    """
+    from .pruning.masks import check_nm_width, check_sparsity, parse_nm
+
+    if method not in PRUNE_METHODS:
+        raise LlmsqueezeError(f"pruning method {method!r} is not available: use one of {', '.join(PRUNE_METHODS)}")
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        raise LlmsqueezeError("this model is already quantized or pruned: start from the dense model")
+    nm = parse_nm(pattern)
+    if nm is not None and sparsity is not None and abs(sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+        raise LlmsqueezeError(f"pattern {nm[0]}:{nm[1]} fixes the sparsity at {1 - nm[0] / nm[1]:g}; drop sparsity={sparsity}")
+    if nm is None:
+        if sparsity is None:
+            raise LlmsqueezeError("give a sparsity (e.g. 0.5) or an N:M pattern (e.g. '2:4')")
+        sparsity = check_sparsity(sparsity)
+    else:
+        sparsity = 1 - nm[0] / nm[1]
+    scope = scope or {"magnitude": "layer", "wanda": "row", "sparsegpt": "row", "snip": "row", "taylor": "row"}[method]
+    allowed = ("row", "layer") if method in ("wanda", "sparsegpt") else ("row", "layer", "global")
+    if scope not in allowed:
+        raise LlmsqueezeError(f"scope {scope!r} is not available for {method}: use one of {', '.join(allowed)}")
+    names = quantizable_modules(model, QuantScheme(include=include or [], exclude=exclude or []))
+    if not names:
+        raise LlmsqueezeError(f"no layer of {type(model).__name__} matches include={include} exclude={exclude}: loosen the patterns")
+    if nm is not None:
+        for n in names:
+            check_nm_width(*nm, linear_weight(model.get_submodule(n)).shape[1], n)
+    if owl is not None and method not in ("wanda", "sparsegpt"):
+        raise LlmsqueezeError("owl allocation is available with wanda and sparsegpt")
+    if owl is not None and nm is not None:
+        raise LlmsqueezeError("owl allocates unstructured sparsity per layer; it does not apply to an N:M pattern")
+
+    log.info("pruning %d layers with %s: %s", len(names), method, f"{nm[0]}:{nm[1]}" if nm else f"sparsity {sparsity}")
+    args: dict = {"scope": scope}
+    layer_sparsity = None
+    if method == "magnitude":
+        _prune_magnitude(model, names, sparsity, nm, scope, scheme, progress)
+    elif method in ("snip", "taylor"):
+        batches, ids, _ = _engine_inputs(data, method, damp, block_size, batch_size, device, offload)
+        _prune_saliency(model, names, batches, method, sparsity, nm, scope, scheme)
+        args.update(n_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
+    else:
+        from .engine import run_sequential
+        from .evaluate import peak_rss_mib
+        from .pruning.sparsegpt import SparseGPT
+        from .pruning.wanda import Wanda
+
+        batches, ids, device = _engine_inputs(data, method, damp, block_size, batch_size, device, offload)
+        if owl is not None:
+            from .pruning.owl import owl_sparsities
+
+            layer_sparsity = owl_sparsities(model, batches, names, sparsity, device=device, **owl)
+            args["owl"] = dict(owl)
+        cls = Wanda if method == "wanda" else SparseGPT
+        m = cls(sparsity, nm, scheme, scope=scope, damp=damp, block_size=block_size, layer_sparsity=layer_sparsity)
+        stats = run_sequential(model, batches, m, names, device=device, offload=offload,
+                               true_sequential=true_sequential, progress=progress)
+        log.info("%s done in %.1f s; peak RSS %.0f MiB", method, stats.seconds, peak_rss_mib())
+        model._llmsqueeze_stats = stats
+        model._llmsqueeze_report = m.report
+        args.update(damp=damp, block_size=block_size, true_sequential=true_sequential,
+                    n_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
+    kept = [n for n in all_linear_names(model) if n not in set(names)]
+    qc = quantization_config(scheme or QuantScheme(), method, kept, args)
+    qc["format_version"] = 2
+    qc["scheme"] = None if scheme is None else scheme.to_dict()
+    qc["sparsity"] = sparsity_config(sparsity, nm, names, scope, layer_sparsity)
+    model.config.quantization_config = qc
+    return model
+
+
+def _prune_saliency(model, names, batches, criterion, sparsity, nm, scope, scheme) -> None:
+    """SNIP / Taylor scores from the next-token loss on the calibration batches (whole model, one
+    backward per batch), then masks as for magnitude."""
+    from .pruning.saliency import gradient_saliency
+
+    params = {n: model.get_submodule(n).weight for n in names}
+    was_training = model.training
+    model.eval()  # no dropout; gradients still flow
+    with torch.enable_grad():
+        scores = gradient_saliency(model, batches, params, criterion)
+    model.train(was_training)
+    scores = {n: (s if isinstance(model.get_submodule(n), nn.Linear) else s.t()) for n, s in scores.items()}  # [N, K]
+    _prune_magnitude(model, names, sparsity, nm, scope, scheme, False, scores)
+
+
+@torch.no_grad()
+def _prune_magnitude(model, names, sparsity, nm, scope, scheme, progress, scores=None) -> None:
+    """Magnitude pruning, or any given per-layer scores [N, K] (higher = kept)."""
+    from .pruning.layer import pruned_module
+    from .pruning.magnitude import apply_mask, magnitude_score
+    from .pruning.masks import global_masks, nm_mask, unstructured_mask
+
+    if scores is None:
+        scores = {n: magnitude_score(linear_weight(model.get_submodule(n))) for n in names}
+    if scope == "global" and nm is None:
+        keeps = global_masks(scores, sparsity)
+    for name in tqdm(names, desc="magnitude", disable=not progress, unit="layer"):
+        layer = model.get_submodule(name)
+        w = linear_weight(layer)
+        if nm is not None:
+            keep = nm_mask(scores.pop(name), *nm)
+        elif scope == "global":
+            keep = keeps.pop(name)
+        else:
+            keep = unstructured_mask(scores.pop(name), sparsity, scope)
+        res = apply_mask(w, keep, scheme)
+        set_module(model, name, pruned_module(layer, res, scheme))

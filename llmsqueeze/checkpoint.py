@@ -99,12 +99,55 @@ def save_quantized(
     if getattr(getattr(model, "config", None), "quantization_config", None) is None:
         raise LlmsqueezeError("the model is not quantized: call llmsqueeze.quantize(model, scheme) first")
     out = prepare_output_dir(out, overwrite)
+    compress_sparse_layers(model)
+    return save_model_dir(model, out, tokenizer, overwrite, max_shard_size)
+
+
+def save_model_dir(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+                   max_shard_size: str | int = "2GB") -> Path:
+    """model.save_pretrained (+ tokenizer) into a temp dir beside `out`, renamed into place at the end."""
+    out = prepare_output_dir(out, overwrite)
     with atomic_output_dir(out) as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     log.info("saved %s", out)
     return out
+
+
+def compress_sparse_layers(model: nn.Module) -> None:
+    """Pruned layers -> SparseLinear, in place: N:M as values + packed indices (the values quantized on
+    the compressed matrix when the model is also quantized and the group size is a multiple of M),
+    unstructured as bitmask + values; a quantized unstructured layer stays a QuantLinear (q == zero
+    where pruned). Records the storage format (and each bitmask layer's nonzero count) in
+    quantization_config["sparsity"]."""
+    from .nn import QuantLinear, SparseLinear, is_linear, linear_weight, set_module
+
+    qc = model.config.quantization_config
+    sp = qc.get("sparsity") if isinstance(qc, dict) else None
+    if sp is None or "format" in sp:
+        return
+    nm = tuple(int(v) for v in sp["nm_pattern"].split(":")) if sp.get("nm_pattern") else None
+    if qc.get("scheme") is not None:
+        g = qc["scheme"]["group_size"]
+        if nm is None or (g != -1 and g % nm[1]):
+            sp["format"] = "quant"
+            return
+        for name in sp["layers"]:
+            layer = model.get_submodule(name)
+            if isinstance(layer, QuantLinear):
+                set_module(model, name, SparseLinear.from_quant_linear(layer, nm))
+        sp["format"] = "nm"
+        return
+    sp["format"] = "nm" if nm else "bitmask"
+    nnz = sp.setdefault("nnz", {})
+    for name in sp["layers"]:
+        layer = model.get_submodule(name)
+        if is_linear(layer):
+            layer = SparseLinear.from_dense(linear_weight(layer).detach(), layer.bias, nm)
+            set_module(model, name, layer)
+        if nm is None:
+            nnz[name] = layer.values.numel()
 
 
 # ---------------------------------------------------------------------------------------- verify
@@ -187,20 +230,31 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(
             f"{path} has format_version {version!r}, this llmsqueeze reads up to {FORMAT_VERSION}: upgrade llmsqueeze"
         )
+    sparse = qc.get("sparsity")
     try:
-        scheme = scheme_from_dict(qc.get("scheme") or {})
-    except (LlmsqueezeError, TypeError) as e:
-        raise CheckpointError(f"{path} has an invalid scheme in config.json ({first_line(e)}); re-create the checkpoint") from None
+        scheme = scheme_from_dict(qc.get("scheme") or {}) if qc.get("scheme") is not None or sparse is None else None
+        if sparse is not None:
+            _check_sparsity_config(sparse)
+    except (LlmsqueezeError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{path} has an invalid scheme or sparsity in config.json ({first_line(e)}); "
+                              "re-create the checkpoint") from None
     header: dict[str, dict] = {}
     for f in weight_files(path):
         header.update(read_safetensors_header(f))
     keys = set(header) - {"__metadata__"}
-    marker, suffixes = "qweight", QUANT_SUFFIXES
-    if isinstance(scheme, W8A8Scheme):
-        marker, suffixes = "weight_scale", W8A8_SUFFIXES + (("input_scale",) if scheme.act == "static" else ())
-    prefixes = {k.rsplit(".", 1)[0] for k in keys if k.endswith("." + marker)}
+    fmt = None if sparse is None else sparse.get("format")
+    marker = "qweight"
+    if fmt in ("nm", "bitmask"):  # compressed sparse layers
+        values = ("values",) if qc.get("scheme") is None else tuple(f"qvalues.{x}" for x in QUANT_SUFFIXES)
+        suffixes = values + (("indices",) if fmt == "nm" else ("bitmask",))
+        prefixes = set(sparse["layers"])
+    else:
+        suffixes = QUANT_SUFFIXES
+        if isinstance(scheme, W8A8Scheme):
+            marker, suffixes = "weight_scale", W8A8_SUFFIXES + (("input_scale",) if scheme.act == "static" else ())
+        prefixes = {k.rsplit(".", 1)[0] for k in keys if k.endswith("." + marker)}
     if not prefixes:
-        raise CheckpointError(f"{path} holds no quantized weights (no *.{marker}); re-create the checkpoint")
+        raise CheckpointError(f"{path} holds no quantized or sparse weights (no *.{marker}); re-create the checkpoint")
     for p in sorted(prefixes):
         if marker == "weight_scale" and header.get(f"{p}.weight", {}).get("dtype", "I8") != "I8":
             raise CheckpointError(f"{path}: layer {p} has a {header[p + '.weight']['dtype']} weight, w8a8 stores int8; "
@@ -211,31 +265,46 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
     return qc
 
 
+def _check_sparsity_config(sp: dict) -> None:
+    from .pruning.masks import parse_nm
+
+    parse_nm(sp.get("nm_pattern"))
+    if sp.get("format", "nm" if sp.get("nm_pattern") else "bitmask") not in ("nm", "bitmask", "quant"):
+        raise LlmsqueezeError(f"sparse format {sp.get('format')!r} is unknown")
+    if not isinstance(sp["layers"], list):
+        raise LlmsqueezeError("sparsity.layers must list the pruned layers")
+
+
 # ---------------------------------------------------------------------------------------- load
 class LlmsqueezeConfig(QuantizationConfigMixin):
     """transformers' view of our `quantization_config` (quant_method 'llmsqueeze')."""
 
     def __init__(self, scheme=None, method="rtn", format_version=FORMAT_VERSION, modules_to_not_convert=None,
-                 method_args=None, source=None, **kwargs):
+                 method_args=None, source=None, sparsity=None, **kwargs):
         self.quant_method = QUANT_METHOD
         self.source = dict(source) if source else None  # a peer format being imported (formats/)
         self.format_version = format_version
         self.method = method
         self.method_args = dict(method_args or {})
-        self.scheme = dict(scheme or {})
+        self.sparsity = None if sparsity is None else dict(sparsity)
+        self.scheme = None if scheme is None and sparsity is not None else dict(scheme or {})
         self.modules_to_not_convert = list(modules_to_not_convert or [])
-        scheme_from_dict(self.scheme)  # validate
+        if self.scheme is not None:
+            scheme_from_dict(self.scheme)  # validate
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
             "method": self.method,
-            "scheme": dict(self.scheme),
+            "scheme": None if self.scheme is None else dict(self.scheme),
             "method_args": dict(self.method_args),
             "modules_to_not_convert": list(self.modules_to_not_convert),
             **({"source": dict(self.source)} if self.source else {}),
         }
+        if self.sparsity is not None:
+            d["sparsity"] = dict(self.sparsity)
+        return d
 
     def to_diff_dict(self) -> dict:
         return self.to_dict()
@@ -273,6 +342,7 @@ class LlmsqueezeHfQuantizer(HfQuantizer):
         return weight_conversions(self.quantization_config.source)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        verify_sparse_layers(model, self.quantization_config.to_dict())
         # the buffers now hold our layout: saving the model writes a plain llmsqueeze checkpoint, so
         # neither the config nor transformers' save (which reverts load-time conversions) may recall
         # the peer format
@@ -296,8 +366,32 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
     """Swap every Linear not in modules_to_not_convert for an empty QuantLinear of the same shape
     (on whatever device the skeleton is, usually meta); the loader then fills its buffers."""
     from .models import all_linear_names
-    from .nn import QuantLinear, linear_weight, set_module
+    from .nn import QuantLinear, SparseLinear, linear_weight, set_module
 
+    sp = qc.get("sparsity")
+    if sp is not None and sp.get("format") == "nm" and qc.get("scheme") is not None:  # N:M, values quantized
+        scheme = scheme_from_dict(qc["scheme"])
+        n, m = (int(v) for v in sp["nm_pattern"].split(":"))
+        for name in sp["layers"]:
+            layer = model.get_submodule(name)
+            w = linear_weight(layer)
+            n_out, k = w.shape
+            g = scheme.group_size_for(k)
+            cg = k // m * n if -(-k // g) == 1 else g // m * n
+            set_module(model, name, SparseLinear(k, n_out, "nm", (n, m), bias=layer.bias is not None, dtype=w.dtype,
+                                                 device=w.device, quant=(scheme.bits, cg),
+                                                 scale_dtype=scheme.torch_scale_dtype))
+        return list(sp["layers"])
+    if qc.get("scheme") is None:  # pruned only
+        nm = tuple(int(v) for v in sp["nm_pattern"].split(":")) if sp.get("nm_pattern") else None
+        for name in sp["layers"]:
+            layer = model.get_submodule(name)
+            w = linear_weight(layer)
+            n_out, k = w.shape
+            nnz = None if nm else int(sp["nnz"][name])
+            set_module(model, name, SparseLinear(k, n_out, "nm" if nm else "bitmask", nm, nnz, bias=layer.bias is not None,
+                                                 dtype=w.dtype, device=w.device))
+        return list(sp["layers"])
     scheme = scheme_from_dict(qc["scheme"])
     args = qc.get("method_args") or {}
     act_order = bool(args.get("act_order")) and not args.get("static_groups")  # only then is g_idx stored
@@ -322,6 +416,31 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
             ),
         )
     return names
+
+
+def verify_sparse_layers(model: nn.Module, qc: dict) -> None:
+    """Refuse a loaded model whose sparse layers break their pattern: SparseLinear's own check, and
+    for sparse+quantized layers at most N nonzero codes (q != zero) in every group of M inputs."""
+    from .nn import QuantLinear, SparseLinear
+    from .pruning.masks import is_nm
+
+    sp = qc.get("sparsity")
+    if sp is None:
+        return
+    nm = tuple(int(v) for v in sp["nm_pattern"].split(":")) if sp.get("nm_pattern") else None
+    for name in sp["layers"]:
+        layer = model.get_submodule(name)
+        problem = None
+        if isinstance(layer, SparseLinear):
+            problem = layer.verify()
+        elif isinstance(layer, QuantLinear) and nm is not None:
+            q, _, zero = layer.unpack()
+            g = layer.group_size
+            nonzero = q != zero.repeat_interleave(g, dim=1)[:, : layer.in_features]
+            if not is_nm(nonzero, *nm):
+                problem = f"its codes break the {nm[0]}:{nm[1]} pattern"
+        if problem:
+            raise CheckpointError(f"layer {name}: {problem}; the checkpoint is corrupt, re-create it")
 
 
 _REGISTERED = False

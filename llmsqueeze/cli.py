@@ -101,6 +101,87 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from .api import PRUNE_METHODS, load_dense, prune
+    from .checkpoint import prepare_output_dir, save_quantized
+    from .config import QuantScheme
+    from .pruning.masks import check_sparsity, parse_nm
+
+    torch.manual_seed(args.seed)
+    structured = args.structured
+    if structured:
+        from transformers import AutoConfig
+
+        from .pruning.structured import check_ratio, check_structured
+
+        check_ratio(args.mlp_ratio)
+        if isinstance(args.attn_ratio, bool) or not (0 < args.attn_ratio <= 1):
+            raise LlmsqueezeError(f"--attn-ratio {args.attn_ratio} must lie in (0, 1]: the fraction of key/value groups kept")
+        try:
+            config = AutoConfig.from_pretrained(os.path.expanduser(args.model))
+        except (OSError, ValueError):
+            config = None  # load_dense below says what is wrong with the model
+        if config is not None:
+            check_structured(config, args.mlp_ratio)
+        if args.sparsity is not None or args.pattern is not None or args.bits is not None:
+            raise LlmsqueezeError("--structured removes MLP channels (--mlp-ratio); it does not take --sparsity, --pattern or --bits")
+    else:
+        if args.method not in PRUNE_METHODS:
+            raise LlmsqueezeError(f"method {args.method!r} is not available: use one of {', '.join(PRUNE_METHODS)}")
+        if (args.sparsity is None) == (args.pattern is None):
+            raise LlmsqueezeError("give exactly one of --sparsity S (e.g. 0.5) or --pattern N:M (e.g. 2:4)")
+        if args.sparsity is not None:
+            check_sparsity(args.sparsity)
+        parse_nm(args.pattern)
+    scheme = None
+    if args.bits is not None:
+        scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym)
+    prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
+    needs_data = structured and args.score == "activation" or not structured and args.method != "magnitude"
+    if needs_data:
+        from .data import load_calibration_texts
+
+        if args.n_samples < 1 or args.seq_len < 2:
+            raise LlmsqueezeError(f"--n-samples {args.n_samples} --seq-len {args.seq_len}: use at least 1 sample of 2 tokens")
+        calib_texts = load_calibration_texts(args.calib)
+    model = load_dense(args.model, _torch_dtype(args.dtype))
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(args.model))
+    except Exception:
+        logging.getLogger("llmsqueeze").warning("no tokenizer found beside %s; saving the model without one", args.model)
+        tok = None
+    data = None
+    if needs_data:
+        from .data import calibration_batches
+
+        if tok is None:
+            raise LlmsqueezeError(f"{args.model} has no tokenizer to read --calib with; save one beside the model")
+        data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed)
+    if structured:
+        from .pruning.structured import prune_attention_groups, prune_mlp_channels, save_structured
+
+        if args.attn_ratio < 1:
+            prune_attention_groups(model, args.attn_ratio, score=args.score, data=data)
+        if args.mlp_ratio < 1:
+            prune_mlp_channels(model, args.mlp_ratio, score=args.score, data=data, progress=not args.quiet)
+        print(save_structured(model, args.out, tokenizer=tok, overwrite=args.overwrite))
+        return 0
+    owl = {"lam": args.owl_lambda, "m": args.owl_m} if args.owl else None
+    prune(model, args.method, sparsity=args.sparsity, pattern=args.pattern, data=data, scheme=scheme,
+          progress=not args.quiet, scope=args.scope, owl=owl, device=args.device, offload=args.offload,
+          true_sequential=args.true_sequential, damp=args.damp, block_size=args.block_size, batch_size=args.batch_size)
+    stats = getattr(model, "_llmsqueeze_stats", None)
+    if stats is not None:
+        print(f"{args.method}: {stats.layers} layers in {stats.blocks} blocks, {stats.seconds:.1f} s, "
+              f"peak RSS {stats.peak_rss_mib:,.0f} MiB", file=sys.stderr)
+    out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    print(out)
+    return 0
+
+
 def cmd_info(args) -> int:
     from .info import checkpoint_info, format_info
 
@@ -197,6 +278,44 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_quantize)
 
+    pr = sub.add_parser("prune", help="prune a model (optionally also quantize) and save it")
+    pr.add_argument("model", help="a hub id (org/name) or a local model directory")
+    pr.add_argument("--method", default="wanda", help="magnitude (no data), wanda (default), sparsegpt, or snip / taylor (gradient saliency)")
+    pr.add_argument("--sparsity", type=float, default=None, help="fraction of weights set to zero, in [0, 1)")
+    pr.add_argument("--pattern", default=None, help="N:M: keep N of every M inputs (e.g. 2:4)")
+    pr.add_argument("--scope", default=None, choices=("row", "layer", "global"),
+                    help="unstructured comparison group (default: row, within each column block for sparsegpt; "
+                         "layer for magnitude; global: not for wanda/sparsegpt)")
+    pr.add_argument("--bits", type=int, default=None, help="also quantize the kept weights to this many bits")
+    pr.add_argument("--group-size", type=int, default=128, help="with --bits: inputs per scale (default 128)")
+    pr.add_argument("--sym", action="store_true", help="with --bits: symmetric grid")
+    pr.add_argument("--owl", action="store_true", help="outlier-weighted per-layer sparsity (wanda, sparsegpt)")
+    pr.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: largest deviation from the mean sparsity")
+    pr.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier threshold, multiples of the mean score")
+    pr.add_argument("--structured", action="store_true", help="remove MLP channels: a physically smaller model")
+    pr.add_argument("--mlp-ratio", type=float, default=0.75, help="--structured: fraction of MLP channels kept")
+    pr.add_argument("--attn-ratio", type=float, default=1.0,
+                    help="--structured: fraction of attention key/value groups kept (each with its query heads; default 1)")
+    pr.add_argument("--score", default="activation", choices=("l2", "activation"),
+                    help="--structured: channel ranking (default activation: needs --calib; l2 is data-free)")
+    pr.add_argument("--calib", default="wikitext2",
+                    help="calibration text: wikitext2, c4, pileval, or a .txt/.jsonl file or datasets dir")
+    pr.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
+    pr.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
+    pr.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward (default 1)")
+    pr.add_argument("--true-sequential", action="store_true", help="calibrate each block's Linears in order")
+    pr.add_argument("--damp", type=float, default=0.01, help="sparsegpt damping, fraction of the mean Hessian diagonal")
+    pr.add_argument("--block-size", type=int, default=128, help="sparsegpt columns per mask block (default 128)")
+    pr.add_argument("--device", default=None, help="where blocks are calibrated: cuda or cpu (default: cuda if present)")
+    pr.add_argument("--offload", default=None, help="where activations wait between blocks (e.g. cpu)")
+    pr.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype to load the dense model in")
+    pr.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    pr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    pr.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.set_defaults(func=cmd_prune)
+
     i = sub.add_parser("info", help="describe a llmsqueeze checkpoint")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true", help="print JSON")
@@ -243,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # errors after loading stay one line
     try:
         return args.func(args)
     except LlmsqueezeError as e:

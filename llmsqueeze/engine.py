@@ -209,6 +209,8 @@ def run_sequential(
             prepare(bprefix, block, lambda: ((h.to(device), _to(kw[i], device)) for h, kw in zip(hidden, kwargs)))
         names = [n for n, m in block.named_modules() if is_linear(m) and bprefix + n in wanted]
         for group in _groups(names, arch.sequential, true_sequential):
+            if not group:  # a block with nothing selected: only its outputs are needed
+                continue
             handles = []
             for n in group:
                 full = bprefix + n

@@ -23,7 +23,8 @@ def checkpoint_info(path: str | Path) -> dict:
     path = Path(path).expanduser()
     qc = check_checkpoint(path)
     fmt = (qc.get("source") or {}).get("format", "llmsqueeze")
-    scheme = scheme_from_dict(qc["scheme"])
+    scheme = None if qc.get("scheme") is None else scheme_from_dict(qc["scheme"])
+    sparse = qc.get("sparsity")
     model, config = skeleton(path)
     keep = set(qc.get("modules_to_not_convert", []))
     tensors: dict[str, dict] = {}
@@ -39,9 +40,13 @@ def checkpoint_info(path: str | Path) -> dict:
         if name in keep:
             continue
         n, k = linear_weight(model.get_submodule(name)).shape
-        b = sum(nbytes(f"{name}.{s}") for s in LAYER_TENSORS[fmt])
-        if f"{name}.weight_scale" in tensors and fmt == "llmsqueeze":  # w8a8: int8 weight + scales
+        if fmt != "llmsqueeze":
+            b = sum(nbytes(f"{name}.{s}") for s in LAYER_TENSORS[fmt])
+        elif f"{name}.weight_scale" in tensors:  # w8a8: int8 weight + scales
             b = sum(nbytes(f"{name}.{s}") for s in ("weight", "weight_scale", "input_scale"))
+        else:
+            b = sum(nbytes(f"{name}.{s}") for s in ("qweight", "scales", "qzeros", "g_idx", "values", "indices",
+                                                      "bitmask", "qvalues.qweight", "qvalues.scales", "qvalues.qzeros"))
         layers.append({"name": name, "in_features": k, "out_features": n, "bytes": b, "bits_per_weight": 8 * b / (k * n)})
         q_weights += k * n
         q_bytes += b
@@ -56,7 +61,8 @@ def checkpoint_info(path: str | Path) -> dict:
         "method": qc.get("method"),
         "format_version": qc.get("format_version"),
         "format": describe_source(qc),
-        "scheme": scheme.to_dict(),
+        "scheme": None if scheme is None else scheme.to_dict(),
+        "sparsity": sparse,
         "quantized_layers": len(layers),
         "quantized_weights": q_weights,
         "bits_per_quantized_weight": 8 * q_bytes / max(q_weights, 1),
@@ -85,20 +91,28 @@ def _module_summary(layers: list[dict]) -> str:
 
 
 def format_info(info: dict) -> str:
-    s = info["scheme"]
-    if s.get("type") == "w8a8":
+    s, sp = info["scheme"], info.get("sparsity")
+    lines = [f"{info['path']}: {info['architecture']} ({info['model_type']}), {info['format']}"]
+    if s is not None and s.get("type") == "w8a8":
         alpha = s["smooth_alpha"]
-        scheme_line = (f"  scheme      w8a8: {s['weights']} weights, int8 {s['act']} activations, "
-                       f"SmoothQuant {'off' if alpha is None else f'alpha {alpha}'}, method {info['method']}")
-    else:
+        lines.append(f"  scheme      w8a8: {s['weights']} weights, int8 {s['act']} activations, "
+                     f"SmoothQuant {'off' if alpha is None else f'alpha {alpha}'}, method {info['method']}")
+    elif s is not None:
         g = "per-channel" if s["group_size"] == -1 else f"group {s['group_size']}"
-        scheme_line = (f"  scheme      {s['bits']}-bit {g} {'sym' if s['sym'] else 'asym'}, scales {s['scale_dtype']}, "
-                       f"method {info['method']}{', clip search' if s['clip_search'] else ''}")
-    lines = [
-        f"{info['path']}: {info['architecture']} ({info['model_type']}), {info['format']}",
-        scheme_line,
-        f"  quantized   {info['quantized_layers']} layers, {info['quantized_weights']:,} weights at "
-        f"{info['bits_per_quantized_weight']:.3f} bits/weight (scales and zeros included)",
+        lines.append(f"  scheme      {s['bits']}-bit {g} {'sym' if s['sym'] else 'asym'}, scales {s['scale_dtype']}, "
+                     f"method {info['method']}{', clip search' if s['clip_search'] else ''}")
+    if sp is not None:
+        what = sp["nm_pattern"] if sp.get("nm_pattern") else f"{sp['sparsity']:.0%} unstructured ({sp.get('scope')})"
+        store = {"nm": "values + N:M indices", "bitmask": "bitmask + values"}.get(sp.get("format"), "packed, q == zero")
+        if s is not None and sp.get("format") == "nm":
+            store = f"{s['bits']}-bit values + N:M indices"
+        lines.append(f"  sparsity    {what}, method {info['method']}, stored as {store}")
+    w8 = s is not None and s.get("type") == "w8a8"
+    included = "values, indices, scales and zeros" if sp is not None else ("scales" if w8 else "scales and zeros")
+    lines += [
+        f"  {'quantized ' if sp is None else 'compressed'}  {info['quantized_layers']} layers, "
+        f"{info['quantized_weights']:,} weights at {info['bits_per_quantized_weight']:.3f} bits/weight "
+        f"({included} included)",
         f"  modules     {_module_summary(info['layers'])}",
         f"  kept dense  {len(info['modules_to_not_convert'])} linear modules"
         + (f" ({', '.join(info['modules_to_not_convert'][:4])}{', ...' if len(info['modules_to_not_convert']) > 4 else ''})"

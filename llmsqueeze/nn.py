@@ -248,3 +248,187 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def index_bits(m: int) -> int:
+    """Bits per stored N:M index (positions 0..m-1): the smallest packable width."""
+    return next(b for b in (2, 3, 4, 8) if 2**b >= m)
+
+
+class SparseLinear(nn.Module):
+    """y = x @ W^T + b with a pruned W [N, K] stored compressed, in one of two formats:
+
+      * "nm" (N:M, e.g. 2:4): the kept values [N, K*n/m] and `indices`, the position (0..m-1) of each
+        kept value inside its group of m inputs, increasing within the group, packed along the row with
+        `index_bits(m)` bits (2 for 2:4) as int32 [N, ceil(K*n/m/32)*bits]; a group with fewer than n
+        nonzeros stores zeros. The values are either `values` (the weight dtype) or, with `quant`
+        (bits, group size), a QuantLinear `qvalues` over the compressed [N, K*n/m] matrix: a group of
+        g inputs of W is g*n/m compressed columns with the same scale and zero.
+      * "bitmask" (unstructured): `bitmask` uint8 [N, ceil(K/8)] (input j of a row is bit j % 8 of
+        byte j // 8) and `values` [nnz], the nonzeros in row-major order.
+
+    `verify()` checks the stored pattern; the loader refuses a checkpoint that fails it. Forward: on a
+    CUDA GPU with fp16/bf16 activations a 2:4 layer runs as a torch semi-structured sparse tensor
+    (built once); everywhere else through the dense weight, rebuilt once and cached.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, nm: tuple[int, int] | None = None,
+                 nnz: int | None = None, bias: bool = False, dtype: torch.dtype = torch.float32, device=None,
+                 quant: tuple[int, int] | None = None, scale_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.nm = tuple(nm) if nm is not None else None
+        if fmt == "nm":
+            n, m = self.nm
+            width = in_features // m * n
+            ib = index_bits(m)
+            self.register_buffer("indices", torch.zeros(out_features, padded(width) * ib // 32, dtype=torch.int32,
+                                                        device=device))
+            if quant is None:
+                self.register_buffer("values", torch.zeros(out_features, width, dtype=dtype, device=device))
+            else:
+                bits, g = quant
+                self.qvalues = QuantLinear(width, out_features, bits, g, scale_dtype=scale_dtype, device=device)
+        elif fmt == "bitmask":
+            self.register_buffer("values", torch.zeros(nnz, dtype=dtype, device=device))
+            self.register_buffer("bitmask", torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8,
+                                                        device=device))
+        else:
+            raise ValueError(f"sparse format {fmt!r}: use 'nm' or 'bitmask'")
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        self._cache: tuple | None = None
+
+    @staticmethod
+    def nm_positions(nonzero: torch.Tensor, n: int, m: int) -> torch.Tensor:
+        """nonzero [N, K] bool -> positions [N, K/m, n]: the nonzeros first, then the lowest free slots,
+        in increasing order. Raises when a group holds more than n nonzeros."""
+        rows, k = nonzero.shape
+        nz = nonzero.view(rows, k // m, m)
+        if (nz.sum(-1) > n).any():
+            raise ValueError(f"weight is not {n}:{m} sparse")
+        order = nz.float() * 2 * m - torch.arange(m, device=nonzero.device)
+        return order.topk(n, dim=-1).indices.sort(dim=-1).values
+
+    @classmethod
+    @torch.no_grad()
+    def from_dense(cls, w: torch.Tensor, bias: torch.Tensor | None, nm: tuple[int, int] | None = None) -> "SparseLinear":
+        """w [N, K] with zeros where pruned -> compressed layer ("nm" when `nm` is given, else "bitmask")."""
+        n_out, k = w.shape
+        if nm is not None:
+            n, m = nm
+            pos = cls.nm_positions(w != 0, n, m)  # [N, K/m, n]
+            layer = cls(k, n_out, "nm", nm, bias=bias is not None, dtype=w.dtype, device=w.device)
+            layer.values.copy_(w.view(n_out, k // m, m).gather(-1, pos).reshape(n_out, -1))
+            layer.indices.copy_(pack_cols(pos.reshape(n_out, -1), index_bits(m)))
+        else:
+            keep = w != 0
+            layer = cls(k, n_out, "bitmask", nnz=int(keep.sum()), bias=bias is not None, dtype=w.dtype, device=w.device)
+            layer.values.copy_(w[keep])
+            layer.bitmask.copy_(_pack_bits(keep))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    @torch.no_grad()
+    def from_quant_linear(cls, q: "QuantLinear", nm: tuple[int, int]) -> "SparseLinear":
+        """A packed QuantLinear whose pruned weights have q == zero -> N:M values quantized on the
+        compressed matrix (needs a group size that is a multiple of m, or per-channel)."""
+        n, m = nm
+        k, n_out, g = q.in_features, q.out_features, q.group_size
+        if q.g_idx is not None or (g % m and q.scales.shape[0] > 1):
+            raise ValueError(f"group size {g} is not a multiple of {m}: cannot compress {n}:{m}")
+        codes, scale, zero = q.unpack()  # [N, K], [N, ng], [N, ng]
+        zero_full = zero.repeat_interleave(g, dim=1)[:, :k]
+        pos = cls.nm_positions(codes != zero_full, n, m)
+        width = k // m * n
+        cg = width if q.scales.shape[0] == 1 else g // m * n
+        layer = cls(k, n_out, "nm", nm, bias=q.bias is not None, dtype=q.bias.dtype if q.bias is not None else torch.float32,
+                    device=codes.device, quant=(q.bits, cg), scale_dtype=q.scales.dtype)
+        qc = codes.view(n_out, k // m, m).gather(-1, pos).reshape(n_out, width)
+        layer.qvalues = QuantLinear.from_quantized(qc, scale, zero, q.bits, cg, scale_dtype=q.scales.dtype)
+        layer.indices.copy_(pack_cols(pos.reshape(n_out, -1), index_bits(m)))
+        if q.bias is not None:
+            layer.bias.copy_(q.bias)
+        return layer
+
+    def _positions(self) -> torch.Tensor:
+        """[N, K/m, n] int64 positions of the kept values inside each group."""
+        n, m = self.nm
+        width = self.in_features // m * n
+        return unpack_cols(self.indices, index_bits(m), width).long().view(self.out_features, -1, n)
+
+    def verify(self) -> str | None:
+        """None when the stored pattern is sound, else what is wrong."""
+        if self.fmt == "nm":
+            n, m = self.nm
+            idx = self._positions()
+            if idx.numel() and int(idx.max()) >= m:
+                return f"an N:M index is {int(idx.max())}, outside 0..{m - 1}"
+            if n > 1 and (idx[..., 1:] <= idx[..., :-1]).any():
+                return f"a group of {m} inputs holds a repeated or unordered index: not {n}:{m}"
+            return None
+        ones = int(_unpack_bits(self.bitmask, self.in_features).sum())
+        if ones != self.values.numel():
+            return f"the bitmask marks {ones} weights but {self.values.numel()} values are stored"
+        pad = self.bitmask.shape[1] * 8 - self.in_features
+        if pad and (self.bitmask[:, -1].int() >> (8 - pad)).any():
+            return "the bitmask marks inputs beyond the layer's width"
+        return None
+
+    def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [N, K]."""
+        quant = hasattr(self, "qvalues")
+        dtype = dtype or (torch.float32 if quant else self.values.dtype)
+        n_out, k = self.out_features, self.in_features
+        dev = self.indices.device if self.fmt == "nm" else self.values.device
+        w = torch.zeros(n_out, k, dtype=dtype, device=dev)
+        if self.fmt == "nm":
+            n, m = self.nm
+            vals = self.qvalues.dequantize_weight(dtype) if quant else self.values.to(dtype)
+            w.view(n_out, k // m, m).scatter_(-1, self._positions(), vals.view(n_out, k // m, n))
+        else:
+            w[_unpack_bits(self.bitmask, k)] = self.values.to(dtype)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        if self._cache is None or self._cache[0] != key:
+            w = self.to_dense(x.dtype)
+            if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and self.nm == (2, 4):
+                try:
+                    from torch.sparse import to_sparse_semi_structured
+
+                    w = to_sparse_semi_structured(w)
+                except (RuntimeError, ValueError, ImportError):  # shapes or GPU it does not support
+                    pass
+            self._cache = (key, w)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(x.reshape(-1, self.in_features), self._cache[1], bias)  # semi-structured wants 2-D inputs
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        self._cache = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        pattern = f"{self.nm[0]}:{self.nm[1]}" if self.nm else f"bitmask, nnz={self.values.numel()}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {pattern}, bias={self.bias is not None}"
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool [N, K] -> uint8 [N, ceil(K/8)], input j in bit j % 8 of byte j // 8."""
+    n, k = mask.shape
+    m = torch.zeros(n, (k + 7) // 8 * 8, dtype=torch.uint8, device=mask.device)
+    m[:, :k] = mask
+    weights = (2 ** torch.arange(8, device=mask.device)).to(torch.uint8)
+    return (m.view(n, -1, 8) * weights).sum(-1).to(torch.uint8)
+
+
+def _unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 [N, ceil(K/8)] -> bool [N, K]."""
+    shifts = torch.arange(8, device=bits.device)
+    return ((bits.unsqueeze(-1).int() >> shifts) & 1).bool().view(bits.shape[0], -1)[:, :k]

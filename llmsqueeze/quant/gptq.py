@@ -162,21 +162,15 @@ def gptq_quantize(
     return GPTQResult(Q, scale, zero, g_idx, loss, used_damp)
 
 
-class GPTQ:
-    """The engine's method for GPTQ: accumulates each Linear's Hessian from its inputs, then swaps
-    the Linear for a packed QuantLinear. Linears fed the very same input tensor (q/k/v, gate/up)
-    share one Hessian, accumulated once."""
+class HessianStore:
+    """Per-Linear Hessians H = 2/n sum x x^T accumulated from the engine's hooks; Linears fed the very
+    same input tensor (q/k/v, gate/up) share one Hessian, accumulated once. Used by GPTQ and SparseGPT."""
 
-    def __init__(self, scheme, damp: float = 0.01, block_size: int = 128, act_order: bool = True,
-                 static_groups: bool = True, act_aware_clip: bool = True):
-        self.scheme, self.damp, self.block_size = scheme, damp, block_size
-        self.act_aware_clip = act_aware_clip
-        self.act_order, self.static_groups = act_order, static_groups
-        self.hessians: dict[str, list] = {}  # name -> [H, n] (shared lists for shared inputs)
+    def __init__(self):
+        self.hessians: dict[str, list] = {}  # name -> [H, n, owner] (one shared list for shared inputs)
         self._last_input: tuple | None = None  # (tensor, name) seen last; held so its memory is not reused
-        self.report: list[dict] = []
 
-    def collect(self, name: str, module, x: torch.Tensor) -> None:
+    def collect(self, name: str, x: torch.Tensor) -> None:
         if name not in self.hessians:
             if self._last_input is not None and self._last_input[0] is x:
                 self.hessians[name] = self.hessians[self._last_input[1]]  # same input: share
@@ -191,11 +185,35 @@ class GPTQ:
             raise FloatingPointError(f"the inputs of {name} hold NaN/Inf; check the model and the calibration data")
         self._last_input = (x, name)
 
+    def pop(self, name: str) -> tuple[torch.Tensor, int]:
+        """-> (H [K, K], tokens) of `name`, forgotten afterwards (kept for the other sharers)."""
+        h, n, owner = self.hessians.pop(name)
+        sharers = [k for k, v in self.hessians.items() if v[2] == owner]
+        if sharers and owner == name:  # hand the shared Hessian to the next sharer
+            for k in sharers:
+                self.hessians[k][2] = sharers[0]
+        return h, n
+
+
+class GPTQ:
+    """The engine's method for GPTQ: accumulates each Linear's Hessian from its inputs (HessianStore),
+    then swaps the Linear for a packed QuantLinear."""
+
+    def __init__(self, scheme, damp: float = 0.01, block_size: int = 128, act_order: bool = True,
+                 static_groups: bool = True, act_aware_clip: bool = True):
+        self.scheme, self.damp, self.block_size = scheme, damp, block_size
+        self.act_order, self.static_groups = act_order, static_groups
+        self.act_aware_clip = act_aware_clip
+        self.store = HessianStore()
+        self.report: list[dict] = []
+
+    def collect(self, name: str, module, x: torch.Tensor) -> None:
+        self.store.collect(name, x)
+
     def apply(self, name: str, module):
         from ..nn import QuantLinear, linear_weight
 
-        h, n, owner = self.hessians[name]
-        sharers = [k for k, v in self.hessians.items() if v[2] == owner]
+        h, n = self.store.pop(name)
         w = linear_weight(module)
         s = self.scheme
         try:
@@ -203,12 +221,6 @@ class GPTQ:
                                 self.act_aware_clip)
         except FloatingPointError as e:
             raise FloatingPointError(f"GPTQ failed on {name}: {e}") from None
-        del self.hessians[name]
-        if len(sharers) > 1 and owner == name:  # hand the shared Hessian to the next sharer
-            nxt = next(k for k in sharers if k != name)
-            for k in sharers:
-                if k != name:
-                    self.hessians[k][2] = nxt
         self.report.append({"layer": name, "loss": res.loss, "damp": res.damp, "samples": n})
         log.info("GPTQ %s: loss %.4g (damp %.3g, %d tokens)", name, res.loss, res.damp, n)
         return QuantLinear.from_quantized(

@@ -1,0 +1,50 @@
+"""Magnitude pruning: drop the weights of smallest |w| (per row, per layer or globally). No data;
+the baseline every data-aware method must beat. With a QuantScheme the kept weights are rounded to
+nearest (pruned ones get q == zero, exactly 0 after dequantization)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import QuantScheme
+from ..quant.grid import quantize
+from ..quant.rtn import rtn_qparams
+from .masks import nm_mask, unstructured_mask
+
+
+def magnitude_score(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] -> |w| [N, K] float32."""
+    return w.detach().float().abs()
+
+
+@dataclass
+class PrunedWeight:
+    w: torch.Tensor  # [N, K] float32
+    keep: torch.Tensor  # [N, K] bool
+    q: torch.Tensor | None = None  # [N, K] int32
+    scale: torch.Tensor | None = None  # [N, ng]
+    zero: torch.Tensor | None = None  # [N, ng]
+
+
+def apply_mask(w: torch.Tensor, keep: torch.Tensor, scheme: QuantScheme | None = None) -> PrunedWeight:
+    """w [N, K] * keep, then (with a scheme) round-to-nearest on the kept weights: group ranges come
+    from the masked weight, and pruned weights get q = zero."""
+    w = w.detach().float() * keep
+    if scheme is None:
+        return PrunedWeight(w, keep)
+    scale, zero = rtn_qparams(w, scheme)
+    g = scheme.group_size_for(w.shape[1])
+    q = quantize(w, scale, zero, scheme.bits, g)
+    zero_full = zero.repeat_interleave(g, dim=1)[:, : w.shape[1]]
+    q = torch.where(keep, q, zero_full)
+    deq = (q.float() - zero_full) * scale.repeat_interleave(g, dim=1)[:, : w.shape[1]]
+    return PrunedWeight(deq, keep, q, scale, zero)
+
+
+def magnitude_prune(w: torch.Tensor, sparsity: float = 0.5, nm=None, scope: str = "layer",
+                    scheme: QuantScheme | None = None) -> PrunedWeight:
+    """w [N, K] -> PrunedWeight: unstructured at `sparsity` over `scope`, or N:M with nm=(n, m)."""
+    score = magnitude_score(w)
+    keep = nm_mask(score, *nm) if nm is not None else unstructured_mask(score, sparsity, scope)
+    return apply_mask(w, keep, scheme)

@@ -1,0 +1,64 @@
+"""Wanda (Sun et al., 2023): score each weight by |w_ij| * ||x_j||_2, the size of its contribution to
+the output over the calibration tokens, and prune the lowest within each output row (or each group
+of M inputs for N:M). No weight update. With a QuantScheme the mask is kept fixed and the kept weights
+are quantized by the OBS sweep of SparseGPT (a sparse GPTQ), which needs the Hessian as well.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import QuantScheme
+from .masks import nm_mask, unstructured_mask
+
+log = logging.getLogger("llmsqueeze")
+
+
+def wanda_score(w: torch.Tensor, sq_norm: torch.Tensor) -> torch.Tensor:
+    """w [N, K], sq_norm [K] = sum over tokens of x_j^2 -> |w| * ||x|| [N, K] float32."""
+    return w.detach().float().abs() * sq_norm.float().sqrt().unsqueeze(0)
+
+
+def wanda_mask(w: torch.Tensor, sq_norm: torch.Tensor, sparsity: float = 0.5, nm=None, scope: str = "row") -> torch.Tensor:
+    """-> keep [N, K]: per row (Wanda's comparison group) or per layer, or N:M."""
+    score = wanda_score(w, sq_norm)
+    return nm_mask(score, *nm) if nm is not None else unstructured_mask(score, sparsity, scope)
+
+
+class Wanda:
+    """The engine's method: sums x_j^2 per input channel from the hooks, then masks each Linear."""
+
+    def __init__(self, sparsity: float = 0.5, nm=None, scheme: QuantScheme | None = None, scope: str = "row",
+                 damp: float = 0.01, block_size: int = 128, layer_sparsity: dict[str, float] | None = None):
+        from ..quant.gptq import HessianStore
+
+        self.sparsity, self.nm, self.scheme, self.scope = sparsity, nm, scheme, scope
+        self.damp, self.block_size = damp, block_size
+        self.layer_sparsity = layer_sparsity or {}
+        self.sq_norms: dict[str, torch.Tensor] = {}
+        self.store = HessianStore() if scheme is not None else None
+        self.report: list[dict] = []
+
+    def collect(self, name, module, x):
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        s = x2.pow(2).sum(0)  # [K]
+        self.sq_norms[name] = self.sq_norms[name] + s if name in self.sq_norms else s
+        if self.store is not None:
+            self.store.collect(name, x)
+
+    def apply(self, name, module):
+        from ..nn import linear_weight
+        from .layer import pruned_module
+        from .magnitude import PrunedWeight
+        from .sparsegpt import sparsegpt_prune
+
+        w = linear_weight(module)
+        keep = wanda_mask(w, self.sq_norms.pop(name), self.layer_sparsity.get(name, self.sparsity), self.nm, self.scope)
+        if self.scheme is None:
+            res = PrunedWeight(w.detach().float() * keep, keep)
+        else:
+            h, _ = self.store.pop(name)
+            res = sparsegpt_prune(w, h, keep=keep, scheme=self.scheme, damp=self.damp, block_size=self.block_size)
+        self.report.append({"layer": name, "sparsity": 1 - keep.float().mean().item()})
+        return pruned_module(module, res, self.scheme)
