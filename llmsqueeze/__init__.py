@@ -3,6 +3,7 @@
     import llmsqueeze
     model = llmsqueeze.quantize(model, llmsqueeze.QuantScheme(bits=4, group_size=128))
     llmsqueeze.save_quantized(model, "q4", tokenizer=tok)
+    llmsqueeze.quantize_lazy("org/model-70b", "q4", scheme)   # one block in memory; resume=True after a stop
     model = llmsqueeze.from_pretrained("q4")   # or transformers.AutoModelForCausalLM.from_pretrained("q4")
 """
 from .api import load_dense, quantize
@@ -13,6 +14,7 @@ from .checkpoint import (
     save_quantized,
 )
 from .config import CheckpointError, LlmsqueezeError, QuantScheme
+from .lazy import quantize_lazy
 from .nn import QuantLinear
 
 __version__ = "0.1.0"
@@ -25,6 +27,7 @@ __all__ = [
     "LlmsqueezeError",
     "CheckpointError",
     "quantize",
+    "quantize_lazy",
     "load_dense",
     "save_quantized",
     "from_pretrained",

@@ -177,7 +177,10 @@ def load_dense(model_id: str, dtype: torch.dtype | str = "auto", **kwargs) -> nn
     """Load a dense causal LM from a local dir or a hub id, turning loader failures into one line."""
     from transformers import AutoModelForCausalLM
 
+    from .lazy import check_shards
+
     path, _ = dense_config(model_id)
+    check_shards(path)  # a truncated or incomplete download: one line, before the slow load
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:

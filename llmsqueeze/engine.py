@@ -75,12 +75,12 @@ def _to(obj, device):
 
 def _move_outside(model: nn.Module, blocks_path: str, device) -> None:
     """Move every parameter and buffer that is not inside the decoder blocks (embeddings, rotary
-    tables, final norm, head) to `device`."""
+    tables, final norm, head) to `device`; tensors not loaded (meta, a lazy model's head) stay."""
     prefix = blocks_path + "."
     for name, module in model.named_modules():
         if name == blocks_path or name.startswith(prefix):
             continue
-        module._apply(lambda t: t.to(device), recurse=False)
+        module._apply(lambda t: t if t.is_meta else t.to(device), recurse=False)
 
 
 def _outside_device(model: nn.Module, blocks_path: str) -> torch.device:

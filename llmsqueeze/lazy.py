@@ -89,6 +89,14 @@ class ShardReader:
         return buf.view(dtype).reshape(shape)
 
 
+def check_shards(path: str | os.PathLike) -> None:
+    """For a local dir with safetensors weights: every shard present, complete, and holding what
+    the index says (CheckpointError naming the file otherwise). Anything else passes unchecked."""
+    path = Path(path)
+    if path.is_dir() and has_safetensors(path):
+        ShardReader(path)
+
+
 def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
     mod_name, _, attr = name.rpartition(".")
     mod = model.get_submodule(mod_name) if mod_name else model
@@ -128,15 +136,24 @@ class LazyModel:
         self.arch = get_arch(self.model)
         self.blocks = self.model.get_submodule(self.arch.blocks)
         self._map_keys()
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        self.head_names = {n + ".weight" for n, m in self.model.named_modules() if head is not None and m is head}
+
+    def load_outside(self, head: bool = False) -> None:
+        """Read the tensors outside the blocks (embeddings, final norm; the output head only when
+        `head`: the engine's capture never reaches it, and unchanged it is copied file to file)."""
         prefix = self.arch.blocks + "."
         for name in self.keys:
-            if not name.startswith(prefix):
-                self._load(name)
+            if not name.startswith(prefix) and (head or name not in self.head_names):
+                if self._get(name).is_meta:
+                    self._load(name)
         self.model.tie_weights()
-        meta = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(prefix)]
-        if meta:
-            raise CheckpointError(f"{self.path}: no tensor for {meta[0]} in the checkpoint; lazy loading cannot "
-                                  "map its names, pass --no-lazy")
+
+    def _get(self, name: str) -> torch.Tensor:
+        mod_name, _, attr = name.rpartition(".")
+        mod = self.model.get_submodule(mod_name) if mod_name else self.model
+        t = mod._parameters.get(attr)
+        return mod._buffers.get(attr) if t is None else t
 
     def _map_keys(self) -> None:
         """Model tensor name -> checkpoint key (same, without or with the base model's prefix)."""
@@ -197,23 +214,94 @@ class LazyModel:
             for k, b in mod._buffers.items():
                 if b is not None:
                     mod._buffers[k] = torch.empty_like(b, device="meta")
+        trim_host_memory()
 
     def block_bytes(self, i: int) -> int:
         return sum(p.numel() * p.element_size() for p in self.blocks[i].parameters())
 
-    def outside_state(self) -> dict[str, torch.Tensor]:
-        """The non-block tensors as save_pretrained writes them: tied copies once (the first name)."""
+    def outside_entries(self) -> list:
+        """The non-block tensors as save_pretrained writes them (tied copies once, under the first
+        name), as streaming.Entry: in-memory tensors where loaded or changed, else byte ranges of
+        the source shards (cast in memory, one tensor at a time, when the dtype changes)."""
+        from .streaming import DTYPE_NAMES, Entry
+
         prefix = self.arch.blocks + "."
-        out, seen = {}, set()
-        for name, t in self.model.state_dict().items():
-            if name.startswith(prefix):
+        text = self.model.config.get_text_config()
+        tied = set(getattr(self.model, "_tied_weights_keys", None) or ()) if text.tie_word_embeddings else set()
+        out, seen = [], set()
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if name.startswith(prefix) or name in tied:
                 continue
-            ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-            if ptr in seen:
+            if not t.is_meta:
+                ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+                if ptr not in seen:
+                    seen.add(ptr)
+                    out.append(Entry.of_tensor(name, t))
                 continue
-            seen.add(ptr)
-            out[name] = t
+            f, dtype, shape, offset, nbytes = self.reader.tensors[self.keys[name]]
+            if dtype == t.dtype:
+                out.append(Entry(name, DTYPE_NAMES[dtype], shape, nbytes, file=f, offset=offset))
+            else:
+                out.append(_LoadedEntry(name, self, t.dtype))
         return out
+
+
+def _glibc():
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+_LIBC = None
+M_MMAP_THRESHOLD = -3
+# Measured on the 2.6 GB model of eval/memory.py (RTN, 2 busy cores), peak RSS above baseline and
+# wall time of the whole process: 1 MiB 262 MB / 120 s; 4 MiB 325 MB / 105 s; 32 MiB (glibc's own
+# ceiling) 724 MB / 67 s, and up to 1.5 GB in some runs. Below the threshold the kernel zero-fills
+# every fresh mapping, so a lower one costs time.
+MMAP_THRESHOLD = 4 << 20
+
+
+def bound_heap_growth() -> None:
+    """Serve every allocation of MMAP_THRESHOLD or more with its own mmap, returned to the OS when
+    freed. glibc's default raises that threshold to 32 MiB after the first large free, after which
+    each block's tensors of a few MB land in the heap, whose holes it keeps: resident memory then
+    grew by up to ~60 MB a block, by chance (a 24-block, 2.6 GB model: 0.3 to 1.5 GB above baseline
+    in identical runs). Process-wide, like MALLOC_MMAP_THRESHOLD_=4194304; glibc only."""
+    libc = _glibc()
+    if libc:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def trim_host_memory() -> None:
+    """Hand free heap pages back to the OS (after each block)."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+class _LoadedEntry:
+    """A source tensor cast to the model's dtype when it is written, not before."""
+
+    def __init__(self, name: str, lazy: LazyModel, dtype: torch.dtype):
+        from .streaming import DTYPE_NAMES
+
+        _, _, shape, _, _ = lazy.reader.tensors[lazy.keys[name]]
+        self.name, self.shape, self.dtype = name, list(shape), DTYPE_NAMES[dtype]
+        self.nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+        self._lazy, self._dtype = lazy, dtype
+
+    def copy_to(self, f) -> None:
+        from .streaming import Entry
+
+        Entry.of_tensor(self.name, self._lazy.reader.read(self._lazy.keys[self.name]).to(self._dtype)).copy_to(f)
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -334,6 +422,7 @@ def quantize_lazy(
         raise LlmsqueezeError(f"method {method!r} is not available: use one of {', '.join(METHODS)}")
     out = prepare_output_dir(out, overwrite=overwrite)
     shard_bytes = parse_size(max_shard_size)
+    bound_heap_growth()
     lazy = LazyModel(model_id, dtype)
     model = lazy.model
     names = quantizable_modules(model, scheme)
@@ -343,6 +432,7 @@ def quantize_lazy(
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_name = next((n for n in names if head is not None and model.get_submodule(n) is head), None)
     if head_name is not None:
+        lazy.load_outside(head=True)
         _untie_lm_head(model, head_name)
 
     if method == "rtn":
@@ -354,6 +444,7 @@ def quantize_lazy(
             static_groups=static_groups, damp=damp, block_size=block_size, batch_size=batch_size,
         )
         ids = torch.cat(batches)
+        lazy.load_outside()  # the embeddings, for the capture of block inputs
     key = {
         "model": str(lazy.path.resolve()), "model_files": _files_key(lazy.path), "scheme": scheme.to_dict(),
         "method": method, "method_args": method_args, "calibration": tensor_sha256(ids),
@@ -413,7 +504,7 @@ def quantize_lazy(
                 if tokenizer is not None:
                     tokenizer.save_pretrained(d)
 
-            return run.finish(lazy.outside_state(), extras), stats
+            return run.finish(lazy.outside_entries(), extras), stats
         except KeyboardInterrupt:
             done = run.blocks_done if run.dir.exists() else 0
             raise KeyboardInterrupt(

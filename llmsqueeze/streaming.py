@@ -137,9 +137,9 @@ def file_entries(path: Path) -> list[Entry]:
 
 # ---------------------------------------------------------------------------------- signals
 @contextlib.contextmanager
-def deferred_signals():
+def deferred_signals(reraise: bool = True):
     """Hold SIGINT/SIGTERM until the block ends (a manifest commit is never cut in half), then
-    raise KeyboardInterrupt if one came."""
+    raise KeyboardInterrupt if one came (unless not `reraise`: the work it guarded is complete)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -150,7 +150,7 @@ def deferred_signals():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        if got:
+        if got and reraise:
             raise KeyboardInterrupt
 
 
@@ -274,13 +274,13 @@ class PartialCheckpoint:
         return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())
 
     # -- adding work ---------------------------------------------------------------------------
-    def _add_piece(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    def _add_piece(self, name: str, entries: list[Entry]) -> None:
         """Write a piece, gathering earlier pieces into a shard first if this one would overflow it."""
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        size = sum(e.nbytes for e in entries)
         pending = sum(sum(e.nbytes for e in file_entries(self.dir / p)) for p in self.m["pieces"])
         if self.m["pieces"] and pending + size > self.max_shard_size:
             self._gather()
-        write_safetensors(self.dir / name, [Entry.of_tensor(k, v) for k, v in tensors.items()])
+        write_safetensors(self.dir / name, entries)
         self.m["pieces"].append(name)
 
     def _gather(self) -> None:
@@ -298,7 +298,7 @@ class PartialCheckpoint:
     def block_done(self, i: int, tensors: dict[str, torch.Tensor], inputs: list[torch.Tensor] | None) -> None:
         """Block i's tensors and the next block's inputs are saved, then the manifest says so."""
         with deferred_signals():
-            self._add_piece(f"block-{i:05d}.safetensors", tensors)
+            self._add_piece(f"block-{i:05d}.safetensors", [Entry.of_tensor(k, v) for k, v in tensors.items()])
             old = self.m["inputs"]
             self.m["inputs"] = None
             if inputs and i + 1 < self.m["n_blocks"]:
@@ -312,12 +312,12 @@ class PartialCheckpoint:
             if old and old != self.m["inputs"]:
                 (self.dir / old).unlink(missing_ok=True)
 
-    def finish(self, outside: dict[str, torch.Tensor], write_extras) -> Path:
-        """Write the non-block tensors, name the shards, write the index and `write_extras(dir)`
+    def finish(self, outside: list[Entry], write_extras) -> Path:
+        """Write the non-block tensors (`outside`), name the shards, write the index and `write_extras(dir)`
         (config, tokenizer), verify, and rename the dir to OUT (replacing it when it exists)."""
         from .checkpoint import check_checkpoint
 
-        with deferred_signals():
+        with deferred_signals(reraise=False):  # a signal now would only stop a run that is done
             if not self.m["outside_done"]:
                 self._add_piece("outside.safetensors", outside)
                 self.m["outside_done"] = True

@@ -91,6 +91,8 @@ def test_truncated_or_incomplete_shards_refused_before_any_work(model_dir, tmp_p
     shard.write_bytes(data[:-10])
     with pytest.raises(CheckpointError, match=f"{shard.name} is truncated"):
         quantize_lazy(str(src), tmp_path / "q", QuantScheme(), progress=False)
+    with pytest.raises(CheckpointError, match=f"{shard.name} is truncated"):  # the in-memory path checks too
+        llmsqueeze.load_dense(str(src))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
     shard.write_bytes(data)
     index = json.loads((src / "model.safetensors.index.json").read_text())
