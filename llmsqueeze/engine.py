@@ -179,6 +179,7 @@ def run_sequential(
     block_done: Callable[[int, nn.Module, list[torch.Tensor]], None] | None = None,
     start_block: int = 0,
     start_hidden: list[torch.Tensor] | None = None,
+    on_captured: Callable[[], None] | None = None,
 ) -> EngineStats:
     """Calibrate `layer_names` (full module names, all inside the decoder blocks) block by block.
 
@@ -187,7 +188,8 @@ def run_sequential(
     `device`). block_loader(i) fills block i's weights before its turn (the block then stays on
     `device` for block_done to free); block_done(i, block, hidden) runs once block i is compressed,
     with `hidden` the next block's inputs. start_block/start_hidden resume a run: blocks before
-    start_block are skipped and start_hidden (as block_done saw it) replaces the captured inputs."""
+    start_block are skipped and start_hidden (as block_done saw it) replaces the captured inputs.
+    on_captured() runs once the block inputs are captured (a lazy model drops its embeddings there)."""
     from .evaluate import peak_rss_mib
 
     device = torch.device(device)
@@ -221,6 +223,8 @@ def run_sequential(
                     "resume with the same calibration options"
                 )
             hidden = [h.to(offload) for h in start_hidden]
+    if on_captured is not None:
+        on_captured()
 
     wanted = set(layer_names)
     bar = tqdm(range(start_block, len(blocks)), desc="blocks", disable=not progress, unit="block",

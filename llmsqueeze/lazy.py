@@ -149,6 +149,17 @@ class LazyModel:
                     self._load(name)
         self.model.tie_weights()
 
+    def release_outside(self) -> None:
+        """Drop the non-block tensors read from the checkpoint (once the engine has captured the
+        block inputs, nothing reads them again: unchanged, they are copied file to file at the end)."""
+        prefix = self.arch.blocks + "."
+        for name in self.keys:
+            t = self._get(name)
+            if not name.startswith(prefix) and not t.is_meta:
+                _set_tensor(self.model, name, torch.empty_like(t, device="meta"))
+        self.model.tie_weights()
+        trim_host_memory()
+
     def _get(self, name: str) -> torch.Tensor:
         mod_name, _, attr = name.rpartition(".")
         mod = self.model.get_submodule(mod_name) if mod_name else self.model
@@ -492,6 +503,7 @@ def quantize_lazy(
                     model, batches, qmethod, block_names, device=device, offload=offload,
                     true_sequential=true_sequential, progress=progress, block_loader=lazy.load_block,
                     block_done=block_done, start_block=run.blocks_done, start_hidden=run.load_inputs(),
+                    on_captured=None if outside_names else lazy.release_outside,
                 )
             for n in outside_names:  # the head, with --lm-head (RTN): it is in memory already
                 set_module(model, n, RTN(scheme).apply(n, model.get_submodule(n)))
