@@ -174,7 +174,9 @@ class LazyModel:
         ties = getattr(text, "tie_word_embeddings", False)
         params = dict(self.model.named_parameters(remove_duplicate=False))
         persistent = set(params) | set(self.model.state_dict())
+        renamed = self._renamings()
         self.keys: dict[str, str] = {}
+        self.renamed: set[str] = set()  # names saved under their checkpoint key (save_pretrained reverses renamings)
         for name in persistent:
             options = [name]
             if base and name.startswith(base + "."):
@@ -182,6 +184,9 @@ class LazyModel:
             elif base:
                 options.append(f"{base}.{name}")
             key = next((k for k in options if k in self.reader.tensors), None)
+            if key is None and name in renamed:
+                key = renamed[name]
+                self.renamed.add(name)
             if key is not None:
                 self.keys[name] = key
             elif not (ties and name in tied):
@@ -195,6 +200,28 @@ class LazyModel:
             if want is not None and want != have:
                 raise CheckpointError(f"{self.path}: {key} has shape {have}, the model expects {want}; "
                                       "the checkpoint does not match its config.json")
+
+    def _renamings(self) -> dict[str, str]:
+        """Model name -> checkpoint key under the plain renamings transformers applies on loading
+        (GPT-NeoX: embed_out -> lm_head); checkpoints that need fusing or splitting fail to map."""
+        import re
+
+        try:
+            from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+
+            rules = [t for t in get_model_conversion_mapping(self.model) if type(t) is WeightRenaming]
+        except Exception:  # noqa: BLE001 - another transformers version: no renamings
+            return {}
+        out = {}
+        for key in self.reader.tensors:
+            name = key
+            for r in rules:
+                tgt = r.target_patterns[0] if len(r.target_patterns) == 1 else None
+                for i, src in enumerate(r.source_patterns):
+                    name = re.sub(src, tgt if tgt is not None else r.target_patterns[i], name)
+            if name != key:
+                out[name] = key
+        return out
 
     def _load(self, name: str) -> None:
         key = self.keys[name]
@@ -243,17 +270,18 @@ class LazyModel:
         for name, t in self.model.state_dict(keep_vars=True).items():
             if name.startswith(prefix) or name in tied:
                 continue
+            saved = self.keys[name] if name in self.renamed else name
             if not t.is_meta:
                 ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
                 if ptr not in seen:
                     seen.add(ptr)
-                    out.append(Entry.of_tensor(name, t))
+                    out.append(Entry.of_tensor(saved, t))
                 continue
             f, dtype, shape, offset, nbytes = self.reader.tensors[self.keys[name]]
             if dtype == t.dtype:
-                out.append(Entry(name, DTYPE_NAMES[dtype], shape, nbytes, file=f, offset=offset))
+                out.append(Entry(saved, DTYPE_NAMES[dtype], shape, nbytes, file=f, offset=offset))
             else:
-                out.append(_LoadedEntry(name, self, t.dtype))
+                out.append(_LoadedEntry(name, self, t.dtype, saved))
         return out
 
 
@@ -301,18 +329,18 @@ def trim_host_memory() -> None:
 class _LoadedEntry:
     """A source tensor cast to the model's dtype when it is written, not before."""
 
-    def __init__(self, name: str, lazy: LazyModel, dtype: torch.dtype):
+    def __init__(self, name: str, lazy: LazyModel, dtype: torch.dtype, saved: str):
         from .streaming import DTYPE_NAMES
 
         _, _, shape, _, _ = lazy.reader.tensors[lazy.keys[name]]
-        self.name, self.shape, self.dtype = name, list(shape), DTYPE_NAMES[dtype]
+        self.source, self.name, self.shape, self.dtype = name, saved, list(shape), DTYPE_NAMES[dtype]
         self.nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
         self._lazy, self._dtype = lazy, dtype
 
     def copy_to(self, f) -> None:
         from .streaming import Entry
 
-        Entry.of_tensor(self.name, self._lazy.reader.read(self._lazy.keys[self.name]).to(self._dtype)).copy_to(f)
+        Entry.of_tensor(self.name, self._lazy.reader.read(self._lazy.keys[self.source]).to(self._dtype)).copy_to(f)
 
 
 # ---------------------------------------------------------------------------------- checks

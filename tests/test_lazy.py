@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import FAMILIES, tiny_llama, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 import llmsqueeze
@@ -210,4 +210,17 @@ def test_cli_no_lazy_and_fallback(model_dir, tmp_path, capsys):
     assert main(["quantize", str(model_dir), "--no-lazy", "--group-size", "32", "--out", str(tmp_path / "a")]) == 0
     assert main(["quantize", str(model_dir), "--group-size", "32", "--out", str(tmp_path / "b")]) == 0
     ta, tb = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lazy_gptq_on_every_architecture(family, tmp_path):
+    """Block paths, GPT-2's Conv1D, tied heads, and GPT-NeoX's renamed head (embed_out on disk)."""
+    tiny_model(family).save_pretrained(tmp_path / "src")
+    scheme, data = QuantScheme(bits=4, group_size=32), _calib(t=16)
+    ref = llmsqueeze.load_dense(str(tmp_path / "src"))
+    llmsqueeze.quantize(ref, scheme, data=data, method="gptq", progress=False)
+    a = llmsqueeze.save_quantized(ref, tmp_path / "ref")
+    b, _ = quantize_lazy(str(tmp_path / "src"), tmp_path / "lazy", scheme, data=data, method="gptq", progress=False)
+    ta, tb = _tensors(a), _tensors(b)
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
