@@ -3,6 +3,7 @@
     import llmsqueeze
     model = llmsqueeze.quantize(model, llmsqueeze.QuantScheme(bits=4, group_size=128))
     llmsqueeze.save_quantized(model, "q4", tokenizer=tok)
+    llmsqueeze.quantize_lazy("org/model-70b", "q4", scheme)   # one block in memory; resume=True after a stop
     model = llmsqueeze.from_pretrained("q4")   # or transformers.AutoModelForCausalLM.from_pretrained("q4")
     llmsqueeze.export("q4", "compressed-tensors", "q4-ct")   # for vLLM; also "gptq"; GPTQ/AWQ/CT dirs load too
 """
@@ -15,6 +16,7 @@ from .checkpoint import (
 )
 from .config import CheckpointError, LlmsqueezeError, QuantScheme
 from .formats import export
+from .lazy import quantize_lazy
 from .nn import QuantLinear
 from .nn_int8 import Int8Linear
 from .quant.int8 import W8A8Scheme
@@ -32,6 +34,7 @@ __all__ = [
     "CheckpointError",
     "quantize",
     "prune",
+    "quantize_lazy",
     "load_dense",
     "save_quantized",
     "from_pretrained",

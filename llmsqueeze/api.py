@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 
 from .config import METHODS, LlmsqueezeError, QuantScheme, first_line
 from .models import all_linear_names, quantizable_modules
-from .nn import QuantLinear, linear_weight, set_module
-from .quant.rtn import rtn_quantize
+from .nn import linear_weight, set_module
+from .quant.rtn import RTN
 
 log = logging.getLogger("llmsqueeze")
 
@@ -112,15 +112,9 @@ def quantize(
 
 @torch.no_grad()
 def _quantize_rtn(model: nn.Module, names: list[str], scheme: QuantScheme, progress: bool) -> None:
+    method = RTN(scheme)
     for name in tqdm(names, desc=f"rtn {scheme.bits}-bit", disable=not progress, unit="layer"):
-        layer = model.get_submodule(name)
-        w = linear_weight(layer).detach()
-        q, scale, zero = rtn_quantize(w, scheme)
-        qlayer = QuantLinear.from_quantized(
-            q, scale, zero, scheme.bits, scheme.group_size_for(w.shape[1]),
-            bias=layer.bias, scale_dtype=scheme.torch_scale_dtype,
-        )
-        set_module(model, name, qlayer)
+        set_module(model, name, method.apply(name, model.get_submodule(name)))
 
 
 def check_devices(device: str | None, offload: str | None) -> str:
@@ -161,27 +155,55 @@ def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, tru
                    static_groups, damp, block_size, batch_size) -> dict:
     from .engine import run_sequential
     from .evaluate import peak_rss_mib
-    from .quant.gptq import GPTQ
 
-    batches, ids, device = _engine_inputs(data, "gptq", damp, block_size, batch_size, device, offload)
-    if static_groups and not act_order:
-        log.info("static_groups without act_order changes nothing: groups are already in natural order")
-    method = GPTQ(scheme, damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
+    batches, method, method_args, device = gptq_setup(
+        scheme, data, device=device, offload=offload, true_sequential=true_sequential, act_order=act_order,
+        static_groups=static_groups, damp=damp, block_size=block_size, batch_size=batch_size,
+    )
     stats = run_sequential(model, batches, method, names, device=device, offload=offload,
                            true_sequential=true_sequential, progress=progress)
     log.info("GPTQ done in %.1f s; peak RSS %.0f MiB%s", stats.seconds, peak_rss_mib(),
              "" if stats.peak_device_mib is None else f", peak device memory {stats.peak_device_mib:.0f} MiB")
     model._llmsqueeze_stats = stats  # for eval scripts and the CLI summary
     model._llmsqueeze_report = method.report
-    return {
+    return method_args
+
+
+def gptq_setup(scheme, data, *, device, offload, true_sequential, act_order, static_groups, damp, block_size,
+               batch_size):
+    """Check the GPTQ options and data -> (batches, GPTQ method, method_args, device)."""
+    from .quant.gptq import GPTQ
+
+    batches, ids, device = _engine_inputs(data, "gptq", damp, block_size, batch_size, device, offload)
+    if static_groups and not act_order:
+        log.info("static_groups without act_order changes nothing: groups are already in natural order")
+    method = GPTQ(scheme, damp=damp, block_size=block_size, act_order=act_order, static_groups=static_groups)
+    method_args = {
         "act_order": act_order, "static_groups": static_groups, "damp": damp, "block_size": block_size,
         "true_sequential": true_sequential, "n_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]),
     }
+    return batches, method, method_args, device
 
 
 def load_dense(model_id: str, dtype: torch.dtype | str = "auto", **kwargs) -> nn.Module:
     """Load a dense causal LM from a local dir or a hub id, turning loader failures into one line."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from .lazy import check_shards
+
+    path, _ = dense_config(model_id)
+    check_shards(path)  # a truncated or incomplete download: one line, before the slow load
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        first = first_line(e)
+        raise LlmsqueezeError(f"cannot load model {model_id!r}: {first}") from None
+
+
+def dense_config(model_id: str):
+    """-> (local path or hub id, config) of a dense causal LM, after the checks that make bad input
+    one line: no such dir, not a causal LM, already quantized."""
+    from transformers import AutoConfig
 
     looks_local = os.path.isabs(model_id) or model_id.startswith((".", "~")) or os.path.exists(model_id)
     if looks_local and not os.path.isdir(os.path.expanduser(model_id)):
@@ -211,11 +233,7 @@ def load_dense(model_id: str, dtype: torch.dtype | str = "auto", **kwargs) -> nn
         raise LlmsqueezeError(
             f"model {model_id!r} is already quantized ({method}): start from the dense model"
         )
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as e:
-        first = first_line(e)
-        raise LlmsqueezeError(f"cannot load model {model_id!r}: {first}") from None
+    return path, config
 
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "snip", "taylor")

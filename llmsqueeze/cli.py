@@ -73,6 +73,20 @@ def cmd_quantize(args) -> int:
             raise LlmsqueezeError(f"--n-samples {args.n_samples} --seq-len {args.seq_len}: use at least 1 sample of 2 tokens")
         calib_texts = load_calibration_texts(args.calib)  # a bad --calib fails before the model loads
         check_devices(args.device, args.offload)  # ... and so does a bad --device / --offload
+    lazy = args.lazy and args.scheme != "w8a8"  # W8A8's SmoothQuant folds into the norms: in memory
+    if args.resume and args.scheme == "w8a8":
+        raise LlmsqueezeError("--resume continues a lazy weight-only run; W8A8 runs in memory, start it again")
+    if lazy:
+        from .lazy import has_safetensors, resolve_model_dir
+
+        model_dir = resolve_model_dir(args.model)
+        if not has_safetensors(model_dir) and not args.resume:
+            logging.getLogger("llmsqueeze").warning("%s has no safetensors weights: loading it whole (--no-lazy)", args.model)
+            lazy = False
+    elif args.resume:
+        raise LlmsqueezeError("--resume continues a lazy run; drop --no-lazy")
+    if lazy:
+        return _quantize_lazy(args, scheme, model_dir, calib_texts if args.method == "gptq" else None)
     model = load_dense(args.model, _torch_dtype(args.dtype))
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(args.model))
@@ -91,14 +105,46 @@ def cmd_quantize(args) -> int:
         true_sequential=args.true_sequential, act_order=args.act_order != "off", static_groups=args.act_order == "static",
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
     )
-    stats = getattr(model, "_llmsqueeze_stats", None)
-    if stats is not None:
-        dev = "" if stats.peak_device_mib is None else f", peak device memory {stats.peak_device_mib:,.0f} MiB"
-        print(f"{args.method}: {stats.layers} layers in {stats.blocks} blocks, {stats.seconds:.1f} s, "
-              f"peak RSS {stats.peak_rss_mib:,.0f} MiB{dev}", file=sys.stderr)
+    _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None))
     out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(out)
     return 0
+
+
+def _quantize_lazy(args, scheme, model_dir, calib_texts) -> int:
+    """quantize, block by block from the shards into the output dir (resumable)."""
+    from transformers import AutoTokenizer
+
+    from .lazy import quantize_lazy
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception:
+        logging.getLogger("llmsqueeze").warning("no tokenizer found beside %s; saving the model without one", args.model)
+        tok = None
+    data = None
+    if args.method == "gptq":
+        from .data import calibration_batches
+
+        if tok is None:
+            raise LlmsqueezeError(f"{args.model} has no tokenizer to read --calib with; save one beside the model")
+        data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed)
+    out, stats = quantize_lazy(
+        str(model_dir), args.out, scheme, data=data, method=args.method, tokenizer=tok, dtype=_torch_dtype(args.dtype),
+        resume=args.resume, overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device,
+        offload=args.offload, true_sequential=args.true_sequential, act_order=args.act_order != "off",
+        static_groups=args.act_order == "static", damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
+    )
+    _print_stats(args.method, stats)
+    print(out)
+    return 0
+
+
+def _print_stats(method: str, stats) -> None:
+    if stats is not None:
+        dev = "" if stats.peak_device_mib is None else f", peak device memory {stats.peak_device_mib:,.0f} MiB"
+        print(f"{method}: {stats.layers} layers in {stats.blocks} blocks, {stats.seconds:.1f} s, "
+              f"peak RSS {stats.peak_rss_mib:,.0f} MiB{dev}", file=sys.stderr)
 
 
 def cmd_prune(args) -> int:
@@ -275,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     q.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    q.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True,
+                   help="read one block at a time from the shards and write it straight to --out, so memory holds "
+                        "one block (default); --no-lazy loads the whole model first")
+    q.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run saved in OUT.partial (same options and data required)")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_quantize)
 
@@ -368,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     except LlmsqueezeError as e:
         print(f"llmsqueeze: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("llmsqueeze: interrupted; no output was written", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"llmsqueeze: {e}" if str(e) else "llmsqueeze: interrupted; no output was written", file=sys.stderr)
         return 130
 
 

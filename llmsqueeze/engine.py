@@ -12,7 +12,10 @@ here; Wanda and SparseGPT later).
    so each block is calibrated on what the compressed model upstream really produces.
 
 Host memory: the model plus one set of block activations (on `offload` device); compute device
-memory: one block plus, unless offloaded, the activations.
+memory: one block plus, unless offloaded, the activations. With a `block_loader` (llmsqueeze.lazy)
+the blocks start empty (meta tensors): each is read from disk when its turn comes and handed to
+`block_done`, which writes and frees it, so the host holds one block at a time. With no batches
+(round-to-nearest) there is nothing to capture or re-run: each block is loaded, compressed, handed on.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -77,12 +80,18 @@ def _to(obj, device):
 
 def _move_outside(model: nn.Module, blocks_path: str, device) -> None:
     """Move every parameter and buffer that is not inside the decoder blocks (embeddings, rotary
-    tables, final norm, head) to `device`."""
+    tables, final norm, head) to `device`; tensors not loaded (meta, a lazy model's head) stay."""
     prefix = blocks_path + "."
     for name, module in model.named_modules():
         if name == blocks_path or name.startswith(prefix):
             continue
-        module._apply(lambda t: t.to(device), recurse=False)
+        module._apply(lambda t: t if t.is_meta else t.to(device), recurse=False)
+
+
+def _outside_device(model: nn.Module, blocks_path: str) -> torch.device:
+    """Where the parameters outside the decoder blocks (embeddings, final norm, head) live."""
+    prefix = blocks_path + "."
+    return next((p.device for n, p in model.named_parameters() if not n.startswith(prefix)), torch.device("cpu"))
 
 
 def capture_block_inputs(
@@ -170,11 +179,22 @@ def run_sequential(
     offload: str | torch.device | None = None,
     true_sequential: bool = False,
     progress: bool = True,
+    *,
+    block_loader: Callable[[int], None] | None = None,
+    block_done: Callable[[int, nn.Module, list[torch.Tensor]], None] | None = None,
+    start_block: int = 0,
+    start_hidden: list[torch.Tensor] | None = None,
+    on_captured: Callable[[], None] | None = None,
 ) -> EngineStats:
     """Calibrate `layer_names` (full module names, all inside the decoder blocks) block by block.
 
-    batches: token id tensors [B, T]; device: where each block computes; offload: where block
-    activations wait between blocks (default: `device`)."""
+    batches: token id tensors [B, T] (none: a data-free method, blocks are only compressed); device:
+    where each block computes; offload: where block activations wait between blocks (default:
+    `device`). block_loader(i) fills block i's weights before its turn (the block then stays on
+    `device` for block_done to free); block_done(i, block, hidden) runs once block i is compressed,
+    with `hidden` the next block's inputs. start_block/start_hidden resume a run: blocks before
+    start_block are skipped and start_hidden (as block_done saw it) replaces the captured inputs.
+    on_captured() runs once the block inputs are captured (a lazy model drops its embeddings there)."""
     from .evaluate import peak_rss_mib
 
     device = torch.device(device)
@@ -193,15 +213,31 @@ def run_sequential(
     stats = EngineStats()
     t0 = time.perf_counter()
     home = next(blocks[0].parameters()).device
-    _move_outside(model, arch.blocks, device)
-    hidden, kwargs = capture_block_inputs(model, blocks, batches, device, offload)
-    _move_outside(model, arch.blocks, home)
-    log.info("captured %d batches of block inputs %s", len(hidden), tuple(hidden[0].shape))
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = []
+    if batches:
+        outside_home = _outside_device(model, arch.blocks)
+        _move_outside(model, arch.blocks, device)
+        hidden, kwargs = capture_block_inputs(model, blocks, batches, device, offload)
+        _move_outside(model, arch.blocks, outside_home)
+        log.info("captured %d batches of block inputs %s", len(hidden), tuple(hidden[0].shape))
+        if start_hidden is not None:
+            if len(start_hidden) != len(hidden):
+                raise LlmsqueezeError(
+                    f"resume: {len(start_hidden)} saved input batches, but the data make {len(hidden)}; "
+                    "resume with the same calibration options"
+                )
+            hidden = [h.to(offload) for h in start_hidden]
+    if on_captured is not None:
+        on_captured()
 
     wanted = set(layer_names)
-    bar = tqdm(range(len(blocks)), desc="blocks", disable=not progress, unit="block")
+    bar = tqdm(range(start_block, len(blocks)), desc="blocks", disable=not progress, unit="block",
+               initial=start_block, total=len(blocks))
     for i in bar:
         tb = time.perf_counter()
+        if block_loader is not None:
+            block_loader(i)
         block = blocks[i].to(device)
         bprefix = f"{prefix}{i}."
         prepare = getattr(method, "prepare_block", None)
@@ -234,7 +270,10 @@ def run_sequential(
             if not torch.isfinite(out).all():
                 raise FloatingPointError(f"block {i} produced NaN/Inf after calibration; check the model and the data")
             hidden[j] = out.to(offload)
-        blocks[i] = block.to(home)
+        if block_loader is None:
+            blocks[i] = block.to(home)
+        if block_done is not None:
+            block_done(i, blocks[i], hidden)
         stats.per_block_s.append(time.perf_counter() - tb)
         bar.set_postfix(rss=f"{peak_rss_mib():.0f}MiB")
     stats.blocks = len(blocks)

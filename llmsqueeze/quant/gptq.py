@@ -49,16 +49,20 @@ def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.
 def inverse_hessian_cholesky(h: torch.Tensor, damp_frac: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp*I)^-1, with damp = damp_frac * mean(diag H), raised x10
     (and logged) while the factorisation fails."""
-    k = h.shape[0]
     mean_diag = torch.mean(torch.diag(h)).item()
-    eye = torch.eye(k, device=h.device, dtype=h.dtype)
     frac = damp_frac
+    # one [K, K] temporary at a time besides h (K = 5504: 121 MB each): the damping is added in place
+    # on the diagonal, and each factor is freed once the next is made
     for attempt in range(max_tries):
-        hd = h + frac * mean_diag * eye
+        hd = h.clone()
+        hd.diagonal().add_(frac * mean_diag)
         chol, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if info.item() == 0:
             hinv = torch.cholesky_inverse(chol)
+            del chol
             chol2, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+            del hinv
             if info2.item() == 0:
                 if attempt:
                     log.warning("GPTQ: Hessian not positive definite; damping raised to %.3g of the mean diagonal", frac)
@@ -109,7 +113,7 @@ def gptq_quantize(
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W, H = W[:, perm], H[perm[:, None], perm]  # one gather: no [K, K] intermediate
         if hdiag is not None:
             hdiag = hdiag[perm]
     Hinv, used_damp = inverse_hessian_cholesky(H, damp)

@@ -29,3 +29,25 @@ def rtn_quantize(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, to
     scale, zero = rtn_qparams(w, scheme)
     q = quantize(w, scale, zero, scheme.bits, scheme.group_size_for(w.shape[1]))
     return q, scale, zero
+
+
+class RTN:
+    """The engine's method for round-to-nearest: no statistics; each Linear becomes a packed
+    QuantLinear from its own weight (what a lazy, block-by-block run uses)."""
+
+    def __init__(self, scheme: QuantScheme):
+        self.scheme = scheme
+
+    def collect(self, name: str, module, x: torch.Tensor) -> None:
+        pass
+
+    @torch.no_grad()
+    def apply(self, name: str, module):
+        from ..nn import QuantLinear, linear_weight
+
+        w = linear_weight(module).detach()
+        q, scale, zero = rtn_quantize(w, self.scheme)
+        return QuantLinear.from_quantized(
+            q, scale, zero, self.scheme.bits, self.scheme.group_size_for(w.shape[1]),
+            bias=module.bias, scale_dtype=self.scheme.torch_scale_dtype,
+        )

@@ -1,0 +1,580 @@
+"""Models bigger than memory: build the model on the meta device, read each decoder block's weights
+from the safetensors shards only when the engine reaches it, write it out (llmsqueeze.streaming)
+and free it. Embeddings, final norm and head are read once. A run saves its state after every block
+and `resume=True` continues it, bit for bit as if it had never stopped.
+
+Host memory: the non-block tensors + one block (+ its activations for calibrated methods); the
+model's dtype is the checkpoint's (or `dtype`). Tensors are read with plain file reads into fresh
+buffers rather than through a memory map: a mapped shard's pages would count in the process's
+resident memory until unmapped, and the point here is that nothing but one block stays resident.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import CheckpointError, LlmsqueezeError, QuantScheme, first_line
+from .engine import EngineStats
+
+log = logging.getLogger("llmsqueeze")
+
+STOP_AFTER_BLOCK_ENV = "LLMSQUEEZE_TEST_STOP_AFTER_BLOCK"  # tests: SIGKILL self once block k is saved
+BLOCK_DELAY_ENV = "LLMSQUEEZE_TEST_BLOCK_DELAY"  # tests: seconds to sleep after each block is saved
+
+
+def resolve_model_dir(model_id: str) -> Path:
+    """A local model dir, or a hub id fetched (weights, configs, tokenizer) with snapshot_download."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or model_id.startswith((".", "~")) or path.exists():
+        raise LlmsqueezeError(f"model {model_id!r}: no such directory; pass a local model dir or a hub id like 'org/name'")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                                  "*.tiktoken"]))
+    except Exception as e:  # noqa: BLE001 - network, auth, unknown repo: one line
+        raise LlmsqueezeError(f"cannot fetch model {model_id!r} ({first_line(e)}); check the name and the network, "
+                              "or pass a local dir") from None
+
+
+def has_safetensors(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+
+
+class ShardReader:
+    """Where each tensor of a safetensors checkpoint lies; every shard's header is checked (index
+    complete, file lengths as the headers say) before anything is read."""
+
+    def __init__(self, path: Path):
+        from .checkpoint import read_safetensors_header, weight_files
+        from .streaming import DTYPES
+
+        self.tensors: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}
+        files = weight_files(path)
+        index = path / "model.safetensors.index.json"
+        weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else None
+        for f in files:
+            header = read_safetensors_header(f)
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+            for k, v in header.items():
+                if k == "__metadata__":
+                    continue
+                if v["dtype"] not in DTYPES:
+                    raise CheckpointError(f"{f}: tensor {k} has dtype {v['dtype']}, which llmsqueeze cannot read")
+                start, end = v["data_offsets"]
+                self.tensors[k] = (f, DTYPES[v["dtype"]], v["shape"], 8 + n + start, end - start)
+        if weight_map is not None:
+            for k, fname in weight_map.items():
+                if k not in self.tensors or self.tensors[k][0].name != fname:
+                    raise CheckpointError(f"{index} names {k} in {fname}, which does not hold it; "
+                                          "re-create or re-download the checkpoint")
+
+    def read(self, key: str) -> torch.Tensor:
+        f, dtype, shape, offset, nbytes = self.tensors[key]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with open(f, "rb") as fh:
+            fh.seek(offset)
+            if nbytes and fh.readinto(memoryview(buf.numpy())) != nbytes:
+                raise CheckpointError(f"{f} ended while reading {key}; re-create or re-download it")
+        return buf.view(dtype).reshape(shape)
+
+
+def check_shards(path: str | os.PathLike) -> None:
+    """For a local dir with safetensors weights: every shard present, complete, and holding what
+    the index says (CheckpointError naming the file otherwise). Anything else passes unchecked."""
+    path = Path(path)
+    if path.is_dir() and has_safetensors(path):
+        ShardReader(path)
+
+
+def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+    else:
+        mod._buffers[attr] = t
+
+
+class LazyModel:
+    """A causal LM whose decoder blocks stay on the meta device until `load_block(i)` reads them;
+    `release_block(i)` makes them meta again. Non-block tensors are loaded at construction."""
+
+    def __init__(self, model_id: str, dtype: torch.dtype | str = "auto"):
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        from .api import dense_config
+        from .models import get_arch
+
+        self.path = resolve_model_dir(model_id)
+        _, config = dense_config(str(self.path))
+        if not has_safetensors(self.path):
+            raise LlmsqueezeError(f"model {model_id!r} has no safetensors weights, which lazy loading reads; "
+                                  "pass --no-lazy (or convert it to safetensors)")
+        self.reader = ShardReader(self.path)  # every header checked before any work
+        if dtype == "auto":
+            dtype = config.dtype if isinstance(config.dtype, torch.dtype) else None
+            if dtype is None and isinstance(getattr(config, "dtype", None), str):
+                dtype = getattr(torch, config.dtype)
+            if dtype is None:
+                dtype = next((t[1] for t in self.reader.tensors.values() if t[1].is_floating_point), torch.float32)
+        self.dtype = dtype
+        with init_empty_weights(include_buffers=False):  # buffers (rotary tables) computed for real
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model.eval()
+        self.arch = get_arch(self.model)
+        self.blocks = self.model.get_submodule(self.arch.blocks)
+        self._map_keys()
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        self.head_names = {n + ".weight" for n, m in self.model.named_modules() if head is not None and m is head}
+
+    def load_outside(self, head: bool = False) -> None:
+        """Read the tensors outside the blocks (embeddings, final norm; the output head only when
+        `head`: the engine's capture never reaches it, and unchanged it is copied file to file)."""
+        prefix = self.arch.blocks + "."
+        for name in self.keys:
+            if not name.startswith(prefix) and (head or name not in self.head_names):
+                if self._get(name).is_meta:
+                    self._load(name)
+        self.model.tie_weights()
+
+    def release_outside(self) -> None:
+        """Drop the non-block tensors read from the checkpoint (once the engine has captured the
+        block inputs, nothing reads them again: unchanged, they are copied file to file at the end)."""
+        prefix = self.arch.blocks + "."
+        for name in self.keys:
+            t = self._get(name)
+            if not name.startswith(prefix) and not t.is_meta:
+                _set_tensor(self.model, name, torch.empty_like(t, device="meta"))
+        self.model.tie_weights()
+        trim_host_memory()
+
+    def _get(self, name: str) -> torch.Tensor:
+        mod_name, _, attr = name.rpartition(".")
+        mod = self.model.get_submodule(mod_name) if mod_name else self.model
+        t = mod._parameters.get(attr)
+        return mod._buffers.get(attr) if t is None else t
+
+    def _map_keys(self) -> None:
+        """Model tensor name -> checkpoint key (same, without or with the base model's prefix)."""
+        base = getattr(self.model, "base_model_prefix", "") or ""
+        tied = set(getattr(self.model, "_tied_weights_keys", None) or ())
+        text = self.model.config.get_text_config()
+        ties = getattr(text, "tie_word_embeddings", False)
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        persistent = set(params) | set(self.model.state_dict())
+        renamed = self._renamings()
+        self.keys: dict[str, str] = {}
+        self.renamed: set[str] = set()  # names saved under their checkpoint key (save_pretrained reverses renamings)
+        for name in persistent:
+            options = [name]
+            if base and name.startswith(base + "."):
+                options.append(name[len(base) + 1:])
+            elif base:
+                options.append(f"{base}.{name}")
+            key = next((k for k in options if k in self.reader.tensors), None)
+            if key is None and name in renamed:
+                key = renamed[name]
+                self.renamed.add(name)
+            if key is not None:
+                self.keys[name] = key
+            elif not (ties and name in tied):
+                if name in params:
+                    raise CheckpointError(f"{self.path}: no tensor for {name} in the checkpoint; lazy loading "
+                                          "cannot map its names, pass --no-lazy")
+        # shapes checked now, so a mismatch is found before any work
+        for name, key in self.keys.items():
+            want = tuple(params[name].shape) if name in params else None
+            have = tuple(self.reader.tensors[key][2])
+            if want is not None and want != have:
+                raise CheckpointError(f"{self.path}: {key} has shape {have}, the model expects {want}; "
+                                      "the checkpoint does not match its config.json")
+
+    def _renamings(self) -> dict[str, str]:
+        """Model name -> checkpoint key under the plain renamings transformers applies on loading
+        (GPT-NeoX: embed_out -> lm_head); checkpoints that need fusing or splitting fail to map."""
+        import re
+
+        try:
+            from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+
+            rules = [t for t in get_model_conversion_mapping(self.model) if type(t) is WeightRenaming]
+        except Exception:  # noqa: BLE001 - another transformers version: no renamings
+            return {}
+        out = {}
+        for key in self.reader.tensors:
+            name = key
+            for r in rules:
+                tgt = r.target_patterns[0] if len(r.target_patterns) == 1 else None
+                for i, src in enumerate(r.source_patterns):
+                    name = re.sub(src, tgt if tgt is not None else r.target_patterns[i], name)
+            if name != key:
+                out[name] = key
+        return out
+
+    def _load(self, name: str) -> None:
+        key = self.keys[name]
+        t = self.reader.read(key)
+        mod_name, _, attr = name.rpartition(".")
+        mod = self.model.get_submodule(mod_name) if mod_name else self.model
+        current = mod._parameters.get(attr)
+        if current is None:
+            current = mod._buffers.get(attr)
+        if current is not None and current.is_floating_point() and t.dtype != current.dtype:
+            t = t.to(current.dtype)
+        _set_tensor(self.model, name, t)
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self.arch.blocks}.{i}."
+
+    def load_block(self, i: int) -> None:
+        prefix = self.block_prefix(i)
+        for name in self.keys:
+            if name.startswith(prefix):
+                self._load(name)
+
+    def release_block(self, i: int) -> None:
+        for mod in self.blocks[i].modules():
+            for k, p in mod._parameters.items():
+                if p is not None:
+                    mod._parameters[k] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for k, b in mod._buffers.items():
+                if b is not None:
+                    mod._buffers[k] = torch.empty_like(b, device="meta")
+        trim_host_memory()
+
+    def block_bytes(self, i: int) -> int:
+        return sum(p.numel() * p.element_size() for p in self.blocks[i].parameters())
+
+    def outside_entries(self) -> list:
+        """The non-block tensors as save_pretrained writes them (tied copies once, under the first
+        name), as streaming.Entry: in-memory tensors where loaded or changed, else byte ranges of
+        the source shards (cast in memory, one tensor at a time, when the dtype changes)."""
+        from .streaming import DTYPE_NAMES, Entry
+
+        prefix = self.arch.blocks + "."
+        text = self.model.config.get_text_config()
+        tied = set(getattr(self.model, "_tied_weights_keys", None) or ()) if text.tie_word_embeddings else set()
+        out, seen = [], set()
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            if name.startswith(prefix) or name in tied:
+                continue
+            saved = self.keys[name] if name in self.renamed else name
+            if not t.is_meta:
+                ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+                if ptr not in seen:
+                    seen.add(ptr)
+                    out.append(Entry.of_tensor(saved, t))
+                continue
+            f, dtype, shape, offset, nbytes = self.reader.tensors[self.keys[name]]
+            if dtype == t.dtype:
+                out.append(Entry(saved, DTYPE_NAMES[dtype], shape, nbytes, file=f, offset=offset))
+            else:
+                out.append(_LoadedEntry(name, self, t.dtype, saved))
+        return out
+
+
+def _glibc():
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim, _LIBC.mallopt  # noqa: B018 - glibc only
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC
+
+
+_LIBC = None
+M_MMAP_THRESHOLD = -3
+# Measured on the 2.6 GB model of eval/memory.py (RTN, 2 busy cores), peak RSS above baseline and
+# wall time of the whole process: 1 MiB 262 MB / 120 s; 4 MiB 325 MB / 105 s; 32 MiB (glibc's own
+# ceiling) 724 MB / 67 s, and up to 1.5 GB in some runs. Below the threshold the kernel zero-fills
+# every fresh mapping, so a lower one costs time.
+MMAP_THRESHOLD = 4 << 20
+
+
+def bound_heap_growth() -> None:
+    """Serve every allocation of MMAP_THRESHOLD or more with its own mmap, returned to the OS when
+    freed. glibc's default raises that threshold to 32 MiB after the first large free, after which
+    each block's tensors of a few MB land in the heap, whose holes it keeps: resident memory then
+    grew by up to ~60 MB a block, by chance (a 24-block, 2.6 GB model: 0.3 to 1.5 GB above baseline
+    in identical runs). Process-wide, like MALLOC_MMAP_THRESHOLD_=4194304; glibc only."""
+    libc = _glibc()
+    if libc:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
+def trim_host_memory() -> None:
+    """Hand free heap pages back to the OS (after each block)."""
+    libc = _glibc()
+    if libc:
+        libc.malloc_trim(0)
+
+
+class _LoadedEntry:
+    """A source tensor cast to the model's dtype when it is written, not before."""
+
+    def __init__(self, name: str, lazy: LazyModel, dtype: torch.dtype, saved: str):
+        from .streaming import DTYPE_NAMES
+
+        _, _, shape, _, _ = lazy.reader.tensors[lazy.keys[name]]
+        self.source, self.name, self.shape, self.dtype = name, saved, list(shape), DTYPE_NAMES[dtype]
+        self.nbytes = int(torch.Size(shape).numel()) * torch.empty(0, dtype=dtype).element_size()
+        self._lazy, self._dtype = lazy, dtype
+
+    def copy_to(self, f) -> None:
+        from .streaming import Entry
+
+        Entry.of_tensor(self.name, self._lazy.reader.read(self._lazy.keys[self.source]).to(self._dtype)).copy_to(f)
+
+
+# ---------------------------------------------------------------------------------- checks
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def quantized_bytes(model: nn.Module, names: list[str], scheme: QuantScheme, act_order_g_idx: bool) -> int:
+    """Bytes of the checkpoint: packed layers per the format (README), everything else as stored."""
+    import math
+
+    from .nn import linear_weight
+    from .quant.pack import padded
+
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    sb = torch.empty(0, dtype=scheme.torch_scale_dtype).element_size()
+    for name in names:
+        layer = model.get_submodule(name)
+        n, k = linear_weight(layer).shape
+        ng = math.ceil(k / scheme.group_size_for(k))
+        total -= n * k * layer.weight.element_size()
+        total += padded(k) * scheme.bits // 8 * n + ng * n * sb + ng * padded(n) * scheme.bits // 8
+        total += 4 * k if act_order_g_idx else 0
+    return total
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on `device` (CUDA: mem_get_info; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def check_resources(lazy: LazyModel, names: list[str], scheme: QuantScheme, out: Path, *, device: str,
+                    offload: str | None, data: torch.Tensor | None, act_order_g_idx: bool, max_shard_size: int,
+                    already_written: int = 0) -> None:
+    """One-line errors before any work: too little free disk for the output, or a device that cannot
+    hold one block (+ activations and Hessians for calibrated methods)."""
+    from .nn import is_linear, linear_weight
+    from .streaming import partial_dir
+
+    need = quantized_bytes(lazy.model, names, scheme, act_order_g_idx)
+    hidden_size = lazy.model.config.get_text_config().hidden_size
+    act = 0 if data is None else data.numel() * hidden_size * torch.empty(0, dtype=lazy.dtype).element_size()
+    work = min(max_shard_size, need) + 2 * act  # pieces awaiting their shard, the saved inputs
+    where = out.parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need + work - already_written > free:
+        raise LlmsqueezeError(
+            f"--out {out}: the checkpoint needs about {_gib(need)} on disk plus {_gib(work)} of working files in "
+            f"{partial_dir(out).name}, but {where} has {_gib(free)} free; free some space or choose another --out"
+        )
+    dev = torch.device(device)
+    block = max(lazy.block_bytes(i) for i in range(len(lazy.blocks)))
+    hess = 0
+    if data is not None:
+        widths = {linear_weight(m).shape[1] for m in lazy.blocks[0].modules() if is_linear(m)}
+        hess = sum(4 * k * k for k in widths)
+    on_device = act if (offload is None or torch.device(offload) == dev) else 0
+    needed = block * 2 + hess + 2 * on_device  # the block, its packed/float32 working copies, in and out activations
+    free_mem = available_memory(dev)
+    if needed > free_mem:
+        raise LlmsqueezeError(
+            f"quantizing needs one block on {dev}: {_gib(block)} of weights (+ {_gib(block + hess)} working memory, "
+            f"{_gib(2 * on_device)} of activations), about {_gib(needed)}, but only {_gib(free_mem)} is free; "
+            "use a device with more memory, --offload cpu, or fewer --n-samples"
+        )
+
+
+# ---------------------------------------------------------------------------------- the run
+def quantize_lazy(
+    model_id: str,
+    out: str | os.PathLike,
+    scheme: QuantScheme,
+    data: torch.Tensor | None = None,
+    method: str = "rtn",
+    *,
+    tokenizer=None,
+    dtype: torch.dtype | str = "auto",
+    resume: bool = False,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+    progress: bool = True,
+    device: str | None = None,
+    offload: str | None = None,
+    true_sequential: bool = False,
+    act_order: bool = True,
+    static_groups: bool = True,
+    damp: float = 0.01,
+    block_size: int = 128,
+    batch_size: int = 1,
+) -> tuple[Path, EngineStats | None]:
+    """Quantize the dense model `model_id` (local dir or hub id) straight into the checkpoint dir
+    `out`, one block in memory at a time; the result equals, tensor for tensor, quantize() followed
+    by save_quantized(). Interrupted (Ctrl-C, SIGTERM, a crash), it leaves OUT.partial/, and the same
+    call with resume=True finishes it. Raises KeyboardInterrupt (with a message) when interrupted.
+    Returns (out, the engine's statistics: None when a resumed run had no block left)."""
+    from .api import _untie_lm_head, gptq_setup, quantization_config
+    from .checkpoint import prepare_output_dir
+    from .config import METHODS
+    from .engine import run_sequential
+    from .models import all_linear_names, quantizable_modules
+    from .nn import set_module
+    from .quant.rtn import RTN
+    from .streaming import PartialCheckpoint, parse_size, sigterm_as_interrupt, tensor_sha256
+
+    if method not in METHODS:
+        raise LlmsqueezeError(f"method {method!r} is not available: use one of {', '.join(METHODS)}")
+    out = prepare_output_dir(out, overwrite=overwrite)
+    shard_bytes = parse_size(max_shard_size)
+    bound_heap_growth()
+    lazy = LazyModel(model_id, dtype)
+    model = lazy.model
+    names = quantizable_modules(model, scheme)
+    if not names:
+        raise LlmsqueezeError(f"no layer of {type(model).__name__} matches include={scheme.include} "
+                              f"exclude={scheme.exclude}: loosen the patterns")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((n for n in names if head is not None and model.get_submodule(n) is head), None)
+    if head_name is not None:
+        lazy.load_outside(head=True)
+        _untie_lm_head(model, head_name)
+
+    if method == "rtn":
+        batches, qmethod, method_args, device = [], RTN(scheme), {}, device or "cpu"
+        ids = None
+    else:
+        batches, qmethod, method_args, device = gptq_setup(
+            scheme, data, device=device, offload=offload, true_sequential=true_sequential, act_order=act_order,
+            static_groups=static_groups, damp=damp, block_size=block_size, batch_size=batch_size,
+        )
+        ids = torch.cat(batches)
+        lazy.load_outside()  # the embeddings, for the capture of block inputs
+    key = {
+        "model": str(lazy.path.resolve()), "model_files": _files_key(lazy.path), "scheme": scheme.to_dict(),
+        "method": method, "method_args": method_args, "calibration": tensor_sha256(ids),
+        "dtype": str(lazy.dtype).removeprefix("torch."), "max_shard_size": shard_bytes, "layers": names,
+    }
+    prefix = lazy.arch.blocks + "."
+    block_names = [n for n in names if n.startswith(prefix)]
+    outside_names = [n for n in names if not n.startswith(prefix)]
+    if outside_names and method != "rtn":
+        raise LlmsqueezeError(f"calibrated methods handle layers inside the decoder blocks only; {outside_names[0]} "
+                              "is not: exclude it (e.g. drop --lm-head) or use --method rtn")
+    partial_exists = resume and (out.parent / (out.name + ".partial")).is_dir()
+    check_resources(lazy, names, scheme, out, device=device, offload=offload, data=ids,
+                    act_order_g_idx=method != "rtn" and act_order and not static_groups, max_shard_size=shard_bytes,
+                    already_written=_dir_bytes(out.parent / (out.name + ".partial")) if partial_exists else 0)
+
+    with sigterm_as_interrupt():
+        run = PartialCheckpoint(out, key, len(lazy.blocks), shard_bytes, resume=resume, overwrite=overwrite)
+        try:
+            stop_after = int(os.environ.get(STOP_AFTER_BLOCK_ENV, "-1"))
+            delay = float(os.environ.get(BLOCK_DELAY_ENV, "0"))
+
+            def block_done(i, block, hidden):
+                state = block.state_dict(prefix=lazy.block_prefix(i))
+                run.block_done(i, state, hidden if batches else None)
+                lazy.release_block(i)
+                if i == stop_after:
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if delay:
+                    import time
+
+                    time.sleep(delay)
+
+            # blocks already written stay meta; their Linears still become (empty) QuantLinears so
+            # that modules_to_not_convert comes out as in an uninterrupted run
+            for i in range(run.blocks_done):
+                for n in block_names:
+                    if n.startswith(lazy.block_prefix(i)):
+                        set_module(model, n, _meta_quant_linear(model.get_submodule(n), scheme))
+            stats = None
+            if run.blocks_done < len(lazy.blocks):
+                stats = run_sequential(
+                    model, batches, qmethod, block_names, device=device, offload=offload,
+                    true_sequential=true_sequential, progress=progress, block_loader=lazy.load_block,
+                    block_done=block_done, start_block=run.blocks_done, start_hidden=run.load_inputs(),
+                    on_captured=None if outside_names else lazy.release_outside,
+                )
+            for n in outside_names:  # the head, with --lm-head (RTN): it is in memory already
+                set_module(model, n, RTN(scheme).apply(n, model.get_submodule(n)))
+            model.config.quantization_config = quantization_config(scheme, method, all_linear_names(model), method_args)
+            model.config.dtype = lazy.dtype
+
+            def extras(d: Path) -> None:
+                model.config.save_pretrained(d)
+                _save_generation_config(model, lazy.path, d)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(d)
+
+            return run.finish(lazy.outside_entries(), extras), stats
+        except KeyboardInterrupt:
+            done = run.blocks_done if run.dir.exists() else 0
+            raise KeyboardInterrupt(
+                f"interrupted after {done} of {len(lazy.blocks)} blocks; the run is saved in {run.dir}: "
+                "rerun the same command with --resume to continue"
+            ) from None
+
+
+def _meta_quant_linear(layer: nn.Module, scheme: QuantScheme) -> nn.Module:
+    from .nn import QuantLinear, linear_weight
+
+    n, k = linear_weight(layer).shape
+    return QuantLinear(k, n, scheme.bits, scheme.group_size, bias=layer.bias is not None,
+                       scale_dtype=scheme.torch_scale_dtype, device="meta")
+
+
+def _files_key(path: Path) -> dict:
+    from .streaming import model_files_key
+
+    return model_files_key(path)
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.iterdir() if p.is_file()) if d.is_dir() else 0
+
+
+def _save_generation_config(model: nn.Module, src: Path, dst: Path) -> None:
+    from transformers import GenerationConfig
+
+    if (src / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(src).save_pretrained(dst)
+    elif getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(dst)
