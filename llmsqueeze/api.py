@@ -83,6 +83,7 @@ def quantize(
         raise LlmsqueezeError("pass either a QuantScheme or scheme keyword arguments, not both")
     if method not in METHODS:
         raise LlmsqueezeError(f"method {method!r} is not available: use one of {', '.join(METHODS)}")
+    scheme = scheme.with_method(method)
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise LlmsqueezeError("this model is already quantized: start from the dense model")
     names = quantizable_modules(model, scheme)

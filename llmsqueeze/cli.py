@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--block-size", type=int, default=128, help="gptq lazy-update block (default 128)")
     q.add_argument("--device", default=None, help="where blocks are calibrated: cuda or cpu (default: cuda if present)")
     q.add_argument("--offload", default=None, help="where activations wait between blocks (e.g. cpu)")
-    q.add_argument("--clip-search", action="store_true", help="grid-search the clipping range per group (lower error)")
+    q.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
+                   help="grid-search the clipping range per group (default: on for gptq, off for rtn)")
     q.add_argument("--clip-norm", type=float, default=2.0, help="error norm p of the clip search (default 2)")
     q.add_argument("--clip-weight-power", type=float, default=1.0,
                    help="weigh each weight's error by |w|**this in the clip search (default 1; 0 = plain MSE)")

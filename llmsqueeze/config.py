@@ -36,7 +36,10 @@ class QuantScheme:
     leaves a shorter last group. `sym` uses a zero point fixed at mid-grid (2**(bits-1)); asymmetric
     stores a true integer zero point per group. `clip_search` grid-searches a shrink of the min/max
     range per group that minimises the quantization error sum |w|^clip_weight_power * |w - q(w)|^clip_norm
-    (1.0: each weight's error weighed by its magnitude; 0.0: plain L^p error).
+    (1.0: each weight's error weighed by its magnitude; 0.0: plain L^p error); under GPTQ each input
+    column's error is also weighed by its Hessian diagonal (mean x_k^2). None (the default) means
+    "auto", resolved by `with_method`: on for GPTQ (3-bit g64 on SmolLM2: 23.77 perplexity vs 28.63
+    without), off for RTN (where it lost at 4-bit g64 asym).
 
     Modules: every Linear (and GPT-2 Conv1D) inside the decoder blocks, then `include` keeps only
     names matching one of its regexes and `exclude` drops matches; `lm_head` adds the output head
@@ -47,7 +50,7 @@ class QuantScheme:
     group_size: int = 128
     sym: bool = False
     scale_dtype: str = "float16"
-    clip_search: bool = False
+    clip_search: bool | None = None
     clip_grid: int = 100
     clip_max_shrink: float = 0.8
     clip_norm: float = 2.0
@@ -70,6 +73,8 @@ class QuantScheme:
             )
         if self.scale_dtype not in SCALE_DTYPES:
             raise LlmsqueezeError(f"scale_dtype={self.scale_dtype!r} is not supported: use one of {', '.join(SCALE_DTYPES)}")
+        if self.clip_search not in (None, True, False):
+            raise LlmsqueezeError(f"clip_search={self.clip_search!r} must be true, false or null (auto)")
         if not (isinstance(self.clip_grid, int) and self.clip_grid >= 1):
             raise LlmsqueezeError(f"clip_grid={self.clip_grid!r} must be a positive integer, e.g. 100")
         if not (0.0 < self.clip_max_shrink <= 1.0):
@@ -83,6 +88,12 @@ class QuantScheme:
                 re.compile(pattern)
             except re.error as e:
                 raise LlmsqueezeError(f"module pattern {pattern!r} is not a valid regular expression ({e})") from None
+
+    def with_method(self, method: str) -> "QuantScheme":
+        """This scheme with clip_search "auto" (None) resolved for `method`: on for gptq, off otherwise."""
+        if self.clip_search is not None:
+            return self
+        return QuantScheme.from_dict({**self.to_dict(), "clip_search": method == "gptq"})
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

@@ -459,6 +459,7 @@ def quantize_lazy(
 
     if method not in METHODS:
         raise LlmsqueezeError(f"method {method!r} is not available: use one of {', '.join(METHODS)}")
+    scheme = scheme.with_method(method)
     out = prepare_output_dir(out, overwrite=overwrite)
     shard_bytes = parse_size(max_shard_size)
     bound_heap_growth()

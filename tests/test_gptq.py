@@ -113,7 +113,9 @@ def test_engine_matches_direct_algorithm_block_by_block():
             hd.remove()
         for n in names:
             lin = block.get_submodule(n)
-            r = gptq_quantize(lin.weight, hs[n][0], QuantScheme(bits=4, group_size=32), act_order=True, static_groups=True)  # the defaults
+            # the defaults: act-order with static groups, clip search weighted by the Hessian diagonal
+            r = gptq_quantize(lin.weight, hs[n][0], QuantScheme(bits=4, group_size=32, clip_search=True),
+                              act_order=True, static_groups=True)
             set_module(block, n, QuantLinear.from_quantized(r.q, r.scale, r.zero, 4, 32, bias=lin.bias))
         for n in names:
             a = model.get_submodule(f"{arch.blocks}.{i}.{n}")
@@ -173,6 +175,30 @@ def test_bad_devices_are_one_line_errors():
     if not torch.cuda.is_available():
         with pytest.raises(llmsqueeze.LlmsqueezeError, match="no CUDA GPU is visible here; use --offload cpu"):
             llmsqueeze.quantize(tiny_model("llama"), method="gptq", data=_calib(), offload="cuda", progress=False)
+
+
+def test_act_aware_clip_search():
+    """The clip search under GPTQ weighs each column by its Hessian diagonal: on inputs with uneven
+    channel energy it lowers the layer-output error below both plain min/max and the |w|-weighted
+    search, and `clip_search` None resolves to on for GPTQ, off for RTN."""
+    x = correlated_inputs()
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    h = hessian(x)
+
+    def out_err(scheme, aac=True):
+        r = gptq_quantize(w, h, scheme, act_order=True, static_groups=True, act_aware_clip=aac)
+        return (x @ (grid.dequantize(r.q, r.scale, r.zero, 32) - w).t()).norm()
+
+    plain = out_err(QuantScheme(bits=3, group_size=32, clip_search=False))
+    wclip = out_err(QuantScheme(bits=3, group_size=32, clip_search=True), aac=False)
+    hclip = out_err(QuantScheme(bits=3, group_size=32, clip_search=True))
+    assert hclip < plain and hclip < wclip, (plain, wclip, hclip)
+    assert QuantScheme(bits=3).with_method("gptq").clip_search is True
+    assert QuantScheme(bits=3).with_method("rtn").clip_search is False
+    assert QuantScheme(bits=3, clip_search=False).with_method("gptq").clip_search is False
+    model = tiny_model("llama")
+    llmsqueeze.quantize(model, bits=4, group_size=32, method="gptq", data=_calib(), progress=False)
+    assert model.config.quantization_config["scheme"]["clip_search"] is True
 
 
 def test_offload_and_batch_size_do_not_change_the_result():
