@@ -45,9 +45,8 @@ def _load_any(model: str, dtype: str, **kwargs):
 
 def cmd_quantize(args) -> int:
     import torch
-    from transformers import AutoTokenizer
 
-    from .api import check_devices, load_dense, quantize
+    from .api import check_devices, quantize
     from .checkpoint import prepare_output_dir, save_quantized
     from .config import METHODS, QuantScheme
 
@@ -67,11 +66,7 @@ def cmd_quantize(args) -> int:
         calibrated = args.method == "gptq"
     prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
     if calibrated:
-        from .data import load_calibration_texts
-
-        if args.n_samples < 1 or args.seq_len < 2:
-            raise LlmsqueezeError(f"--n-samples {args.n_samples} --seq-len {args.seq_len}: use at least 1 sample of 2 tokens")
-        calib_texts = load_calibration_texts(args.calib)  # a bad --calib fails before the model loads
+        calib_texts = _calibration_texts(args)  # a bad --calib fails before the model loads
         check_devices(args.device, args.offload)  # ... and so does a bad --device / --offload
     lazy = args.lazy and args.scheme != "w8a8"  # W8A8's SmoothQuant folds into the norms: in memory
     if args.resume and args.scheme == "w8a8":
@@ -87,19 +82,7 @@ def cmd_quantize(args) -> int:
         raise LlmsqueezeError("--resume continues a lazy run; drop --no-lazy")
     if lazy:
         return _quantize_lazy(args, scheme, model_dir, calib_texts if args.method == "gptq" else None)
-    model = load_dense(args.model, _torch_dtype(args.dtype))
-    try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(args.model))
-    except Exception:
-        logging.getLogger("llmsqueeze").warning("no tokenizer found beside %s; saving the model without one", args.model)
-        tok = None
-    data = None
-    if calibrated:
-        from .data import calibration_batches
-
-        if tok is None:
-            raise LlmsqueezeError(f"{args.model} has no tokenizer to read --calib with; save one beside the model")
-        data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed)
+    model, tok, data = _model_tokenizer_data(args, calib_texts if calibrated else None)
     quantize(
         model, scheme, data=data, method=args.method, device=args.device, offload=args.offload,
         true_sequential=args.true_sequential, act_order=args.act_order != "off", static_groups=args.act_order == "static",
@@ -109,6 +92,37 @@ def cmd_quantize(args) -> int:
     out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(out)
     return 0
+
+
+def _calibration_texts(args) -> list[str]:
+    """--calib read and --n-samples/--seq-len checked (one-line errors), before any model is loaded."""
+    from .data import load_calibration_texts
+
+    if args.n_samples < 1 or args.seq_len < 2:
+        raise LlmsqueezeError(f"--n-samples {args.n_samples} --seq-len {args.seq_len}: use at least 1 sample of 2 tokens")
+    return load_calibration_texts(args.calib)
+
+
+def _model_tokenizer_data(args, calib_texts):
+    """-> (dense model, tokenizer or None, calibration token ids or None when calib_texts is None)."""
+    from transformers import AutoTokenizer
+
+    from .api import load_dense
+
+    model = load_dense(args.model, _torch_dtype(args.dtype))
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(args.model))
+    except Exception:
+        logging.getLogger("llmsqueeze").warning("no tokenizer found beside %s; saving the model without one", args.model)
+        tok = None
+    data = None
+    if calib_texts is not None:
+        from .data import calibration_batches
+
+        if tok is None:
+            raise LlmsqueezeError(f"{args.model} has no tokenizer to read --calib with; save one beside the model")
+        data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed)
+    return model, tok, data
 
 
 def _quantize_lazy(args, scheme, model_dir, calib_texts) -> int:
@@ -149,9 +163,8 @@ def _print_stats(method: str, stats) -> None:
 
 def cmd_prune(args) -> int:
     import torch
-    from transformers import AutoTokenizer
 
-    from .api import PRUNE_METHODS, load_dense, prune
+    from .api import PRUNE_METHODS, prune
     from .checkpoint import prepare_output_dir, save_quantized
     from .config import QuantScheme
     from .pruning.masks import check_sparsity, parse_nm
@@ -188,24 +201,8 @@ def cmd_prune(args) -> int:
     prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
     needs_data = structured and args.score == "activation" or not structured and args.method != "magnitude"
     if needs_data:
-        from .data import load_calibration_texts
-
-        if args.n_samples < 1 or args.seq_len < 2:
-            raise LlmsqueezeError(f"--n-samples {args.n_samples} --seq-len {args.seq_len}: use at least 1 sample of 2 tokens")
-        calib_texts = load_calibration_texts(args.calib)
-    model = load_dense(args.model, _torch_dtype(args.dtype))
-    try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(args.model))
-    except Exception:
-        logging.getLogger("llmsqueeze").warning("no tokenizer found beside %s; saving the model without one", args.model)
-        tok = None
-    data = None
-    if needs_data:
-        from .data import calibration_batches
-
-        if tok is None:
-            raise LlmsqueezeError(f"{args.model} has no tokenizer to read --calib with; save one beside the model")
-        data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed)
+        calib_texts = _calibration_texts(args)
+    model, tok, data = _model_tokenizer_data(args, calib_texts if needs_data else None)
     if structured:
         from .pruning.structured import prune_attention_groups, prune_mlp_channels, save_structured
 
