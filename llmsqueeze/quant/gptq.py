@@ -104,11 +104,8 @@ def gptq_quantize(
 
     scale = torch.zeros(n, ng, device=W.device)
     zero = torch.zeros(n, ng, dtype=torch.int32, device=W.device)
-    if static_groups:  # every group's parameters from the natural order, before any update
-        for gi in range(ng):
-            cols = slice(gi * g, (gi + 1) * g)
-            scale[:, gi : gi + 1], zero[:, gi : gi + 1] = rtn_qparams(
-                W[:, cols], scheme, None if hdiag is None else hdiag[cols])
+    if static_groups:  # every group's parameters from the natural order, before any update (one call:
+        scale, zero = rtn_qparams(W, scheme, hdiag)  # groups are independent, the search is vectorised)
 
     perm = None
     if act_order:

@@ -140,6 +140,7 @@ def clip_search_qparams(
     best_err = torch.full((n, ng), float("inf"), device=w.device)
     best_scale, best_zero = minmax_qparams(wmin, wmax, bits, sym, scale_dtype)
     keep_max = wmax.abs() >= wmin.abs()  # [N, ng]: which end holds the largest weight
+    buf = torch.empty_like(wg)  # [N, ng, g] scratch for each candidate's error
     for i in range(int(max_shrink * grid) + 1):
         p = 1 - i / grid
         if sym:
@@ -148,8 +149,9 @@ def clip_search_qparams(
             lo, hi = torch.where(keep_max, p * wmin, wmin), torch.where(keep_max, wmax, p * wmax)
         scale, zero = minmax_qparams(lo, hi, bits, sym, scale_dtype)
         s, z = scale.unsqueeze(2), zero.unsqueeze(2).float()
-        deq = ((torch.round(wg / s) + z).clamp(0, maxq) - z) * s
-        err = ((deq - wg).abs().pow(norm) * weight).sum(dim=2)
+        t = torch.div(wg, s, out=buf).round_().add_(z).clamp_(0, maxq).sub_(z).mul_(s).sub_(wg)  # deq - w, in place
+        t = t.square_() if norm == 2 else t.abs_().pow_(norm)
+        err = t.mul_(weight).sum(dim=2)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
