@@ -113,10 +113,26 @@ def _spawn(args, **env):
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs use one thread, as the spawned ones do (OMP_NUM_THREADS=1): float reductions
+    (the Hessian's matmuls) are blocked by the thread count, and GPTQ's rounding and clipping choices
+    can flip on the last bit, so bit-identity holds between runs with the same thread count."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def clean_run(model_dir, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "q"
-    assert main(_cli(model_dir, out, text_file)) == 0
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every other run here (see one_thread)
+    try:
+        assert main(_cli(model_dir, out, text_file)) == 0
+    finally:
+        torch.set_num_threads(n)
     return out
 
 
