@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -76,7 +75,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from llmsqueeze.data import calibration_batches
-    from llmsqueeze.evaluate import load_eval_text, tokenize_text, write_results
+    from llmsqueeze.evaluate import load_eval_text, run_json, tokenize_text, write_results
 
     schemes = SCHEMES
     if args.schemes:
@@ -99,12 +98,7 @@ def main() -> None:
                        "--bits", str(bits), "--group-size", str(group), "--windows", str(args.windows)]
                 runs.append(("llm-compressor gptq (defaults: actorder static)", cmd + (["--sym"] if sym else [])))
             for label, cmd in runs:
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [ln for ln in p.stdout.strip().splitlines() if ln.startswith("{")]
-                if p.returncode or not lines:
-                    res = {"error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}"}
-                else:
-                    res = json.loads(lines[-1])
+                res = run_json(cmd)
                 row = {"scheme": name, "bits": bits, "group_size": group, "sym": sym, "run": label, **res}
                 rows.append(row)
                 if "error" in res:

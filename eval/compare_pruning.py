@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -90,7 +89,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from llmsqueeze.data import calibration_batches
-    from llmsqueeze.evaluate import load_eval_text, tokenize_text, write_results
+    from llmsqueeze.evaluate import load_eval_text, run_json, tokenize_text, write_results
 
     tok = AutoTokenizer.from_pretrained(args.model)
     rows = []
@@ -108,12 +107,7 @@ def main() -> None:
                 cmd += ["--pattern", target["pattern"]] if "pattern" in target else ["--sparsity", str(target["sparsity"])]
                 runs.append((f"llm-compressor {method}", cmd))
             for label, cmd in runs:
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                lines = [ln for ln in p.stdout.strip().splitlines() if ln.startswith("{")]
-                if p.returncode or not lines:
-                    res = {"error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}"}
-                else:
-                    res = json.loads(lines[-1])
+                res = run_json(cmd)
                 row = {"case": case, "run": label, **res}
                 rows.append(row)
                 if "error" in res:

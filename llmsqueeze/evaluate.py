@@ -152,6 +152,19 @@ def environment() -> dict:
     return info
 
 
+def run_json(cmd: list[str]) -> dict:
+    """Run an eval child process that prints its result as a JSON line; -> that dict, or
+    {"error": "exit N: <last stderr line>"} when it failed or printed none."""
+    import json
+    import subprocess
+
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.strip().splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        return {"error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}"}
+    return json.loads(lines[-1])
+
+
 def write_results(path: str | Path, results: list, **fields) -> Path:
     """The JSON every eval/ script writes: the command that made it, `fields`, the environment
     (device, versions, date) and the result rows."""
