@@ -40,9 +40,10 @@ def run_ours(model: str, calib: str, test: str, bits: int, group: int, sym: bool
 
     ids = torch.load(calib)
     model_ = llmsqueeze.load_dense(model, dtype=torch.float32).eval()
+    opts = dict(opts)
+    scheme = llmsqueeze.QuantScheme(bits=bits, group_size=group, sym=sym, **opts.pop("scheme", {}))
     t0 = time.perf_counter()
-    llmsqueeze.quantize(model_, llmsqueeze.QuantScheme(bits=bits, group_size=group, sym=sym), data=ids,
-                        method="gptq", progress=False, **opts)
+    llmsqueeze.quantize(model_, scheme, data=ids, method="gptq", progress=False, **opts)
     tq = time.perf_counter() - t0
     rss = peak_rss_mib()
     ppl = perplexity(model_, torch.load(test), windows=windows, progress=False)["ppl"]
@@ -62,6 +63,9 @@ def main() -> None:
     ap.add_argument("--schemes", nargs="*", default=None, help="e.g. 4:64:asym 3:64:asym (default: all four)")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--defaults-only", action="store_true", help="run only our default options beside the peer")
+    ap.add_argument("--ours", action="append", default=[], metavar="LABEL=JSON",
+                    help='instead of the built-in option sets, run ours with these quantize() options; "scheme" '
+                         'holds QuantScheme fields, e.g. \'grid20={"scheme": {"clip_grid": 20}}\' (repeatable)')
     ap.add_argument("--out", default="eval/results/gptq_vs_llmcompressor.json")
     ap.add_argument("--one", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -89,7 +93,10 @@ def main() -> None:
         for bits, group, sym in schemes:
             name = f"w{bits} g{group} {'sym' if sym else 'asym'}"
             runs = []
-            for label, opts in list(OURS.items())[: 1 if args.defaults_only else None]:
+            ours = dict(x.split("=", 1) for x in args.ours)
+            ours = {f"llmsqueeze gptq {k}": json.loads(v) for k, v in ours.items()} or dict(
+                list(OURS.items())[: 1 if args.defaults_only else None])
+            for label, opts in ours.items():
                 cmd = [sys.executable, __file__, "--windows", str(args.windows), "--one", args.model, calib, test,
                        str(bits), str(group), "1" if sym else "0", json.dumps(opts)]
                 runs.append((label, cmd))
