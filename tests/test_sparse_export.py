@@ -101,6 +101,8 @@ def test_sparse_export_decodes_to_the_pruned_weights(case, tmp_path):
         assert torch.equal(decode_layer(t, name, fmt), w), name
     embed = "model.embed_tokens.weight"
     assert torch.equal(t[embed], load_file(src / "model.safetensors")[embed])
+    with pytest.raises(llmsqueeze.CheckpointError, match=f"sparsity_config format '{fmt}' is not imported"):
+        llmsqueeze.from_pretrained(out)
 
 
 def test_bitmask_export_keeps_our_bitmask_bytes(tmp_path):

@@ -79,6 +79,11 @@ def imported_config(path: Path, config: dict, keys: dict) -> dict:
     qc = config["quantization_config"]
     method = qc.get("quant_method")
     marker = MARKER[method]
+    sparse_fmt = (qc.get("sparsity_config") or {}).get("format") if method == "compressed-tensors" else None
+    if sparse_fmt not in (None, "dense"):
+        raise CheckpointError(f"{path}: compressed-tensors sparsity_config format {sparse_fmt!r} is not imported "
+                              "(read: pack-quantized, sparsity_config format 'dense'); llmsqueeze's own pruned "
+                              "checkpoint of the model is what it loads")
     prefixes = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith("." + marker)})
     if not prefixes:
         raise CheckpointError(f"{path}: a {method} checkpoint without quantized weights (no *.{marker}); re-download it")

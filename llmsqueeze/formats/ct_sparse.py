@@ -35,10 +35,12 @@ ship them). compressed-tensors 0.20 still dumps and validates the config block, 
 """
 from __future__ import annotations
 
+import json
+
 import torch
 
 from ..config import CheckpointError, LlmsqueezeError
-from ..nn import QuantLinear, SparseLinear, _pack_bits
+from ..nn import QuantLinear, SparseLinear, _pack_bits, _unpack_bits
 from . import compressed_tensors
 
 SPARSE_24 = "sparse-24-bitmask"
@@ -70,8 +72,8 @@ def bitmask_tensors(layer: SparseLinear) -> dict[str, torch.Tensor]:
     """Any pruned SparseLinear with dense values -> sparse-bitmask {compressed, bitmask, shape, row_offsets}."""
     n_out, k = layer.out_features, layer.in_features
     if layer.fmt == "bitmask":
-        bitmask, values = layer.bitmask, layer.values
-        counts = _unpack_rows_count(bitmask, k)
+        bitmask, values = layer.bitmask, layer.values  # already the format's bitmask and value order
+        counts = _unpack_bits(bitmask, k).sum(1)
     else:
         mask = nm_mask(layer)
         bitmask, values = _pack_bits(mask), layer.values.reshape(-1)  # row-major = the mask's order
@@ -79,12 +81,6 @@ def bitmask_tensors(layer: SparseLinear) -> dict[str, torch.Tensor]:
     offsets = torch.cumsum(counts, 0) - counts
     return {"compressed": values.contiguous(), "bitmask": bitmask.contiguous(),
             "shape": torch.tensor([n_out, k], dtype=torch.int64), "row_offsets": offsets.to(torch.int64)}
-
-
-def _unpack_rows_count(bitmask: torch.Tensor, k: int) -> torch.Tensor:
-    from ..nn import _unpack_bits
-
-    return _unpack_bits(bitmask, k).sum(1)
 
 
 def dense_quant_linear(layer: SparseLinear, group_size: int) -> QuantLinear:
@@ -245,7 +241,5 @@ def export(src, qc: dict, config: dict, keys: dict, out, scale_dtype: str | None
         else:
             fmt_out = SPARSE_24 if nm == (2, 4) else SPARSE_BITMASK
             config["quantization_config"] = sparse_only_config(sparsity_config(fmt_out, nm, ignore, zeros[0] / zeros[1]))
-        import json
-
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
