@@ -79,6 +79,11 @@ def imported_config(path: Path, config: dict, keys: dict) -> dict:
     qc = config["quantization_config"]
     method = qc.get("quant_method")
     marker = MARKER[method]
+    sparse_fmt = (qc.get("sparsity_config") or {}).get("format") if method == "compressed-tensors" else None
+    if sparse_fmt not in (None, "dense"):
+        raise CheckpointError(f"{path}: compressed-tensors sparsity_config format {sparse_fmt!r} is not imported "
+                              "(read: pack-quantized, sparsity_config format 'dense'); llmsqueeze's own pruned "
+                              "checkpoint of the model is what it loads")
     prefixes = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith("." + marker)})
     if not prefixes:
         raise CheckpointError(f"{path}: a {method} checkpoint without quantized weights (no *.{marker}); re-download it")
@@ -250,7 +255,6 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
     dequantizes in the scales' dtype, so float16 scales give fp16((q - zero) * scale), rounded,
     where ours is exact in float32; float32 scales make its dense weights equal ours bit for bit."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from ..checkpoint import atomic_output_dir, check_checkpoint, prepare_output_dir, read_config
     from ..nn import QuantLinear
@@ -267,6 +271,13 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
             "llmsqueeze.from_pretrained and save_quantized it first"
         )
     config = read_config(src)
+    sparse = qc.get("sparsity")
+    # pruned: ct_sparse.py (a pruned + quantized layer that stays a packed QuantLinear exports to GPTQ here)
+    if sparse is not None and (format == "compressed-tensors" or sparse.get("format") != "quant"):
+        from . import ct_sparse
+
+        return ct_sparse.export(src, qc, config, tensor_index(src), prepare_output_dir(out, overwrite), scale_dtype,
+                                format)
     scheme = QuantScheme.from_dict(qc["scheme"])
     args = qc.get("method_args") or {}
     g_idx_stored = bool(args.get("act_order")) and not args.get("static_groups")
@@ -306,31 +317,15 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
             return _gptq_layer(p, layer, checkpoint_format)
         return _ct_layer(p, layer, scheme.sym, scale_dtype)
 
-    shard_of = {}  # output tensors of a layer go to the shard that held its qweight
-    for name, (f, _) in keys.items():
-        shard_of.setdefault(f, []).append(name)
+    def tensors_of(name: str) -> dict[str, torch.Tensor]:
+        prefix, _, suffix = name.rpartition(".")
+        if prefix in layers and suffix in LAYER_TENSORS["llmsqueeze"]:
+            return convert_layer(prefix) if suffix == "qweight" else {}
+        return {name: get(name)}
+
     with atomic_output_dir(out) as tmp:
-        weight_map = {}
-        for f, names in shard_of.items():
-            tensors: dict[str, torch.Tensor] = {}
-            for name in sorted(names):
-                prefix, _, suffix = name.rpartition(".")
-                if prefix in layers and suffix in LAYER_TENSORS["llmsqueeze"]:
-                    if suffix == "qweight":
-                        tensors.update(convert_layer(prefix))
-                    continue
-                tensors[name] = get(name)
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f.name, metadata={"format": "pt"})
-            weight_map.update({k: f.name for k in tensors})
-        index = src / "model.safetensors.index.json"
-        if index.is_file():
-            data = json.loads(index.read_text())
-            data["weight_map"] = dict(sorted(weight_map.items()))
-            (tmp / index.name).write_text(json.dumps(data, indent=2) + "\n")
-        for item in src.iterdir():  # tokenizer, generation config, chat template ...
-            if item.name == "config.json" or item.suffix == ".safetensors" or item.name == index.name:
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        write_shards(src, keys, tmp, tensors_of)
+        copy_side_files(src, tmp)
         head = _head_name(model)
         if format == "gptq":
             config["quantization_config"] = gptq.export_config(
@@ -340,6 +335,37 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
                 scheme, args, [p for p in shapes if p not in prefixes])
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def write_shards(src: Path, keys: dict, tmp: Path, tensors_of) -> None:
+    """Write each shard of `src` again in `tmp`: tensors_of(name) -> the tensors that replace `name`
+    (a layer's converted tensors go to the shard that held the tensor that produced them), and the
+    index with the new names when the checkpoint is sharded."""
+    from safetensors.torch import save_file
+
+    shard_of = {}
+    for name, (f, _) in keys.items():
+        shard_of.setdefault(f, []).append(name)
+    weight_map = {}
+    for f, names in shard_of.items():
+        tensors: dict[str, torch.Tensor] = {}
+        for name in sorted(names):
+            tensors.update(tensors_of(name))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f.name, metadata={"format": "pt"})
+        weight_map.update({k: f.name for k in tensors})
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = dict(sorted(weight_map.items()))
+        (tmp / index.name).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def copy_side_files(src: Path, tmp: Path) -> None:
+    """Tokenizer, generation config, chat template ...: everything but config.json and the weights."""
+    for item in src.iterdir():
+        if item.name in ("config.json", "model.safetensors.index.json") or item.suffix == ".safetensors":
+            continue
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
 
 
 def _head_name(model) -> str | None:
