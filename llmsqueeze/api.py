@@ -292,6 +292,8 @@ def prune(
         raise LlmsqueezeError(f"pruning method {method!r} is not available: use one of {', '.join(PRUNE_METHODS)}")
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise LlmsqueezeError("this model is already quantized or pruned: start from the dense model")
+    if scheme is not None and scheme.grid != "uniform":
+        raise LlmsqueezeError(f"pruning quantizes on the uniform grid; grid={scheme.grid!r} is not available with prune")
     nm = parse_nm(pattern)
     if nm is not None and sparsity is not None and abs(sparsity - (1 - nm[0] / nm[1])) > 1e-9:
         raise LlmsqueezeError(f"pattern {nm[0]}:{nm[1]} fixes the sparsity at {1 - nm[0] / nm[1]:g}; drop sparsity={sparsity}")

@@ -268,6 +268,11 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
         )
     config = read_config(src)
     scheme = QuantScheme.from_dict(qc["scheme"])
+    if scheme.grid != "uniform":
+        raise LlmsqueezeError(
+            f"cannot export to {format}: the checkpoint has grid={scheme.grid!r} (non-uniform levels), and {format} "
+            "stores only uniform integer grids; re-quantize with grid='uniform' to export"
+        )
     args = qc.get("method_args") or {}
     g_idx_stored = bool(args.get("act_order")) and not args.get("static_groups")
     keys = tensor_index(src)
