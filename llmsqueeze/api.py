@@ -176,6 +176,9 @@ def gptq_setup(scheme, data, *, device, offload, true_sequential, act_order, sta
     """Check the GPTQ options and data -> (batches, GPTQ method, method_args, device)."""
     from .quant.gptq import GPTQ
 
+    if getattr(scheme, "grid", "uniform") != "uniform" and act_order and not static_groups:
+        raise LlmsqueezeError(f"grid={scheme.grid!r} fits its levels per natural-order group: use --act-order static "
+                              "(the default) or off, not dynamic")
     batches, ids, device = _engine_inputs(data, "gptq", damp, block_size, batch_size, device, offload)
     if static_groups and not act_order:
         log.info("static_groups without act_order changes nothing: groups are already in natural order")

@@ -239,6 +239,12 @@ def test_cli_bad_grid_one_line(tiny_model_dir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_gptq_dynamic_act_order_refused_up_front(tiny_model_dir, text_file, tmp_path, capsys):
+    assert main(["quantize", str(tiny_model_dir), "--method", "gptq", "--grid", "kmeans", "--act-order", "dynamic",
+                 "--calib", str(text_file), "--out", str(tmp_path / "o")]) == 2
+    assert "--act-order static" in capsys.readouterr().err
+
+
 def test_prune_refuses_non_uniform_grid():
     with pytest.raises(LlmsqueezeError, match="grid='kmeans'"):
         llmsqueeze.prune(tiny_llama(), "magnitude", sparsity=0.5, scheme=QuantScheme(grid="kmeans"), progress=False)
