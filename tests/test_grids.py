@@ -59,11 +59,8 @@ def test_kmeans_error_at_most_uniform(bits):
     assert table.shape == (24, 4, 2**bits) and (table[..., 1:] >= table[..., :-1]).all()
     assert torch.equal(table, table.half().float())  # holds fp16 values
     km = (lut.lut_dequantize(lut.lut_quantize(w, table, g), table, g) - w) ** 2
-    # per group: never worse than uniform (Lloyd from the uniform grid cannot get worse; the fp16
-    # rounding of the codebook may add ~1e-3 relative), and clearly better in total
-    pad = 4 * g - 100
-    per_group = lambda e: torch.cat([e, e.new_zeros(24, pad)], 1).view(24, 4, g).sum(2)  # noqa: E731
-    assert (per_group(km) <= per_group(uni) * (1 + 2e-3) + 1e-9).all()
+    # the outermost levels are pinned at the group's range (incl. 0), so per group k-means is not always
+    # below RTN's zero-point-shifted grid; in total it is clearly below
     assert km.sum() < 0.9 * uni.sum()
     assert km[3].sum() == 0
 
@@ -123,7 +120,7 @@ def test_save_load_same_logits(scheme, tmp_path):
 
     _, ref, out = _saved(tmp_path, **scheme)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert QuantScheme.from_dict(qc["scheme"]) == QuantScheme(**{"bits": 4, "group_size": 64, **scheme})
+    assert QuantScheme.from_dict(qc["scheme"]) == QuantScheme(**{"bits": 4, "group_size": 64, **scheme}).with_method("rtn")
     for loaded in (llmsqueeze.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)):
         layer = loaded.model.layers[0].mlp.down_proj
         assert isinstance(layer, LUTLinear) and layer.grid == scheme["grid"]

@@ -94,16 +94,20 @@ def _quantile_init(wg: torch.Tensor, valid: torch.Tensor, n_levels: int) -> torc
     return srt.gather(2, idx.unsqueeze(0).expand(wg.shape[0], -1, -1))
 
 
+def _group_range(wg: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    big = torch.finfo(torch.float32).max
+    return torch.where(valid, wg, big).amin(dim=2), torch.where(valid, wg, -big).amax(dim=2)
+
+
 def _uniform_init(wg: torch.Tensor, valid: torch.Tensor, n_levels: int) -> torch.Tensor:
     """The asymmetric uniform min-max grid of the group (what RTN uses): [N, ng, L]."""
-    big = torch.finfo(torch.float32).max
-    lo = torch.where(valid, wg, big).amin(dim=2).clamp(max=0)
-    hi = torch.where(valid, wg, -big).amax(dim=2).clamp(min=0)
+    lo, hi = _group_range(wg, valid)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     steps = torch.arange(n_levels, device=wg.device, dtype=torch.float32) / (n_levels - 1)
     return lo.unsqueeze(2) + (hi - lo).unsqueeze(2) * steps
 
 
-def _lloyd(wg: torch.Tensor, weight: torch.Tensor, c: torch.Tensor, iters: int) -> torch.Tensor:
+def _lloyd(wg: torch.Tensor, weight: torch.Tensor, c: torch.Tensor, iters: int, ends: tuple | None = None) -> torch.Tensor:
     """Weighted 1-D k-means from sorted centres c [R, L] on wg [R, G] with weight [R or 1, G]: assign
     each weight to its nearest centre, move each centre to the weighted mean of its weights (an empty
     or weightless one stays). Neither step raises sum weight * (w - c[q])^2; the centres stay sorted
@@ -119,6 +123,8 @@ def _lloyd(wg: torch.Tensor, weight: torch.Tensor, c: torch.Tensor, iters: int) 
         num = torch.zeros_like(c).scatter_add_(1, q, ww)
         den = torch.zeros_like(c).scatter_add_(1, q, weight)
         c = torch.where(den > 0, num / den.clamp_min(1e-30), c)
+        if ends is not None:  # the outermost levels stay on the group's extremes
+            c[:, 0], c[:, -1] = ends
         q_prev = q
     return c.sort(dim=1).values  # float rounding of the means may break exact order: restore it
 
@@ -134,11 +140,15 @@ def kmeans_table(
     """Per-(row, group) codebooks of 2**bits levels minimising sum_k col_weight_k (w_k - c[q_k])^2 over
     the group; col_weight [K] >= 0 (e.g. the Hessian diagonal mean x_k^2), default all ones.
 
+    The outermost levels are pinned at the group's extremes (the uniform init's, which include 0):
+    plain k-means minimises the squared error by pulling them inwards, clipping the largest weights,
+    the salient ones; on SmolLM2-135M 3-bit per-channel that took perplexity from 17 to 355131 while
+    the layer MSE halved vs uniform. Lloyd steps then move only the inner levels.
     Two deterministic starts, the better kept per group: the group's quantiles (levels dense where
     the weights are) refined by `iters` Lloyd steps (10 reach within 0.5 % of the error after 20 on
-    SmolLM2-sized Gaussian layers), and its uniform min-max grid refined by up to 3, a safety net:
-    Lloyd can only improve on it, so the result is never worse than asymmetric uniform RTN at equal
-    bits (up to the rounding of the codebook to `scale_dtype`). w [N, K] -> table [N, ng, L] float32
+    SmolLM2-sized Gaussian layers), and its uniform min-max grid refined by up to 3, a safety net
+    close to uniform RTN's grid (RTN also shifts its grid to put 0 on a level, so a group can still
+    come out slightly worse than RTN). w [N, K] -> table [N, ng, L] float32
     holding `scale_dtype` values, sorted along L."""
     n_levels = 2**bits
     wg, valid = _grouped(w, group_size)
@@ -151,8 +161,12 @@ def kmeans_table(
     n, ng, g = wg.shape
     flat, fweight = wg.view(n * ng, g), weight.expand(n, ng, g).reshape(n * ng, g)
     best, best_err = None, None
+    lo, hi = _group_range(wg, valid)
+    ends = (lo.reshape(-1), hi.reshape(-1))
     for init, steps in ((_quantile_init, iters), (_uniform_init, min(iters, 3))):
-        c = _lloyd(flat, fweight, init(wg, valid, n_levels).view(n * ng, -1), steps)
+        c = init(wg, valid, n_levels).view(n * ng, -1)
+        c[:, 0], c[:, -1] = torch.minimum(c[:, 0], ends[0]), torch.maximum(c[:, -1], ends[1])
+        c = _lloyd(flat, fweight, c, steps, (c[:, 0].clone(), c[:, -1].clone()))
         c = c.to(scale_dtype).float().view(n, ng, -1)
         err = (weight * (wg - lookup(assign(wg, c), c)) ** 2).sum(dim=2)  # [N, ng]
         if best is None:
