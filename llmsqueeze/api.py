@@ -176,6 +176,9 @@ def gptq_setup(scheme, data, *, device, offload, true_sequential, act_order, sta
     """Check the GPTQ options and data -> (batches, GPTQ method, method_args, device)."""
     from .quant.gptq import GPTQ
 
+    if getattr(scheme, "grid", "uniform") != "uniform" and act_order and not static_groups:
+        raise LlmsqueezeError(f"grid={scheme.grid!r} fits its levels per natural-order group: use --act-order static "
+                              "(the default) or off, not dynamic")
     batches, ids, device = _engine_inputs(data, "gptq", damp, block_size, batch_size, device, offload)
     if static_groups and not act_order:
         log.info("static_groups without act_order changes nothing: groups are already in natural order")
@@ -292,6 +295,8 @@ def prune(
         raise LlmsqueezeError(f"pruning method {method!r} is not available: use one of {', '.join(PRUNE_METHODS)}")
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise LlmsqueezeError("this model is already quantized or pruned: start from the dense model")
+    if scheme is not None and scheme.grid != "uniform":
+        raise LlmsqueezeError(f"pruning quantizes on the uniform grid; grid={scheme.grid!r} is not available with prune")
     nm = parse_nm(pattern)
     if nm is not None and sparsity is not None and abs(sparsity - (1 - nm[0] / nm[1])) > 1e-9:
         raise LlmsqueezeError(f"pattern {nm[0]}:{nm[1]} fixes the sparsity at {1 - nm[0] / nm[1]:g}; drop sparsity={sparsity}")

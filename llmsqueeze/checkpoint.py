@@ -253,6 +253,9 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
         if isinstance(scheme, W8A8Scheme):
             marker, suffixes = "weight_scale", W8A8_SUFFIXES + (("input_scale",) if scheme.act == "static" else ())
         prefixes = {k.rsplit(".", 1)[0] for k in keys if k.endswith("." + marker)}
+    lut = fmt not in ("nm", "bitmask") and getattr(scheme, "grid", "uniform") != "uniform"
+    if lut:  # non-uniform grid: indices + nf scales or k-means codebook, no zero points
+        suffixes = ("qweight", "scales" if scheme.grid == "nf" else "codebook")
     if not prefixes:
         raise CheckpointError(f"{path} holds no quantized or sparse weights (no *.{marker}); re-create the checkpoint")
     for p in sorted(prefixes):
@@ -262,7 +265,34 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
         missing = [s for s in suffixes if f"{p}.{s}" not in keys]
         if missing:
             raise CheckpointError(f"{path}: layer {p} lacks {', '.join(missing)}; the checkpoint is corrupt, re-create it")
+        if lut:
+            problem = _lut_shape_problem({s: header[f"{p}.{s}"] for s in suffixes}, scheme)
+            if problem:
+                raise CheckpointError(f"{path}: layer {p}: {problem}; the checkpoint is corrupt, re-create it")
     return qc
+
+
+def _lut_shape_problem(tensors: dict[str, dict], scheme) -> str | None:
+    """What is wrong with one non-uniform layer's safetensors entries (shape, dtype), or None.
+    qweight int32 [K_pad*bits/32, N]; scales [ng, N] (nf) or codebook [ng, N, 2**bits] (kmeans),
+    with ng groups of the scheme's size over K (K itself is known only up to its padding to 32)."""
+    qw = tensors["qweight"]
+    if qw["dtype"] != "I32" or len(qw["shape"]) != 2 or qw["shape"][0] % scheme.bits:
+        return f"qweight is {qw['dtype']} {qw['shape']}, expected int32 [K_pad*{scheme.bits}/32, N]"
+    k_pad, n = qw["shape"][0] * 32 // scheme.bits, qw["shape"][1]
+    name = "scales" if scheme.grid == "nf" else "codebook"
+    t = tensors[name]
+    want_tail = [n] if scheme.grid == "nf" else [n, 2**scheme.bits]
+    if t["dtype"] not in ("F16", "BF16", "F32") or len(t["shape"]) != 1 + len(want_tail) or t["shape"][1:] != want_tail:
+        return f"{name} is {t['dtype']} {t['shape']}, expected a float [n_groups, {', '.join(map(str, want_tail))}]"
+    ng = t["shape"][0]
+    if scheme.group_size != -1:
+        lo, hi = -(-max(k_pad - 31, 1) // scheme.group_size), -(-k_pad // scheme.group_size)
+        if not lo <= ng <= hi:
+            return f"{name} has {ng} groups, but K of {k_pad - 31}..{k_pad} in groups of {scheme.group_size} gives {lo}..{hi}"
+    elif ng != 1:
+        return f"{name} has {ng} groups, per-channel (group_size -1) stores 1"
+    return None
 
 
 def _check_sparsity_config(sp: dict) -> None:
@@ -366,7 +396,7 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
     """Swap every Linear not in modules_to_not_convert for an empty QuantLinear of the same shape
     (on whatever device the skeleton is, usually meta); the loader then fills its buffers."""
     from .models import all_linear_names
-    from .nn import QuantLinear, SparseLinear, linear_weight, set_module
+    from .nn import SparseLinear, empty_quant_linear, linear_weight, set_module
 
     sp = qc.get("sparsity")
     if sp is not None and sp.get("format") == "nm" and qc.get("scheme") is not None:  # N:M, values quantized
@@ -407,14 +437,8 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
             set_module(model, name, Int8Linear(k, n_out, bias=layer.bias is not None, static=scheme.act == "static",
                                                bias_dtype=w.dtype, device=w.device))
             continue
-        set_module(
-            model,
-            name,
-            QuantLinear(
-                k, n_out, scheme.bits, scheme.group_size, bias=layer.bias is not None,
-                scale_dtype=scheme.torch_scale_dtype, bias_dtype=w.dtype, act_order=act_order, device=w.device,
-            ),
-        )
+        set_module(model, name, empty_quant_linear(k, n_out, scheme, bias=layer.bias is not None, bias_dtype=w.dtype,
+                                                   act_order=act_order, device=w.device))
     return names
 
 

@@ -62,6 +62,7 @@ def cmd_quantize(args) -> int:
         scheme = QuantScheme(
             bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype,
             clip_search=args.clip_search, clip_norm=args.clip_norm, clip_weight_power=args.clip_weight_power, include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head,
+            grid=args.grid,
         )
         calibrated = args.method == "gptq"
     prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
@@ -311,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--clip-norm", type=float, default=2.0, help="error norm p of the clip search (default 2)")
     q.add_argument("--clip-weight-power", type=float, default=1.0,
                    help="weigh each weight's error by |w|**this in the clip search (default 1; 0 = plain MSE)")
+    q.add_argument("--grid", default="uniform",
+                   help="levels: uniform (default, integer grid with scale and zero), nf (normal-float levels x group "
+                        "absmax, 2-4 bits) or kmeans (a fitted 2**bits-level codebook per group, 2-4 bits)")
     q.add_argument("--scale-dtype", default="float16", help="float16 (default), bfloat16 or float32")
     q.add_argument("--include", action="append", metavar="REGEX", help="quantize only layers matching (repeatable)")
     q.add_argument("--exclude", action="append", metavar="REGEX", help="keep layers matching in full precision")

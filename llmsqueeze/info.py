@@ -46,7 +46,7 @@ def checkpoint_info(path: str | Path) -> dict:
             b = sum(nbytes(f"{name}.{s}") for s in ("weight", "weight_scale", "input_scale"))
         else:
             b = sum(nbytes(f"{name}.{s}") for s in ("qweight", "scales", "qzeros", "g_idx", "values", "indices",
-                                                      "bitmask", "qvalues.qweight", "qvalues.scales", "qvalues.qzeros"))
+                                                      "bitmask", "qvalues.qweight", "qvalues.scales", "qvalues.qzeros", "codebook"))
         layers.append({"name": name, "in_features": k, "out_features": n, "bytes": b, "bits_per_weight": 8 * b / (k * n)})
         q_weights += k * n
         q_bytes += b
@@ -99,8 +99,14 @@ def format_info(info: dict) -> str:
                      f"SmoothQuant {'off' if alpha is None else f'alpha {alpha}'}, method {info['method']}")
     elif s is not None:
         g = "per-channel" if s["group_size"] == -1 else f"group {s['group_size']}"
-        lines.append(f"  scheme      {s['bits']}-bit {g} {'sym' if s['sym'] else 'asym'}, scales {s['scale_dtype']}, "
-                     f"method {info['method']}{', clip search' if s['clip_search'] else ''}")
+        grid = s.get("grid", "uniform")
+        if grid == "uniform":
+            lines.append(f"  scheme      {s['bits']}-bit {g} {'sym' if s['sym'] else 'asym'}, scales {s['scale_dtype']}, "
+                         f"method {info['method']}{', clip search' if s['clip_search'] else ''}")
+        else:
+            levels = (f"grid nf (normal-float levels x group absmax), scales {s['scale_dtype']}" if grid == "nf" else
+                      f"grid kmeans ({2 ** s['bits']}-level codebook per group, {s['scale_dtype']})")
+            lines.append(f"  scheme      {s['bits']}-bit {g}, {levels}, method {info['method']}")
     if sp is not None:
         what = sp["nm_pattern"] if sp.get("nm_pattern") else f"{sp['sparsity']:.0%} unstructured ({sp.get('scope')})"
         store = {"nm": "values + N:M indices", "bitmask": "bitmask + values"}.get(sp.get("format"), "packed, q == zero")
@@ -109,6 +115,8 @@ def format_info(info: dict) -> str:
         lines.append(f"  sparsity    {what}, method {info['method']}, stored as {store}")
     w8 = s is not None and s.get("type") == "w8a8"
     included = "values, indices, scales and zeros" if sp is not None else ("scales" if w8 else "scales and zeros")
+    if s is not None and s.get("grid", "uniform") != "uniform":
+        included = "scales" if s["grid"] == "nf" else "codebooks"
     lines += [
         f"  {'quantized ' if sp is None else 'compressed'}  {info['quantized_layers']} layers, "
         f"{info['quantized_weights']:,} weights at {info['bits_per_quantized_weight']:.3f} bits/weight "

@@ -362,7 +362,10 @@ def quantized_bytes(model: nn.Module, names: list[str], scheme: QuantScheme, act
         n, k = linear_weight(layer).shape
         ng = math.ceil(k / scheme.group_size_for(k))
         total -= n * k * layer.weight.element_size()
-        total += padded(k) * scheme.bits // 8 * n + ng * n * sb + ng * padded(n) * scheme.bits // 8
+        if scheme.grid == "uniform":
+            total += padded(k) * scheme.bits // 8 * n + ng * n * sb + ng * padded(n) * scheme.bits // 8
+        else:  # indices + nf scales or k-means codebooks (2**bits levels per group)
+            total += padded(k) * scheme.bits // 8 * n + ng * n * sb * (1 if scheme.grid == "nf" else 2**scheme.bits)
         total += 4 * k if act_order_g_idx else 0
     return total
 
@@ -555,11 +558,10 @@ def quantize_lazy(
 
 
 def _meta_quant_linear(layer: nn.Module, scheme: QuantScheme) -> nn.Module:
-    from .nn import QuantLinear, linear_weight
+    from .nn import empty_quant_linear, linear_weight
 
     n, k = linear_weight(layer).shape
-    return QuantLinear(k, n, scheme.bits, scheme.group_size, bias=layer.bias is not None,
-                       scale_dtype=scheme.torch_scale_dtype, device="meta")
+    return empty_quant_linear(k, n, scheme, bias=layer.bias is not None, device="meta")
 
 
 def _files_key(path: Path) -> dict:

@@ -279,6 +279,11 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
         return ct_sparse.export(src, qc, config, tensor_index(src), prepare_output_dir(out, overwrite), scale_dtype,
                                 format)
     scheme = QuantScheme.from_dict(qc["scheme"])
+    if scheme.grid != "uniform":
+        raise LlmsqueezeError(
+            f"cannot export to {format}: the checkpoint has grid={scheme.grid!r} (non-uniform levels), and {format} "
+            "stores only uniform integer grids; re-quantize with grid='uniform' to export"
+        )
     args = qc.get("method_args") or {}
     g_idx_stored = bool(args.get("act_order")) and not args.get("static_groups")
     keys = tensor_index(src)
