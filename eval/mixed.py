@@ -60,6 +60,10 @@ def main() -> None:
                     help="methods whose uniform rows are re-run (the others are quoted from earlier runs)")
     ap.add_argument("--candidates", type=int, nargs="+", default=[2, 3, 4, 8])
     ap.add_argument("--out", default="eval/results/mixed.json")
+    ap.add_argument("--runs", nargs="*", default=None,
+                    help="explicit runs in order instead of --budgets/--methods/--uniform: METHOD:BUDGET or METHOD:uBITS")
+    ap.add_argument("--sens-samples", type=int, default=None,
+                    help="measure the sensitivity on the first N calibration samples only (default: all)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's choice); 1 is much faster on a CPU shared with other jobs")
     args = ap.parse_args()
@@ -77,9 +81,11 @@ def main() -> None:
     model = llmsqueeze.load_dense(args.model, dtype=torch.float32).eval()
     names = quantizable_modules(model, base)
     t0 = time.perf_counter()
-    table = measure_sensitivity(model, names, calib, base, args.candidates, progress=False)
+    table = measure_sensitivity(model, names, calib[: args.sens_samples], base, args.candidates, progress=False)
     sens_s = time.perf_counter() - t0
-    print(f"sensitivity of {len(names)} layers at {args.candidates} bits: {sens_s:.0f} s", flush=True)
+    sens_n = len(calib[: args.sens_samples])
+    protocol += f"; sensitivity on the first {sens_n} calibration samples"
+    print(f"sensitivity of {len(names)} layers at {args.candidates} bits on {sens_n} samples: {sens_s:.0f} s", flush=True)
     del model
     rows: list[dict] = []
 
@@ -108,17 +114,22 @@ def main() -> None:
               f"quantize {tq:5.0f} s  load {row['loadavg'][0]:.1f}", flush=True)
         save()
 
-    for budget in args.budgets:  # the first budget under every method first: the CPU is shared, runs are slow
+    if args.runs:  # an explicit order, e.g. rtn:3.5 gptq:3.5 rtn:u3 (u = uniform width)
+        for spec in args.runs:
+            method, what = spec.split(":")
+            run(method, int(what[1:]), None) if what.startswith("u") else run(method, None, float(what))
+    else:
+        for budget in args.budgets:  # the first budget under every method first: the CPU is shared
+            for method in args.methods:
+                run(method, None, budget)
         for method in args.methods:
-            run(method, None, budget)
-    for method in args.methods:
-        if method in args.uniform_methods:
-            for b in args.uniform:
-                run(method, b, None)
+            if method in args.uniform_methods:
+                for b in args.uniform:
+                    run(method, b, None)
 
     print("\n| method | scheme | bits/weight (stored) | widths (layers) | perplexity | quantize time |\n|---|---|---|---|---|---|")
-    for method in args.methods:
-        if method not in args.uniform_methods:
+    for method in dict.fromkeys(r["method"] for r in rows):
+        if method not in args.uniform_methods or not any(r["method"] == method and r["budget"] is None for r in rows):
             for b in args.uniform:
                 if (method, b) in EARLIER:
                     bpw = layer_bits_cost(576, 576, b, base) / 576**2  # every width here is a multiple of 32

@@ -123,6 +123,12 @@ def measure_sensitivity(model: nn.Module, names: list[str], data, scheme: QuantS
     if data is None:
         raise LlmsqueezeError("avg_bits needs calibration data to measure each layer's sensitivity: pass data= "
                               "token ids [n_samples, seq_len] (--calib on the command line)")
+    from .models import get_arch
+
+    outside = [n for n in names if not n.startswith(get_arch(model).blocks + ".")]
+    if outside:
+        raise LlmsqueezeError(f"mixed precision chooses widths for the layers inside the decoder blocks; {outside[0]} "
+                              "is not: drop --lm-head (lm_head=True) or exclude it")
     batches, _, device = _engine_inputs(data, "mixed precision", 0.01, 1, batch_size, device, offload)
     method = Sensitivity(scheme, candidates)
     run_sequential(model, batches, method, names, device=device, offload=offload, progress=progress)

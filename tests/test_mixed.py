@@ -140,3 +140,9 @@ def test_cli_avg_bits(tiny_model_dir, text_file, tmp_path, capsys):
                "--seq-len", "32", "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "outside" in err
+
+
+def test_lm_head_is_refused():
+    model = tiny_llama()
+    with pytest.raises(LlmsqueezeError, match="drop --lm-head"):
+        llmsqueeze.quantize(model, group_size=G, lm_head=True, data=_data(), avg_bits=3.5, progress=False)
