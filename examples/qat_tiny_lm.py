@@ -94,7 +94,7 @@ def main() -> None:
         for label, start in (("PTQ (RTN) of dense", model), (f"PTQ (RTN) of dense + {args.qat_steps} steps", tuned)):
             q = llmsqueeze.quantize(copy.deepcopy(start), scheme, progress=False)
             rows.append((label, bits, test_loss(q)))
-        qat = LlamaForCausalLM(cfg)
+        qat = LlamaForCausalLM(copy.deepcopy(cfg))  # its own config: convert() writes quantization_config
         qat.load_state_dict(dense)
         prepare_qat(qat, scheme, learn_scale=args.learn_scale)
         rows.append(("fake-quant before training (= PTQ of dense)", bits, test_loss(qat)))
@@ -108,7 +108,8 @@ def main() -> None:
         assert abs(converted - fake) < 1e-3, (converted, fake)  # convert keeps the trained fake-quant weights
         lsq = ", learned scales" if args.learn_scale else ""
         rows.append((f"QAT {args.qat_steps} steps{lsq}, converted + reloaded", bits, converted))
-        print(f"{bits}-bit done ({time.time() - t0:.0f} s)", flush=True)
+        for label, b, loss in rows[-4:]:
+            print(f"  {b}-bit  {label:55s} test loss {loss:.3f} nats/char  ({time.time() - t0:.0f} s)", flush=True)
 
     print(f"\n| model | bits (group {args.group_size}, asym) | test loss (nats/char) | perplexity (per char) |")
     print("|---|---|---|---|")
