@@ -137,8 +137,9 @@ def quantize(
         from .mixed import MIXED_FORMAT_VERSION
 
         qc = model.config.quantization_config
-        qc["format_version"] = MIXED_FORMAT_VERSION  # older readers would build every layer at scheme.bits
-        qc["layer_schemes"] = layer_schemes
+        if layer_schemes:  # (the budget may also land on one width for all: a plain checkpoint)
+            qc["format_version"] = MIXED_FORMAT_VERSION  # older readers would build every layer at scheme.bits
+            qc["layer_schemes"] = layer_schemes
         qc["method_args"].update(avg_bits=avg_bits, bit_candidates=sorted(set(bit_candidates)),
                                  bits_per_weight=mixed_report["bits_per_weight"])
     return model

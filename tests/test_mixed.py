@@ -71,7 +71,7 @@ def test_sensitivity_orders_bits():
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_mixed_checkpoint_roundtrip(method, tmp_path):
     model = tiny_llama()
-    llmsqueeze.quantize(model, group_size=G, data=_data(), method=method, avg_bits=3.6, progress=False)
+    llmsqueeze.quantize(model, group_size=G, data=_data(), method=method, avg_bits=4.0, progress=False)
     qc = model.config.quantization_config
     assert qc["format_version"] == 3 and qc["layer_schemes"]
     bits = {n: m.bits for n, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -85,11 +85,11 @@ def test_mixed_checkpoint_roundtrip(method, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
     info = checkpoint_info(out)
-    assert info["bits_per_quantized_weight"] <= 3.6 + 1e-9
+    assert info["bits_per_quantized_weight"] <= 4.0 + 1e-9
     assert abs(info["bits_per_quantized_weight"] - qc["method_args"]["bits_per_weight"]) < 1e-9  # cost model = disk
     assert sum(h["layers"] for h in info["bits_histogram"].values()) == len(bits)
     text = format_info(info)
-    assert "mixed-precision" in text and "bit widths" in text and "budget 3.6" in text
+    assert "mixed-precision" in text and "bit widths" in text and "budget 4.0" in text
 
     with pytest.raises(LlmsqueezeError, match="mixed precision"):
         llmsqueeze.export(out, "gptq", tmp_path / "x")
@@ -99,7 +99,7 @@ def test_mixed_checkpoint_roundtrip(method, tmp_path):
 
 def test_mixed_config_that_lies_is_refused(tmp_path):
     model = tiny_llama()
-    llmsqueeze.quantize(model, group_size=G, data=_data(), avg_bits=3.6, progress=False)
+    llmsqueeze.quantize(model, group_size=G, data=_data(), avg_bits=4.0, progress=False)
     out = llmsqueeze.save_quantized(model, tmp_path / "q")
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
