@@ -146,3 +146,24 @@ def test_lm_head_is_refused():
     model = tiny_llama()
     with pytest.raises(LlmsqueezeError, match="drop --lm-head"):
         llmsqueeze.quantize(model, group_size=G, lm_head=True, data=_data(), avg_bits=3.5, progress=False)
+
+
+def test_relative_sensitivity_is_scale_free():
+    """The default (relative) error of a layer does not change when its weight is scaled: layers with
+    large outputs (late blocks) are not made to look sensitive by their scale alone."""
+    from llmsqueeze.mixed import Sensitivity
+
+    torch.manual_seed(0)
+    w, x = torch.randn(32, 64), torch.randn(100, 64)
+    tables = []
+    for c in (1.0, 1000.0):
+        lin = torch.nn.Linear(64, 32, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(w * c)
+        s = Sensitivity(llmsqueeze.QuantScheme(group_size=G), (2, 4))
+        s.collect("a", lin, x)
+        assert s.apply("a", lin) is lin
+        tables.append(s.table["a"])
+    for b in (2, 4):  # equal up to the fp16 rounding of the scales
+        assert tables[0][b] == pytest.approx(tables[1][b], rel=1e-2)
+    assert tables[0][2] > tables[0][4]
