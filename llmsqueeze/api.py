@@ -15,7 +15,7 @@ from .quant.rtn import RTN
 
 log = logging.getLogger("llmsqueeze")
 
-FORMAT_VERSION = 2  # the newest we write and read; plain quantized checkpoints still say 1
+FORMAT_VERSION = 3  # the newest we write and read; plain quantized checkpoints still say 1, mixed precision 3
 QUANT_METHOD = "llmsqueeze"
 
 
@@ -57,6 +57,9 @@ def quantize(
     damp: float = 0.01,
     block_size: int = 128,
     batch_size: int = 1,
+    avg_bits: float | None = None,
+    bit_candidates: tuple[int, ...] = (2, 3, 4, 8),
+    sensitivity: dict | None = None,
     **scheme_kwargs,
 ) -> nn.Module:
     """Quantize `model` in place and return it: each selected Linear becomes a packed QuantLinear.
@@ -70,9 +73,17 @@ def quantize(
     on by default for GPTQ, brings it to 18.59), damp (fraction of the
     mean Hessian diagonal), block_size; true_sequential calibrates each block's Linears in the
     architecture's order; offload keeps block activations on that device between blocks.
+
+    avg_bits (e.g. 3.5) makes the precision mixed: each layer gets one of `bit_candidates` so that the
+    bits stored per quantized weight (scales and zeros included) average at most avg_bits, the layers
+    whose output error grows most at low widths getting the most bits (llmsqueeze.mixed). It needs
+    `data` (one extra engine pass measures the sensitivity) unless `sensitivity`, a table from
+    llmsqueeze.mixed.measure_sensitivity, is given; the scheme's `bits` is then ignored.
     """
     from .quant.int8 import W8A8Scheme
 
+    if isinstance(scheme, W8A8Scheme) and avg_bits is not None:
+        raise LlmsqueezeError("avg_bits mixes weight-only bit widths; it does not apply to a W8A8 scheme")
     if isinstance(scheme, W8A8Scheme):  # integer-only inference: its own module
         from .quant.w8a8 import quantize_w8a8
 
@@ -85,6 +96,9 @@ def quantize(
     if method not in METHODS:
         raise LlmsqueezeError(f"method {method!r} is not available: use one of {', '.join(METHODS)}")
     scheme = scheme.with_method(method)
+    if avg_bits is not None and scheme.grid != "uniform":
+        raise LlmsqueezeError(f"avg_bits mixes widths on the uniform grid; grid={scheme.grid!r} takes one width: "
+                              "drop avg_bits (--avg-bits) or use grid='uniform'")
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise LlmsqueezeError("this model is already quantized: start from the dense model")
     names = quantizable_modules(model, scheme)
@@ -98,24 +112,49 @@ def quantize(
     if head_name is not None:
         _untie_lm_head(model, head_name)
 
+    layer_schemes, mixed_report = None, None
+    if avg_bits is not None:
+        from .mixed import check_budget, measure_sensitivity, plan_bits
+
+        g_idx = method == "gptq" and act_order and not static_groups
+        check_budget(model, names, scheme, avg_bits, bit_candidates, g_idx)  # before the slow pass
+        if sensitivity is None:
+            sensitivity = measure_sensitivity(model, names, data, scheme, bit_candidates, device=device,
+                                              offload=offload, batch_size=batch_size, progress=progress)
+        scheme, layer_schemes, mixed_report = plan_bits(model, names, scheme, avg_bits, sensitivity, g_idx)
+        model._llmsqueeze_mixed = mixed_report  # the sensitivity table and allocation, for the CLI and eval/
+
     log.info("quantizing %d layers with %s: %s", len(names), method, scheme.to_json())
     method_args: dict = {}
     if method == "rtn":
-        _quantize_rtn(model, names, scheme, progress)
+        _quantize_rtn(model, names, scheme, progress, layer_schemes)
     else:
         method_args = _quantize_gptq(
             model, names, scheme, data, progress, device=device, offload=offload, true_sequential=true_sequential,
             act_order=act_order, static_groups=static_groups, damp=damp, block_size=block_size, batch_size=batch_size,
+            layer_schemes=layer_schemes,
         )
     kept = all_linear_names(model)
     model.config.quantization_config = quantization_config(scheme, method, kept, method_args)
+    if mixed_report is not None:
+        from .mixed import MIXED_FORMAT_VERSION
+
+        qc = model.config.quantization_config
+        if layer_schemes:  # (the budget may also land on one width for all: a plain checkpoint)
+            qc["format_version"] = MIXED_FORMAT_VERSION  # older readers would build every layer at scheme.bits
+            qc["layer_schemes"] = layer_schemes
+        qc["method_args"].update(avg_bits=avg_bits, bit_candidates=sorted(set(bit_candidates)),
+                                 bits_per_weight=mixed_report["bits_per_weight"])
     return model
 
 
 @torch.no_grad()
-def _quantize_rtn(model: nn.Module, names: list[str], scheme: QuantScheme, progress: bool) -> None:
-    method = RTN(scheme)
+def _quantize_rtn(model: nn.Module, names: list[str], scheme: QuantScheme, progress: bool,
+                  layer_schemes: dict | None = None) -> None:
+    from .mixed import scheme_for
+
     for name in tqdm(names, desc=f"rtn {scheme.bits}-bit", disable=not progress, unit="layer"):
+        method = RTN(scheme_for(scheme, layer_schemes, name))
         set_module(model, name, method.apply(name, model.get_submodule(name)))
 
 
@@ -154,7 +193,7 @@ def _engine_inputs(data, what: str, damp: float, block_size: int, batch_size: in
 
 
 def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, true_sequential, act_order,
-                   static_groups, damp, block_size, batch_size) -> dict:
+                   static_groups, damp, block_size, batch_size, layer_schemes=None) -> dict:
     from .engine import run_sequential
     from .evaluate import peak_rss_mib
 
@@ -162,6 +201,7 @@ def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, tru
         scheme, data, device=device, offload=offload, true_sequential=true_sequential, act_order=act_order,
         static_groups=static_groups, damp=damp, block_size=block_size, batch_size=batch_size,
     )
+    method.layer_schemes = layer_schemes
     stats = run_sequential(model, batches, method, names, device=device, offload=offload,
                            true_sequential=true_sequential, progress=progress)
     log.info("GPTQ done in %.1f s; peak RSS %.0f MiB%s", stats.seconds, peak_rss_mib(),

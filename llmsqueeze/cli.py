@@ -65,11 +65,22 @@ def cmd_quantize(args) -> int:
             grid=args.grid,
         )
         calibrated = args.method == "gptq"
+    mixed = args.avg_bits is not None
+    if mixed:
+        from .mixed import check_candidates
+
+        if args.scheme == "w8a8":
+            raise LlmsqueezeError("--avg-bits mixes weight-only bit widths; it does not apply to --scheme w8a8")
+        if args.grid != "uniform":
+            raise LlmsqueezeError(f"--avg-bits mixes widths on the uniform grid; --grid {args.grid} takes one --bits")
+        check_candidates(args.bit_candidates)
+        calibrated = True  # the sensitivity is measured on the calibration data, for rtn too
     prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
     if calibrated:
         calib_texts = _calibration_texts(args)  # a bad --calib fails before the model loads
         check_devices(args.device, args.offload)  # ... and so does a bad --device / --offload
-    lazy = args.lazy and args.scheme != "w8a8"  # W8A8's SmoothQuant folds into the norms: in memory
+    lazy = args.lazy and args.scheme != "w8a8" and not mixed  # W8A8's SmoothQuant folds into the norms, and
+    # mixed precision needs every layer's sensitivity before the first is quantized: in memory
     if args.resume and args.scheme == "w8a8":
         raise LlmsqueezeError("--resume continues a lazy weight-only run; W8A8 runs in memory, start it again")
     if lazy:
@@ -88,9 +99,15 @@ def cmd_quantize(args) -> int:
         model, scheme, data=data, method=args.method, device=args.device, offload=args.offload,
         true_sequential=args.true_sequential, act_order=args.act_order != "off", static_groups=args.act_order == "static",
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
+        **({"avg_bits": args.avg_bits, "bit_candidates": tuple(args.bit_candidates)} if mixed else {}),
     )
     _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None))
     out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    if mixed:  # the sensitivity table and the allocation, beside the weights
+        report = model._llmsqueeze_mixed
+        (out / "sensitivity.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"mixed precision: {report['bits_per_weight']:.4f} bits/weight (budget {args.avg_bits}), layers per width "
+              f"{report['histogram']}; sensitivity in {out / 'sensitivity.json'}", file=sys.stderr)
     print(out)
     return 0
 
@@ -284,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     q.add_argument("--group-size", type=int, default=128, help="inputs per scale; -1 = per output channel (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at mid-grid)")
+    q.add_argument("--avg-bits", type=float, default=None,
+                   help="mixed precision: bits per layer from --bit-candidates, chosen by each layer's measured "
+                        "sensitivity so that the stored bits per weight (scales and zeros included) average at most "
+                        "this (e.g. 3.5); needs --calib data, also with --method rtn; replaces --bits")
+    q.add_argument("--bit-candidates", type=int, nargs="+", default=[2, 3, 4, 8], metavar="B",
+                   help="with --avg-bits: the widths a layer may get (default 2 3 4 8)")
     q.add_argument("--method", default="rtn", help="rtn (default, no data) or gptq (calibrated)")
     q.add_argument("--scheme", choices=("weight-only", "w8a8"), default="weight-only",
                    help="weight-only (default: --bits/--group-size) or w8a8 (int8 weights and activations, "

@@ -231,6 +231,7 @@ class GPTQ:
         self.act_aware_clip = act_aware_clip
         self.store = HessianStore()
         self.report: list[dict] = []
+        self.layer_schemes: dict | None = None  # mixed precision: per-layer overrides of `scheme`
 
     def collect(self, name: str, module, x: torch.Tensor) -> None:
         self.store.collect(name, x)
@@ -241,6 +242,10 @@ class GPTQ:
         h, n = self.store.pop(name)
         w = linear_weight(module)
         s = self.scheme
+        if self.layer_schemes:
+            from ..mixed import scheme_for
+
+            s = scheme_for(s, self.layer_schemes, name)
         try:
             res = gptq_quantize(w, h, s, self.damp, self.block_size, self.act_order, self.static_groups,
                                 self.act_aware_clip)
