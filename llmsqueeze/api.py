@@ -70,6 +70,8 @@ def quantize(
     on by default for GPTQ, brings it to 18.59), damp (fraction of the
     mean Hessian diagonal), block_size; true_sequential calibrates each block's Linears in the
     architecture's order; offload keeps block activations on that device between blocks.
+    method "awq" (AWQ balancing, then RTN on an output-error clipped grid) and "awq-gptq" (AWQ
+    balancing, then GPTQ with the options above) need `data` too; see llmsqueeze.quant.awq.
     """
     from .quant.int8 import W8A8Scheme
 
@@ -102,6 +104,15 @@ def quantize(
     method_args: dict = {}
     if method == "rtn":
         _quantize_rtn(model, names, scheme, progress)
+    elif method in ("awq", "awq-gptq"):  # recorded as "awq", with method_args["awq"]["then"]
+        from .quant.awq import run_awq
+
+        method_args = run_awq(
+            model, names, scheme, data, progress, then="gptq" if method == "awq-gptq" else "rtn", device=device,
+            offload=offload, true_sequential=true_sequential, act_order=act_order, static_groups=static_groups,
+            damp=damp, block_size=block_size, batch_size=batch_size,
+        )
+        method = "awq"
     else:
         method_args = _quantize_gptq(
             model, names, scheme, data, progress, device=device, offload=offload, true_sequential=true_sequential,

@@ -63,14 +63,15 @@ def cmd_quantize(args) -> int:
             bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype,
             clip_search=args.clip_search, clip_norm=args.clip_norm, clip_weight_power=args.clip_weight_power, include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head,
         )
-        calibrated = args.method == "gptq"
+        calibrated = args.method != "rtn"
     prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
     if calibrated:
         calib_texts = _calibration_texts(args)  # a bad --calib fails before the model loads
         check_devices(args.device, args.offload)  # ... and so does a bad --device / --offload
-    lazy = args.lazy and args.scheme != "w8a8"  # W8A8's SmoothQuant folds into the norms: in memory
-    if args.resume and args.scheme == "w8a8":
-        raise LlmsqueezeError("--resume continues a lazy weight-only run; W8A8 runs in memory, start it again")
+    # W8A8's SmoothQuant and AWQ fold scales into the norms: in memory
+    lazy = args.lazy and args.scheme != "w8a8" and not args.method.startswith("awq")
+    if args.resume and (args.scheme == "w8a8" or args.method.startswith("awq")):
+        raise LlmsqueezeError("--resume continues a lazy weight-only run; W8A8 and AWQ run in memory, start it again")
     if lazy:
         from .lazy import has_safetensors, resolve_model_dir
 
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     q.add_argument("--group-size", type=int, default=128, help="inputs per scale; -1 = per output channel (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at mid-grid)")
-    q.add_argument("--method", default="rtn", help="rtn (default, no data) or gptq (calibrated)")
+    q.add_argument("--method", default="rtn", help="rtn (default, no data), gptq, awq (AWQ then RTN) or awq-gptq (AWQ then GPTQ): calibrated")
     q.add_argument("--scheme", choices=("weight-only", "w8a8"), default="weight-only",
                    help="weight-only (default: --bits/--group-size) or w8a8 (int8 weights and activations, "
                         "integer GEMM; --bits/--group-size do not apply)")
