@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 SCHEMES = ["4:64:asym", "4:128:asym", "3:64:asym"]
-METHODS = ["awq", "awq-gptq"]
+METHODS = ["awq-gptq", "awq"]
 
 
 def run_one(model: str, calib: str, test: str, bits: int, group: int, sym: bool, method: str, windows: int) -> dict:
@@ -74,6 +74,8 @@ def main() -> None:
     from llmsqueeze.data import calibration_batches
     from llmsqueeze.evaluate import load_eval_text, run_json, tokenize_text, write_results
 
+    protocol = (f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0) of {args.calib}; perplexity on "
+                f"{args.test}, 2048-token windows, first {args.windows}, float32 CPU")
     tok = AutoTokenizer.from_pretrained(args.model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,6 +90,7 @@ def main() -> None:
                        b, g, "1" if s == "sym" else "0", method]
                 res = run_json(cmd)
                 rows.append({"scheme": name, "bits": int(b), "group_size": int(g), "sym": s == "sym", **res})
+                write_results(args.out, rows, model=args.model, protocol=protocol, partial=True)  # a stop keeps the rows
                 if "error" in res:
                     print(f"{name:14s} {method:9s} ERROR {res['error']}", flush=True)
                 else:
@@ -101,11 +104,7 @@ def main() -> None:
         else:
             print(f"| {r['scheme']} | {r['method']} | {r['ppl']:.2f} | {r['quantize_s']:.0f} s | "
                   f"{r['loadavg_before'][0]:.1f} / {r['loadavg_after'][0]:.1f} |")
-    write_results(
-        args.out, rows, model=args.model,
-        protocol=f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0) of {args.calib}; perplexity on "
-                 f"{args.test}, 2048-token windows, first {args.windows}, float32 CPU",
-    )
+    write_results(args.out, rows, model=args.model, protocol=protocol, partial=False)
 
 
 if __name__ == "__main__":

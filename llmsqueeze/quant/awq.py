@@ -241,7 +241,7 @@ class AWQ:
     Linear's clipped grid); `apply` packs each Linear, by RTN on the chosen grid or by GPTQ."""
 
     def __init__(self, scheme: QuantScheme, layer_names: list[str], smap: SmoothMap, gptq=None,
-                 grid: int = 20, clip_grid: int = 20, clip_max_shrink: float = 0.5):
+                 grid: int = 20, clip_grid: int = 20, clip_max_shrink: float = 0.5, true_sequential: bool = False):
         self.scheme, self.smap, self.gptq = scheme, smap, gptq
         self.wanted = set(layer_names)
         self.alpha_grid = [round(i / grid, 6) for i in range(grid + 1)]
@@ -250,7 +250,9 @@ class AWQ:
         self.alphas: dict[str, float] = {}  # "block.i.producer" -> alpha
         self.clip_wins = {"two_sided": 0, "one_sided": 0, "clip_search_qparams": 0}  # weight groups won
         self.report: list[dict] = []
-        self.collect_inputs = gptq is not None
+        # GPTQ gets its Hessians from prepare_block, unless each Linear group must see the inputs
+        # that the already quantized groups of its block produce (true_sequential)
+        self.collect_inputs = gptq is not None and true_sequential
 
     @torch.no_grad()
     def prepare_block(self, prefix: str, block: nn.Module, batches) -> None:
@@ -286,6 +288,12 @@ class AWQ:
         if self.gptq is None:
             for n in names:
                 self.qparams[prefix + n] = self._clip(linear_weight(block.get_submodule(n)).detach(), stats[n].h)
+        elif not self.collect_inputs:
+            # GPTQ's Hessian 2/n sum x x^T of the balanced inputs is 2 * h: handed over, which saves
+            # the engine a pass over the block (the same inputs up to float rounding)
+            for n in names:
+                st = stats[n]
+                self.gptq.store.hessians[prefix + n] = [2 * st.h, st.n, prefix + n]
 
     def _clip(self, w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.scheme
@@ -356,9 +364,11 @@ def run_awq(model: nn.Module, names: list[str], scheme: QuantScheme, data, progr
     else:
         batches, ids, device = _engine_inputs(data, "awq", damp, block_size, batch_size, device, offload)
         method_args = {"n_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
-    method = AWQ(scheme, names, smap, gptq, grid=grid, clip_grid=clip_grid, clip_max_shrink=clip_max_shrink)
+    true_sequential = true_sequential and gptq is not None
+    method = AWQ(scheme, names, smap, gptq, grid=grid, clip_grid=clip_grid, clip_max_shrink=clip_max_shrink,
+                 true_sequential=true_sequential)
     stats = run_sequential(model, batches, method, names, device=device, offload=offload,
-                           true_sequential=true_sequential and gptq is not None, progress=progress)
+                           true_sequential=true_sequential, progress=progress)
     log.info("AWQ (then %s) done in %.1f s; peak RSS %.0f MiB; clip winners %s", then, stats.seconds,
              peak_rss_mib(), method.clip_wins)
     model._llmsqueeze_stats = stats
