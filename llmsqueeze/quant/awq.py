@@ -283,8 +283,9 @@ class AWQ:
             for c in grp.consumers:
                 scale_linear_inputs(block.get_submodule(c), cols)
             # the consumers now read x / s: their statistics follow (once per shared object)
-            st.h /= cols[:, None] * cols[None, :]
-            st.abs_sum /= cols
+            for st_c in {id(stats[c]): stats[c] for c in grp.consumers}.values():
+                st_c.h /= cols[:, None] * cols[None, :]
+                st_c.abs_sum /= cols
         if self.gptq is None:
             for n in names:
                 self.qparams[prefix + n] = self._clip(linear_weight(block.get_submodule(n)).detach(), stats[n].h)
