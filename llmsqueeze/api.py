@@ -32,6 +32,23 @@ def quantization_config(scheme: QuantScheme, method: str, modules_to_not_convert
     }
 
 
+GRID_METHODS = ("rtn", "gptq")  # the methods that quantize on a non-uniform grid (nf, kmeans)
+MIXED_METHODS = ("rtn", "gptq")  # the methods that take per-layer widths (avg_bits)
+
+
+def check_method_options(method: str, grid: str = "uniform", avg_bits: float | None = None) -> None:
+    """One-line errors for combinations of a method, a grid and mixed precision that do not work together."""
+    if grid != "uniform" and method not in GRID_METHODS:
+        raise LlmsqueezeError(f"method {method!r} quantizes on the uniform grid; grid={grid!r} works with "
+                              f"{' or '.join(GRID_METHODS)}")
+    if avg_bits is not None and grid != "uniform":
+        raise LlmsqueezeError(f"avg_bits mixes widths on the uniform grid; grid={grid!r} takes one width: "
+                              "drop avg_bits (--avg-bits) or use grid='uniform'")
+    if avg_bits is not None and method not in MIXED_METHODS:
+        raise LlmsqueezeError(f"avg_bits (mixed precision) works with {' or '.join(MIXED_METHODS)}, not method "
+                              f"{method!r}: drop avg_bits (--avg-bits) or change the method")
+
+
 def _untie_lm_head(model: nn.Module, head_name: str) -> None:
     """Give the output head its own weight so it can be quantized while the embeddings stay dense."""
     head = model.get_submodule(head_name)
@@ -79,6 +96,9 @@ def quantize(
     whose output error grows most at low widths getting the most bits (llmsqueeze.mixed). It needs
     `data` (one extra engine pass measures the sensitivity) unless `sensitivity`, a table from
     llmsqueeze.mixed.measure_sensitivity, is given; the scheme's `bits` is then ignored.
+
+    method "awq" (AWQ balancing, then RTN on an output-error clipped grid) and "awq-gptq" (AWQ
+    balancing, then GPTQ with the options above) need `data` too; see llmsqueeze.quant.awq.
     """
     from .quant.int8 import W8A8Scheme
 
@@ -96,9 +116,7 @@ def quantize(
     if method not in METHODS:
         raise LlmsqueezeError(f"method {method!r} is not available: use one of {', '.join(METHODS)}")
     scheme = scheme.with_method(method)
-    if avg_bits is not None and scheme.grid != "uniform":
-        raise LlmsqueezeError(f"avg_bits mixes widths on the uniform grid; grid={scheme.grid!r} takes one width: "
-                              "drop avg_bits (--avg-bits) or use grid='uniform'")
+    check_method_options(method, scheme.grid, avg_bits)
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise LlmsqueezeError("this model is already quantized: start from the dense model")
     names = quantizable_modules(model, scheme)
@@ -128,6 +146,15 @@ def quantize(
     method_args: dict = {}
     if method == "rtn":
         _quantize_rtn(model, names, scheme, progress, layer_schemes)
+    elif method in ("awq", "awq-gptq"):  # recorded as "awq", with method_args["awq"]["then"]
+        from .quant.awq import run_awq
+
+        method_args = run_awq(
+            model, names, scheme, data, progress, then="gptq" if method == "awq-gptq" else "rtn", device=device,
+            offload=offload, true_sequential=true_sequential, act_order=act_order, static_groups=static_groups,
+            damp=damp, block_size=block_size, batch_size=batch_size,
+        )
+        method = "awq"
     else:
         method_args = _quantize_gptq(
             model, names, scheme, data, progress, device=device, offload=offload, true_sequential=true_sequential,

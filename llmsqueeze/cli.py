@@ -46,7 +46,7 @@ def _load_any(model: str, dtype: str, **kwargs):
 def cmd_quantize(args) -> int:
     import torch
 
-    from .api import check_devices, quantize
+    from .api import check_devices, check_method_options, quantize
     from .checkpoint import prepare_output_dir, save_quantized
     from .config import METHODS, QuantScheme
 
@@ -64,25 +64,25 @@ def cmd_quantize(args) -> int:
             clip_search=args.clip_search, clip_norm=args.clip_norm, clip_weight_power=args.clip_weight_power, include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head,
             grid=args.grid,
         )
-        calibrated = args.method == "gptq"
+        check_method_options(args.method, scheme.grid, args.avg_bits)  # before the model loads
+        calibrated = args.method != "rtn"
     mixed = args.avg_bits is not None
     if mixed:
         from .mixed import check_candidates
 
         if args.scheme == "w8a8":
             raise LlmsqueezeError("--avg-bits mixes weight-only bit widths; it does not apply to --scheme w8a8")
-        if args.grid != "uniform":
-            raise LlmsqueezeError(f"--avg-bits mixes widths on the uniform grid; --grid {args.grid} takes one --bits")
         check_candidates(args.bit_candidates)
         calibrated = True  # the sensitivity is measured on the calibration data, for rtn too
     prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
     if calibrated:
         calib_texts = _calibration_texts(args)  # a bad --calib fails before the model loads
         check_devices(args.device, args.offload)  # ... and so does a bad --device / --offload
-    lazy = args.lazy and args.scheme != "w8a8" and not mixed  # W8A8's SmoothQuant folds into the norms, and
-    # mixed precision needs every layer's sensitivity before the first is quantized: in memory
-    if args.resume and args.scheme == "w8a8":
-        raise LlmsqueezeError("--resume continues a lazy weight-only run; W8A8 runs in memory, start it again")
+    # W8A8's SmoothQuant and AWQ fold scales into the norms, and mixed precision needs every layer's
+    # sensitivity before the first is quantized: in memory
+    lazy = args.lazy and args.scheme != "w8a8" and not mixed and not args.method.startswith("awq")
+    if args.resume and (args.scheme == "w8a8" or args.method.startswith("awq")):
+        raise LlmsqueezeError("--resume continues a lazy weight-only run; W8A8 and AWQ run in memory, start it again")
     if lazy:
         from .lazy import has_safetensors, resolve_model_dir
 
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "this (e.g. 3.5); needs --calib data, also with --method rtn; replaces --bits")
     q.add_argument("--bit-candidates", type=int, nargs="+", default=[2, 3, 4, 8], metavar="B",
                    help="with --avg-bits: the widths a layer may get (default 2 3 4 8)")
-    q.add_argument("--method", default="rtn", help="rtn (default, no data) or gptq (calibrated)")
+    q.add_argument("--method", default="rtn", help="rtn (default, no data), gptq, awq (AWQ then RTN) or awq-gptq (AWQ then GPTQ): calibrated")
     q.add_argument("--scheme", choices=("weight-only", "w8a8"), default="weight-only",
                    help="weight-only (default: --bits/--group-size) or w8a8 (int8 weights and activations, "
                         "integer GEMM; --bits/--group-size do not apply)")

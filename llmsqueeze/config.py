@@ -9,7 +9,7 @@ import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq")  # awq: AWQ balancing then RTN; awq-gptq: then GPTQ
 GRIDS = ("uniform", "nf", "kmeans")  # quant/grid.py (uniform), quant/lut.py (nf, kmeans)
 LUT_BITS = (2, 3, 4)  # non-uniform grids: indices into 2**bits levels
 
@@ -110,10 +110,12 @@ class QuantScheme:
                 raise LlmsqueezeError(f"module pattern {pattern!r} is not a valid regular expression ({e})") from None
 
     def with_method(self, method: str) -> "QuantScheme":
-        """This scheme with clip_search "auto" (None) resolved for `method`: on for gptq, off otherwise."""
+        """This scheme with clip_search "auto" (None) resolved for `method`: off for rtn, on otherwise
+        (awq: its output-error clip search; gptq, awq-gptq: GPTQ's)."""
         if self.clip_search is not None:
             return self
-        return QuantScheme.from_dict({**self.to_dict(), "clip_search": method == "gptq" and self.grid == "uniform"})
+        clip = method in ("gptq", "awq", "awq-gptq") and self.grid == "uniform"  # non-uniform grids: no clip search
+        return QuantScheme.from_dict({**self.to_dict(), "clip_search": clip})
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

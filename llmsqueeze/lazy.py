@@ -462,6 +462,8 @@ def quantize_lazy(
 
     if method not in METHODS:
         raise LlmsqueezeError(f"method {method!r} is not available: use one of {', '.join(METHODS)}")
+    if method.startswith("awq"):  # its balancing rewrites norms across the block: in memory for now
+        raise LlmsqueezeError(f"method {method!r} runs in memory, not lazily: use llmsqueeze.quantize (--no-lazy)")
     scheme = scheme.with_method(method)
     out = prepare_output_dir(out, overwrite=overwrite)
     shard_bytes = parse_size(max_shard_size)
