@@ -57,6 +57,11 @@ def quantize(
     damp: float = 0.01,
     block_size: int = 128,
     batch_size: int = 1,
+    iters: int = 200,
+    lr: float | None = None,
+    seed: int = 0,
+    init: str = "rtn",
+    batch_samples: int = 8,
     **scheme_kwargs,
 ) -> nn.Module:
     """Quantize `model` in place and return it: each selected Linear becomes a packed QuantLinear.
@@ -70,6 +75,9 @@ def quantize(
     on by default for GPTQ, brings it to 18.59), damp (fraction of the
     mean Hessian diagonal), block_size; true_sequential calibrates each block's Linears in the
     architecture's order; offload keeps block activations on that device between blocks.
+    method "autoround" learns each block's rounding and group ranges by sign-SGD on the block's output
+    error (llmsqueeze.quant.autoround): `iters` steps per block (lr default 1/iters), minibatches drawn
+    of `batch_samples` with `seed`, starting from round-to-nearest (`init` "rtn") or the clip-searched grid ("clip").
     """
     from .quant.int8 import W8A8Scheme
 
@@ -102,6 +110,9 @@ def quantize(
     method_args: dict = {}
     if method == "rtn":
         _quantize_rtn(model, names, scheme, progress)
+    elif method == "autoround":
+        method_args = _quantize_autoround(model, names, scheme, data, progress, device=device, offload=offload,
+                                          iters=iters, lr=lr, seed=seed, init=init, batch_samples=batch_samples)
     else:
         method_args = _quantize_gptq(
             model, names, scheme, data, progress, device=device, offload=offload, true_sequential=true_sequential,
@@ -169,6 +180,25 @@ def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, tru
     model._llmsqueeze_stats = stats  # for eval scripts and the CLI summary
     model._llmsqueeze_report = method.report
     return method_args
+
+
+def _quantize_autoround(model, names, scheme, data, progress, *, device, offload, iters, lr, seed, init,
+                        batch_samples) -> dict:
+    from .engine import run_sequential
+    from .evaluate import peak_rss_mib
+    from .quant.autoround import AutoRound, check_autoround_args
+
+    check_autoround_args(iters, lr, batch_samples, init, 0.5)
+    # one sample per engine batch: AutoRound stacks them into its own minibatches
+    batches, ids, device = _engine_inputs(data, "autoround", 0.01, 128, 1, device, offload)
+    method = AutoRound(scheme, names, iters=iters, lr=lr, batch_samples=batch_samples, seed=seed, init=init,
+                       progress=progress)
+    stats = run_sequential(model, batches, method, names, device=device, offload=offload, progress=progress)
+    log.info("autoround done in %.1f s; peak RSS %.0f MiB", stats.seconds, peak_rss_mib())
+    model._llmsqueeze_stats = stats
+    model._llmsqueeze_report = method.report
+    return {"iters": iters, "lr": method.lr, "batch_samples": method.batch_samples, "seed": seed, "init": init,
+            "amin": method.amin, "n_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
 
 
 def gptq_setup(scheme, data, *, device, offload, true_sequential, act_order, static_groups, damp, block_size,

@@ -63,12 +63,19 @@ def cmd_quantize(args) -> int:
             bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype,
             clip_search=args.clip_search, clip_norm=args.clip_norm, clip_weight_power=args.clip_weight_power, include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head,
         )
-        calibrated = args.method == "gptq"
+        calibrated = args.method in ("gptq", "autoround")
+    if args.method == "autoround":  # one-line errors before the model loads
+        from .quant.autoround import check_autoround_args
+
+        check_autoround_args(args.iters, args.lr, 8, args.autoround_init, 0.5)
+        if args.resume:
+            raise LlmsqueezeError("--resume continues a lazy run; autoround runs in memory, start it again")
     prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
     if calibrated:
         calib_texts = _calibration_texts(args)  # a bad --calib fails before the model loads
         check_devices(args.device, args.offload)  # ... and so does a bad --device / --offload
     lazy = args.lazy and args.scheme != "w8a8"  # W8A8's SmoothQuant folds into the norms: in memory
+    lazy = lazy and args.method != "autoround"  # autoround: in memory too (the lazy path drives RTN/GPTQ)
     if args.resume and args.scheme == "w8a8":
         raise LlmsqueezeError("--resume continues a lazy weight-only run; W8A8 runs in memory, start it again")
     if lazy:
@@ -87,6 +94,8 @@ def cmd_quantize(args) -> int:
         model, scheme, data=data, method=args.method, device=args.device, offload=args.offload,
         true_sequential=args.true_sequential, act_order=args.act_order != "off", static_groups=args.act_order == "static",
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
+        **({"iters": args.iters, "lr": args.lr, "seed": args.seed, "init": args.autoround_init}
+           if args.method == "autoround" else {}),
     )
     _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None))
     out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
@@ -283,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     q.add_argument("--group-size", type=int, default=128, help="inputs per scale; -1 = per output channel (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at mid-grid)")
-    q.add_argument("--method", default="rtn", help="rtn (default, no data) or gptq (calibrated)")
+    q.add_argument("--method", default="rtn",
+                   help="rtn (default, no data), gptq or autoround (learned rounding; both calibrated)")
     q.add_argument("--scheme", choices=("weight-only", "w8a8"), default="weight-only",
                    help="weight-only (default: --bits/--group-size) or w8a8 (int8 weights and activations, "
                         "integer GEMM; --bits/--group-size do not apply)")
@@ -304,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: calibrate each block's Linears in order (attention in, attention out, MLP in, MLP out)")
     q.add_argument("--damp", type=float, default=0.01, help="gptq damping, fraction of the mean Hessian diagonal")
     q.add_argument("--block-size", type=int, default=128, help="gptq lazy-update block (default 128)")
+    q.add_argument("--iters", type=int, default=200, help="autoround: sign-SGD steps per block (default 200)")
+    q.add_argument("--lr", type=float, default=None, help="autoround: step size (default 1/iters)")
+    q.add_argument("--autoround-init", choices=("rtn", "clip"), default="rtn",
+                   help="autoround: start from round-to-nearest min/max (default) or the clip-searched grid")
     q.add_argument("--device", default=None, help="where blocks are calibrated: cuda or cpu (default: cuda if present)")
     q.add_argument("--offload", default=None, help="where activations wait between blocks (e.g. cpu)")
     q.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,

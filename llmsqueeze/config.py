@@ -9,7 +9,7 @@ import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "autoround")
 
 
 class LlmsqueezeError(ValueError):
