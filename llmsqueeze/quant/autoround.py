@@ -181,7 +181,7 @@ def _init_layer(name: str, module: nn.Module, scheme: QuantScheme, init: str, am
     wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
     a_lo, a_hi = torch.ones_like(wmin), torch.ones_like(wmax)
     if init == "clip":  # the searched grid's range, as multipliers of the full one
-        scale, zero = clip_search_qparams(w, scheme.bits, g, scheme.sym, torch.float32, grid=scheme.clip_grid,
+        scale, zero = clip_search_qparams(w, scheme.bits, g, scheme.sym, scheme.torch_scale_dtype, grid=scheme.clip_grid,
                                           max_shrink=scheme.clip_max_shrink, norm=scheme.clip_norm,
                                           weight_power=scheme.clip_weight_power)
         if scheme.sym:
