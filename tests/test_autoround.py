@@ -1,5 +1,4 @@
 """Learned rounding (autoround): the STE math, the block optimisation on tiny models, checkpoints."""
-import copy
 
 import pytest
 import torch

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import LlmsqueezeError, QuantScheme
-from .grid import clip_search_qparams, group_minmax, minmax_qparams, n_groups
+from .grid import clip_search_qparams, dequantize, group_minmax, minmax_qparams, n_groups
 
 log = logging.getLogger("llmsqueeze")
 
@@ -292,6 +292,7 @@ class AutoRound:
 
         with torch.no_grad():
             loss_before = eval_loss({L.param: L.weight(bits, sym) for L in layers})
+        start_state = [p.detach().clone() for p in params]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(prefix.encode()))
         best, best_state, trace = math.inf, None, []
         bar = tqdm(range(self.iters), desc=f"autoround {prefix.rstrip('.')}", disable=not self.progress,
@@ -310,18 +311,24 @@ class AutoRound:
             if t % 10 == 0 or t == self.iters - 1:
                 bar.set_postfix(loss=f"{lv:.3g}", best=f"{best:.3g}")
         bar.close()
-        with torch.no_grad():
-            for p, b in zip(params, best_state):
-                p.copy_(b)
-            frozen = {}
-            for L in layers:
-                frozen[L.name] = freeze(L.wg, L.v, L.wmin, L.wmax, L.a_lo, L.a_hi, bits, sym, L.k, s.torch_scale_dtype)
-            weights = {}
-            for L in layers:
-                q, sc, z = frozen[L.name]
-                w = ((pad_groups(q.float(), L.g) - z.float().unsqueeze(2)) * sc.unsqueeze(2)).reshape(q.shape[0], -1)[:, : L.k]
-                weights[L.param] = w.t() if L.conv1d else w
-            loss_after = eval_loss(weights)
+        def frozen_state(state) -> tuple[dict, float]:
+            """Freeze the parameters `state` to the grid -> ({name: (q, scale, zero)}, eval loss)."""
+            with torch.no_grad():
+                for p, b in zip(params, state):
+                    p.copy_(b)
+                out = {L.name: freeze(L.wg, L.v, L.wmin, L.wmax, L.a_lo, L.a_hi, bits, sym, L.k, s.torch_scale_dtype)
+                       for L in layers}
+                weights = {}
+                for L in layers:
+                    w = dequantize(*out[L.name], L.g)  # [N, K], what the packed QuantLinear computes with
+                    weights[L.param] = w.t() if L.conv1d else w
+                return out, eval_loss(weights)
+
+        frozen, loss_after = frozen_state(best_state)
+        if loss_after > loss_before:  # the minibatch optimum does not generalise to the held samples: keep the start
+            log.warning("autoround %s: learned grid worse than its start (%.4g > %.4g); keeping the start",
+                        prefix.rstrip("."), loss_after, loss_before)
+            frozen, loss_after = frozen_state(start_state)
         for p, rg in zip(work.parameters(), saved_grad):
             p.requires_grad_(rg)
         for name, v in frozen.items():
