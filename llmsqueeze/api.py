@@ -77,6 +77,11 @@ def quantize(
     avg_bits: float | None = None,
     bit_candidates: tuple[int, ...] = (2, 3, 4, 8),
     sensitivity: dict | None = None,
+    iters: int = 200,
+    lr: float | None = None,
+    seed: int = 0,
+    init: str = "rtn",
+    batch_samples: int = 8,
     **scheme_kwargs,
 ) -> nn.Module:
     """Quantize `model` in place and return it: each selected Linear becomes a packed QuantLinear.
@@ -99,6 +104,10 @@ def quantize(
 
     method "awq" (AWQ balancing, then RTN on an output-error clipped grid) and "awq-gptq" (AWQ
     balancing, then GPTQ with the options above) need `data` too; see llmsqueeze.quant.awq.
+
+    method "autoround" learns each block's rounding and group ranges by sign-SGD on the block's output
+    error (llmsqueeze.quant.autoround): `iters` steps per block (lr default 1/iters), minibatches drawn
+    of `batch_samples` with `seed`, starting from round-to-nearest (`init` "rtn") or the clip-searched grid ("clip").
     """
     from .quant.int8 import W8A8Scheme
 
@@ -155,6 +164,9 @@ def quantize(
             damp=damp, block_size=block_size, batch_size=batch_size,
         )
         method = "awq"
+    elif method == "autoround":
+        method_args = _quantize_autoround(model, names, scheme, data, progress, device=device, offload=offload,
+                                          iters=iters, lr=lr, seed=seed, init=init, batch_samples=batch_samples)
     else:
         method_args = _quantize_gptq(
             model, names, scheme, data, progress, device=device, offload=offload, true_sequential=true_sequential,
@@ -236,6 +248,25 @@ def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, tru
     model._llmsqueeze_stats = stats  # for eval scripts and the CLI summary
     model._llmsqueeze_report = method.report
     return method_args
+
+
+def _quantize_autoround(model, names, scheme, data, progress, *, device, offload, iters, lr, seed, init,
+                        batch_samples) -> dict:
+    from .engine import run_sequential
+    from .evaluate import peak_rss_mib
+    from .quant.autoround import AutoRound, check_autoround_args
+
+    check_autoround_args(iters, lr, batch_samples, init, 0.5)
+    # one sample per engine batch: AutoRound stacks them into its own minibatches
+    batches, ids, device = _engine_inputs(data, "autoround", 0.01, 128, 1, device, offload)
+    method = AutoRound(scheme, names, iters=iters, lr=lr, batch_samples=batch_samples, seed=seed, init=init,
+                       progress=progress)
+    stats = run_sequential(model, batches, method, names, device=device, offload=offload, progress=progress)
+    log.info("autoround done in %.1f s; peak RSS %.0f MiB", stats.seconds, peak_rss_mib())
+    model._llmsqueeze_stats = stats
+    model._llmsqueeze_report = method.report
+    return {"iters": iters, "lr": method.lr, "batch_samples": method.batch_samples, "seed": seed, "init": init,
+            "amin": method.amin, "n_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
 
 
 def gptq_setup(scheme, data, *, device, offload, true_sequential, act_order, static_groups, damp, block_size,

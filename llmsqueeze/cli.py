@@ -48,7 +48,7 @@ def cmd_quantize(args) -> int:
 
     from .api import check_devices, check_method_options, quantize
     from .checkpoint import prepare_output_dir, save_quantized
-    from .config import METHODS, QuantScheme
+    from .config import LAZY_METHODS, METHODS, QuantScheme
 
     torch.manual_seed(args.seed)
     if args.method not in METHODS:
@@ -74,13 +74,19 @@ def cmd_quantize(args) -> int:
             raise LlmsqueezeError("--avg-bits mixes weight-only bit widths; it does not apply to --scheme w8a8")
         check_candidates(args.bit_candidates)
         calibrated = True  # the sensitivity is measured on the calibration data, for rtn too
+    if args.method == "autoround":  # one-line errors before the model loads
+        from .quant.autoround import check_autoround_args
+
+        check_autoround_args(args.iters, args.lr, 8, args.autoround_init, 0.5)
+        if args.resume:
+            raise LlmsqueezeError("--resume continues a lazy run; autoround runs in memory, start it again")
     prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
     if calibrated:
         calib_texts = _calibration_texts(args)  # a bad --calib fails before the model loads
         check_devices(args.device, args.offload)  # ... and so does a bad --device / --offload
-    # W8A8's SmoothQuant and AWQ fold scales into the norms, and mixed precision needs every layer's
-    # sensitivity before the first is quantized: in memory
-    lazy = args.lazy and args.scheme != "w8a8" and not mixed and not args.method.startswith("awq")
+    # W8A8's SmoothQuant and AWQ fold scales into the norms, mixed precision needs every layer's
+    # sensitivity before the first is quantized, autoround trains whole blocks: in memory
+    lazy = args.lazy and args.scheme != "w8a8" and not mixed and args.method in LAZY_METHODS
     if args.resume and (args.scheme == "w8a8" or args.method.startswith("awq")):
         raise LlmsqueezeError("--resume continues a lazy weight-only run; W8A8 and AWQ run in memory, start it again")
     if lazy:
@@ -100,6 +106,8 @@ def cmd_quantize(args) -> int:
         true_sequential=args.true_sequential, act_order=args.act_order != "off", static_groups=args.act_order == "static",
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
         **({"avg_bits": args.avg_bits, "bit_candidates": tuple(args.bit_candidates)} if mixed else {}),
+        **({"iters": args.iters, "lr": args.lr, "seed": args.seed, "init": args.autoround_init}
+           if args.method == "autoround" else {}),
     )
     _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None))
     out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
@@ -307,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "this (e.g. 3.5); needs --calib data, also with --method rtn; replaces --bits")
     q.add_argument("--bit-candidates", type=int, nargs="+", default=[2, 3, 4, 8], metavar="B",
                    help="with --avg-bits: the widths a layer may get (default 2 3 4 8)")
-    q.add_argument("--method", default="rtn", help="rtn (default, no data), gptq, awq (AWQ then RTN) or awq-gptq (AWQ then GPTQ): calibrated")
+    q.add_argument("--method", default="rtn",
+                   help="rtn (default, no data), gptq, awq (AWQ then RTN), awq-gptq (AWQ then GPTQ) or autoround "
+                        "(learned rounding); all but rtn are calibrated")
     q.add_argument("--scheme", choices=("weight-only", "w8a8"), default="weight-only",
                    help="weight-only (default: --bits/--group-size) or w8a8 (int8 weights and activations, "
                         "integer GEMM; --bits/--group-size do not apply)")
@@ -328,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: calibrate each block's Linears in order (attention in, attention out, MLP in, MLP out)")
     q.add_argument("--damp", type=float, default=0.01, help="gptq damping, fraction of the mean Hessian diagonal")
     q.add_argument("--block-size", type=int, default=128, help="gptq lazy-update block (default 128)")
+    q.add_argument("--iters", type=int, default=200, help="autoround: sign-SGD steps per block (default 200)")
+    q.add_argument("--lr", type=float, default=None, help="autoround: step size (default 1/iters)")
+    q.add_argument("--autoround-init", choices=("rtn", "clip"), default="rtn",
+                   help="autoround: start from round-to-nearest min/max (default) or the clip-searched grid")
     q.add_argument("--device", default=None, help="where blocks are calibrated: cuda or cpu (default: cuda if present)")
     q.add_argument("--offload", default=None, help="where activations wait between blocks (e.g. cpu)")
     q.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,

@@ -9,7 +9,9 @@ import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-METHODS = ("rtn", "gptq", "awq", "awq-gptq")  # awq: AWQ balancing then RTN; awq-gptq: then GPTQ
+METHODS = ("rtn", "gptq", "awq", "awq-gptq", "autoround")  # awq: AWQ balancing then RTN; awq-gptq: then GPTQ;
+# autoround: learned rounding (quant/autoround.py)
+LAZY_METHODS = ("rtn", "gptq")  # what quantize_lazy runs block by block; the others run in memory
 GRIDS = ("uniform", "nf", "kmeans")  # quant/grid.py (uniform), quant/lut.py (nf, kmeans)
 LUT_BITS = (2, 3, 4)  # non-uniform grids: indices into 2**bits levels
 
@@ -110,8 +112,9 @@ class QuantScheme:
                 raise LlmsqueezeError(f"module pattern {pattern!r} is not a valid regular expression ({e})") from None
 
     def with_method(self, method: str) -> "QuantScheme":
-        """This scheme with clip_search "auto" (None) resolved for `method`: off for rtn, on otherwise
-        (awq: its output-error clip search; gptq, awq-gptq: GPTQ's)."""
+        """This scheme with clip_search "auto" (None) resolved for `method`: on for gptq, awq and awq-gptq
+        (awq: its output-error clip search; gptq, awq-gptq: GPTQ's), off for rtn and autoround (which
+        starts from the clip-searched grid only with init="clip"), and always off on a non-uniform grid."""
         if self.clip_search is not None:
             return self
         clip = method in ("gptq", "awq", "awq-gptq") and self.grid == "uniform"  # non-uniform grids: no clip search

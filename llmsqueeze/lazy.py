@@ -453,7 +453,7 @@ def quantize_lazy(
     Returns (out, the engine's statistics: None when a resumed run had no block left)."""
     from .api import _untie_lm_head, gptq_setup, quantization_config
     from .checkpoint import prepare_output_dir
-    from .config import METHODS
+    from .config import LAZY_METHODS, METHODS
     from .engine import run_sequential
     from .models import all_linear_names, quantizable_modules
     from .nn import set_module
@@ -462,7 +462,8 @@ def quantize_lazy(
 
     if method not in METHODS:
         raise LlmsqueezeError(f"method {method!r} is not available: use one of {', '.join(METHODS)}")
-    if method.startswith("awq"):  # its balancing rewrites norms across the block: in memory for now
+    if method not in LAZY_METHODS:  # awq's balancing rewrites norms across the block, autoround trains whole
+        # blocks: in memory for now
         raise LlmsqueezeError(f"method {method!r} runs in memory, not lazily: use llmsqueeze.quantize (--no-lazy)")
     scheme = scheme.with_method(method)
     out = prepare_output_dir(out, overwrite=overwrite)
