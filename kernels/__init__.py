@@ -1,6 +1,7 @@
 """Triton kernels for packed weights, installed as `llmsqueeze.kernels`.
 
     quant_linear(x2, module)   what QuantLinear.forward calls on CUDA: x2 [M, K] -> [M, N] (bias added)
+    lut_linear(x2, module)     the same for LUTLinear (non-uniform grids): the lookup kernel (lookup.py)
     quant_matmul(...)          the custom op llmsqueeze::quant_matmul, kernel picked by M (dispatch.py)
     gemv, gemm, dequantize     the individual kernels' launchers (quant_matmul.py)
     kernel_weights(module)     the kernels' cached view of a QuantLinear (layout.py)
@@ -16,7 +17,7 @@ import importlib.util
 
 _LAZY = {
     "gemv": "quant_matmul", "gemm": "quant_matmul", "dequantize": "quant_matmul", "interpreting": "quant_matmul",
-    "quant_matmul": "dispatch", "kernel_for": "dispatch", "kernel_weights": "layout", "KernelWeights": "layout",
+    "quant_matmul": "dispatch", "kernel_for": "dispatch", "lut_matmul": "dispatch", "lut_gemm": "lookup", "kernel_weights": "layout", "KernelWeights": "layout",
 }
 
 
@@ -49,6 +50,27 @@ def quant_linear(x2, module):
     w = kernel_weights(module)
     x = x2 if w.perm is None else x2.index_select(1, w.perm)
     y = quant_matmul(x.contiguous(), w.qweight, w.scales, w.qzeros, w.g_idx, w.bits, w.group_size, w.in_features)
+    if module.bias is not None:
+        y = y + module.bias.to(y.dtype)
+    return y
+
+
+def lut_linear(x2, module):
+    """x2 [M, K] -> y [M, N] = x2 @ W^T + bias for a LUTLinear through the lookup kernel, or None when
+    it cannot run (Triton missing, float32 activations, no rows): the caller falls back to torch."""
+    import torch
+
+    if not _TRITON or x2.dtype not in (torch.float16, torch.bfloat16) or x2.shape[0] == 0:
+        return None
+    from llmsqueeze.quant.lut import nf_levels
+
+    from .dispatch import lut_matmul
+
+    if module.grid == "nf":
+        scales, table = module.scales, nf_levels(module.bits, x2.device)
+    else:
+        scales, table = None, module.codebook
+    y = lut_matmul(x2.contiguous(), module.qweight, scales, table, module.bits, module.group_size, module.in_features)
     if module.bias is not None:
         y = y + module.bias.to(y.dtype)
     return y

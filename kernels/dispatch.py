@@ -108,3 +108,34 @@ def quant_matmul(
 @quant_matmul.register_fake
 def _(x, qweight, scales, qzeros, g_idx, bits, group_size, in_features):
     return x.new_empty(x.shape[0], qweight.shape[1])
+
+
+# -- lookup-table grids (LUTLinear, kernels/lookup.py): one tile kernel, its tiles chosen by M -------
+# (block_m, block_n, block_k, num_warps, num_stages); no autotune yet: not timed on a GPU
+LUT_CONFIGS = ((16, (16, 64, 64, 4, 2)), (64, (64, 64, 64, 4, 3)), (None, (128, 128, 64, 8, 3)))
+INTERPRET_LUT = (16, 64, 32, 4, 1)
+
+
+def lut_config(m: int) -> tuple:
+    if qm.interpreting():
+        return INTERPRET_LUT
+    return next(cfg for limit, cfg in LUT_CONFIGS if limit is None or m <= limit)
+
+
+@torch.library.custom_op("llmsqueeze::lut_matmul", mutates_args=())
+def lut_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor | None, table: torch.Tensor, bits: int,
+    group_size: int, in_features: int,
+) -> torch.Tensor:
+    """x [M, K] -> x @ W^T [M, N] in x.dtype for a non-uniform grid: nf (scales [ng, N], table = the
+    float32 levels) or kmeans (scales None, table = codebook [ng, N, 2**bits])."""
+    from .lookup import lut_gemm
+
+    bm, bn, bk, warps, stages = lut_config(x.shape[0])
+    return lut_gemm(x, qweight, scales, table, bits, group_size, in_features, block_m=bm, block_n=bn, block_k=bk,
+                    num_warps=warps, num_stages=stages)
+
+
+@lut_matmul.register_fake
+def _(x, qweight, scales, table, bits, group_size, in_features):
+    return x.new_empty(x.shape[0], qweight.shape[1])

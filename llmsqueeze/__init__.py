@@ -17,7 +17,7 @@ from .checkpoint import (
 from .config import CheckpointError, LlmsqueezeError, QuantScheme
 from .formats import export
 from .lazy import quantize_lazy
-from .nn import QuantLinear
+from .nn import LUTLinear, QuantLinear
 from .nn_int8 import Int8Linear
 from .quant.int8 import W8A8Scheme
 
@@ -28,6 +28,7 @@ register_with_transformers()
 __all__ = [
     "QuantScheme",
     "QuantLinear",
+    "LUTLinear",
     "W8A8Scheme",
     "Int8Linear",
     "LlmsqueezeError",

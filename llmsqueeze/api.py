@@ -15,7 +15,7 @@ from .quant.rtn import RTN
 
 log = logging.getLogger("llmsqueeze")
 
-FORMAT_VERSION = 2  # the newest we write and read; plain quantized checkpoints still say 1
+FORMAT_VERSION = 3  # the newest we write and read; plain quantized checkpoints still say 1, mixed precision 3
 QUANT_METHOD = "llmsqueeze"
 
 
@@ -30,6 +30,23 @@ def quantization_config(scheme: QuantScheme, method: str, modules_to_not_convert
         "method_args": dict(method_args or {}),
         "modules_to_not_convert": modules_to_not_convert,
     }
+
+
+GRID_METHODS = ("rtn", "gptq")  # the methods that quantize on a non-uniform grid (nf, kmeans)
+MIXED_METHODS = ("rtn", "gptq")  # the methods that take per-layer widths (avg_bits)
+
+
+def check_method_options(method: str, grid: str = "uniform", avg_bits: float | None = None) -> None:
+    """One-line errors for combinations of a method, a grid and mixed precision that do not work together."""
+    if grid != "uniform" and method not in GRID_METHODS:
+        raise LlmsqueezeError(f"method {method!r} quantizes on the uniform grid; grid={grid!r} works with "
+                              f"{' or '.join(GRID_METHODS)}")
+    if avg_bits is not None and grid != "uniform":
+        raise LlmsqueezeError(f"avg_bits mixes widths on the uniform grid; grid={grid!r} takes one width: "
+                              "drop avg_bits (--avg-bits) or use grid='uniform'")
+    if avg_bits is not None and method not in MIXED_METHODS:
+        raise LlmsqueezeError(f"avg_bits (mixed precision) works with {' or '.join(MIXED_METHODS)}, not method "
+                              f"{method!r}: drop avg_bits (--avg-bits) or change the method")
 
 
 def _untie_lm_head(model: nn.Module, head_name: str) -> None:
@@ -57,6 +74,14 @@ def quantize(
     damp: float = 0.01,
     block_size: int = 128,
     batch_size: int = 1,
+    avg_bits: float | None = None,
+    bit_candidates: tuple[int, ...] = (2, 3, 4, 8),
+    sensitivity: dict | None = None,
+    iters: int = 200,
+    lr: float | None = None,
+    seed: int = 0,
+    init: str = "rtn",
+    batch_samples: int = 8,
     **scheme_kwargs,
 ) -> nn.Module:
     """Quantize `model` in place and return it: each selected Linear becomes a packed QuantLinear.
@@ -70,9 +95,24 @@ def quantize(
     on by default for GPTQ, brings it to 18.59), damp (fraction of the
     mean Hessian diagonal), block_size; true_sequential calibrates each block's Linears in the
     architecture's order; offload keeps block activations on that device between blocks.
+
+    avg_bits (e.g. 3.5) makes the precision mixed: each layer gets one of `bit_candidates` so that the
+    bits stored per quantized weight (scales and zeros included) average at most avg_bits, the layers
+    whose output error grows most at low widths getting the most bits (llmsqueeze.mixed). It needs
+    `data` (one extra engine pass measures the sensitivity) unless `sensitivity`, a table from
+    llmsqueeze.mixed.measure_sensitivity, is given; the scheme's `bits` is then ignored.
+
+    method "awq" (AWQ balancing, then RTN on an output-error clipped grid) and "awq-gptq" (AWQ
+    balancing, then GPTQ with the options above) need `data` too; see llmsqueeze.quant.awq.
+
+    method "autoround" learns each block's rounding and group ranges by sign-SGD on the block's output
+    error (llmsqueeze.quant.autoround): `iters` steps per block (lr default 1/iters), minibatches drawn
+    of `batch_samples` with `seed`, starting from round-to-nearest (`init` "rtn") or the clip-searched grid ("clip").
     """
     from .quant.int8 import W8A8Scheme
 
+    if isinstance(scheme, W8A8Scheme) and avg_bits is not None:
+        raise LlmsqueezeError("avg_bits mixes weight-only bit widths; it does not apply to a W8A8 scheme")
     if isinstance(scheme, W8A8Scheme):  # integer-only inference: its own module
         from .quant.w8a8 import quantize_w8a8
 
@@ -85,6 +125,7 @@ def quantize(
     if method not in METHODS:
         raise LlmsqueezeError(f"method {method!r} is not available: use one of {', '.join(METHODS)}")
     scheme = scheme.with_method(method)
+    check_method_options(method, scheme.grid, avg_bits)
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise LlmsqueezeError("this model is already quantized: start from the dense model")
     names = quantizable_modules(model, scheme)
@@ -98,24 +139,61 @@ def quantize(
     if head_name is not None:
         _untie_lm_head(model, head_name)
 
+    layer_schemes, mixed_report = None, None
+    if avg_bits is not None:
+        from .mixed import check_budget, measure_sensitivity, plan_bits
+
+        g_idx = method == "gptq" and act_order and not static_groups
+        check_budget(model, names, scheme, avg_bits, bit_candidates, g_idx)  # before the slow pass
+        if sensitivity is None:
+            sensitivity = measure_sensitivity(model, names, data, scheme, bit_candidates, device=device,
+                                              offload=offload, batch_size=batch_size, progress=progress)
+        scheme, layer_schemes, mixed_report = plan_bits(model, names, scheme, avg_bits, sensitivity, g_idx)
+        model._llmsqueeze_mixed = mixed_report  # the sensitivity table and allocation, for the CLI and eval/
+
     log.info("quantizing %d layers with %s: %s", len(names), method, scheme.to_json())
     method_args: dict = {}
     if method == "rtn":
-        _quantize_rtn(model, names, scheme, progress)
+        _quantize_rtn(model, names, scheme, progress, layer_schemes)
+    elif method in ("awq", "awq-gptq"):  # recorded as "awq", with method_args["awq"]["then"]
+        from .quant.awq import run_awq
+
+        method_args = run_awq(
+            model, names, scheme, data, progress, then="gptq" if method == "awq-gptq" else "rtn", device=device,
+            offload=offload, true_sequential=true_sequential, act_order=act_order, static_groups=static_groups,
+            damp=damp, block_size=block_size, batch_size=batch_size,
+        )
+        method = "awq"
+    elif method == "autoround":
+        method_args = _quantize_autoround(model, names, scheme, data, progress, device=device, offload=offload,
+                                          iters=iters, lr=lr, seed=seed, init=init, batch_samples=batch_samples)
     else:
         method_args = _quantize_gptq(
             model, names, scheme, data, progress, device=device, offload=offload, true_sequential=true_sequential,
             act_order=act_order, static_groups=static_groups, damp=damp, block_size=block_size, batch_size=batch_size,
+            layer_schemes=layer_schemes,
         )
     kept = all_linear_names(model)
     model.config.quantization_config = quantization_config(scheme, method, kept, method_args)
+    if mixed_report is not None:
+        from .mixed import MIXED_FORMAT_VERSION
+
+        qc = model.config.quantization_config
+        if layer_schemes:  # (the budget may also land on one width for all: a plain checkpoint)
+            qc["format_version"] = MIXED_FORMAT_VERSION  # older readers would build every layer at scheme.bits
+            qc["layer_schemes"] = layer_schemes
+        qc["method_args"].update(avg_bits=avg_bits, bit_candidates=sorted(set(bit_candidates)),
+                                 bits_per_weight=mixed_report["bits_per_weight"])
     return model
 
 
 @torch.no_grad()
-def _quantize_rtn(model: nn.Module, names: list[str], scheme: QuantScheme, progress: bool) -> None:
-    method = RTN(scheme)
+def _quantize_rtn(model: nn.Module, names: list[str], scheme: QuantScheme, progress: bool,
+                  layer_schemes: dict | None = None) -> None:
+    from .mixed import scheme_for
+
     for name in tqdm(names, desc=f"rtn {scheme.bits}-bit", disable=not progress, unit="layer"):
+        method = RTN(scheme_for(scheme, layer_schemes, name))
         set_module(model, name, method.apply(name, model.get_submodule(name)))
 
 
@@ -154,7 +232,7 @@ def _engine_inputs(data, what: str, damp: float, block_size: int, batch_size: in
 
 
 def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, true_sequential, act_order,
-                   static_groups, damp, block_size, batch_size) -> dict:
+                   static_groups, damp, block_size, batch_size, layer_schemes=None) -> dict:
     from .engine import run_sequential
     from .evaluate import peak_rss_mib
 
@@ -162,6 +240,7 @@ def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, tru
         scheme, data, device=device, offload=offload, true_sequential=true_sequential, act_order=act_order,
         static_groups=static_groups, damp=damp, block_size=block_size, batch_size=batch_size,
     )
+    method.layer_schemes = layer_schemes
     stats = run_sequential(model, batches, method, names, device=device, offload=offload,
                            true_sequential=true_sequential, progress=progress)
     log.info("GPTQ done in %.1f s; peak RSS %.0f MiB%s", stats.seconds, peak_rss_mib(),
@@ -171,11 +250,33 @@ def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, tru
     return method_args
 
 
+def _quantize_autoround(model, names, scheme, data, progress, *, device, offload, iters, lr, seed, init,
+                        batch_samples) -> dict:
+    from .engine import run_sequential
+    from .evaluate import peak_rss_mib
+    from .quant.autoround import AutoRound, check_autoround_args
+
+    check_autoround_args(iters, lr, batch_samples, init, 0.5)
+    # one sample per engine batch: AutoRound stacks them into its own minibatches
+    batches, ids, device = _engine_inputs(data, "autoround", 0.01, 128, 1, device, offload)
+    method = AutoRound(scheme, names, iters=iters, lr=lr, batch_samples=batch_samples, seed=seed, init=init,
+                       progress=progress)
+    stats = run_sequential(model, batches, method, names, device=device, offload=offload, progress=progress)
+    log.info("autoround done in %.1f s; peak RSS %.0f MiB", stats.seconds, peak_rss_mib())
+    model._llmsqueeze_stats = stats
+    model._llmsqueeze_report = method.report
+    return {"iters": iters, "lr": method.lr, "batch_samples": method.batch_samples, "seed": seed, "init": init,
+            "amin": method.amin, "n_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
+
+
 def gptq_setup(scheme, data, *, device, offload, true_sequential, act_order, static_groups, damp, block_size,
                batch_size):
     """Check the GPTQ options and data -> (batches, GPTQ method, method_args, device)."""
     from .quant.gptq import GPTQ
 
+    if getattr(scheme, "grid", "uniform") != "uniform" and act_order and not static_groups:
+        raise LlmsqueezeError(f"grid={scheme.grid!r} fits its levels per natural-order group: use --act-order static "
+                              "(the default) or off, not dynamic")
     batches, ids, device = _engine_inputs(data, "gptq", damp, block_size, batch_size, device, offload)
     if static_groups and not act_order:
         log.info("static_groups without act_order changes nothing: groups are already in natural order")
@@ -292,6 +393,8 @@ def prune(
         raise LlmsqueezeError(f"pruning method {method!r} is not available: use one of {', '.join(PRUNE_METHODS)}")
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise LlmsqueezeError("this model is already quantized or pruned: start from the dense model")
+    if scheme is not None and scheme.grid != "uniform":
+        raise LlmsqueezeError(f"pruning quantizes on the uniform grid; grid={scheme.grid!r} is not available with prune")
     nm = parse_nm(pattern)
     if nm is not None and sparsity is not None and abs(sparsity - (1 - nm[0] / nm[1])) > 1e-9:
         raise LlmsqueezeError(f"pattern {nm[0]}:{nm[1]} fixes the sparsity at {1 - nm[0] / nm[1]:g}; drop sparsity={sparsity}")

@@ -23,7 +23,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .api import FORMAT_VERSION, QUANT_METHOD
-from .config import CheckpointError, LlmsqueezeError, first_line
+from .config import CheckpointError, LlmsqueezeError, QuantScheme, first_line
+from .mixed import check_layer_schemes, scheme_for
 from .quant.int8 import W8A8Scheme, scheme_from_dict
 
 log = logging.getLogger("llmsqueeze")
@@ -235,6 +236,11 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
         scheme = scheme_from_dict(qc.get("scheme") or {}) if qc.get("scheme") is not None or sparse is None else None
         if sparse is not None:
             _check_sparsity_config(sparse)
+        layer_schemes = check_layer_schemes(qc.get("layer_schemes"))
+        if layer_schemes and not isinstance(scheme, QuantScheme):
+            raise LlmsqueezeError("layer_schemes needs a weight-only scheme")
+        if layer_schemes and scheme.grid != "uniform":
+            raise LlmsqueezeError(f"layer_schemes (mixed precision) applies to the uniform grid, not grid={scheme.grid!r}")
     except (LlmsqueezeError, TypeError, KeyError, AttributeError) as e:
         raise CheckpointError(f"{path} has an invalid scheme or sparsity in config.json ({first_line(e)}); "
                               "re-create the checkpoint") from None
@@ -253,6 +259,9 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
         if isinstance(scheme, W8A8Scheme):
             marker, suffixes = "weight_scale", W8A8_SUFFIXES + (("input_scale",) if scheme.act == "static" else ())
         prefixes = {k.rsplit(".", 1)[0] for k in keys if k.endswith("." + marker)}
+    lut = fmt not in ("nm", "bitmask") and getattr(scheme, "grid", "uniform") != "uniform"
+    if lut:  # non-uniform grid: indices + nf scales or k-means codebook, no zero points
+        suffixes = ("qweight", "scales" if scheme.grid == "nf" else "codebook")
     if not prefixes:
         raise CheckpointError(f"{path} holds no quantized or sparse weights (no *.{marker}); re-create the checkpoint")
     for p in sorted(prefixes):
@@ -262,7 +271,54 @@ def check_checkpoint(path: str | os.PathLike) -> dict:
         missing = [s for s in suffixes if f"{p}.{s}" not in keys]
         if missing:
             raise CheckpointError(f"{path}: layer {p} lacks {', '.join(missing)}; the checkpoint is corrupt, re-create it")
+        if lut:
+            problem = _lut_shape_problem({s: header[f"{p}.{s}"] for s in suffixes}, scheme)
+            if problem:
+                raise CheckpointError(f"{path}: layer {p}: {problem}; the checkpoint is corrupt, re-create it")
+    if layer_schemes:
+        _check_layer_bits(path, scheme, layer_schemes, header, prefixes)
     return qc
+
+
+def _lut_shape_problem(tensors: dict[str, dict], scheme) -> str | None:
+    """What is wrong with one non-uniform layer's safetensors entries (shape, dtype), or None.
+    qweight int32 [K_pad*bits/32, N]; scales [ng, N] (nf) or codebook [ng, N, 2**bits] (kmeans),
+    with ng groups of the scheme's size over K (K itself is known only up to its padding to 32)."""
+    qw = tensors["qweight"]
+    if qw["dtype"] != "I32" or len(qw["shape"]) != 2 or qw["shape"][0] % scheme.bits:
+        return f"qweight is {qw['dtype']} {qw['shape']}, expected int32 [K_pad*{scheme.bits}/32, N]"
+    k_pad, n = qw["shape"][0] * 32 // scheme.bits, qw["shape"][1]
+    name = "scales" if scheme.grid == "nf" else "codebook"
+    t = tensors[name]
+    want_tail = [n] if scheme.grid == "nf" else [n, 2**scheme.bits]
+    if t["dtype"] not in ("F16", "BF16", "F32") or len(t["shape"]) != 1 + len(want_tail) or t["shape"][1:] != want_tail:
+        return f"{name} is {t['dtype']} {t['shape']}, expected a float [n_groups, {', '.join(map(str, want_tail))}]"
+    ng = t["shape"][0]
+    if scheme.group_size != -1:
+        lo, hi = -(-max(k_pad - 31, 1) // scheme.group_size), -(-k_pad // scheme.group_size)
+        if not lo <= ng <= hi:
+            return f"{name} has {ng} groups, but K of {k_pad - 31}..{k_pad} in groups of {scheme.group_size} gives {lo}..{hi}"
+    elif ng != 1:
+        return f"{name} has {ng} groups, per-channel (group_size -1) stores 1"
+    return None
+
+
+def _check_layer_bits(path: Path, scheme, layer_schemes: dict, header: dict, prefixes: set[str]) -> None:
+    """Mixed precision: every overridden layer is stored, and each layer's qzeros width [ng, N_pad*bits/32]
+    matches its bits (N from scales [ng, N]), so a config that disagrees with the weights is one line."""
+    from .quant.pack import padded
+
+    unknown = sorted(set(layer_schemes) - prefixes)
+    if unknown:
+        raise CheckpointError(f"{path}: layer_schemes names {unknown[0]}, which holds no quantized weights; "
+                              "the checkpoint is corrupt, re-create it")
+    for p in sorted(prefixes):
+        bits = layer_schemes.get(p, {}).get("bits", scheme.bits)
+        n = header[f"{p}.scales"]["shape"][-1]
+        cols = header[f"{p}.qzeros"]["shape"][-1]
+        if cols != padded(n) * bits // 32:
+            raise CheckpointError(f"{path}: layer {p} stores {cols * 32 // padded(n)}-bit zeros but config.json says "
+                                  f"{bits} bits; the checkpoint is corrupt, re-create it")
 
 
 def _check_sparsity_config(sp: dict) -> None:
@@ -280,7 +336,7 @@ class LlmsqueezeConfig(QuantizationConfigMixin):
     """transformers' view of our `quantization_config` (quant_method 'llmsqueeze')."""
 
     def __init__(self, scheme=None, method="rtn", format_version=FORMAT_VERSION, modules_to_not_convert=None,
-                 method_args=None, source=None, sparsity=None, **kwargs):
+                 method_args=None, source=None, sparsity=None, layer_schemes=None, **kwargs):
         self.quant_method = QUANT_METHOD
         self.source = dict(source) if source else None  # a peer format being imported (formats/)
         self.format_version = format_version
@@ -289,6 +345,7 @@ class LlmsqueezeConfig(QuantizationConfigMixin):
         self.sparsity = None if sparsity is None else dict(sparsity)
         self.scheme = None if scheme is None and sparsity is not None else dict(scheme or {})
         self.modules_to_not_convert = list(modules_to_not_convert or [])
+        self.layer_schemes = {k: dict(v) for k, v in check_layer_schemes(layer_schemes).items()}
         if self.scheme is not None:
             scheme_from_dict(self.scheme)  # validate
 
@@ -304,6 +361,8 @@ class LlmsqueezeConfig(QuantizationConfigMixin):
         }
         if self.sparsity is not None:
             d["sparsity"] = dict(self.sparsity)
+        if self.layer_schemes:  # mixed precision (format_version 3)
+            d["layer_schemes"] = {k: dict(v) for k, v in self.layer_schemes.items()}
         return d
 
     def to_diff_dict(self) -> dict:
@@ -366,7 +425,7 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
     """Swap every Linear not in modules_to_not_convert for an empty QuantLinear of the same shape
     (on whatever device the skeleton is, usually meta); the loader then fills its buffers."""
     from .models import all_linear_names
-    from .nn import QuantLinear, SparseLinear, linear_weight, set_module
+    from .nn import SparseLinear, empty_quant_linear, linear_weight, set_module
 
     sp = qc.get("sparsity")
     if sp is not None and sp.get("format") == "nm" and qc.get("scheme") is not None:  # N:M, values quantized
@@ -393,6 +452,7 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
                                                  dtype=w.dtype, device=w.device))
         return list(sp["layers"])
     scheme = scheme_from_dict(qc["scheme"])
+    layer_schemes = qc.get("layer_schemes")  # mixed precision: per-layer bits
     args = qc.get("method_args") or {}
     act_order = bool(args.get("act_order")) and not args.get("static_groups")  # only then is g_idx stored
     keep = set(qc.get("modules_to_not_convert", []))
@@ -407,14 +467,9 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
             set_module(model, name, Int8Linear(k, n_out, bias=layer.bias is not None, static=scheme.act == "static",
                                                bias_dtype=w.dtype, device=w.device))
             continue
-        set_module(
-            model,
-            name,
-            QuantLinear(
-                k, n_out, scheme.bits, scheme.group_size, bias=layer.bias is not None,
-                scale_dtype=scheme.torch_scale_dtype, bias_dtype=w.dtype, act_order=act_order, device=w.device,
-            ),
-        )
+        set_module(model, name, empty_quant_linear(k, n_out, scheme_for(scheme, layer_schemes, name),
+                                                   bias=layer.bias is not None, bias_dtype=w.dtype,
+                                                   act_order=act_order, device=w.device))
     return names
 
 

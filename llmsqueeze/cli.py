@@ -46,9 +46,9 @@ def _load_any(model: str, dtype: str, **kwargs):
 def cmd_quantize(args) -> int:
     import torch
 
-    from .api import check_devices, quantize
+    from .api import check_devices, check_method_options, quantize
     from .checkpoint import prepare_output_dir, save_quantized
-    from .config import METHODS, QuantScheme
+    from .config import LAZY_METHODS, METHODS, QuantScheme
 
     torch.manual_seed(args.seed)
     if args.method not in METHODS:
@@ -62,15 +62,33 @@ def cmd_quantize(args) -> int:
         scheme = QuantScheme(
             bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype,
             clip_search=args.clip_search, clip_norm=args.clip_norm, clip_weight_power=args.clip_weight_power, include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head,
+            grid=args.grid,
         )
-        calibrated = args.method == "gptq"
+        check_method_options(args.method, scheme.grid, args.avg_bits)  # before the model loads
+        calibrated = args.method != "rtn"
+    mixed = args.avg_bits is not None
+    if mixed:
+        from .mixed import check_candidates
+
+        if args.scheme == "w8a8":
+            raise LlmsqueezeError("--avg-bits mixes weight-only bit widths; it does not apply to --scheme w8a8")
+        check_candidates(args.bit_candidates)
+        calibrated = True  # the sensitivity is measured on the calibration data, for rtn too
+    if args.method == "autoround":  # one-line errors before the model loads
+        from .quant.autoround import check_autoround_args
+
+        check_autoround_args(args.iters, args.lr, 8, args.autoround_init, 0.5)
+        if args.resume:
+            raise LlmsqueezeError("--resume continues a lazy run; autoround runs in memory, start it again")
     prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
     if calibrated:
         calib_texts = _calibration_texts(args)  # a bad --calib fails before the model loads
         check_devices(args.device, args.offload)  # ... and so does a bad --device / --offload
-    lazy = args.lazy and args.scheme != "w8a8"  # W8A8's SmoothQuant folds into the norms: in memory
-    if args.resume and args.scheme == "w8a8":
-        raise LlmsqueezeError("--resume continues a lazy weight-only run; W8A8 runs in memory, start it again")
+    # W8A8's SmoothQuant and AWQ fold scales into the norms, mixed precision needs every layer's
+    # sensitivity before the first is quantized, autoround trains whole blocks: in memory
+    lazy = args.lazy and args.scheme != "w8a8" and not mixed and args.method in LAZY_METHODS
+    if args.resume and (args.scheme == "w8a8" or args.method.startswith("awq")):
+        raise LlmsqueezeError("--resume continues a lazy weight-only run; W8A8 and AWQ run in memory, start it again")
     if lazy:
         from .lazy import has_safetensors, resolve_model_dir
 
@@ -87,9 +105,17 @@ def cmd_quantize(args) -> int:
         model, scheme, data=data, method=args.method, device=args.device, offload=args.offload,
         true_sequential=args.true_sequential, act_order=args.act_order != "off", static_groups=args.act_order == "static",
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
+        **({"avg_bits": args.avg_bits, "bit_candidates": tuple(args.bit_candidates)} if mixed else {}),
+        **({"iters": args.iters, "lr": args.lr, "seed": args.seed, "init": args.autoround_init}
+           if args.method == "autoround" else {}),
     )
     _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None))
     out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    if mixed:  # the sensitivity table and the allocation, beside the weights
+        report = model._llmsqueeze_mixed
+        (out / "sensitivity.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"mixed precision: {report['bits_per_weight']:.4f} bits/weight (budget {args.avg_bits}), layers per width "
+              f"{report['histogram']}; sensitivity in {out / 'sensitivity.json'}", file=sys.stderr)
     print(out)
     return 0
 
@@ -283,7 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     q.add_argument("--group-size", type=int, default=128, help="inputs per scale; -1 = per output channel (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at mid-grid)")
-    q.add_argument("--method", default="rtn", help="rtn (default, no data) or gptq (calibrated)")
+    q.add_argument("--avg-bits", type=float, default=None,
+                   help="mixed precision: bits per layer from --bit-candidates, chosen by each layer's measured "
+                        "sensitivity so that the stored bits per weight (scales and zeros included) average at most "
+                        "this (e.g. 3.5); needs --calib data, also with --method rtn; replaces --bits")
+    q.add_argument("--bit-candidates", type=int, nargs="+", default=[2, 3, 4, 8], metavar="B",
+                   help="with --avg-bits: the widths a layer may get (default 2 3 4 8)")
+    q.add_argument("--method", default="rtn",
+                   help="rtn (default, no data), gptq, awq (AWQ then RTN), awq-gptq (AWQ then GPTQ) or autoround "
+                        "(learned rounding); all but rtn are calibrated")
     q.add_argument("--scheme", choices=("weight-only", "w8a8"), default="weight-only",
                    help="weight-only (default: --bits/--group-size) or w8a8 (int8 weights and activations, "
                         "integer GEMM; --bits/--group-size do not apply)")
@@ -304,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gptq: calibrate each block's Linears in order (attention in, attention out, MLP in, MLP out)")
     q.add_argument("--damp", type=float, default=0.01, help="gptq damping, fraction of the mean Hessian diagonal")
     q.add_argument("--block-size", type=int, default=128, help="gptq lazy-update block (default 128)")
+    q.add_argument("--iters", type=int, default=200, help="autoround: sign-SGD steps per block (default 200)")
+    q.add_argument("--lr", type=float, default=None, help="autoround: step size (default 1/iters)")
+    q.add_argument("--autoround-init", choices=("rtn", "clip"), default="rtn",
+                   help="autoround: start from round-to-nearest min/max (default) or the clip-searched grid")
     q.add_argument("--device", default=None, help="where blocks are calibrated: cuda or cpu (default: cuda if present)")
     q.add_argument("--offload", default=None, help="where activations wait between blocks (e.g. cpu)")
     q.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
@@ -311,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--clip-norm", type=float, default=2.0, help="error norm p of the clip search (default 2)")
     q.add_argument("--clip-weight-power", type=float, default=1.0,
                    help="weigh each weight's error by |w|**this in the clip search (default 1; 0 = plain MSE)")
+    q.add_argument("--grid", default="uniform",
+                   help="levels: uniform (default, integer grid with scale and zero), nf (normal-float levels x group "
+                        "absmax, 2-4 bits) or kmeans (a fitted 2**bits-level codebook per group, 2-4 bits)")
     q.add_argument("--scale-dtype", default="float16", help="float16 (default), bfloat16 or float32")
     q.add_argument("--include", action="append", metavar="REGEX", help="quantize only layers matching (repeatable)")
     q.add_argument("--exclude", action="append", metavar="REGEX", help="keep layers matching in full precision")

@@ -9,7 +9,11 @@ import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "awq-gptq", "autoround")  # awq: AWQ balancing then RTN; awq-gptq: then GPTQ;
+# autoround: learned rounding (quant/autoround.py)
+LAZY_METHODS = ("rtn", "gptq")  # what quantize_lazy runs block by block; the others run in memory
+GRIDS = ("uniform", "nf", "kmeans")  # quant/grid.py (uniform), quant/lut.py (nf, kmeans)
+LUT_BITS = (2, 3, 4)  # non-uniform grids: indices into 2**bits levels
 
 
 class LlmsqueezeError(ValueError):
@@ -44,6 +48,11 @@ class QuantScheme:
     Modules: every Linear (and GPT-2 Conv1D) inside the decoder blocks, then `include` keeps only
     names matching one of its regexes and `exclude` drops matches; `lm_head` adds the output head
     (untied from the embeddings if they were tied).
+
+    `grid` chooses the levels: "uniform" (the integer grid above), "nf" (normal-float levels, quantiles
+    of N(0, 1) with an exact zero, times a per-group absmax scale) or "kmeans" (2**bits levels per
+    group fitted by weighted Lloyd iterations, stored as a codebook); see quant/lut.py. Non-uniform
+    grids take 2-4 bits and have no zero point, `sym` or clipping search.
     """
 
     bits: int = 4
@@ -58,6 +67,7 @@ class QuantScheme:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     lm_head: bool = False
+    grid: str = "uniform"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,6 +93,18 @@ class QuantScheme:
             raise LlmsqueezeError(f"clip_norm={self.clip_norm!r} must be positive, e.g. 2.0")
         if not self.clip_weight_power >= 0:
             raise LlmsqueezeError(f"clip_weight_power={self.clip_weight_power!r} must be >= 0, e.g. 1.0")
+        if self.grid not in GRIDS:
+            raise LlmsqueezeError(f"grid={self.grid!r} is not known: use one of {', '.join(GRIDS)}")
+        if self.grid != "uniform":
+            if self.bits not in LUT_BITS:
+                raise LlmsqueezeError(
+                    f"grid={self.grid!r} with bits={self.bits}: non-uniform grids take {', '.join(map(str, LUT_BITS))} bits; "
+                    "use grid='uniform' for 8 bits"
+                )
+            if self.sym:
+                raise LlmsqueezeError(f"sym=True applies to the uniform grid; grid={self.grid!r} has no zero point: drop sym")
+            if self.clip_search:
+                raise LlmsqueezeError(f"clip_search applies to the uniform grid; with grid={self.grid!r} drop it")
         for pattern in [*self.include, *self.exclude]:
             try:
                 re.compile(pattern)
@@ -90,10 +112,13 @@ class QuantScheme:
                 raise LlmsqueezeError(f"module pattern {pattern!r} is not a valid regular expression ({e})") from None
 
     def with_method(self, method: str) -> "QuantScheme":
-        """This scheme with clip_search "auto" (None) resolved for `method`: on for gptq, off otherwise."""
+        """This scheme with clip_search "auto" (None) resolved for `method`: on for gptq, awq and awq-gptq
+        (awq: its output-error clip search; gptq, awq-gptq: GPTQ's), off for rtn and autoround (which
+        starts from the clip-searched grid only with init="clip"), and always off on a non-uniform grid."""
         if self.clip_search is not None:
             return self
-        return QuantScheme.from_dict({**self.to_dict(), "clip_search": method == "gptq"})
+        clip = method in ("gptq", "awq", "awq-gptq") and self.grid == "uniform"  # non-uniform grids: no clip search
+        return QuantScheme.from_dict({**self.to_dict(), "clip_search": clip})
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -104,7 +129,10 @@ class QuantScheme:
         return in_features if self.group_size == -1 else self.group_size
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["grid"] == "uniform":  # uniform checkpoints stay as they were (readable by older versions)
+            del d["grid"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

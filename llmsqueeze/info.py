@@ -35,6 +35,7 @@ def checkpoint_info(path: str | Path) -> dict:
         t = tensors.get(key)
         return 0 if t is None else t["data_offsets"][1] - t["data_offsets"][0]
 
+    layer_schemes = qc.get("layer_schemes") or {}
     layers, q_weights, q_bytes = [], 0, 0
     for name in all_linear_names(model):
         if name in keep:
@@ -46,8 +47,11 @@ def checkpoint_info(path: str | Path) -> dict:
             b = sum(nbytes(f"{name}.{s}") for s in ("weight", "weight_scale", "input_scale"))
         else:
             b = sum(nbytes(f"{name}.{s}") for s in ("qweight", "scales", "qzeros", "g_idx", "values", "indices",
-                                                      "bitmask", "qvalues.qweight", "qvalues.scales", "qvalues.qzeros"))
-        layers.append({"name": name, "in_features": k, "out_features": n, "bytes": b, "bits_per_weight": 8 * b / (k * n)})
+                                                      "bitmask", "qvalues.qweight", "qvalues.scales", "qvalues.qzeros", "codebook"))
+        layer = {"name": name, "in_features": k, "out_features": n, "bytes": b, "bits_per_weight": 8 * b / (k * n)}
+        if layer_schemes:  # mixed precision: each layer's own width
+            layer["bits"] = layer_schemes.get(name, {}).get("bits", scheme.bits)
+        layers.append(layer)
         q_weights += k * n
         q_bytes += b
     dense_dtype = str(getattr(config, "dtype", None) or "bfloat16").replace("torch.", "")
@@ -73,7 +77,19 @@ def checkpoint_info(path: str | Path) -> dict:
         "bytes_on_disk": disk,
         "compression": sum(params.values()) * dense_elt / disk if disk else math.nan,
         "layers": layers,
+        **({"bits_histogram": _bits_histogram(layers), "avg_bits_target": (qc.get("method_args") or {}).get("avg_bits")}
+           if layer_schemes else {}),
     }
+
+
+def _bits_histogram(layers: list[dict]) -> dict[str, dict]:
+    """{bits: {"layers", "weights"}} over the quantized layers of a mixed-precision checkpoint."""
+    hist: dict[str, dict] = {}
+    for layer in sorted(layers, key=lambda x: x["bits"]):
+        h = hist.setdefault(str(layer["bits"]), {"layers": 0, "weights": 0})
+        h["layers"] += 1
+        h["weights"] += layer["in_features"] * layer["out_features"]
+    return hist
 
 
 def _mib(b: float) -> str:
@@ -99,8 +115,22 @@ def format_info(info: dict) -> str:
                      f"SmoothQuant {'off' if alpha is None else f'alpha {alpha}'}, method {info['method']}")
     elif s is not None:
         g = "per-channel" if s["group_size"] == -1 else f"group {s['group_size']}"
-        lines.append(f"  scheme      {s['bits']}-bit {g} {'sym' if s['sym'] else 'asym'}, scales {s['scale_dtype']}, "
-                     f"method {info['method']}{', clip search' if s['clip_search'] else ''}")
+        grid = s.get("grid", "uniform")
+        hist = info.get("bits_histogram")
+        width = f"{s['bits']}-bit" if not hist else "mixed-precision"
+        if grid == "uniform":
+            lines.append(f"  scheme      {width} {g} {'sym' if s['sym'] else 'asym'}, scales {s['scale_dtype']}, "
+                         f"method {info['method']}{', clip search' if s['clip_search'] else ''}")
+        else:
+            levels = (f"grid nf (normal-float levels x group absmax), scales {s['scale_dtype']}" if grid == "nf" else
+                      f"grid kmeans ({2 ** s['bits']}-level codebook per group, {s['scale_dtype']})")
+            lines.append(f"  scheme      {width} {g}, {levels}, method {info['method']}")
+        if hist:
+            total = sum(h["weights"] for h in hist.values())
+            target = info.get("avg_bits_target")
+            lines.append("  bit widths  " + ", ".join(
+                f"{b}-bit {h['layers']} layers ({h['weights'] / total:.1%} of weights)" for b, h in hist.items())
+                + ("" if target is None else f"; budget {target} bits/weight"))
     if sp is not None:
         what = sp["nm_pattern"] if sp.get("nm_pattern") else f"{sp['sparsity']:.0%} unstructured ({sp.get('scope')})"
         store = {"nm": "values + N:M indices", "bitmask": "bitmask + values"}.get(sp.get("format"), "packed, q == zero")
@@ -109,6 +139,8 @@ def format_info(info: dict) -> str:
         lines.append(f"  sparsity    {what}, method {info['method']}, stored as {store}")
     w8 = s is not None and s.get("type") == "w8a8"
     included = "values, indices, scales and zeros" if sp is not None else ("scales" if w8 else "scales and zeros")
+    if s is not None and s.get("grid", "uniform") != "uniform":
+        included = "scales" if s["grid"] == "nf" else "codebooks"
     lines += [
         f"  {'quantized ' if sp is None else 'compressed'}  {info['quantized_layers']} layers, "
         f"{info['quantized_weights']:,} weights at {info['bits_per_quantized_weight']:.3f} bits/weight "

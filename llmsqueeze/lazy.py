@@ -362,7 +362,10 @@ def quantized_bytes(model: nn.Module, names: list[str], scheme: QuantScheme, act
         n, k = linear_weight(layer).shape
         ng = math.ceil(k / scheme.group_size_for(k))
         total -= n * k * layer.weight.element_size()
-        total += padded(k) * scheme.bits // 8 * n + ng * n * sb + ng * padded(n) * scheme.bits // 8
+        if scheme.grid == "uniform":
+            total += padded(k) * scheme.bits // 8 * n + ng * n * sb + ng * padded(n) * scheme.bits // 8
+        else:  # indices + nf scales or k-means codebooks (2**bits levels per group)
+            total += padded(k) * scheme.bits // 8 * n + ng * n * sb * (1 if scheme.grid == "nf" else 2**scheme.bits)
         total += 4 * k if act_order_g_idx else 0
     return total
 
@@ -450,7 +453,7 @@ def quantize_lazy(
     Returns (out, the engine's statistics: None when a resumed run had no block left)."""
     from .api import _untie_lm_head, gptq_setup, quantization_config
     from .checkpoint import prepare_output_dir
-    from .config import METHODS
+    from .config import LAZY_METHODS, METHODS
     from .engine import run_sequential
     from .models import all_linear_names, quantizable_modules
     from .nn import set_module
@@ -459,6 +462,9 @@ def quantize_lazy(
 
     if method not in METHODS:
         raise LlmsqueezeError(f"method {method!r} is not available: use one of {', '.join(METHODS)}")
+    if method not in LAZY_METHODS:  # awq's balancing rewrites norms across the block, autoround trains whole
+        # blocks: in memory for now
+        raise LlmsqueezeError(f"method {method!r} runs in memory, not lazily: use llmsqueeze.quantize (--no-lazy)")
     scheme = scheme.with_method(method)
     out = prepare_output_dir(out, overwrite=overwrite)
     shard_bytes = parse_size(max_shard_size)
@@ -555,11 +561,10 @@ def quantize_lazy(
 
 
 def _meta_quant_linear(layer: nn.Module, scheme: QuantScheme) -> nn.Module:
-    from .nn import QuantLinear, linear_weight
+    from .nn import empty_quant_linear, linear_weight
 
     n, k = linear_weight(layer).shape
-    return QuantLinear(k, n, scheme.bits, scheme.group_size, bias=layer.bias is not None,
-                       scale_dtype=scheme.torch_scale_dtype, device="meta")
+    return empty_quant_linear(k, n, scheme, bias=layer.bias is not None, device="meta")
 
 
 def _files_key(path: Path) -> dict:

@@ -240,6 +240,130 @@ class QuantLinear(nn.Module):
         )
 
 
+class LUTLinear(nn.Module):
+    """y = x @ W^T + b with W [N, K] on a non-uniform grid (quant/lut.py): each weight is a `bits`-bit
+    index into its group's table of 2**bits levels.
+
+    Buffers: qweight int32 [K_pad*bits/32, N] (the indices, packed like QuantLinear's codes); for
+    grid "nf" scales [ceil(K/G), N] (the group absmax; the levels are fixed, `lut.nf_levels`), for
+    "kmeans" codebook [ceil(K/G), N, 2**bits] (the levels themselves), both in the scale dtype;
+    bias [N]. Forward: the Triton lookup kernel on CUDA with fp16/bf16 activations
+    (`llmsqueeze.kernels.lut_linear`), else dequantize by table lookup in torch and matmul.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, grid: str,
+                 bias: bool = False, scale_dtype: torch.dtype = torch.float16,
+                 bias_dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if grid not in ("nf", "kmeans"):
+            raise ValueError(f"LUTLinear grid {grid!r}: use 'nf' or 'kmeans'")
+        self.in_features, self.out_features, self.bits, self.grid = in_features, out_features, bits, grid
+        self.group_size = in_features if group_size == -1 else group_size
+        ng = math.ceil(in_features / self.group_size)
+        self.register_buffer(
+            "qweight", torch.zeros(padded(in_features) * bits // 32, out_features, dtype=torch.int32, device=device)
+        )
+        if grid == "nf":
+            self.register_buffer("scales", torch.zeros(ng, out_features, dtype=scale_dtype, device=device))
+            self.codebook = None
+        else:
+            self.register_buffer("codebook", torch.zeros(ng, out_features, 2**bits, dtype=scale_dtype, device=device))
+            self.scales = None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.bias = None
+        self.g_idx = None  # never permuted: the tables are fitted per natural-order group
+
+    @classmethod
+    def from_quantized(cls, q: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None, bits: int,
+                       group_size: int, grid: str, bias: torch.Tensor | None = None,
+                       scale_dtype: torch.dtype = torch.float16) -> "LUTLinear":
+        """q [N, K] indices, table [N, ng, L] (kmeans: the codebook), scale [N, ng] (nf) -> packed layer."""
+        n, k = q.shape
+        layer = cls(k, n, bits, group_size, grid, bias=bias is not None, scale_dtype=scale_dtype,
+                    bias_dtype=bias.dtype if bias is not None else torch.float32, device=q.device)
+        layer.qweight.copy_(pack_rows(q.t(), bits))
+        if grid == "nf":
+            layer.scales.copy_(scale.t().to(scale_dtype))
+        else:
+            layer.codebook.copy_(table.transpose(0, 1).to(scale_dtype))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def table(self) -> torch.Tensor:
+        """The levels of every (row, group): [N, ng, L] float32, as quant/lut.py builds them."""
+        if self.grid == "nf":
+            from .quant.lut import nf_levels
+
+            return nf_levels(self.bits, self.scales.device).view(1, 1, -1) * self.scales.t().float().unsqueeze(2)
+        return self.codebook.transpose(0, 1).float()
+
+    def unpack(self) -> torch.Tensor:
+        """-> q [N, K] int32 indices."""
+        return unpack_rows(self.qweight, self.bits, self.in_features).t()
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.dequantize_weight_t(dtype).t()
+
+    def dequantize_weight_t(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W^T [K, N] = table[n, k // G, q[k, n]] (float32 lookup, returned in `dtype`)."""
+        k, n, g = self.in_features, self.out_features, self.group_size
+        q = unpack_rows(self.qweight, self.bits, k).long()  # [K, N]
+        ng = math.ceil(k / g)
+        if ng * g != k:
+            q = torch.cat([q, q.new_zeros(ng * g - k, n)], dim=0)
+        q = q.view(ng, g, n)
+        if self.grid == "nf":
+            from .quant.lut import nf_levels
+
+            w = nf_levels(self.bits, q.device)[q] * self.scales.float().view(ng, 1, n)
+        else:  # codebook [ng, N, L] gathered at [ng, N, g] indices
+            w = self.codebook.float().gather(2, q.transpose(1, 2)).transpose(1, 2)
+        return w.reshape(ng * g, n)[:k].to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        y = None
+        if BACKEND == "triton" or (BACKEND == "auto" and x.is_cuda):
+            fn = getattr(kernels, "lut_linear", None)
+            y = fn(x2, self) if fn is not None else None
+        if y is None:
+            w_t = self.dequantize_weight_t(x.dtype)
+            y = F.linear(x2, w_t.t().contiguous()) if x.dtype == torch.float16 and x.device.type == "cpu" else x2 @ w_t
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape, self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        # like QuantLinear: a model cast keeps the tables in their storage dtype
+        keep = {name: t for name in ("scales", "codebook") if (t := getattr(self, name)) is not None}
+        out = super()._apply(fn, recurse)
+        for name, t in keep.items():
+            cur = getattr(self, name)
+            if cur.dtype != t.dtype:
+                setattr(self, name, cur.to(t.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, grid={self.grid}, bias={self.bias is not None}")
+
+
+def empty_quant_linear(in_features: int, out_features: int, scheme, bias: bool = False,
+                       bias_dtype: torch.dtype = torch.float32, act_order: bool = False, device=None) -> nn.Module:
+    """An empty packed layer for `scheme` (a QuantScheme), for the loader to fill: a QuantLinear on the
+    uniform grid, a LUTLinear on a non-uniform one."""
+    grid = getattr(scheme, "grid", "uniform")
+    if grid != "uniform":
+        return LUTLinear(in_features, out_features, scheme.bits, scheme.group_size, grid, bias=bias,
+                         scale_dtype=scheme.torch_scale_dtype, bias_dtype=bias_dtype, device=device)
+    return QuantLinear(in_features, out_features, scheme.bits, scheme.group_size, bias=bias,
+                       scale_dtype=scheme.torch_scale_dtype, bias_dtype=bias_dtype, act_order=act_order, device=device)
+
+
 def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
 

@@ -270,6 +270,11 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
             f"{src} is a {qc['source']['format']} checkpoint; export reads llmsqueeze checkpoints: load it with "
             "llmsqueeze.from_pretrained and save_quantized it first"
         )
+    if qc.get("layer_schemes"):
+        raise LlmsqueezeError(
+            f"cannot export {src} to {format}: it is mixed precision (bits per layer in layer_schemes), which "
+            "this exporter does not write; serve it with llmsqueeze, or quantize with one --bits to export"
+        )
     config = read_config(src)
     sparse = qc.get("sparsity")
     # pruned: ct_sparse.py (a pruned + quantized layer that stays a packed QuantLinear exports to GPTQ here)
@@ -279,6 +284,11 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
         return ct_sparse.export(src, qc, config, tensor_index(src), prepare_output_dir(out, overwrite), scale_dtype,
                                 format)
     scheme = QuantScheme.from_dict(qc["scheme"])
+    if scheme.grid != "uniform":
+        raise LlmsqueezeError(
+            f"cannot export to {format}: the checkpoint has grid={scheme.grid!r} (non-uniform levels), and {format} "
+            "stores only uniform integer grids; re-quantize with grid='uniform' to export"
+        )
     args = qc.get("method_args") or {}
     g_idx_stored = bool(args.get("act_order")) and not args.get("static_groups")
     keys = tensor_index(src)

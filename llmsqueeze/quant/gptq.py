@@ -33,6 +33,7 @@ class GPTQResult:
     g_idx: torch.Tensor | None  # [K] int32 group of each column, only for act-order without static groups
     loss: float  # sum over columns of (w - q)^2 / Hinv_ii^2 / 2: the layer-output error GPTQ minimises
     damp: float  # the damping finally used (raised if the Cholesky factorisation failed)
+    table: torch.Tensor | None = None  # [N, ng, 2**bits] levels of a non-uniform grid (q are indices into it)
 
 
 def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -104,7 +105,20 @@ def gptq_quantize(
 
     scale = torch.zeros(n, ng, device=W.device)
     zero = torch.zeros(n, ng, dtype=torch.int32, device=W.device)
-    if static_groups:  # every group's parameters from the natural order, before any update (one call:
+    table = mid = None
+    if scheme.grid != "uniform":  # levels fitted up front per group, like static groups (quant/lut.py);
+        from ..config import LlmsqueezeError  # the k-means fit weighs each column by mean x_k^2
+        from .lut import lut_table
+
+        if act_order and not static_groups:
+            raise LlmsqueezeError(f"grid={scheme.grid!r} fits its levels per natural-order group: use act_order "
+                                  "with static_groups (--act-order static, the default) or no act_order")
+        table, nf_scale = lut_table(W, scheme, torch.diag(H))
+        if nf_scale is not None:
+            scale = nf_scale
+        mid = (table[..., 1:] + table[..., :-1]) / 2  # [N, ng, L-1]: a column's index = #midpoints below it
+        static_groups = True
+    elif static_groups:  # every group's parameters from the natural order, before any update (one call:
         scale, zero = rtn_qparams(W, scheme, hdiag)  # groups are independent, the search is vectorised)
 
     perm = None
@@ -131,6 +145,16 @@ def gptq_quantize(
             col = i1 + i
             w_col = W1[:, i]
             d = Hinv1[i, i]
+            if table is not None:  # nearest level of the row's group table
+                gi = col_group[col]
+                qi = (w_col.unsqueeze(1) > mid[:, gi]).sum(1, keepdim=True)  # [N, 1]
+                Q[:, col] = qi.squeeze(1).to(torch.int32)
+                dq = table[:, gi].gather(1, qi).squeeze(1)
+                losses += (w_col - dq) ** 2 / d**2 / 2
+                err = (w_col - dq) / d
+                W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+                Err1[:, i] = err
+                continue
             if static_groups:
                 gi = col_group[col]
                 s, z = scale[:, gi], zero[:, gi].float()
@@ -160,7 +184,7 @@ def gptq_quantize(
     loss = losses.sum().item()
     if not math.isfinite(loss) or not torch.isfinite(scale).all():
         raise FloatingPointError("GPTQ produced NaN/Inf (the inputs or weights hold NaN/Inf)")
-    return GPTQResult(Q, scale, zero, g_idx, loss, used_damp)
+    return GPTQResult(Q, scale, zero, g_idx, loss, used_damp, table)
 
 
 class HessianStore:
@@ -207,6 +231,7 @@ class GPTQ:
         self.act_aware_clip = act_aware_clip
         self.store = HessianStore()
         self.report: list[dict] = []
+        self.layer_schemes: dict | None = None  # mixed precision: per-layer overrides of `scheme`
 
     def collect(self, name: str, module, x: torch.Tensor) -> None:
         self.store.collect(name, x)
@@ -217,6 +242,10 @@ class GPTQ:
         h, n = self.store.pop(name)
         w = linear_weight(module)
         s = self.scheme
+        if self.layer_schemes:
+            from ..mixed import scheme_for
+
+            s = scheme_for(s, self.layer_schemes, name)
         try:
             res = gptq_quantize(w, h, s, self.damp, self.block_size, self.act_order, self.static_groups,
                                 self.act_aware_clip)
@@ -224,6 +253,11 @@ class GPTQ:
             raise FloatingPointError(f"GPTQ failed on {name}: {e}") from None
         self.report.append({"layer": name, "loss": res.loss, "damp": res.damp, "samples": n})
         log.info("GPTQ %s: loss %.4g (damp %.3g, %d tokens)", name, res.loss, res.damp, n)
+        if res.table is not None:
+            from ..nn import LUTLinear
+
+            return LUTLinear.from_quantized(res.q, res.table, res.scale, s.bits, s.group_size_for(w.shape[1]), s.grid,
+                                            bias=module.bias, scale_dtype=s.torch_scale_dtype)
         return QuantLinear.from_quantized(
             res.q, res.scale, res.zero, s.bits, s.group_size_for(w.shape[1]),
             bias=module.bias, scale_dtype=s.torch_scale_dtype, g_idx=res.g_idx,

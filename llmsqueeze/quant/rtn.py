@@ -43,9 +43,17 @@ class RTN:
 
     @torch.no_grad()
     def apply(self, name: str, module):
-        from ..nn import QuantLinear, linear_weight
+        from ..nn import LUTLinear, QuantLinear, linear_weight
 
         w = linear_weight(module).detach()
+        if self.scheme.grid != "uniform":  # non-uniform levels: quant/lut.py
+            from .lut import rtn_lut_quantize
+
+            q, table, scale = rtn_lut_quantize(w, self.scheme)
+            return LUTLinear.from_quantized(
+                q, table, scale, self.scheme.bits, self.scheme.group_size_for(w.shape[1]), self.scheme.grid,
+                bias=module.bias, scale_dtype=self.scheme.torch_scale_dtype,
+            )
         q, scale, zero = rtn_quantize(w, self.scheme)
         return QuantLinear.from_quantized(
             q, scale, zero, self.scheme.bits, self.scheme.group_size_for(w.shape[1]),

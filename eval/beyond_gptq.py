@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Methods past one-shot GPTQ (learned rounding: --method autoround) beside GPTQ, on the real model,
+same calibration samples, same protocol (shared/README.md).
+
+    python eval/beyond_gptq.py --schemes 3:64:asym --runs autoround gptq
+    python eval/beyond_gptq.py --schemes 3:64:asym --runs 'autoround:{"iters": 50, "init": "clip"}'
+
+Calibration: 128 samples x 512 tokens at random offsets (seed 0) of WikiText-2 valid.txt, tokenized
+once here and handed to every run as token ids. Perplexity: WikiText-2 test, 2048-token windows, first
+8, float32 CPU. Each run is a fresh process: wall time of the quantization alone, peak RSS, and the
+machine's load average before/after (the CPU may be shared: times are inflated by other jobs).
+Prints a markdown table and writes eval/results/beyond_gptq.json (rows appended across invocations
+with the same --out, so long runs can be done one by one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+
+def run_one(model: str, calib: str, test: str, bits: int, group: int, sym: bool, method: str, opts: dict,
+            windows: int) -> dict:
+    import logging
+    import time
+
+    import torch
+
+    import llmsqueeze
+    from llmsqueeze.evaluate import peak_rss_mib, perplexity
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    ids = torch.load(calib)
+    model_ = llmsqueeze.load_dense(model, dtype=torch.float32).eval()
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    llmsqueeze.quantize(model_, llmsqueeze.QuantScheme(bits=bits, group_size=group, sym=sym), data=ids,
+                        method=method, progress=False, **opts)
+    tq = time.perf_counter() - t0
+    load1 = os.getloadavg()
+    rss = peak_rss_mib()
+    ppl = perplexity(model_, torch.load(test), windows=windows, progress=False)["ppl"]
+    report = getattr(model_, "_llmsqueeze_report", None)
+    blocks = [r for r in (report or []) if "block" in r]
+    return {"tool": f"llmsqueeze {llmsqueeze.__version__}", "method": method, "options": opts,
+            "method_args": model_.config.quantization_config.get("method_args"), "quantize_s": tq,
+            "peak_rss_mib": rss, "ppl": ppl, "loadavg_before": load0, "loadavg_after": load1,
+            "threads": torch.get_num_threads(), "block_losses": blocks}
+
+
+def parse_run(text: str) -> tuple[str, dict]:
+    method, _, opts = text.partition(":")
+    return method, json.loads(opts) if opts else {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(Path("~/.cache/llmsqueeze/smollm2-135m").expanduser()))
+    ap.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
+    ap.add_argument("--test", default="../shared/data/wikitext-2/test.txt")
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--schemes", nargs="*", default=["3:64:asym", "4:64:asym", "2:64:asym"])
+    ap.add_argument("--runs", nargs="*", default=["autoround"],
+                    help='method[:json options for quantize()], e.g. gptq autoround \'autoround:{"iters": 100}\'')
+    ap.add_argument("--out", default="eval/results/beyond_gptq.json")
+    ap.add_argument("--one", nargs=8, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.one:  # child: one run
+        model, calib, test, bits, group, sym, method, opts = args.one
+        print(json.dumps(run_one(model, calib, test, int(bits), int(group), sym == "1", method, json.loads(opts),
+                                 args.windows)))
+        return
+
+    import shlex
+    import time
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from llmsqueeze.data import calibration_batches
+    from llmsqueeze.evaluate import load_eval_text, run_json, tokenize_text, write_results
+
+    out = Path(args.out)
+    rows = json.loads(out.read_text())["results"] if out.exists() else []
+    schemes = [(int(b), int(g), s == "sym") for b, g, s in (x.split(":") for x in args.schemes)]
+    tok = AutoTokenizer.from_pretrained(args.model)
+    cmdline = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        calib, test = f"{tmp}/calib.pt", f"{tmp}/test.pt"
+        torch.save(calibration_batches(tok, args.calib, args.n_samples, args.seq_len, seed=0), calib)
+        torch.save(tokenize_text(tok, load_eval_text(args.test)), test)
+        for bits, group, sym in schemes:
+            name = f"w{bits} g{group} {'sym' if sym else 'asym'}"
+            for spec in args.runs:
+                method, opts = parse_run(spec)
+                cmd = [sys.executable, __file__, "--windows", str(args.windows), "--one", args.model, calib, test,
+                       str(bits), str(group), "1" if sym else "0", method, json.dumps(opts)]
+                t0 = time.time()
+                res = run_json(cmd)
+                row = {"scheme": name, "bits": bits, "group_size": group, "sym": sym, "run": spec,
+                       "command": cmdline, "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t0)), **res}
+                rows.append(row)
+                if "error" in res:
+                    print(f"{name:14s} {spec:40s} ERROR {res['error']}", flush=True)
+                else:
+                    print(f"{name:14s} {spec:40s} ppl {res['ppl']:8.3f}  quantize {res['quantize_s']:7.1f} s  "
+                          f"load {res['loadavg_before'][0]:.1f}->{res['loadavg_after'][0]:.1f}", flush=True)
+                write_results(  # after every run: a long series keeps what it has
+                    out, rows, model=args.model,
+                    protocol=f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0) of {args.calib}; "
+                             f"perplexity on {args.test}, 2048-token windows, first {args.windows}, float32 CPU",
+                )
+
+    print("\n| scheme | run | perplexity | quantize time | load avg (1 min, before/after) |\n|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['scheme']} | {r['run']} | error: {r['error']} | | |")
+        else:
+            print(f"| {r['scheme']} | `{r['run']}` | {r['ppl']:.2f} | {r['quantize_s']:.0f} s | "
+                  f"{r['loadavg_before'][0]:.1f} / {r['loadavg_after'][0]:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

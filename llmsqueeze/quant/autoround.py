@@ -1,0 +1,366 @@
+"""Learned rounding (the AutoRound idea, Cheng et al., 2023): per decoder block, learn each Linear's
+rounding offsets and its groups' range multipliers by signed gradient descent on the block's output
+error, with a straight-through estimator through round().
+
+For a Linear W [N, K] grouped along K (G columns per group; the last group may be shorter):
+
+    lo = wmin * a_lo,  hi = wmax * a_hi                    per group [N, ng]; a_* in [amin, 1]
+    s  = (hi - lo) / maxq,  z = round(-lo / s)             asymmetric  (symmetric: s = absmax * a_hi / (2**(b-1) - 1), z = 2**(b-1))
+    q  = clamp(round(W / s + V) + z, 0, maxq),  V in [-0.5, 0.5]   [N, K]
+    Wq = (q - z) * s
+
+    minimise  mean (block(x; Wq) - block(x; W))**2  over V, a_lo, a_hi
+    step:     p <- clamp(p - lr_t * sign(dL/dp)),  lr_t = lr * (1 - t / iters)   (sign-SGD)
+
+x are the block's calibration inputs as the engine hands them (outputs of the already-quantized
+upstream blocks), the targets are the float block's outputs on them. d round(u)/du is taken as 1
+(straight-through). The iterate with the lowest minibatch loss is kept, then frozen to the grid with
+the scale in its storage dtype: the packed QuantLinear reproduces it bit for bit.
+
+`init="clip"` starts from the clip-searched range of `grid.clip_search_qparams` instead of the plain
+min/max (a_* start at the searched shrink), which round-to-nearest then learns from.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import LlmsqueezeError, QuantScheme
+from .grid import clip_search_qparams, dequantize, group_minmax, minmax_qparams, n_groups
+
+log = logging.getLogger("llmsqueeze")
+
+INITS = ("rtn", "clip")
+
+
+# -- the math: pure functions ---------------------------------------------------------------------
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def learned_qparams(
+    wmin: torch.Tensor, wmax: torch.Tensor, a_lo: torch.Tensor, a_hi: torch.Tensor, bits: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Range [N, ng] scaled by the multipliers a_lo/a_hi [N, ng] -> (scale, zero), each [N, ng] float32,
+    differentiable in a_* (zero through the STE). wmin <= 0 <= wmax."""
+    maxq = 2**bits - 1
+    if sym:
+        scale = torch.maximum(-wmin, wmax) * a_hi / (2 ** (bits - 1) - 1)
+        return scale.clamp(min=1e-9), torch.full_like(scale, 2 ** (bits - 1))
+    lo, hi = wmin * a_lo, wmax * a_hi
+    scale = ((hi - lo) / maxq).clamp(min=1e-9)
+    zero = round_ste(-lo / scale).clamp(0, maxq)
+    return scale, zero
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Wq = (clamp(round(W/s + V) + z, 0, maxq) - z) * s with the straight-through gradients written
+    out, so autograd keeps two tensors instead of the chain of elementwise steps:
+
+        dWq/dV = s * m,   dWq/ds = (q - z) - m * W / s,   dWq/dz = -s * (1 - m)
+
+    m [N, ng, G] is 1 where round(W/s + V) + z lies inside the grid (no clamping)."""
+
+    @staticmethod
+    def forward(ctx, wg, v, s, z, maxq):  # wg, v [N, ng, G]; s, z [N, ng, 1]
+        q = torch.div(wg, s).add_(v).round_().add_(z)
+        m = (q >= 0) & (q <= maxq)
+        qz = q.clamp_(0, maxq).sub_(z)  # q - z
+        ctx.save_for_backward(wg, s, qz, m)
+        return qz * s
+
+    @staticmethod
+    def backward(ctx, g):
+        wg, s, qz, m = ctx.saved_tensors
+        gm = g * m
+        gv = gm * s if ctx.needs_input_grad[1] else None
+        gs = (g * qz).sub_(gm * wg / s).sum(2, keepdim=True) if ctx.needs_input_grad[2] else None
+        gz = (gm - g).sum(2, keepdim=True).mul_(s) if ctx.needs_input_grad[3] else None  # -s * sum g (1 - m)
+        return None, gv, gs, gz, None
+
+
+def fake_quant_learned(
+    wg: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """wg, v [N, ng, G] (K padded to ng*G), scale/zero [N, ng] -> Wq [N, ng, G] float32, with the
+    straight-through estimator on round()."""
+    return _FakeQuant.apply(wg, v, scale.unsqueeze(2), zero.unsqueeze(2), 2**bits - 1)
+
+
+def fake_quant_reference(
+    wg: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """The same as fake_quant_learned through autograd's own chain (round_ste): the test reference."""
+    s, z = scale.unsqueeze(2), zero.unsqueeze(2)
+    q = (round_ste(wg / s + v) + z).clamp(0, 2**bits - 1)
+    return (q - z) * s
+
+
+def sign_sgd_step(params: list[torch.Tensor], lr: float, bounds: list[tuple]) -> None:
+    """p <- clamp(p - lr * sign(grad), lo, hi) in place, grads cleared. bounds: (lo, hi) per param,
+    floats or tensors shaped like p."""
+    with torch.no_grad():
+        for p, (lo, hi) in zip(params, bounds):
+            if p.grad is None:
+                continue
+            p.add_(torch.sign(p.grad), alpha=-lr)
+            p.copy_(torch.clamp(p, lo, hi))
+            p.grad = None
+
+
+def pad_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """w [N, K] -> [N, ng, G], zero-padded when the last group is shorter (zeros change neither the
+    clamped min/max nor absmax, and their gradients are dropped when the result is cut back to K)."""
+    n, k = w.shape
+    ng = n_groups(k, group_size)
+    pad = ng * group_size - k
+    if pad:
+        w = torch.cat([w, w.new_zeros(n, pad)], dim=1)
+    return w.view(n, ng, group_size)
+
+
+def freeze(
+    wg: torch.Tensor, v: torch.Tensor, wmin: torch.Tensor, wmax: torch.Tensor, a_lo: torch.Tensor,
+    a_hi: torch.Tensor, bits: int, sym: bool, k: int, scale_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The learned grid frozen: -> (q [N, K] int32, scale [N, ng] float32 holding scale_dtype values,
+    zero [N, ng] int32). Scale and zero come from the learned range by `grid.minmax_qparams` (the
+    scale rounded to its storage dtype before the zero and the integers are chosen), so the packed
+    weight equals the simulated one and a = 1, V = 0 is exactly round-to-nearest."""
+    # symmetric grids learn one multiplier (a_hi) of absmax
+    scale, zero = minmax_qparams(wmin * (a_hi if sym else a_lo), wmax * a_hi, bits, sym, scale_dtype)
+    q = (torch.round(wg / scale.unsqueeze(2) + v) + zero.unsqueeze(2)).clamp(0, 2**bits - 1)
+    return q.reshape(wg.shape[0], -1)[:, :k].to(torch.int32), scale, zero
+
+
+# -- one Linear's learnable state -------------------------------------------------------------------
+
+@dataclass
+class _Layer:
+    name: str  # inside the block
+    param: str  # the parameter name to override in functional_call
+    conv1d: bool  # GPT-2 Conv1D stores W^T
+    k: int
+    g: int
+    wg: torch.Tensor  # [N, ng, G] float32, fixed
+    wmin: torch.Tensor  # [N, ng] <= 0
+    wmax: torch.Tensor  # [N, ng] >= 0
+    v: torch.Tensor  # [N, ng, G] learnable, in [-0.5, 0.5]
+    a_lo: torch.Tensor  # [N, ng] learnable
+    a_hi: torch.Tensor  # [N, ng] learnable
+    a_min: torch.Tensor  # [N, ng] lower bound of a_* (min(amin, its init))
+    a_max: torch.Tensor  # [N, ng] upper bound of a_* (max(1, its init))
+
+    def qparams(self, bits: int, sym: bool):
+        return learned_qparams(self.wmin, self.wmax, self.a_lo, self.a_hi, bits, sym)
+
+    def weight(self, bits: int, sym: bool) -> torch.Tensor:
+        """The fake-quantized weight in the layer's own layout ([N, K], Conv1D [K, N])."""
+        s, z = self.qparams(bits, sym)
+        w = fake_quant_learned(self.wg, self.v, s, z, bits).reshape(self.wg.shape[0], -1)[:, : self.k]
+        return w.t() if self.conv1d else w
+
+
+def _init_layer(name: str, module: nn.Module, scheme: QuantScheme, init: str, amin: float) -> _Layer:
+    from ..nn import linear_weight
+
+    w = linear_weight(module).detach().float()  # [N, K]
+    n, k = w.shape
+    g = scheme.group_size_for(k)
+    wmin, wmax = group_minmax(w, g)
+    wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)
+    a_lo, a_hi = torch.ones_like(wmin), torch.ones_like(wmax)
+    if init == "clip":  # the searched grid's range, as multipliers of the full one
+        scale, zero = clip_search_qparams(w, scheme.bits, g, scheme.sym, scheme.torch_scale_dtype, grid=scheme.clip_grid,
+                                          max_shrink=scheme.clip_max_shrink, norm=scheme.clip_norm,
+                                          weight_power=scheme.clip_weight_power)
+        if scheme.sym:
+            amax = torch.maximum(-wmin, wmax)
+            a_hi = torch.where(amax > 0, scale * (2 ** (scheme.bits - 1) - 1) / amax, a_hi)
+        else:
+            lo, hi = -zero.float() * scale, (2**scheme.bits - 1 - zero.float()) * scale
+            a_lo = torch.where(wmin < 0, lo / wmin, a_lo)
+            a_hi = torch.where(wmax > 0, hi / wmax, a_hi)
+    a_min = torch.minimum(torch.minimum(a_lo, a_hi), torch.full_like(a_lo, amin))
+    a_max = torch.maximum(torch.maximum(a_lo, a_hi), torch.ones_like(a_lo))
+    wg = pad_groups(w, g)
+    return _Layer(
+        name=name, param=f"{name}.weight", conv1d=not isinstance(module, nn.Linear), k=k, g=g, wg=wg,
+        wmin=wmin, wmax=wmax, v=torch.zeros_like(wg).requires_grad_(), a_lo=a_lo.requires_grad_(),
+        a_hi=a_hi.requires_grad_(), a_min=a_min, a_max=a_max,
+    )
+
+
+def _float_inputs(obj):
+    """Floating tensors inside nested containers -> float32 (kwargs such as rotary tables)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_float_inputs(o) for o in obj)
+    if isinstance(obj, list):
+        return [_float_inputs(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _float_inputs(v) for k, v in obj.items()}
+    return obj
+
+
+def _out(o):
+    return o[0] if isinstance(o, (tuple, list)) else o
+
+
+# -- the engine's method ---------------------------------------------------------------------------
+
+class AutoRound:
+    """The engine's method for learned rounding: all the work happens in `prepare_block` (float
+    targets, optimisation, freezing); `apply` then swaps each Linear for its packed QuantLinear."""
+
+    collect_inputs = False
+
+    def __init__(self, scheme: QuantScheme, names: list[str], iters: int = 200, lr: float | None = None,
+                 batch_samples: int = 8, seed: int = 0, init: str = "rtn", amin: float = 0.5,
+                 eval_samples: int = 8, progress: bool = True):
+        check_autoround_args(iters, lr, batch_samples, init, amin)
+        self.scheme, self.names = scheme, set(names)
+        self.iters, self.lr = iters, (lr if lr is not None else 1.0 / iters)
+        self.batch_samples, self.seed, self.init, self.amin = batch_samples, seed, init, amin
+        self.eval_samples, self.progress = eval_samples, progress
+        self.frozen: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.report: list[dict] = []
+
+    def collect(self, name: str, module, x: torch.Tensor) -> None:
+        pass
+
+    def apply(self, name: str, module):
+        from ..nn import QuantLinear
+
+        q, scale, zero = self.frozen.pop(name)
+        s = self.scheme
+        return QuantLinear.from_quantized(q, scale, zero, s.bits, s.group_size_for(q.shape[1]), bias=module.bias,
+                                          scale_dtype=s.torch_scale_dtype)
+
+    def prepare_block(self, prefix: str, block: nn.Module, batches) -> None:
+        from torch.func import functional_call
+
+        from ..nn import is_linear
+
+        t0 = time.perf_counter()
+        s = self.scheme
+        bits, sym = s.bits, s.sym
+        work = block if all(p.dtype == torch.float32 for p in block.parameters()) else copy.deepcopy(block).float()
+        layers = [_init_layer(n, m, s, self.init, self.amin) for n, m in work.named_modules()
+                  if is_linear(m) and prefix + n in self.names]
+        if not layers:
+            return
+        # inputs [S, T, H] (one sample per engine batch, stacked) and the float block's outputs
+        xs, kw = [], None
+        for h, k in batches():
+            xs.append(h.float())
+            kw = _float_inputs(k) if kw is None else kw
+        x = torch.cat(xs)
+        del xs
+        if any(t.dim() > 0 and t.shape[0] > 1 for t in _tensors(kw)):
+            raise LlmsqueezeError("autoround stacks calibration samples into minibatches: use batch_size=1 (no padding masks)")
+        saved_grad = [p.requires_grad for p in work.parameters()]
+        for p in work.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            y = torch.cat([_out(work(x[i : i + self.batch_samples], **kw)) for i in range(0, len(x), self.batch_samples)])
+
+        params = [t for L in layers for t in ((L.v, L.a_lo, L.a_hi) if not sym else (L.v, L.a_hi))]
+        bounds = [b for L in layers for b in (((-0.5, 0.5), (L.a_min, L.a_max), (L.a_min, L.a_max)) if not sym
+                                               else ((-0.5, 0.5), (L.a_min, L.a_max)))]
+
+        def block_loss(xb, yb, weights) -> torch.Tensor:
+            return torch.nn.functional.mse_loss(_out(functional_call(work, weights, (xb,), kw)), yb)
+
+        def eval_loss(weights) -> float:
+            m = min(self.eval_samples, len(x))
+            with torch.no_grad():
+                return sum(block_loss(x[i : i + self.batch_samples][: m - i], y[i : i + self.batch_samples][: m - i],
+                                      weights).item() * min(self.batch_samples, m - i)
+                           for i in range(0, m, self.batch_samples)) / m
+
+        with torch.no_grad():
+            loss_before = eval_loss({L.param: L.weight(bits, sym) for L in layers})
+        start_state = [p.detach().clone() for p in params]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(prefix.encode()))
+        best, best_state, trace = math.inf, None, []
+        bar = tqdm(range(self.iters), desc=f"autoround {prefix.rstrip('.')}", disable=not self.progress,
+                   leave=False, unit="it")
+        bs = min(self.batch_samples, len(x))
+        for t in bar:
+            idx = torch.randperm(len(x), generator=gen)[:bs]
+            with torch.enable_grad():  # the engine runs under no_grad
+                loss = block_loss(x[idx], y[idx], {L.param: L.weight(bits, sym) for L in layers})
+                loss.backward()
+            lv = loss.item()
+            trace.append(lv)
+            if lv < best:  # the parameters that gave this loss, before the step
+                best, best_state = lv, [p.detach().clone() for p in params]
+            sign_sgd_step(params, self.lr * (1 - t / self.iters), bounds)
+            if t % 10 == 0 or t == self.iters - 1:
+                bar.set_postfix(loss=f"{lv:.3g}", best=f"{best:.3g}")
+        bar.close()
+        def frozen_state(state) -> tuple[dict, float]:
+            """Freeze the parameters `state` to the grid -> ({name: (q, scale, zero)}, eval loss)."""
+            with torch.no_grad():
+                for p, b in zip(params, state):
+                    p.copy_(b)
+                out = {L.name: freeze(L.wg, L.v, L.wmin, L.wmax, L.a_lo, L.a_hi, bits, sym, L.k, s.torch_scale_dtype)
+                       for L in layers}
+                weights = {}
+                for L in layers:
+                    w = dequantize(*out[L.name], L.g)  # [N, K], what the packed QuantLinear computes with
+                    weights[L.param] = w.t() if L.conv1d else w
+                return out, eval_loss(weights)
+
+        frozen, loss_after = frozen_state(best_state)
+        if loss_after > loss_before:  # the minibatch optimum does not generalise to the held samples: keep the start
+            log.warning("autoround %s: learned grid worse than its start (%.4g > %.4g); keeping the start",
+                        prefix.rstrip("."), loss_after, loss_before)
+            frozen, loss_after = frozen_state(start_state)
+        for p, rg in zip(work.parameters(), saved_grad):
+            p.requires_grad_(rg)
+        for name, v in frozen.items():
+            self.frozen[prefix + name] = v
+        secs = time.perf_counter() - t0
+        self.report.append({"block": prefix.rstrip("."), "loss_before": loss_before, "loss_after": loss_after,
+                            "best_minibatch_loss": best, "seconds": secs,
+                            "minibatch_losses": trace})
+        log.info("autoround %s: block output MSE %.4g -> %.4g (%d iters, %.1f s)", prefix.rstrip("."),
+                 loss_before, loss_after, self.iters, secs)
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def check_autoround_args(iters, lr, batch_samples, init, amin) -> None:
+    """One-line errors for bad options, before any work."""
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise LlmsqueezeError(f"iters={iters!r} must be a positive integer, e.g. 200")
+    if lr is not None and not (isinstance(lr, (int, float)) and 0 < lr <= 1):
+        raise LlmsqueezeError(f"lr={lr!r} must lie in (0, 1] (default 1/iters)")
+    if isinstance(batch_samples, bool) or not isinstance(batch_samples, int) or batch_samples < 1:
+        raise LlmsqueezeError(f"batch_samples={batch_samples!r} must be a positive integer, e.g. 8")
+    if init not in INITS:
+        raise LlmsqueezeError(f"init={init!r} is not available: use one of {', '.join(INITS)}")
+    if not (isinstance(amin, (int, float)) and 0 < amin <= 1):
+        raise LlmsqueezeError(f"amin={amin!r} (the smallest range multiplier) must lie in (0, 1], e.g. 0.5")
