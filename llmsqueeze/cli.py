@@ -56,6 +56,8 @@ def cmd_quantize(args) -> int:
     if args.scheme == "w8a8":
         from .quant.w8a8 import w8a8_scheme_from_args
 
+        if args.grid != "uniform":
+            raise LlmsqueezeError(f"--grid {args.grid} is a weight-only option; --scheme w8a8 uses the int8 grid, drop --grid")
         scheme = w8a8_scheme_from_args(args)
         calibrated = scheme.needs_data or args.method == "gptq"
     else:
@@ -97,6 +99,8 @@ def cmd_quantize(args) -> int:
             logging.getLogger("llmsqueeze").warning("%s has no safetensors weights: loading it whole (--no-lazy)", args.model)
             lazy = False
     elif args.resume:
+        if mixed:
+            raise LlmsqueezeError("--resume continues a lazy run; --avg-bits runs in memory, start it again")
         raise LlmsqueezeError("--resume continues a lazy run; drop --no-lazy")
     if lazy:
         return _quantize_lazy(args, scheme, model_dir, calib_texts if args.method == "gptq" else None)

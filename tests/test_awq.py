@@ -104,7 +104,7 @@ def test_shared_inputs_collected_once():
 def _randomize_norms(model):
     g = _gen(7)
     with torch.no_grad():
-        for name, mod in model.named_modules():
+        for mod in model.modules():
             if "norm" in type(mod).__name__.lower():
                 for p in (getattr(mod, "weight", None), getattr(mod, "bias", None)):
                     if isinstance(p, torch.nn.Parameter):

@@ -100,10 +100,15 @@ def test_grid_checkpoint_roundtrip_reads_as_format_1(method, tmp_path):
     (["--grid", "kmeans", "--method", "autoround"], "method 'autoround' quantizes on the uniform grid"),
     (["--grid", "nf", "--avg-bits", "3.5"], "avg_bits mixes widths on the uniform grid"),
     (["--method", "awq-gptq", "--avg-bits", "3.5"], "avg_bits .* not method 'awq-gptq'"),
+    (["--scheme", "w8a8", "--grid", "nf"], "--grid nf is a weight-only option"),
+    (["--avg-bits", "3.5", "--resume", "--calib", "CALIB"], "--avg-bits runs in memory"),
 ])
 def test_cli_refuses_combinations_in_one_line(extra, match, tmp_path, capsys):
     # a model that does not exist: the refusal comes before anything is loaded or written
     out = tmp_path / "q"
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some calibration text\n" * 50)
+    extra = [str(calib) if a == "CALIB" else a for a in extra]
     rc = main(["quantize", str(tmp_path / "no-such-model"), "--bits", "4", *extra, "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1, err
