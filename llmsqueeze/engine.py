@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .config import LlmsqueezeError
 from .models import get_arch
-from .nn import is_linear, set_module
+from .nn import is_linear, reuse_dequantized, set_module
 
 log = logging.getLogger("llmsqueeze")
 
@@ -243,33 +243,34 @@ def run_sequential(
         prepare = getattr(method, "prepare_block", None)
         if prepare is not None:
             prepare(bprefix, block, lambda: ((h.to(device), _to(kw[i], device)) for h, kw in zip(hidden, kwargs)))
-        names = [n for n, m in block.named_modules() if is_linear(m) and bprefix + n in wanted]
-        for group in _groups(names, arch.sequential, true_sequential):
-            if not group:  # a block with nothing selected: only its outputs are needed
-                continue
-            handles = []
-            for n in group:
-                full = bprefix + n
+        with reuse_dequantized(block):  # the passes over quantized Linears unpack each weight once
+            names = [n for n, m in block.named_modules() if is_linear(m) and bprefix + n in wanted]
+            for group in _groups(names, arch.sequential, true_sequential):
+                if not group:  # a block with nothing selected: only its outputs are needed
+                    continue
+                handles = []
+                for n in group:
+                    full = bprefix + n
 
-                def hook(module, args, out, full=full):
-                    method.collect(full, module, args[0])
+                    def hook(module, args, out, full=full):
+                        method.collect(full, module, args[0])
 
-                handles.append(block.get_submodule(n).register_forward_hook(hook))
-            try:
-                # a method that needs no inputs (e.g. W8A8 round-to-nearest) says so: skip the pass
-                for h, kw in zip(hidden, kwargs) if getattr(method, "collect_inputs", True) else ():
-                    block(h.to(device), **_to(kw[i], device))
-            finally:
-                for hd in handles:
-                    hd.remove()
-            for n in group:
-                set_module(block, n, method.apply(bprefix + n, block.get_submodule(n)))
-                stats.layers += 1
-        for j, (h, kw) in enumerate(zip(hidden, kwargs)):
-            out = _block_output(block(h.to(device), **_to(kw[i], device)))
-            if not torch.isfinite(out).all():
-                raise FloatingPointError(f"block {i} produced NaN/Inf after calibration; check the model and the data")
-            hidden[j] = out.to(offload)
+                    handles.append(block.get_submodule(n).register_forward_hook(hook))
+                try:
+                    # a method that needs no inputs (e.g. W8A8 round-to-nearest) says so: skip the pass
+                    for h, kw in zip(hidden, kwargs) if getattr(method, "collect_inputs", True) else ():
+                        block(h.to(device), **_to(kw[i], device))
+                finally:
+                    for hd in handles:
+                        hd.remove()
+                for n in group:
+                    set_module(block, n, method.apply(bprefix + n, block.get_submodule(n)))
+                    stats.layers += 1
+            for j, (h, kw) in enumerate(zip(hidden, kwargs)):
+                out = _block_output(block(h.to(device), **_to(kw[i], device)))
+                if not torch.isfinite(out).all():
+                    raise FloatingPointError(f"block {i} produced NaN/Inf after calibration; check the model and the data")
+                hidden[j] = out.to(offload)
         if block_loader is None:
             blocks[i] = block.to(home)
         if block_done is not None:

@@ -12,6 +12,7 @@ and the in-memory one run the same code):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -30,6 +31,28 @@ INT4_CPU_DTYPES = (torch.bfloat16,)  # fp16 runs 25x slower than bf16 in this ke
 INT4_CPU_MAX_M = 64
 BACKENDS = ("auto", "triton", "dequant")
 BACKEND = os.environ.get("LLMSQUEEZE_BACKEND", "auto")
+_DEQUANT_CACHING = 0  # > 0 inside reuse_dequantized(): the dequantize fallback keeps its weight
+
+
+@contextlib.contextmanager
+def reuse_dequantized(module: nn.Module):
+    """Inside this context every QuantLinear that runs the dequantize+matmul fallback builds its dense
+    weight once and reuses it, instead of unpacking on every call; the copies are dropped on exit.
+
+    For the calibration engine, which runs one block over every calibration batch after quantizing
+    it (on SmolLM2 GPTQ the per-call unpacking was a quarter of the run). Inside, the dense path is
+    taken on every device (on a GPU, cuBLAS on the cached weight instead of the 4-bit kernels; on a
+    CPU in bf16, instead of its int4 kernel): the same values up to the order of the sums, and
+    bit for bit the same where the dequantize path ran anyway (float32 on the CPU)."""
+    global _DEQUANT_CACHING
+    _DEQUANT_CACHING += 1
+    try:
+        yield
+    finally:
+        _DEQUANT_CACHING -= 1
+        for m in module.modules():
+            if getattr(m, "_dense_cache", None) is not None:
+                m._dense_cache = None
 if BACKEND not in BACKENDS:
     raise ValueError(f"LLMSQUEEZE_BACKEND={BACKEND!r} is not one of {', '.join(BACKENDS)}: unset it or pick one")
 
@@ -94,6 +117,7 @@ class QuantLinear(nn.Module):
             self.bias = None
         self._int4_cache: tuple | None = None
         self._kernel_cache = None  # llmsqueeze.kernels.layout.KernelWeights, built on first use
+        self._dense_cache: tuple | None = None  # (dtype, device, weight) inside reuse_dequantized()
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -191,9 +215,10 @@ class QuantLinear(nn.Module):
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         y = None
-        if BACKEND == "triton" or (BACKEND == "auto" and x.is_cuda):
+        caching = _DEQUANT_CACHING > 0  # many calls on one weight: a dense copy and cuBLAS/MKL beat the kernels
+        if not caching and (BACKEND == "triton" or (BACKEND == "auto" and x.is_cuda)):
             y = self._triton_forward(x2)
-        if y is None and (
+        if y is None and not caching and (
             BACKEND == "auto"
             and x.device.type == "cpu"
             and x.dtype in INT4_CPU_DTYPES
@@ -207,11 +232,17 @@ class QuantLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         if y is None:
-            w_t = self.dequantize_weight_t(x.dtype)  # [K, N]
-            if x.dtype == torch.float16 and x.device.type == "cpu":
-                y = F.linear(x2, w_t.t().contiguous())  # CPU fp16 GEMM is 14x slower on [K, N]
+            fp16_cpu = x.dtype == torch.float16 and x.device.type == "cpu"  # its GEMM is 14x slower on [K, N]
+            cache = self._dense_cache
+            if cache is not None and cache[0] == x.dtype and cache[1] == x.device:
+                w = cache[2]
             else:
-                y = x2 @ w_t
+                w = self.dequantize_weight_t(x.dtype)  # [K, N]
+                if fp16_cpu:
+                    w = w.t().contiguous()  # [N, K]
+                if _DEQUANT_CACHING:
+                    self._dense_cache = (x.dtype, x.device, w)
+            y = F.linear(x2, w) if fp16_cpu else x2 @ w
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         return y.reshape(*shape, self.out_features)
@@ -221,6 +252,7 @@ class QuantLinear(nn.Module):
         # (as the loader keeps them), so a cast model and a loaded one compute the same numbers.
         self._int4_cache = None  # device/dtype moves invalidate the kernels' copies
         self._kernel_cache = None
+        self._dense_cache = None
         scales = self.scales
         out = super()._apply(fn, recurse)
         if self.scales.dtype != scales.dtype:
@@ -231,6 +263,7 @@ class QuantLinear(nn.Module):
         # new packed values: the kernels' copies built from the old ones are stale
         self._int4_cache = None
         self._kernel_cache = None
+        self._dense_cache = None
         return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

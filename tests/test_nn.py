@@ -111,3 +111,23 @@ def test_matches_linear_within_quantization_error():
     ref = lin(x)
     err = (layer(x) - ref).norm() / ref.norm()
     assert err < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_reuse_dequantized_same_outputs_and_drops_copies(dtype):
+    from llmsqueeze.nn import reuse_dequantized
+
+    q = make(n=64, k=96, bits=4, group=32)[0]
+    block = nn.Sequential(q)
+    x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
+    plain = q(x)  # bf16 on CPU at few rows: the int4 kernel; inside the context: the dense weight
+    with reuse_dequantized(block):
+        first, second = q(x), q(x + 0)
+        assert q._dense_cache is not None and q._dense_cache[0] == dtype
+    assert torch.equal(first, second)
+    if dtype == torch.bfloat16:
+        assert ((first.float() - plain.float()).norm() / plain.float().norm()).item() < 1e-2
+    else:
+        assert torch.equal(first, plain)
+    assert q._dense_cache is None  # nothing outlives the context
+    assert torch.equal(q(x), plain)

@@ -206,13 +206,14 @@ class HessianStore:
         if entry[2] != name:  # a sharer: its owner accumulates
             return
         entry[0], entry[1] = accumulate_hessian(entry[0], entry[1], x)
-        if not torch.isfinite(entry[0]).all():
-            raise FloatingPointError(f"the inputs of {name} hold NaN/Inf; check the model and the calibration data")
         self._last_input = (x, name)
 
     def pop(self, name: str) -> tuple[torch.Tensor, int]:
         """-> (H [K, K], tokens) of `name`, forgotten afterwards (kept for the other sharers)."""
         h, n, owner = self.hessians.pop(name)
+        # checked once here, not after every batch (a NaN/Inf input stays in the running sum)
+        if not torch.isfinite(h).all():
+            raise FloatingPointError(f"the inputs of {name} hold NaN/Inf; check the model and the calibration data")
         sharers = [k for k, v in self.hessians.items() if v[2] == owner]
         if sharers and owner == name:  # hand the shared Hessian to the next sharer
             for k in sharers:
