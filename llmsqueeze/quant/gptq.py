@@ -47,18 +47,30 @@ def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.
     return h, n
 
 
-def inverse_hessian_cholesky(h: torch.Tensor, damp_frac: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+def inverse_hessian_cholesky(h: torch.Tensor, damp_frac: float, max_tries: int = 6,
+                             consume: bool = False) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp*I)^-1, with damp = damp_frac * mean(diag H), raised x10
-    (and logged) while the factorisation fails."""
+    (and logged) while the factorisation fails.
+
+    consume=True: h is the caller's to give away; the damping goes on its diagonal in place and its
+    memory is released once factored (h is left empty), so at most two [K, K] matrices are alive
+    (K = 5504: 121 MB each) instead of four."""
     mean_diag = torch.mean(torch.diag(h)).item()
     frac = damp_frac
-    # one [K, K] temporary at a time besides h (K = 5504: 121 MB each): the damping is added in place
-    # on the diagonal, and each factor is freed once the next is made
+    # each factor is freed once the next is made
     for attempt in range(max_tries):
-        hd = h.clone()
-        hd.diagonal().add_(frac * mean_diag)
-        chol, info = torch.linalg.cholesky_ex(hd)
-        del hd
+        if consume:
+            h.diagonal().add_(frac * mean_diag)
+            chol, info = torch.linalg.cholesky_ex(h)
+            if info.item() == 0:
+                h.set_()  # the caller's H is not needed past this point: release its storage
+            else:
+                h.diagonal().sub_(frac * mean_diag)  # retry from the undamped H
+        else:
+            hd = h.clone()
+            hd.diagonal().add_(frac * mean_diag)
+            chol, info = torch.linalg.cholesky_ex(hd)
+            del hd
         if info.item() == 0:
             hinv = torch.cholesky_inverse(chol)
             del chol
@@ -85,17 +97,21 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     act_aware_clip: bool = True,
+    consume_h: bool = False,
 ) -> GPTQResult:
     """w [N, K] (any float dtype), h [K, K] float32 Hessian -> GPTQResult. Each group's scale/zero
     comes from `rtn_qparams` on that group's columns, so the scheme's clipping search applies; with
-    `act_aware_clip` its error is weighted per column by the Hessian diagonal (mean x_k^2)."""
+    `act_aware_clip` its error is weighted per column by the Hessian diagonal (mean x_k^2).
+    consume_h=True: h is handed over (the caller keeps no reference and must not use it again): it is
+    worked on in place and freed early instead of copied, halving the peak [K, K] memory."""
     W = w.detach().float().clone()  # [N, K]
     n, k = W.shape
     bits = scheme.bits
     g = scheme.group_size_for(k)
     ng = math.ceil(k / g)
     maxq = 2**bits - 1
-    H = h.detach().float().clone()
+    H = h.detach().float() if consume_h else h.detach().float().clone()
+    del h
 
     dead = torch.diag(H) == 0  # inputs that never fire: any value works, make them exactly zero
     H[dead, dead] = 1
@@ -127,7 +143,7 @@ def gptq_quantize(
         W, H = W[:, perm], H[perm[:, None], perm]  # one gather: no [K, K] intermediate
         if hdiag is not None:
             hdiag = hdiag[perm]
-    Hinv, used_damp = inverse_hessian_cholesky(H, damp)
+    Hinv, used_damp = inverse_hessian_cholesky(H, damp, consume=True)  # H is this function's own by now
     del H
 
     Q = torch.zeros(n, k, dtype=torch.int32, device=W.device)
@@ -208,8 +224,9 @@ class HessianStore:
         entry[0], entry[1] = accumulate_hessian(entry[0], entry[1], x)
         self._last_input = (x, name)
 
-    def pop(self, name: str) -> tuple[torch.Tensor, int]:
-        """-> (H [K, K], tokens) of `name`, forgotten afterwards (kept for the other sharers)."""
+    def pop(self, name: str, exclusive: bool = False) -> tuple[torch.Tensor, int]:
+        """-> (H [K, K], tokens) of `name`, forgotten afterwards (kept for the other sharers).
+        exclusive=True: a tensor the caller may modify or free (a copy while others still share it)."""
         h, n, owner = self.hessians.pop(name)
         # checked once here, not after every batch (a NaN/Inf input stays in the running sum)
         if not torch.isfinite(h).all():
@@ -218,6 +235,8 @@ class HessianStore:
         if sharers and owner == name:  # hand the shared Hessian to the next sharer
             for k in sharers:
                 self.hessians[k][2] = sharers[0]
+        if exclusive and sharers:
+            h = h.clone()
         return h, n
 
 
@@ -240,7 +259,8 @@ class GPTQ:
     def apply(self, name: str, module):
         from ..nn import QuantLinear, linear_weight
 
-        h, n = self.store.pop(name)
+        held = list(self.store.pop(name, exclusive=True))  # [H, tokens]: H is handed over below
+        n = held[1]
         w = linear_weight(module)
         s = self.scheme
         if self.layer_schemes:
@@ -248,8 +268,8 @@ class GPTQ:
 
             s = scheme_for(s, self.layer_schemes, name)
         try:
-            res = gptq_quantize(w, h, s, self.damp, self.block_size, self.act_order, self.static_groups,
-                                self.act_aware_clip)
+            res = gptq_quantize(w, held.pop(0), s, self.damp, self.block_size, self.act_order, self.static_groups,
+                                self.act_aware_clip, consume_h=True)
         except FloatingPointError as e:
             raise FloatingPointError(f"GPTQ failed on {name}: {e}") from None
         self.report.append({"layer": name, "loss": res.loss, "damp": res.damp, "samples": n})
