@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 SCHEMES = ["4:64:asym", "4:128:asym", "3:64:asym"]
 METHODS = ["awq-gptq", "awq"]
@@ -50,13 +49,10 @@ def run_one(model: str, calib: str, test: str, bits: int, group: int, sym: bool,
 
 
 def main() -> None:
+    from llmsqueeze.evaluate import add_protocol_args
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(Path("~/.cache/llmsqueeze/smollm2-135m").expanduser()))
-    ap.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
-    ap.add_argument("--test", default="../shared/data/wikitext-2/test.txt")
-    ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=8)
+    add_protocol_args(ap)
     ap.add_argument("--schemes", nargs="*", default=SCHEMES, help="bits:group:sym|asym, e.g. 4:64:asym")
     ap.add_argument("--methods", nargs="*", default=METHODS, choices=METHODS)
     ap.add_argument("--out", default="eval/results/awq.json")
@@ -68,20 +64,11 @@ def main() -> None:
         print(json.dumps(run_one(model, calib, test, int(bits), int(group), sym == "1", method, args.windows)))
         return
 
-    import torch
-    from transformers import AutoTokenizer
+    from llmsqueeze.evaluate import protocol_files, run_json, write_results
 
-    from llmsqueeze.data import calibration_batches
-    from llmsqueeze.evaluate import load_eval_text, run_json, tokenize_text, write_results
-
-    protocol = (f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0) of {args.calib}; perplexity on "
-                f"{args.test}, 2048-token windows, first {args.windows}, float32 CPU")
-    tok = AutoTokenizer.from_pretrained(args.model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        calib, test = f"{tmp}/calib.pt", f"{tmp}/test.pt"
-        torch.save(calibration_batches(tok, args.calib, args.n_samples, args.seq_len, seed=0), calib)
-        torch.save(tokenize_text(tok, load_eval_text(args.test)), test)
+        calib, test, protocol = protocol_files(args, tmp)
         for spec in args.schemes:
             b, g, s = spec.split(":")
             name = f"w{b} g{g} {s}"

@@ -57,13 +57,10 @@ def parse_run(text: str) -> tuple[str, dict]:
 
 
 def main() -> None:
+    from llmsqueeze.evaluate import add_protocol_args
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(Path("~/.cache/llmsqueeze/smollm2-135m").expanduser()))
-    ap.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
-    ap.add_argument("--test", default="../shared/data/wikitext-2/test.txt")
-    ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=8)
+    add_protocol_args(ap)
     ap.add_argument("--schemes", nargs="*", default=["3:64:asym", "4:64:asym", "2:64:asym"])
     ap.add_argument("--runs", nargs="*", default=["autoround"],
                     help='method[:json options for quantize()], e.g. gptq autoround \'autoround:{"iters": 100}\'')
@@ -80,21 +77,14 @@ def main() -> None:
     import shlex
     import time
 
-    import torch
-    from transformers import AutoTokenizer
-
-    from llmsqueeze.data import calibration_batches
-    from llmsqueeze.evaluate import load_eval_text, run_json, tokenize_text, write_results
+    from llmsqueeze.evaluate import protocol_files, run_json, write_results
 
     out = Path(args.out)
     rows = json.loads(out.read_text())["results"] if out.exists() else []
     schemes = [(int(b), int(g), s == "sym") for b, g, s in (x.split(":") for x in args.schemes)]
-    tok = AutoTokenizer.from_pretrained(args.model)
     cmdline = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     with tempfile.TemporaryDirectory() as tmp:
-        calib, test = f"{tmp}/calib.pt", f"{tmp}/test.pt"
-        torch.save(calibration_batches(tok, args.calib, args.n_samples, args.seq_len, seed=0), calib)
-        torch.save(tokenize_text(tok, load_eval_text(args.test)), test)
+        calib, test, protocol = protocol_files(args, tmp)
         for bits, group, sym in schemes:
             name = f"w{bits} g{group} {'sym' if sym else 'asym'}"
             for spec in args.runs:
@@ -113,8 +103,7 @@ def main() -> None:
                           f"load {res['loadavg_before'][0]:.1f}->{res['loadavg_after'][0]:.1f}", flush=True)
                 write_results(  # after every run: a long series keeps what it has
                     out, rows, model=args.model,
-                    protocol=f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0) of {args.calib}; "
-                             f"perplexity on {args.test}, 2048-token windows, first {args.windows}, float32 CPU",
+                    protocol=protocol,
                 )
 
     print("\n| scheme | run | perplexity | quantize time | load avg (1 min, before/after) |\n|---|---|---|---|---|")

@@ -52,14 +52,11 @@ def run_ours(model: str, calib: str, test: str, bits: int, group: int, sym: bool
 
 
 def main() -> None:
+    from llmsqueeze.evaluate import add_protocol_args
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(Path("~/.cache/llmsqueeze/smollm2-135m").expanduser()))
-    ap.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
-    ap.add_argument("--test", default="../shared/data/wikitext-2/test.txt")
+    add_protocol_args(ap)
     ap.add_argument("--llmc-python", default="/work/venvs/llmc/bin/python", help="python of llm-compressor's venv")
-    ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--schemes", nargs="*", default=None, help="e.g. 4:64:asym 3:64:asym (default: all four)")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--defaults-only", action="store_true", help="run only our default options beside the peer")
@@ -75,21 +72,14 @@ def main() -> None:
         print(json.dumps(run_ours(model, calib, test, int(bits), int(group), sym == "1", json.loads(opts), args.windows)))
         return
 
-    import torch
-    from transformers import AutoTokenizer
-
-    from llmsqueeze.data import calibration_batches
-    from llmsqueeze.evaluate import load_eval_text, run_json, tokenize_text, write_results
+    from llmsqueeze.evaluate import protocol_files, run_json, write_results
 
     schemes = SCHEMES
     if args.schemes:
         schemes = [(int(b), int(g), s == "sym") for b, g, s in (x.split(":") for x in args.schemes)]
-    tok = AutoTokenizer.from_pretrained(args.model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        calib, test = f"{tmp}/calib.pt", f"{tmp}/test.pt"
-        torch.save(calibration_batches(tok, args.calib, args.n_samples, args.seq_len, seed=0), calib)
-        torch.save(tokenize_text(tok, load_eval_text(args.test)), test)
+        calib, test, protocol = protocol_files(args, tmp)
         for bits, group, sym in schemes:
             name = f"w{bits} g{group} {'sym' if sym else 'asym'}"
             runs = []
@@ -122,8 +112,7 @@ def main() -> None:
             print(f"| {r['scheme']} | {r['run']} | {r['ppl']:.2f} | {r['quantize_s']:.0f} s | {r['peak_rss_mib']:.0f} MiB |")
     write_results(
         args.out, rows, model=args.model,
-        protocol=f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0) of {args.calib}; perplexity on "
-                 f"{args.test}, 2048-token windows, first {args.windows}, float32 CPU",
+        protocol=protocol,
     )
 
 

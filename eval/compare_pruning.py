@@ -65,14 +65,11 @@ def run_ours(model: str, calib: str, test: str, case: str, opts: dict, windows: 
 
 
 def main() -> None:
+    from llmsqueeze.evaluate import add_protocol_args
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(Path("~/.cache/llmsqueeze/smollm2-135m").expanduser()))
-    ap.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
-    ap.add_argument("--test", default="../shared/data/wikitext-2/test.txt")
+    add_protocol_args(ap)
     ap.add_argument("--llmc-python", default="/work/venvs/llmc/bin/python", help="python of llm-compressor's venv")
-    ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--cases", nargs="*", default=None, help=f"method:target[:wBgG] (default: {' '.join(CASES)})")
     ap.add_argument("--opts", default="{}", help="JSON of extra llmsqueeze.prune() options for our runs")
     ap.add_argument("--skip-peer", action="store_true")
@@ -85,18 +82,11 @@ def main() -> None:
         print(json.dumps(run_ours(model, calib, test, case, json.loads(opts), args.windows)))
         return
 
-    import torch
-    from transformers import AutoTokenizer
+    from llmsqueeze.evaluate import protocol_files, run_json, write_results
 
-    from llmsqueeze.data import calibration_batches
-    from llmsqueeze.evaluate import load_eval_text, run_json, tokenize_text, write_results
-
-    tok = AutoTokenizer.from_pretrained(args.model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        calib, test = f"{tmp}/calib.pt", f"{tmp}/test.pt"
-        torch.save(calibration_batches(tok, args.calib, args.n_samples, args.seq_len, seed=0), calib)
-        torch.save(tokenize_text(tok, load_eval_text(args.test)), test)
+        calib, test, protocol = protocol_files(args, tmp)
         for case in args.cases or CASES:
             method, target, bits = parse_case(case)
             runs = [(f"llmsqueeze {method}", [sys.executable, __file__, "--windows", str(args.windows), "--one",
@@ -125,8 +115,7 @@ def main() -> None:
                   f"| {r['peak_rss_mib']:.0f} MiB |")
     write_results(
         args.out, rows, model=args.model,
-        protocol=f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0) of {args.calib}; perplexity on "
-                 f"{args.test}, 2048-token windows, first {args.windows}, float32 CPU",
+        protocol=protocol,
     )
 
 

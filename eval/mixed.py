@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 import llmsqueeze
-from llmsqueeze.data import calibration_batches
-from llmsqueeze.evaluate import load_eval_text, peak_rss_mib, perplexity, tokenize_text, write_results
+from llmsqueeze.evaluate import add_protocol_args, peak_rss_mib, perplexity, protocol_data, write_results
 from llmsqueeze.mixed import layer_bits_cost, measure_sensitivity
 from llmsqueeze.models import quantizable_modules
 
@@ -46,12 +43,7 @@ def stored_bits(model, scheme) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(Path("~/.cache/llmsqueeze/smollm2-135m").expanduser()))
-    ap.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
-    ap.add_argument("--test", default="../shared/data/wikitext-2/test.txt")
-    ap.add_argument("--n-samples", type=int, default=128)
-    ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=8)
+    add_protocol_args(ap)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--budgets", type=float, nargs="*", default=[3.5])
     ap.add_argument("--uniform", type=int, nargs="*", default=[3, 4], help="uniform widths to run beside")
@@ -71,12 +63,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     t_start = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(args.model)
-    calib = calibration_batches(tok, args.calib, args.n_samples, args.seq_len, seed=0)
-    test = tokenize_text(tok, load_eval_text(args.test))
+    calib, test, protocol = protocol_data(args)
     base = llmsqueeze.QuantScheme(bits=4, group_size=args.group_size)
-    protocol = (f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0) of {args.calib}; perplexity on "
-                f"{args.test}, 2048-token windows, first {args.windows}, float32 CPU; group {args.group_size} asym")
+    protocol += f"; group {args.group_size} asym"
 
     model = llmsqueeze.load_dense(args.model, dtype=torch.float32).eval()
     names = quantizable_modules(model, base)

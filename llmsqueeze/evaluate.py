@@ -152,6 +152,41 @@ def environment() -> dict:
     return info
 
 
+def add_protocol_args(ap) -> None:
+    """The options of the evaluation protocol (shared/README.md) that every eval/ script comparing
+    methods on the real model takes: --model --calib --test --n-samples --seq-len --windows."""
+    ap.add_argument("--model", default=str(Path("~/.cache/llmsqueeze/smollm2-135m").expanduser()))
+    ap.add_argument("--calib", default="../shared/data/wikitext-2/valid.txt")
+    ap.add_argument("--test", default="../shared/data/wikitext-2/test.txt")
+    ap.add_argument("--n-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=8)
+
+
+def protocol_data(args) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """-> (calibration token ids [n_samples, seq_len] drawn with seed 0, the test text's token ids,
+    the protocol in words for the results JSON), from add_protocol_args' options."""
+    from transformers import AutoTokenizer
+
+    from .data import calibration_batches
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    calib = calibration_batches(tok, args.calib, args.n_samples, args.seq_len, seed=0)
+    test = tokenize_text(tok, load_eval_text(args.test))
+    protocol = (f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0) of {args.calib}; perplexity on "
+                f"{args.test}, 2048-token windows, first {args.windows}, float32 CPU")
+    return calib, test, protocol
+
+
+def protocol_files(args, tmp: str) -> tuple[str, str, str]:
+    """protocol_data saved once under `tmp` for child processes -> (calib.pt, test.pt, protocol)."""
+    calib, test, protocol = protocol_data(args)
+    paths = (f"{tmp}/calib.pt", f"{tmp}/test.pt")
+    torch.save(calib, paths[0])
+    torch.save(test, paths[1])
+    return *paths, protocol
+
+
 def run_json(cmd: list[str]) -> dict:
     """Run an eval child process that prints its result as a JSON line; -> that dict, or
     {"error": "exit N: <last stderr line>"} when it failed or printed none."""
