@@ -17,16 +17,13 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_char_lm import DATA, char_data, tiny_llama
 
 from llmsqueeze.pruning.iterative import MaskGuard, iterative_prune, magnitude_masks, prunable_params
 from llmsqueeze.pruning.masks import global_masks
 from llmsqueeze.pruning.saliency import gradient_saliency
-
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2"
 
 
 def main() -> None:
@@ -43,17 +40,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    train_text = (Path(args.data) / "valid.txt").read_text()
-    test_text = (Path(args.data) / "test.txt").read_text()[:200_000]
-    chars = sorted(set(train_text) | set(test_text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    train = torch.tensor([stoi[c] for c in train_text])
-    test = torch.tensor([stoi[c] for c in test_text])
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(chars), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=args.seq_len)
-    model = LlamaForCausalLM(cfg)
+    train, test, vocab = char_data(args.data)
+    model = tiny_llama(vocab, args.seq_len)
     g = torch.Generator().manual_seed(0)
 
     def train_step(model, opt, step):

@@ -22,12 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_char_lm import DATA, char_data, tiny_llama
 
 import llmsqueeze
 from llmsqueeze.quant.qat import convert, prepare_qat
-
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wikitext-2"
 
 
 def main() -> None:
@@ -45,17 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    train_text = (Path(args.data) / "valid.txt").read_text()
-    test_text = (Path(args.data) / "test.txt").read_text()[:200_000]
-    chars = sorted(set(train_text) | set(test_text))
-    stoi = {c: i for i, c in enumerate(chars)}
-    train = torch.tensor([stoi[c] for c in train_text])
-    test = torch.tensor([stoi[c] for c in test_text])
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(chars), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=args.seq_len)
-    model = LlamaForCausalLM(cfg)
+    train, test, vocab = char_data(args.data)
+    model = tiny_llama(vocab, args.seq_len)
 
     def train_steps(model, steps, lr, seed):
         g = torch.Generator().manual_seed(seed)  # the same batches for PTQ's and QAT's extra steps
@@ -94,7 +83,7 @@ def main() -> None:
         for label, start in (("PTQ (RTN) of dense", model), (f"PTQ (RTN) of dense + {args.qat_steps} steps", tuned)):
             q = llmsqueeze.quantize(copy.deepcopy(start), scheme, progress=False)
             rows.append((label, bits, test_loss(q)))
-        qat = LlamaForCausalLM(copy.deepcopy(cfg))  # its own config: convert() writes quantization_config
+        qat = type(model)(copy.deepcopy(model.config))  # its own config: convert() writes quantization_config
         qat.load_state_dict(dense)
         prepare_qat(qat, scheme, learn_scale=args.learn_scale)
         rows.append(("fake-quant before training (= PTQ of dense)", bits, test_loss(qat)))

@@ -9,7 +9,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import METHODS, LlmsqueezeError, QuantScheme, first_line
-from .models import all_linear_names, quantizable_modules
+from .models import all_linear_names, quantizable_modules, selected_layers
 from .nn import linear_weight, set_module
 from .quant.rtn import RTN
 
@@ -128,14 +128,7 @@ def quantize(
     check_method_options(method, scheme.grid, avg_bits)
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise LlmsqueezeError("this model is already quantized: start from the dense model")
-    names = quantizable_modules(model, scheme)
-    if not names:
-        raise LlmsqueezeError(
-            f"no layer of {type(model).__name__} matches include={scheme.include} exclude={scheme.exclude}: "
-            "loosen the patterns"
-        )
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_name = next((n for n in names if head is not None and model.get_submodule(n) is head), None)
+    names, head_name = selected_layers(model, scheme)
     if head_name is not None:
         _untie_lm_head(model, head_name)
 

@@ -455,7 +455,7 @@ def quantize_lazy(
     from .checkpoint import prepare_output_dir
     from .config import LAZY_METHODS, METHODS
     from .engine import run_sequential
-    from .models import all_linear_names, quantizable_modules
+    from .models import all_linear_names, selected_layers
     from .nn import set_module
     from .quant.rtn import RTN
     from .streaming import PartialCheckpoint, parse_size, sigterm_as_interrupt, tensor_sha256
@@ -471,12 +471,7 @@ def quantize_lazy(
     bound_heap_growth()
     lazy = LazyModel(model_id, dtype)
     model = lazy.model
-    names = quantizable_modules(model, scheme)
-    if not names:
-        raise LlmsqueezeError(f"no layer of {type(model).__name__} matches include={scheme.include} "
-                              f"exclude={scheme.exclude}: loosen the patterns")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_name = next((n for n in names if head is not None and model.get_submodule(n) is head), None)
+    names, head_name = selected_layers(model, scheme)
     if head_name is not None:
         lazy.load_outside(head=True)
         _untie_lm_head(model, head_name)

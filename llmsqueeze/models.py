@@ -130,5 +130,17 @@ def quantizable_modules(model: nn.Module, scheme: QuantScheme) -> list[str]:
     return names
 
 
+def selected_layers(model: nn.Module, scheme) -> tuple[list[str], str | None]:
+    """quantizable_modules, with an empty selection refused in one line -> (names, the output head's
+    name when the selection holds it, else None: the caller unties it from the embeddings)."""
+    names = quantizable_modules(model, scheme)
+    if not names:
+        raise LlmsqueezeError(f"no layer of {type(model).__name__} matches include={scheme.include} "
+                              f"exclude={scheme.exclude}: loosen the patterns")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((n for n in names if head is not None and model.get_submodule(n) is head), None)
+    return names, head_name
+
+
 def all_linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if is_linear(m)]

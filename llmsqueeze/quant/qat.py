@@ -138,7 +138,7 @@ def prepare_qat(model: nn.Module, scheme: QuantScheme | None = None, learn_scale
     """Swap the Linears the scheme selects (those in the decoder blocks; `lm_head` adds the head)
     for FakeQuantLinears, in place; returns the model. The weights stay trainable parameters."""
     from ..api import _untie_lm_head
-    from ..models import quantizable_modules
+    from ..models import selected_layers
     from ..nn import set_module
 
     if scheme is None:
@@ -152,12 +152,7 @@ def prepare_qat(model: nn.Module, scheme: QuantScheme | None = None, learn_scale
     if any(isinstance(m, FakeQuantLinear) for m in model.modules()):
         raise LlmsqueezeError("prepare_qat was already applied to this model; call convert() to finish it")
     scheme = dataclasses.replace(scheme, clip_search=False)  # min/max or learned ranges, never searched
-    names = quantizable_modules(model, scheme)
-    if not names:
-        raise LlmsqueezeError(f"no layer of {type(model).__name__} matches include={scheme.include} "
-                              f"exclude={scheme.exclude}: loosen the patterns")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_name = next((n for n in names if head is not None and model.get_submodule(n) is head), None)
+    names, head_name = selected_layers(model, scheme)
     if head_name is not None:
         _untie_lm_head(model, head_name)
         model.get_submodule(head_name).weight.requires_grad_(True)

@@ -130,16 +130,13 @@ def quantize_w8a8(model: nn.Module, scheme: W8A8Scheme, data=None, method: str =
     """Quantize `model` in place to W8A8 (llmsqueeze.quantize calls this for a W8A8Scheme).
     search_batches: calibration batches the alpha search of SmoothQuant runs each candidate on."""
     from ..api import _untie_lm_head, check_devices, quantization_config
-    from ..models import all_linear_names, quantizable_modules
+    from ..models import all_linear_names, selected_layers
 
     if method not in ("rtn", "gptq"):
         raise LlmsqueezeError(f"method {method!r} is not available for w8a8: use rtn or gptq")
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise LlmsqueezeError("this model is already quantized: start from the dense model")
-    names = quantizable_modules(model, scheme)
-    if not names:
-        raise LlmsqueezeError(f"no layer of {type(model).__name__} matches include={scheme.include} "
-                              f"exclude={scheme.exclude}: loosen the patterns")
+    names, head_name = selected_layers(model, scheme)
     smap = smooth_map_for(model)
     if scheme.smooth_alpha is not None and smap is None:
         raise LlmsqueezeError(f"SmoothQuant has no norm -> Linear table for model type "
@@ -149,8 +146,6 @@ def quantize_w8a8(model: nn.Module, scheme: W8A8Scheme, data=None, method: str =
     if calibrated and data is None:
         raise LlmsqueezeError("w8a8 with SmoothQuant, static activations or GPTQ needs calibration data: pass data= "
                               "token ids [n_samples, seq_len], or --calib on the command line")
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_name = next((n for n in names if head is not None and model.get_submodule(n) is head), None)
     if head_name is not None:
         _untie_lm_head(model, head_name)
     log.info("w8a8 (%s) on %d layers: %s", method, len(names), scheme.to_dict())
