@@ -97,3 +97,14 @@ def tiny_model(family: str):
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32).eval()
+
+
+def outlier_llama(gain: float):
+    """A tiny Llama whose norms scale input channels 3, 17 and 50 by `gain`: the few large activation
+    channels of real LLMs, for the balancing methods (SmoothQuant, AWQ)."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[[3, 17, 50]] = gain
+    return model

@@ -2,7 +2,7 @@
 against brute-force references, the checkpoint round trip, and the one-line errors."""
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, outlier_llama, tiny_model
 
 import llmsqueeze
 from llmsqueeze import LlmsqueezeError, QuantScheme
@@ -28,15 +28,6 @@ def _gen(seed=0):
 def _calib(n=4, t=32):
     return torch.randint(3, 64, (n, t), generator=_gen())
 
-
-def _outlier_llama():
-    """A tiny Llama whose norms produce a few large input channels, as real LLMs do."""
-    model = tiny_model("llama")
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[[3, 17, 50]] = 20.0
-    return model
 
 
 def test_awq_scales_are_normalised():
@@ -160,11 +151,11 @@ def _block0_output_error(model, ref, ids):
 
 @pytest.mark.parametrize("clip", [False, True])
 def test_awq_beats_rtn_with_an_outlier_channel(clip):
-    ref = _outlier_llama()
+    ref = outlier_llama(20.0)
     ids = torch.randint(3, 64, (2, 32), generator=_gen(9))
     scheme = QuantScheme(bits=3, group_size=32, clip_search=clip)
-    rtn = llmsqueeze.quantize(_outlier_llama(), QuantScheme(bits=3, group_size=32, clip_search=False), progress=False)
-    awq = llmsqueeze.quantize(_outlier_llama(), scheme, data=_calib(), method="awq", progress=False)
+    rtn = llmsqueeze.quantize(outlier_llama(20.0), QuantScheme(bits=3, group_size=32, clip_search=False), progress=False)
+    awq = llmsqueeze.quantize(outlier_llama(20.0), scheme, data=_calib(), method="awq", progress=False)
     e_rtn, e_awq = _block0_output_error(rtn, ref, ids), _block0_output_error(awq, ref, ids)
     assert e_awq < 0.8 * e_rtn, (e_awq, e_rtn)
     qc = awq.config.quantization_config
@@ -177,7 +168,7 @@ def test_awq_beats_rtn_with_an_outlier_channel(clip):
 def test_awq_then_gptq_and_round_trip(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = llmsqueeze.quantize(_outlier_llama(), QuantScheme(bits=4, group_size=32), data=_calib(),
+    model = llmsqueeze.quantize(outlier_llama(20.0), QuantScheme(bits=4, group_size=32), data=_calib(),
                                 method="awq-gptq", progress=False)
     qc = model.config.quantization_config
     assert qc["method"] == "awq" and qc["method_args"]["awq"]["then"] == "gptq" and qc["method_args"]["act_order"]

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model, tiny_tokenizer
+from conftest import FAMILIES, outlier_llama, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import llmsqueeze
@@ -142,15 +142,6 @@ def _calib(n=4, t=32):
     return torch.randint(3, 64, (n, t), generator=_gen())
 
 
-def _outlier_llama():
-    """A tiny Llama whose norms produce a few large channels, as real LLMs do."""
-    model = tiny_model("llama")
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                norm.weight[[3, 17, 50]] = 40.0
-    return model
-
 
 def _logit_error(model, ref, ids):
     with torch.no_grad():
@@ -160,10 +151,10 @@ def _logit_error(model, ref, ids):
 
 @pytest.mark.parametrize("act", ["dynamic", "static"])
 def test_smoothquant_helps_with_outliers(act):
-    ref = _outlier_llama()
+    ref = outlier_llama(40.0)
     ids = torch.randint(3, 64, (2, 32), generator=_gen(9))
-    plain = llmsqueeze.quantize(_outlier_llama(), W8A8Scheme(act=act, smooth_alpha=None), data=_calib(), progress=False)
-    smooth = llmsqueeze.quantize(_outlier_llama(), W8A8Scheme(act=act), data=_calib(), progress=False)
+    plain = llmsqueeze.quantize(outlier_llama(40.0), W8A8Scheme(act=act, smooth_alpha=None), data=_calib(), progress=False)
+    smooth = llmsqueeze.quantize(outlier_llama(40.0), W8A8Scheme(act=act), data=_calib(), progress=False)
     e_plain, e_smooth = _logit_error(plain, ref, ids), _logit_error(smooth, ref, ids)
     assert e_smooth < 0.7 * e_plain, (e_smooth, e_plain)
     alphas = smooth.config.quantization_config["method_args"]["smoothquant"]["alphas"]
@@ -345,7 +336,7 @@ def test_alpha_search_coarse_to_fine():
     from llmsqueeze.quant.smoothquant import collect_input_absmax, search_alpha
     from llmsqueeze.quant.w8a8 import _rtn_int8
 
-    model = _outlier_llama()
+    model = outlier_llama(40.0)
     block = model.model.layers[0]
     hidden, kwargs = capture_block_inputs(model, model.model.layers, [_calib(2)], "cpu", "cpu")
     inputs = [(hidden[0], kwargs[0][0])]
