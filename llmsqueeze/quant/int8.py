@@ -34,9 +34,15 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Memory-bound, so written for few passes: max|x| as an inf-norm (no |x| temporary), one division,
     rounding in place; |x| / scale <= 127 (to float rounding), so no clamp. A true division, not a
     multiply by 1/scale: the two differ on rounding ties, and W8A8 without smoothing on SmolLM2-135M
-    is sensitive enough that those few flips move perplexity by ~1% (see eval/w8a8.py)."""
+    is sensitive enough that those few flips move perplexity by ~1% (see eval/w8a8.py).
+
+    max|x| / 127 is a true division on every device too: CUDA divides a tensor by a Python number as
+    a multiply by its reciprocal (a last-bit difference on some rows), so the divisor is a 0-dim
+    tensor. The scales are then the same bits on CPU, on CUDA and from the Triton kernel
+    (llmsqueeze.kernels.int8_matmul)."""
     xf = x.float()
-    scale = (torch.linalg.vector_norm(xf, float("inf"), dim=-1) / QMAX).clamp_(min=_tiny())  # all-zero row: any
+    amax = torch.linalg.vector_norm(xf, float("inf"), dim=-1)
+    scale = amax.div_(amax.new_full((), QMAX)).clamp_(min=_tiny())  # all-zero row: any
     xq = (xf / scale.unsqueeze(-1)).round_().to(torch.int8)
     return xq, scale
 
