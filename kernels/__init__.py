@@ -6,6 +6,9 @@
     gemv, gemm, dequantize     the individual kernels' launchers (quant_matmul.py)
     kernel_weights(module)     the kernels' cached view of a QuantLinear (layout.py)
     prepare_model(model)       build that view for every QuantLinear up front (before torch.compile)
+    int8_quantize_per_token(x), int8_quantize_static(x, scale), int8_scaled_mm(xq, wq, sx, sw, bias, dtype)
+                               what Int8Linear.forward calls on CUDA: the W8A8 kernels (int8_matmul.py);
+                               under torch.compile as the custom ops llmsqueeze::int8_*
 
 Triton is imported on first use, not with this package: the interpreter (TRITON_INTERPRET=1) is
 chosen when a kernel is defined, so tests can set it after `import llmsqueeze`.
@@ -86,3 +89,34 @@ def prepare_model(model) -> int:
     for m in layers:
         kernel_weights(m)
     return len(layers)
+
+
+# -- W8A8 (Int8Linear): plain launchers when eager (a custom op's dispatch costs microseconds, as much
+# as a small kernel), the opaque custom ops while torch.compile traces ----------------------------
+
+
+def int8_quantize_per_token(x):
+    """x [..., K] -> (xq int8 [..., K], scale float32 [...]): quant.int8.quantize_per_token's bits."""
+    import torch
+
+    from . import int8_matmul as im
+
+    return (im.quant_per_token_op if torch.compiler.is_compiling() else im.quantize_per_token)(x)
+
+
+def int8_quantize_static(x, scale):
+    """x [..., K], scale float32 [1] -> xq int8 [..., K]: quant.int8.quantize_static's bits."""
+    import torch
+
+    from . import int8_matmul as im
+
+    return (im.quant_static_op if torch.compiler.is_compiling() else im.quantize_static)(x, scale)
+
+
+def int8_scaled_mm(xq, wq, x_scale, w_scale, bias, dtype):
+    """xq [M, K] int8, wq [N, K] int8 -> (xq @ wq^T) * x_scale * w_scale (+ bias) [M, N] in `dtype`."""
+    import torch
+
+    from . import int8_matmul as im
+
+    return (im.scaled_mm_op if torch.compiler.is_compiling() else im.scaled_mm)(xq, wq, x_scale, w_scale, bias, dtype)
