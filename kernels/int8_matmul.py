@@ -37,8 +37,8 @@ try:  # host-side TMA descriptors: Triton >= 3.4
 except ImportError:  # pragma: no cover (older Triton: pointer kernel only)
     TensorDescriptor = None
 
-QMAX: tl.constexpr = 127.0
-TINY: tl.constexpr = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny: the scale of an all-zero row
+QMAX = tl.constexpr(127.0)
+TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny: the scale of an all-zero row
 
 # (block_m, block_n, block_k, group_m, num_warps, num_stages, tma). Hopper-class configs for prefill
 # (H100/H200: 228 KB shared memory, a stage holds (BM + BN) * BK bytes); a config that does not fit
@@ -227,7 +227,8 @@ def _quant_launch(x2: torch.Tensor, xq: torch.Tensor, s: torch.Tensor, static: b
     block = block or min(triton.next_power_of_2(k), 16384)
     one_tile = block >= k
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
-    _quant_kernel[(m,)](x2, xq, s, k, x2.stride(0), STATIC=static, ONE_TILE=one_tile, BLOCK=block, num_warps=warps)
+    _quant_kernel[(m,)](x2, xq, s, k, x2.stride(0), STATIC=static, ONE_TILE=one_tile, BLOCK=block, num_warps=warps,
+                        enable_fp_fusion=False)
 
 
 def quantize_per_token(x: torch.Tensor, *, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

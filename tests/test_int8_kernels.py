@@ -225,3 +225,69 @@ def test_traces_whole_under_torch_compile(monkeypatch):
     torch._dynamo.reset()
     y = torch.compile(w8a8, backend="aot_eager", fullgraph=True)(x)
     assert torch.equal(y, w8a8(x))
+
+
+# -- the GPU compile: what the interpreter cannot see ----------------------------------------------
+
+AOT = r'''
+import json, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
+from triton.tools.tensor_descriptor import TensorDescriptor
+from llmsqueeze.kernels import int8_matmul as im
+
+def ptx(fn, args, constexprs, **opts):
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        sig[name] = mangle_type(args[name])
+        if isinstance(args[name], torch.Tensor) or (isinstance(args[name], int) and args[name] % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+
+m, n, k = 512, 4096, 4112  # K % 128 != 0: the masked K loop (K % 16 == 0: TMA can take it)
+xq, wq = torch.empty(m, k, dtype=torch.int8), torch.empty(n, k, dtype=torch.int8)
+y, xs, ws, x = torch.empty(m, n, dtype=torch.float16), torch.empty(m), torch.empty(n), torch.empty(m, k, dtype=torch.bfloat16)
+out = {}
+for cfg in json.loads(sys.argv[1]):
+    bm, bn, bk, gm, warps, stages, tma = cfg
+    c = dict(ROW_SCALE=True, HAS_BIAS=True, BM=bm, BN=bn, BK=bk, GROUP_M=gm)
+    opts = dict(num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+    if tma:
+        a = dict(a_desc=TensorDescriptor.from_tensor(xq, [bm, bk]), b_desc=TensorDescriptor.from_tensor(wq, [bn, bk]),
+                 y_ptr=y, xs_ptr=xs, ws_ptr=ws, bias_ptr=ws, M=m, N=n, K=k)
+        p = ptx(im._scaled_mm_tma_kernel, a, c, **opts)
+    else:
+        a = dict(a_ptr=xq, b_ptr=wq, y_ptr=y, xs_ptr=xs, ws_ptr=ws, bias_ptr=ws, M=m, N=n, K=k, stride_am=k, stride_bn=k)
+        p = ptx(im._scaled_mm_kernel, a, dict(c, EVEN_K=False), **opts)
+    out[str(cfg)] = {"wgmma": "wgmma" in p, "fma": "fma.rn.f32" in p}
+for static, one in ((False, True), (False, False), (True, True)):
+    p = ptx(im._quant_kernel, dict(x_ptr=x, xq_ptr=xq, s_ptr=xs, K=k, stride_xm=k),
+            dict(STATIC=static, ONE_TILE=one, BLOCK=8192 if one else 1024), num_warps=8)
+    out[f"quant {static} {one}"] = {"div_rn": "div.rn.f32" in p, "div_approx": "div.full" in p or "div.approx" in p}
+print(json.dumps(out))
+'''
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter runs the kernels as Python, so it cannot catch what only the compiler rejects
+    (a non-constexpr global, a layout tl.dot cannot take): compile for sm_90 on this CPU (Triton
+    bundles ptxas) in a process without TRITON_INTERPRET, and check the PTX for what exactness
+    relies on: int8 wgmma tiles, no FMA in the GEMM epilogue, IEEE divisions in the quantization."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    cfgs = [im.LARGE_M_CONFIGS[0], next(c for c in im.LARGE_M_CONFIGS if not c[6]), im.SMALL_M_CONFIGS[1]]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", AOT, json.dumps(cfgs)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for cfg in cfgs:
+        assert out[str(list(cfg))] == {"wgmma": cfg[0] >= 64, "fma": False}, (cfg, out)
+    for key in ("quant False True", "quant False False", "quant True True"):
+        assert out[key] == {"div_rn": True, "div_approx": False}, (key, out)
