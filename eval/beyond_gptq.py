@@ -4,6 +4,13 @@ same calibration samples, same protocol (shared/README.md).
 
     python eval/beyond_gptq.py --schemes 3:64:asym --runs autoround gptq
     python eval/beyond_gptq.py --schemes 3:64:asym --runs 'autoround:{"iters": 50, "init": "clip"}'
+    python eval/beyond_gptq.py --schemes 3:64:asym --runs autoround peer-autoround peer-llmc-gptq \
+        --autoround-python /work/venvs/arpeer/bin/python --llmc-python /work/venvs/llmc/bin/python
+
+Peers run in their own virtualenvs on the same token ids and evaluate with the same windows:
+`peer-autoround[:{"iters": 200}]` is Intel's AutoRound (eval/peers/autoround_peer.py, installed with
+`pip install torch==2.13.0 auto-round==0.16.1`), `peer-llmc-gptq` llm-compressor's GPTQModifier
+(eval/peers/llmcompressor_gptq.py).
 
 Calibration: 128 samples x 512 tokens at random offsets (seed 0) of WikiText-2 valid.txt, tokenized
 once here and handed to every run as token ids. Perplexity: WikiText-2 test, 2048-token windows, first
@@ -23,11 +30,14 @@ from pathlib import Path
 
 
 def run_one(model: str, calib: str, test: str, bits: int, group: int, sym: bool, method: str, opts: dict,
-            windows: int) -> dict:
+            windows: int, threads: int = 0) -> dict:
     import logging
     import time
 
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     import llmsqueeze
     from llmsqueeze.evaluate import peak_rss_mib, perplexity
@@ -51,6 +61,23 @@ def run_one(model: str, calib: str, test: str, bits: int, group: int, sym: bool,
             "threads": torch.get_num_threads(), "block_losses": blocks}
 
 
+def peer_command(args, method: str, opts: dict, calib: str, test: str, bits: int, group: int,
+                 sym: bool) -> list[str] | None:
+    """The command line of a peer run in its own venv, or None for one of ours."""
+    here = Path(__file__).resolve().parent / "peers"
+    common = [args.model, calib, test, "--bits", str(bits), "--group-size", str(group), "--windows",
+              str(args.windows), *(["--sym"] if sym else [])]
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    if method == "peer-autoround":
+        extra = [a for k, v in opts.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+        return [args.autoround_python, str(here / "autoround_peer.py"), *common, *threads, *extra]
+    if method == "peer-llmc-gptq":
+        return [args.llmc_python, str(here / "llmcompressor_gptq.py"), *common, *threads]
+    if method.startswith("peer-"):
+        raise SystemExit(f"unknown peer run {method!r}: use peer-autoround or peer-llmc-gptq")
+    return None
+
+
 def parse_run(text: str) -> tuple[str, dict]:
     method, _, opts = text.partition(":")
     return method, json.loads(opts) if opts else {}
@@ -65,13 +92,18 @@ def main() -> None:
     ap.add_argument("--runs", nargs="*", default=["autoround"],
                     help='method[:json options for quantize()], e.g. gptq autoround \'autoround:{"iters": 100}\'')
     ap.add_argument("--out", default="eval/results/beyond_gptq.json")
+    ap.add_argument("--autoround-python", default="/work/venvs/arpeer/bin/python",
+                    help="python of AutoRound's venv (for peer-autoround runs)")
+    ap.add_argument("--llmc-python", default="/work/venvs/llmc/bin/python",
+                    help="python of llm-compressor's venv (for peer-llmc-gptq runs)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's own)")
     ap.add_argument("--one", nargs=8, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.one:  # child: one run
         model, calib, test, bits, group, sym, method, opts = args.one
         print(json.dumps(run_one(model, calib, test, int(bits), int(group), sym == "1", method, json.loads(opts),
-                                 args.windows)))
+                                 args.windows, args.threads)))
         return
 
     import shlex
@@ -89,10 +121,16 @@ def main() -> None:
             name = f"w{bits} g{group} {'sym' if sym else 'asym'}"
             for spec in args.runs:
                 method, opts = parse_run(spec)
-                cmd = [sys.executable, __file__, "--windows", str(args.windows), "--one", args.model, calib, test,
-                       str(bits), str(group), "1" if sym else "0", method, json.dumps(opts)]
+                cmd = peer_command(args, method, opts, calib, test, bits, group, sym)
+                if cmd is None:
+                    cmd = [sys.executable, __file__, "--windows", str(args.windows), "--threads", str(args.threads),
+                           "--one", args.model, calib, test, str(bits), str(group), "1" if sym else "0", method,
+                           json.dumps(opts)]
                 t0 = time.time()
+                load0 = os.getloadavg()
                 res = run_json(cmd)
+                if method.startswith("peer-") and "error" not in res:
+                    res.update(loadavg_before=load0, loadavg_after=os.getloadavg(), threads=args.threads or None)
                 row = {"scheme": name, "bits": bits, "group_size": group, "sym": sym, "run": spec,
                        "command": cmdline, "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t0)), **res}
                 rows.append(row)

@@ -82,6 +82,8 @@ def quantize(
     seed: int = 0,
     init: str = "rtn",
     batch_samples: int = 8,
+    float_targets: bool = True,
+    amp: bool | None = None,
     **scheme_kwargs,
 ) -> nn.Module:
     """Quantize `model` in place and return it: each selected Linear becomes a packed QuantLinear.
@@ -106,8 +108,11 @@ def quantize(
     balancing, then GPTQ with the options above) need `data` too; see llmsqueeze.quant.awq.
 
     method "autoround" learns each block's rounding and group ranges by sign-SGD on the block's output
-    error (llmsqueeze.quant.autoround): `iters` steps per block (lr default 1/iters), minibatches drawn
-    of `batch_samples` with `seed`, starting from round-to-nearest (`init` "rtn") or the clip-searched grid ("clip").
+    error (llmsqueeze.quant.autoround): `iters` steps per block (lr default 1/iters, 2/iters at 3 bits
+    and below), minibatches drawn of `batch_samples` with `seed`, starting from round-to-nearest (`init`
+    "rtn") or the clip-searched grid ("clip"); the targets are the float model's block outputs
+    (`float_targets`, default) or the float block's on the quantized inputs; `amp` (default: where the
+    hardware has bfloat16) trains under bfloat16 autocast.
     """
     from .quant.int8 import W8A8Scheme
 
@@ -159,7 +164,8 @@ def quantize(
         method = "awq"
     elif method == "autoround":
         method_args = _quantize_autoround(model, names, scheme, data, progress, device=device, offload=offload,
-                                          iters=iters, lr=lr, seed=seed, init=init, batch_samples=batch_samples)
+                                          iters=iters, lr=lr, seed=seed, init=init, batch_samples=batch_samples,
+                                          float_targets=float_targets, amp=amp)
     else:
         method_args = _quantize_gptq(
             model, names, scheme, data, progress, device=device, offload=offload, true_sequential=true_sequential,
@@ -244,22 +250,24 @@ def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, tru
 
 
 def _quantize_autoround(model, names, scheme, data, progress, *, device, offload, iters, lr, seed, init,
-                        batch_samples) -> dict:
+                        batch_samples, float_targets, amp) -> dict:
     from .engine import run_sequential
     from .evaluate import peak_rss_mib
-    from .quant.autoround import AutoRound, check_autoround_args
+    from .quant.autoround import AutoRound, check_autoround_args, training_dtype
 
     check_autoround_args(iters, lr, batch_samples, init, 0.5)
     # one sample per engine batch: AutoRound stacks them into its own minibatches
     batches, ids, device = _engine_inputs(data, "autoround", 0.01, 128, 1, device, offload)
     method = AutoRound(scheme, names, iters=iters, lr=lr, batch_samples=batch_samples, seed=seed, init=init,
-                       progress=progress)
+                       progress=progress, float_targets=float_targets, amp=amp)
     stats = run_sequential(model, batches, method, names, device=device, offload=offload, progress=progress)
     log.info("autoround done in %.1f s; peak RSS %.0f MiB", stats.seconds, peak_rss_mib())
     model._llmsqueeze_stats = stats
     model._llmsqueeze_report = method.report
     return {"iters": iters, "lr": method.lr, "batch_samples": method.batch_samples, "seed": seed, "init": init,
-            "amin": method.amin, "n_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
+            "amin": method.amin, "float_targets": method.float_targets,
+            "train_dtype": str(training_dtype(torch.device(device), amp) or torch.float32).replace("torch.", ""),
+            "n_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
 
 
 def gptq_setup(scheme, data, *, device, offload, true_sequential, act_order, static_groups, damp, block_size,

@@ -110,7 +110,8 @@ def cmd_quantize(args) -> int:
         true_sequential=args.true_sequential, act_order=args.act_order != "off", static_groups=args.act_order == "static",
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
         **({"avg_bits": args.avg_bits, "bit_candidates": tuple(args.bit_candidates)} if mixed else {}),
-        **({"iters": args.iters, "lr": args.lr, "seed": args.seed, "init": args.autoround_init}
+        **({"iters": args.iters, "lr": args.lr, "seed": args.seed, "init": args.autoround_init,
+            "float_targets": args.autoround_targets == "float", "amp": {"auto": None, "on": True, "off": False}[args.amp]}
            if args.method == "autoround" else {}),
     )
     _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None))
@@ -343,7 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--damp", type=float, default=0.01, help="gptq damping, fraction of the mean Hessian diagonal")
     q.add_argument("--block-size", type=int, default=128, help="gptq lazy-update block (default 128)")
     q.add_argument("--iters", type=int, default=200, help="autoround: sign-SGD steps per block (default 200)")
-    q.add_argument("--lr", type=float, default=None, help="autoround: step size (default 1/iters)")
+    q.add_argument("--lr", type=float, default=None, help="autoround: step size (default 1/iters, 2/iters at <= 3 bits)")
+    q.add_argument("--autoround-targets", choices=("float", "quantized"), default="float",
+                   help="autoround: match the float model's block outputs (default) or the float block's on the "
+                        "quantized inputs")
+    q.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="autoround: train under bfloat16 autocast (auto: where the hardware has bfloat16)")
     q.add_argument("--autoround-init", choices=("rtn", "clip"), default="rtn",
                    help="autoround: start from round-to-nearest min/max (default) or the clip-searched grid")
     q.add_argument("--device", default=None, help="where blocks are calibrated: cuda or cpu (default: cuda if present)")

@@ -49,6 +49,8 @@ class Method(Protocol):
     # prepare_block(prefix, block, batches) rewrites the float block in place before its
     # Linears are calibrated (SmoothQuant folds scales into norms and Linears); `batches()` yields
     # the block's calibration inputs (hidden [B, T, H], kwargs) on the compute device.
+    # `float_targets = True`: prepare_block is also passed targets=, a callable yielding, batch by
+    # batch, the float block's outputs on the float (never quantized) model's inputs [B, T, H].
 
 
 class _StopForward(Exception):
@@ -231,6 +233,13 @@ def run_sequential(
     if on_captured is not None:
         on_captured()
 
+    # a method with `float_targets = True` (learned rounding) is also handed, per block, the float
+    # model's outputs on the float model's inputs: a second stream of activations, never quantized, so
+    # each block learns to undo the error of the quantized blocks upstream (AutoRound does the same)
+    float_targets = bool(getattr(method, "float_targets", False)) and bool(hidden)
+    if float_targets and start_hidden is not None:
+        raise LlmsqueezeError("resume keeps the quantized stream only; a float-target method must start again")
+    fp_hidden = list(hidden)  # the same tensors until block 0 replaces `hidden`'s entries
     wanted = set(layer_names)
     bar = tqdm(range(start_block, len(blocks)), desc="blocks", disable=not progress, unit="block",
                initial=start_block, total=len(blocks))
@@ -241,8 +250,16 @@ def run_sequential(
         block = blocks[i].to(device)
         bprefix = f"{prefix}{i}."
         prepare = getattr(method, "prepare_block", None)
+        fp_out = None
+        if float_targets:  # the float block on the float stream: the targets, and that stream's next inputs
+            fp_out = [_block_output(block(h.to(device), **_to(kw[i], device))).to(offload)
+                      for h, kw in zip(fp_hidden, kwargs)]
         if prepare is not None:
-            prepare(bprefix, block, lambda: ((h.to(device), _to(kw[i], device)) for h, kw in zip(hidden, kwargs)))
+            inputs = lambda: ((h.to(device), _to(kw[i], device)) for h, kw in zip(hidden, kwargs))  # noqa: E731
+            if float_targets:
+                prepare(bprefix, block, inputs, targets=lambda: (t.to(device) for t in fp_out))
+            else:
+                prepare(bprefix, block, inputs)
         with reuse_dequantized(block):  # the passes over quantized Linears unpack each weight once
             names = [n for n, m in block.named_modules() if is_linear(m) and bprefix + n in wanted]
             for group in _groups(names, arch.sequential, true_sequential):
@@ -271,6 +288,8 @@ def run_sequential(
                 if not torch.isfinite(out).all():
                     raise FloatingPointError(f"block {i} produced NaN/Inf after calibration; check the model and the data")
                 hidden[j] = out.to(offload)
+        if float_targets:
+            fp_hidden = fp_out
         if block_loader is None:
             blocks[i] = block.to(home)
         if block_done is not None:

@@ -148,3 +148,62 @@ def test_cli_autoround(tiny_model_dir, text_file, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("llmsqueeze: error:") and "\n" not in err and "iters=0" in err
     assert not (tmp_path / "r").exists()
+
+
+class _Perturb:
+    """An engine method that records what prepare_block is handed and replaces each Linear by a
+    perturbed copy, so the quantized stream departs from the float one."""
+
+    float_targets = True
+
+    def __init__(self):
+        self.seen = []  # (prefix, inputs [S, T, H], targets [S, T, H])
+
+    def collect(self, name, module, x):
+        pass
+
+    def prepare_block(self, prefix, block, batches, targets=None):
+        self.seen.append((prefix, torch.cat([h for h, _ in batches()]), torch.cat(list(targets()))))
+
+    def apply(self, name, module):
+        new = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        new.load_state_dict(module.state_dict())
+        with torch.no_grad():
+            new.weight.mul_(1.25)
+        return new
+
+
+def test_engine_float_targets_are_the_dense_models_block_outputs():
+    """With float_targets the engine hands each block the float model's block outputs on the float
+    model's own inputs (hidden_states[i + 1] of the dense forward), while the inputs come from the
+    modified blocks upstream."""
+    from llmsqueeze.engine import run_sequential
+    from llmsqueeze.nn import is_linear
+
+    model = tiny_model("llama").eval()
+    ids = _calib(4, 16)
+    with torch.no_grad():
+        dense = model(ids, output_hidden_states=True).hidden_states  # embeddings, block 0 out, ...
+    names = [n for n, m in model.named_modules() if is_linear(m) and ".layers." in n]
+    method = _Perturb()
+    run_sequential(model, [ids[i : i + 1] for i in range(len(ids))], method, names, progress=False)
+    n_blocks = len(model.model.layers)
+    assert [p for p, _, _ in method.seen] == [f"model.layers.{i}." for i in range(n_blocks)]
+    for i, (_, x, y) in enumerate(method.seen[:-1]):  # the last hidden state has the final norm applied
+        torch.testing.assert_close(y, dense[i + 1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(method.seen[0][1], dense[0], rtol=0, atol=0)
+    assert (method.seen[1][1] - dense[1]).abs().max() > 1e-3  # the inputs are the perturbed stream's
+
+
+def test_float_targets_change_the_result_and_amp_off_trains_in_float32():
+    from llmsqueeze.quant.autoround import default_lr, training_dtype
+
+    a, ra = _block_report(3, False, 32, iters=10)
+    b, rb = _block_report(3, False, 32, iters=10, float_targets=False)
+    assert a.config.quantization_config["method_args"]["float_targets"] is True
+    assert b.config.quantization_config["method_args"]["float_targets"] is False
+    # block 0 sees identical inputs and targets either way; later blocks learn other targets
+    assert ra[0]["loss_before"] == rb[0]["loss_before"]
+    assert ra[-1]["loss_before"] != rb[-1]["loss_before"]
+    assert training_dtype(torch.device("cpu"), False) is None
+    assert default_lr(200, 3) == 0.01 and default_lr(200, 4) == 0.005 and default_lr(100, 2) == 0.02

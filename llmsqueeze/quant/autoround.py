@@ -12,8 +12,14 @@ For a Linear W [N, K] grouped along K (G columns per group; the last group may b
     minimise  mean (block(x; Wq) - block(x; W))**2  over V, a_lo, a_hi
     step:     p <- clamp(p - lr_t * sign(dL/dp)),  lr_t = lr * (1 - t / iters)   (sign-SGD)
 
+The forward and backward passes of the optimisation run under bfloat16 autocast where the hardware
+has it (amp; float32 otherwise); targets, held-out losses and the frozen grid stay float32.
+
 x are the block's calibration inputs as the engine hands them (outputs of the already-quantized
-upstream blocks), the targets are the float block's outputs on them. d round(u)/du is taken as 1
+upstream blocks). The targets are, by default (float_targets), the float model's outputs of this block
+on the float model's own inputs (a second activation stream the engine carries), so each block also
+learns to undo the error the quantized blocks upstream left in x; float_targets=False takes the float
+block's outputs on x instead. d round(u)/du is taken as 1
 (straight-through). The iterate with the lowest minibatch loss is kept, then frozen to the grid with
 the scale in its storage dtype: the packed QuantLinear reproduces it bit for bit.
 
@@ -228,10 +234,12 @@ class AutoRound:
 
     def __init__(self, scheme: QuantScheme, names: list[str], iters: int = 200, lr: float | None = None,
                  batch_samples: int = 8, seed: int = 0, init: str = "rtn", amin: float = 0.5,
-                 eval_samples: int = 8, progress: bool = True):
+                 eval_samples: int = 8, progress: bool = True, float_targets: bool = True, amp: bool | None = None):
         check_autoround_args(iters, lr, batch_samples, init, amin)
         self.scheme, self.names = scheme, set(names)
-        self.iters, self.lr = iters, (lr if lr is not None else 1.0 / iters)
+        self.iters, self.lr = iters, (lr if lr is not None else default_lr(iters, scheme.bits))
+        self.float_targets = bool(float_targets)  # the engine then hands prepare_block the float stream's outputs
+        self.amp = amp
         self.batch_samples, self.seed, self.init, self.amin = batch_samples, seed, init, amin
         self.eval_samples, self.progress = eval_samples, progress
         self.frozen: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -248,7 +256,7 @@ class AutoRound:
         return QuantLinear.from_quantized(q, scale, zero, s.bits, s.group_size_for(q.shape[1]), bias=module.bias,
                                           scale_dtype=s.torch_scale_dtype)
 
-    def prepare_block(self, prefix: str, block: nn.Module, batches) -> None:
+    def prepare_block(self, prefix: str, block: nn.Module, batches, targets=None) -> None:
         from torch.func import functional_call
 
         from ..nn import is_linear
@@ -273,15 +281,22 @@ class AutoRound:
         saved_grad = [p.requires_grad for p in work.parameters()]
         for p in work.parameters():
             p.requires_grad_(False)
-        with torch.no_grad():
-            y = torch.cat([_out(work(x[i : i + self.batch_samples], **kw)) for i in range(0, len(x), self.batch_samples)])
+        if targets is not None:  # the float model's block outputs on its own (float) inputs
+            y = torch.cat([t.float() for t in targets()])
+        else:  # the float block's outputs on the quantized model's inputs
+            with torch.no_grad():
+                y = torch.cat([_out(work(x[i : i + self.batch_samples], **kw))
+                               for i in range(0, len(x), self.batch_samples)])
+        amp_dtype = training_dtype(x.device, self.amp)
 
         params = [t for L in layers for t in ((L.v, L.a_lo, L.a_hi) if not sym else (L.v, L.a_hi))]
         bounds = [b for L in layers for b in (((-0.5, 0.5), (L.a_min, L.a_max), (L.a_min, L.a_max)) if not sym
                                                else ((-0.5, 0.5), (L.a_min, L.a_max)))]
 
-        def block_loss(xb, yb, weights) -> torch.Tensor:
-            return torch.nn.functional.mse_loss(_out(functional_call(work, weights, (xb,), kw)), yb)
+        def block_loss(xb, yb, weights, amp: bool = False) -> torch.Tensor:
+            with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp and amp_dtype is not None):
+                out = _out(functional_call(work, weights, (xb,), kw))
+            return torch.nn.functional.mse_loss(out.float(), yb)
 
         def eval_loss(weights) -> float:
             m = min(self.eval_samples, len(x))
@@ -301,7 +316,7 @@ class AutoRound:
         for t in bar:
             idx = torch.randperm(len(x), generator=gen)[:bs]
             with torch.enable_grad():  # the engine runs under no_grad
-                loss = block_loss(x[idx], y[idx], {L.param: L.weight(bits, sym) for L in layers})
+                loss = block_loss(x[idx], y[idx], {L.param: L.weight(bits, sym) for L in layers}, amp=True)
                 loss.backward()
             lv = loss.item()
             trace.append(lv)
@@ -352,12 +367,38 @@ def _tensors(obj):
             yield from _tensors(o)
 
 
+def default_lr(iters: int, bits: int) -> float:
+    """The sign-SGD step: 1/iters, doubled at 3 bits and below where the grid is coarser (AutoRound's
+    own default)."""
+    return (2.0 if bits <= 3 else 1.0) / iters
+
+
+def training_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
+    """The autocast dtype for the optimisation's forward and backward passes: bfloat16 where the
+    hardware has it (amp None: auto; 2.6x faster on a Zen 4 CPU with AVX512-BF16), else None (float32).
+    The targets, the held-out losses and the frozen grid stay float32."""
+    if amp is False:
+        return None
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        try:
+            ok = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            ok = False
+    else:
+        ok = False
+    if amp and not ok:
+        log.warning("amp: no bfloat16 support on %s; training in float32", device)
+    return torch.bfloat16 if ok else None
+
+
 def check_autoround_args(iters, lr, batch_samples, init, amin) -> None:
     """One-line errors for bad options, before any work."""
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise LlmsqueezeError(f"iters={iters!r} must be a positive integer, e.g. 200")
     if lr is not None and not (isinstance(lr, (int, float)) and 0 < lr <= 1):
-        raise LlmsqueezeError(f"lr={lr!r} must lie in (0, 1] (default 1/iters)")
+        raise LlmsqueezeError(f"lr={lr!r} must lie in (0, 1] (default 1/iters, 2/iters at 3 bits and below)")
     if isinstance(batch_samples, bool) or not isinstance(batch_samples, int) or batch_samples < 1:
         raise LlmsqueezeError(f"batch_samples={batch_samples!r} must be a positive integer, e.g. 8")
     if init not in INITS:

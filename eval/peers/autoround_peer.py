@@ -1,0 +1,82 @@
+#!/usr/bin/env python3
+"""Run Intel's AutoRound in its own virtualenv on given calibration token ids, then measure perplexity
+on given test token ids with the project's protocol (the same windows as llmsqueeze.evaluate).
+Called by eval/beyond_gptq.py (--autoround-python); prints one JSON line.
+
+    python -m venv /work/venvs/arpeer && /work/venvs/arpeer/bin/pip install torch==2.13.0 auto-round==0.16.1
+    /work/venvs/arpeer/bin/python eval/peers/autoround_peer.py MODEL CALIB.pt TEST.pt --bits 3 --group-size 64
+
+The calibration samples go in as a DataLoader of the same [128, 512] token ids every other run uses
+(batch 8, AutoRound's default). AutoRound leaves each tuned Linear's weight fake-quantized (its
+unwrapper copies the quantize-dequantized weight back), so the model is evaluated as it comes out,
+in float32.
+"""
+import argparse
+import json
+import math
+import resource
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def perplexity(model, ids, seq_len=2048, windows=8):
+    nlls = []
+    for i in range(min(windows, ids.numel() // seq_len)):
+        x = ids[i * seq_len : (i + 1) * seq_len].view(1, -1)
+        logits = model(x, use_cache=False).logits.float()
+        nlls.append(F.cross_entropy(logits[0, :-1], x[0, 1:]).item())
+    return math.exp(sum(nlls) / len(nlls))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("calib")
+    ap.add_argument("test")
+    ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--sym", action="store_true")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import auto_round
+    from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    calib = torch.load(args.calib)  # [n, T] int64
+    test = torch.load(args.test)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    loader = torch.utils.data.DataLoader(calib, batch_size=args.batch_size, shuffle=False)
+    result = {"tool": f"auto-round {auto_round.__version__}", "bits": args.bits, "group_size": args.group_size,
+              "sym": args.sym, "iters": args.iters, "batch_size": args.batch_size, "seed": args.seed}
+    t0 = time.perf_counter()
+    try:
+        ar = AutoRound(model, tok, bits=args.bits, group_size=args.group_size, sym=args.sym, dataset=loader,
+                       iters=args.iters, nsamples=calib.shape[0], seqlen=calib.shape[1], batch_size=args.batch_size,
+                       seed=args.seed)
+        ar.quantize()
+    except Exception as e:
+        result.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                      traceback=traceback.format_exc()[-2000:])
+        print(json.dumps(result))
+        return
+    result["quantize_s"] = time.perf_counter() - t0
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model = ar.model if getattr(ar, "model", None) is not None else model
+    result["ppl"] = perplexity(model.float().eval(), test, windows=args.windows)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
