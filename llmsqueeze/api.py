@@ -84,6 +84,7 @@ def quantize(
     batch_samples: int = 8,
     float_targets: bool = True,
     amp: bool | None = None,
+    token_weighting: bool = True,
     **scheme_kwargs,
 ) -> nn.Module:
     """Quantize `model` in place and return it: each selected Linear becomes a packed QuantLinear.
@@ -112,7 +113,8 @@ def quantize(
     and below), minibatches drawn of `batch_samples` with `seed`, starting from round-to-nearest (`init`
     "rtn") or the clip-searched grid ("clip"); the targets are the float model's block outputs
     (`float_targets`, default) or the float block's on the quantized inputs; `amp` (default: where the
-    hardware has bfloat16) trains under bfloat16 autocast.
+    hardware has bfloat16) trains under bfloat16 autocast; `token_weighting` (default) caps the weight
+    of massive-activation tokens in the loss at that of a median-norm token.
     """
     from .quant.int8 import W8A8Scheme
 
@@ -165,7 +167,7 @@ def quantize(
     elif method == "autoround":
         method_args = _quantize_autoround(model, names, scheme, data, progress, device=device, offload=offload,
                                           iters=iters, lr=lr, seed=seed, init=init, batch_samples=batch_samples,
-                                          float_targets=float_targets, amp=amp)
+                                          float_targets=float_targets, amp=amp, token_weighting=token_weighting)
     else:
         method_args = _quantize_gptq(
             model, names, scheme, data, progress, device=device, offload=offload, true_sequential=true_sequential,
@@ -250,7 +252,7 @@ def _quantize_gptq(model, names, scheme, data, progress, *, device, offload, tru
 
 
 def _quantize_autoround(model, names, scheme, data, progress, *, device, offload, iters, lr, seed, init,
-                        batch_samples, float_targets, amp) -> dict:
+                        batch_samples, float_targets, amp, token_weighting) -> dict:
     from .engine import run_sequential
     from .evaluate import peak_rss_mib
     from .quant.autoround import AutoRound, check_autoround_args, training_dtype
@@ -259,13 +261,13 @@ def _quantize_autoround(model, names, scheme, data, progress, *, device, offload
     # one sample per engine batch: AutoRound stacks them into its own minibatches
     batches, ids, device = _engine_inputs(data, "autoround", 0.01, 128, 1, device, offload)
     method = AutoRound(scheme, names, iters=iters, lr=lr, batch_samples=batch_samples, seed=seed, init=init,
-                       progress=progress, float_targets=float_targets, amp=amp)
+                       progress=progress, float_targets=float_targets, amp=amp, token_weighting=token_weighting)
     stats = run_sequential(model, batches, method, names, device=device, offload=offload, progress=progress)
     log.info("autoround done in %.1f s; peak RSS %.0f MiB", stats.seconds, peak_rss_mib())
     model._llmsqueeze_stats = stats
     model._llmsqueeze_report = method.report
     return {"iters": iters, "lr": method.lr, "batch_samples": method.batch_samples, "seed": seed, "init": init,
-            "amin": method.amin, "float_targets": method.float_targets,
+            "amin": method.amin, "float_targets": method.float_targets, "token_weighting": method.token_weighting,
             "train_dtype": str(training_dtype(torch.device(device), amp) or torch.float32).replace("torch.", ""),
             "n_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
 

@@ -111,7 +111,8 @@ def cmd_quantize(args) -> int:
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
         **({"avg_bits": args.avg_bits, "bit_candidates": tuple(args.bit_candidates)} if mixed else {}),
         **({"iters": args.iters, "lr": args.lr, "seed": args.seed, "init": args.autoround_init,
-            "float_targets": args.autoround_targets == "float", "amp": {"auto": None, "on": True, "off": False}[args.amp]}
+            "float_targets": args.autoround_targets == "float", "amp": {"auto": None, "on": True, "off": False}[args.amp],
+            "token_weighting": args.autoround_loss == "capped"}
            if args.method == "autoround" else {}),
     )
     _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None))
@@ -348,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--autoround-targets", choices=("float", "quantized"), default="float",
                    help="autoround: match the float model's block outputs (default) or the float block's on the "
                         "quantized inputs")
+    q.add_argument("--autoround-loss", choices=("capped", "mse"), default="capped",
+                   help="autoround: block-output MSE with massive-activation tokens weighted as median-norm ones "
+                        "(capped, default) or the plain MSE")
     q.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                    help="autoround: train under bfloat16 autocast (auto: where the hardware has bfloat16)")
     q.add_argument("--autoround-init", choices=("rtn", "clip"), default="rtn",

@@ -207,3 +207,25 @@ def test_float_targets_change_the_result_and_amp_off_trains_in_float32():
     assert ra[-1]["loss_before"] != rb[-1]["loss_before"]
     assert training_dtype(torch.device("cpu"), False) is None
     assert default_lr(200, 3) == 0.01 and default_lr(200, 4) == 0.005 and default_lr(100, 2) == 0.02
+
+
+def test_token_weights_cap_massive_tokens_and_weighted_mse():
+    from llmsqueeze.quant.autoround import token_weights, weighted_mse
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(2, 9, 16, generator=g)
+    y[0, 0] *= 100.0  # an attention-sink token: 100x the norm
+    w = token_weights(y)  # [2, 9]
+    assert w.shape == (2, 9) and (w <= 1).all() and (w > 0).all()
+    norms = y.norm(dim=-1)
+    med = norms[0].median()
+    torch.testing.assert_close(w[0, 0], (med / norms[0, 0]) ** 2)
+    assert (w[0, 1:] >= (med / norms[0, 1:]).square().clamp(max=1) - 1e-7).all()
+    out = y + 0.1 * torch.randn(2, 9, 16, generator=g)
+    torch.testing.assert_close(weighted_mse(out, y, None), torch.nn.functional.mse_loss(out, y))
+    torch.testing.assert_close(weighted_mse(out, y, torch.ones(2, 9)), torch.nn.functional.mse_loss(out, y))
+    # the sink's error, 100x larger in absolute terms, counts like an ordinary token's relative error
+    out2 = y.clone()
+    out2[0, 0] += 0.1 * y[0, 0]
+    plain, capped = weighted_mse(out2, y, None), weighted_mse(out2, y, w)
+    assert capped < plain / 50

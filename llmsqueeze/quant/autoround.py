@@ -234,12 +234,13 @@ class AutoRound:
 
     def __init__(self, scheme: QuantScheme, names: list[str], iters: int = 200, lr: float | None = None,
                  batch_samples: int = 8, seed: int = 0, init: str = "rtn", amin: float = 0.5,
-                 eval_samples: int = 8, progress: bool = True, float_targets: bool = True, amp: bool | None = None):
+                 eval_samples: int = 8, progress: bool = True, float_targets: bool = True, amp: bool | None = None,
+                 token_weighting: bool = True):
         check_autoround_args(iters, lr, batch_samples, init, amin)
         self.scheme, self.names = scheme, set(names)
         self.iters, self.lr = iters, (lr if lr is not None else default_lr(iters, scheme.bits))
         self.float_targets = bool(float_targets)  # the engine then hands prepare_block the float stream's outputs
-        self.amp = amp
+        self.amp, self.token_weighting = amp, bool(token_weighting)
         self.batch_samples, self.seed, self.init, self.amin = batch_samples, seed, init, amin
         self.eval_samples, self.progress = eval_samples, progress
         self.frozen: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -293,17 +294,19 @@ class AutoRound:
         bounds = [b for L in layers for b in (((-0.5, 0.5), (L.a_min, L.a_max), (L.a_min, L.a_max)) if not sym
                                                else ((-0.5, 0.5), (L.a_min, L.a_max)))]
 
-        def block_loss(xb, yb, weights, amp: bool = False) -> torch.Tensor:
+        tw = token_weights(y) if self.token_weighting else None  # [S, T] or None
+
+        def block_loss(xb, yb, weights, amp: bool = False, wb=None) -> torch.Tensor:
             with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp and amp_dtype is not None):
                 out = _out(functional_call(work, weights, (xb,), kw))
-            return torch.nn.functional.mse_loss(out.float(), yb)
+            return weighted_mse(out.float(), yb, wb)
 
         def eval_loss(weights) -> float:
             m = min(self.eval_samples, len(x))
             with torch.no_grad():
                 return sum(block_loss(x[i : i + self.batch_samples][: m - i], y[i : i + self.batch_samples][: m - i],
-                                      weights).item() * min(self.batch_samples, m - i)
-                           for i in range(0, m, self.batch_samples)) / m
+                                      weights, wb=None if tw is None else tw[i : i + self.batch_samples][: m - i]).item()
+                           * min(self.batch_samples, m - i) for i in range(0, m, self.batch_samples)) / m
 
         with torch.no_grad():
             loss_before = eval_loss({L.param: L.weight(bits, sym) for L in layers})
@@ -316,7 +319,8 @@ class AutoRound:
         for t in bar:
             idx = torch.randperm(len(x), generator=gen)[:bs]
             with torch.enable_grad():  # the engine runs under no_grad
-                loss = block_loss(x[idx], y[idx], {L.param: L.weight(bits, sym) for L in layers}, amp=True)
+                loss = block_loss(x[idx], y[idx], {L.param: L.weight(bits, sym) for L in layers}, amp=True,
+                                  wb=None if tw is None else tw[idx])
                 loss.backward()
             lv = loss.item()
             trace.append(lv)
@@ -365,6 +369,27 @@ def _tensors(obj):
     elif isinstance(obj, dict):
         for o in obj.values():
             yield from _tensors(o)
+
+
+def token_weights(y: torch.Tensor) -> torch.Tensor:
+    """y [S, T, H] block targets -> per-token loss weights [S, T] = min(1, (median_t ||y|| / ||y_t||)^2).
+
+    From the middle of many LLMs on, a few tokens (the first of each sequence, an attention sink)
+    carry massive activations: on SmolLM2-135M from block 11 on, token 0's norm is ~22,000 against a
+    median of ~130, 98 % of the output's squared norm. A plain MSE then spends the whole optimisation
+    on that one token's (absolute) error. These weights leave every ordinary token at 1 and count a
+    massive one as if it had the median norm: its relative error weighs like anyone else's."""
+    norms = y.float().norm(dim=-1)  # [S, T]
+    med = norms.median(dim=1, keepdim=True).values  # [S, 1], per sample
+    return (med / norms.clamp(min=1e-12)).square().clamp(max=1.0)
+
+
+def weighted_mse(out: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """out, y [B, T, H]; w [B, T] or None -> sum_t w_t ||out_t - y_t||^2 / (H sum_t w_t) (the plain MSE
+    when w is None or all ones)."""
+    if w is None:
+        return torch.nn.functional.mse_loss(out, y)
+    return ((out - y).square().sum(-1) * w).sum() / (w.sum() * out.shape[-1])
 
 
 def default_lr(iters: int, bits: int) -> float:
