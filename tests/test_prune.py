@@ -77,8 +77,8 @@ def test_wanda_prefers_weights_on_loud_inputs():
 def test_wanda_same_masks_as_llmcompressor_rule(nm):
     """llm-compressor 0.14's Wanda (wanda_sparsify.py), restated: a running mean over samples of
     ||x_j||^2, score |W| * sqrt(S), then the M - N smallest of every M inputs pruned (torch.topk), or
-    the floor(s * K) smallest of each row (stable sort). The masks of the two must be the same: on
-    SmolLM2-135M they agree at every position of every Linear (eval/wanda_masks.py)."""
+    the floor(s * K) smallest of each row (stable sort). From the same inputs the masks must be the
+    same; on SmolLM2-135M at 2:4 they agree at every position of every Linear (eval/wanda_masks.py)."""
     from llmsqueeze.pruning.wanda import Wanda
 
     layer = torch.nn.Linear(64, 16, bias=False)
