@@ -73,6 +73,39 @@ def test_wanda_prefers_weights_on_loud_inputs():
     assert torch.equal(keep24, keep)
 
 
+@pytest.mark.parametrize("nm", [(2, 4), None])
+def test_wanda_same_masks_as_llmcompressor_rule(nm):
+    """llm-compressor 0.14's Wanda (wanda_sparsify.py), restated: a running mean over samples of
+    ||x_j||^2, score |W| * sqrt(S), then the M - N smallest of every M inputs pruned (torch.topk), or
+    the floor(s * K) smallest of each row (stable sort). From the same inputs the masks must be the
+    same; on SmolLM2-135M at 2:4 they agree at every position of every Linear (eval/wanda_masks.py)."""
+    from llmsqueeze.pruning.wanda import Wanda
+
+    layer = torch.nn.Linear(64, 16, bias=False)
+    layer.weight.data = rand(16, 64)
+    loud = torch.linspace(0.1, 4.0, 64)[torch.randperm(64, generator=torch.Generator().manual_seed(1))]
+    batches = [rand(2, 8, 64, seed=10 + i) * loud for i in range(5)]  # [samples, tokens, K]
+
+    S, seen = torch.zeros(64), 0
+    for x in batches:
+        S *= seen / (seen + x.shape[0])
+        seen += x.shape[0]
+        S += x.reshape(-1, 64).t().norm(dim=1) ** 2 / seen
+    metric = layer.weight.abs() * S.sqrt()
+    pruned = torch.zeros(16, 64, dtype=torch.bool)
+    if nm:
+        for i in range(0, 64, nm[1]):
+            pruned.scatter_(1, i + torch.topk(metric[:, i : i + nm[1]], nm[1] - nm[0], dim=1, largest=False)[1], True)
+    else:
+        pruned.scatter_(1, torch.sort(metric, dim=-1, stable=True)[1][:, :32], True)
+
+    ours = Wanda(0.5, nm)
+    for x in batches:
+        ours.collect("layer", layer, x)
+    ours.apply("layer", layer)
+    assert torch.equal(layer.weight == 0, pruned)
+
+
 def lowrank_inputs(t=2048, k=128, rank=24, seed=0):
     """Strongly correlated inputs (rank 24 plus noise), as LLM activations are: what the OBS update exploits."""
     g = torch.Generator().manual_seed(seed)
