@@ -13,23 +13,11 @@ in float32.
 """
 import argparse
 import json
-import math
 import resource
 import time
-import traceback
 
 import torch
-import torch.nn.functional as F
-
-
-@torch.no_grad()
-def perplexity(model, ids, seq_len=2048, windows=8):
-    nlls = []
-    for i in range(min(windows, ids.numel() // seq_len)):
-        x = ids[i * seq_len : (i + 1) * seq_len].view(1, -1)
-        logits = model(x, use_cache=False).logits.float()
-        nlls.append(F.cross_entropy(logits[0, :-1], x[0, 1:]).item())
-    return math.exp(sum(nlls) / len(nlls))
+from common import perplexity, print_error  # eval/peers/common.py, beside this script
 
 
 def main():
@@ -67,9 +55,7 @@ def main():
                        seed=args.seed)
         ar.quantize()
     except Exception as e:
-        result.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-                      traceback=traceback.format_exc()[-2000:])
-        print(json.dumps(result))
+        print_error(result, e)
         return
     result["quantize_s"] = time.perf_counter() - t0
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

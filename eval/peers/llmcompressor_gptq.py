@@ -7,23 +7,11 @@ Called by eval/compare_llmcompressor.py; prints one JSON line.
 """
 import argparse
 import json
-import math
 import resource
 import time
-import traceback
 
 import torch
-import torch.nn.functional as F
-
-
-@torch.no_grad()
-def perplexity(model, ids, seq_len=2048, windows=8):
-    nlls = []
-    for i in range(min(windows, ids.numel() // seq_len)):
-        x = ids[i * seq_len : (i + 1) * seq_len].view(1, -1)
-        logits = model(x, use_cache=False).logits.float()
-        nlls.append(F.cross_entropy(logits[0, :-1], x[0, 1:]).item())
-    return math.exp(sum(nlls) / len(nlls))
+from common import perplexity, print_error  # eval/peers/common.py, beside this script
 
 
 def main():
@@ -61,9 +49,7 @@ def main():
         oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=calib.shape[1],
                 num_calibration_samples=calib.shape[0])
     except Exception as e:  # e.g. a group size that does not divide the width
-        result.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-                      traceback=traceback.format_exc()[-2000:])
-        print(json.dumps(result))
+        print_error(result, e)
         return
     result["quantize_s"] = time.perf_counter() - t0
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

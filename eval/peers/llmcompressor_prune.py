@@ -15,13 +15,12 @@ import json
 import resource
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llmcompressor_gptq import perplexity  # noqa: E402  (same protocol code as the GPTQ comparison)
+from common import perplexity, print_error  # noqa: E402  (the protocol code every peer script shares)
 
 
 def main():
@@ -83,9 +82,7 @@ def main():
         oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=calib.shape[1],
                 num_calibration_samples=calib.shape[0])
     except Exception as e:
-        result.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
-                      traceback=traceback.format_exc()[-2000:])
-        print(json.dumps(result))
+        print_error(result, e)
         return
     result["prune_s"] = time.perf_counter() - t0
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,26 @@
+"""What every peer script shares (they run in the peers' own virtualenvs, without llmsqueeze): the
+perplexity of the project's protocol (the windows of llmsqueeze.evaluate.perplexity) and the one JSON
+line a failed run prints."""
+import json
+import math
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def perplexity(model, ids, seq_len=2048, windows=8):
+    nlls = []
+    for i in range(min(windows, ids.numel() // seq_len)):
+        x = ids[i * seq_len : (i + 1) * seq_len].view(1, -1)
+        logits = model(x, use_cache=False).logits.float()
+        nlls.append(F.cross_entropy(logits[0, :-1], x[0, 1:]).item())
+    return math.exp(sum(nlls) / len(nlls))
+
+
+def print_error(result: dict, e: Exception) -> None:
+    """The run's result with the error's first line and the traceback's tail, as one JSON line."""
+    result.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                  traceback=traceback.format_exc()[-2000:])
+    print(json.dumps(result))
