@@ -255,7 +255,7 @@ def _quantize_autoround(model, names, scheme, data, progress, *, device, offload
                         batch_samples, float_targets, amp, token_weighting) -> dict:
     from .engine import run_sequential
     from .evaluate import peak_rss_mib
-    from .quant.autoround import AutoRound, check_autoround_args, training_dtype
+    from .quant.autoround import AutoRound, check_autoround_args
 
     check_autoround_args(iters, lr, batch_samples, init, 0.5)
     # one sample per engine batch: AutoRound stacks them into its own minibatches
@@ -268,7 +268,7 @@ def _quantize_autoround(model, names, scheme, data, progress, *, device, offload
     model._llmsqueeze_report = method.report
     return {"iters": iters, "lr": method.lr, "batch_samples": method.batch_samples, "seed": seed, "init": init,
             "amin": method.amin, "float_targets": method.float_targets, "token_weighting": method.token_weighting,
-            "train_dtype": str(training_dtype(torch.device(device), amp) or torch.float32).replace("torch.", ""),
+            "train_dtype": str(method.train_dtype or torch.float32).replace("torch.", ""),
             "n_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
 
 

@@ -206,6 +206,10 @@ def test_float_targets_change_the_result_and_amp_off_trains_in_float32():
     assert ra[0]["loss_before"] == rb[0]["loss_before"]
     assert ra[-1]["loss_before"] != rb[-1]["loss_before"]
     assert training_dtype(torch.device("cpu"), False) is None
+    expected = str(training_dtype(torch.device("cpu"), None) or torch.float32).replace("torch.", "")
+    assert a.config.quantization_config["method_args"]["train_dtype"] == expected
+    c, _ = _block_report(3, False, 32, iters=2, amp=False)
+    assert c.config.quantization_config["method_args"]["train_dtype"] == "float32"
     assert default_lr(200, 3) == 0.01 and default_lr(200, 4) == 0.005 and default_lr(100, 2) == 0.02
 
 

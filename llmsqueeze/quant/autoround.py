@@ -241,6 +241,8 @@ class AutoRound:
         self.iters, self.lr = iters, (lr if lr is not None else default_lr(iters, scheme.bits))
         self.float_targets = bool(float_targets)  # the engine then hands prepare_block the float stream's outputs
         self.amp, self.token_weighting = amp, bool(token_weighting)
+        self.train_dtype: torch.dtype | None = None  # decided on the first block (training_dtype), then kept
+        self._dtype_decided = False
         self.batch_samples, self.seed, self.init, self.amin = batch_samples, seed, init, amin
         self.eval_samples, self.progress = eval_samples, progress
         self.frozen: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -288,7 +290,9 @@ class AutoRound:
             with torch.no_grad():
                 y = torch.cat([_out(work(x[i : i + self.batch_samples], **kw))
                                for i in range(0, len(x), self.batch_samples)])
-        amp_dtype = training_dtype(x.device, self.amp)
+        if not self._dtype_decided:  # once per run: one decision, one warning
+            self.train_dtype, self._dtype_decided = training_dtype(x.device, self.amp), True
+        amp_dtype = self.train_dtype
 
         params = [t for L in layers for t in ((L.v, L.a_lo, L.a_hi) if not sym else (L.v, L.a_hi))]
         bounds = [b for L in layers for b in (((-0.5, 0.5), (L.a_min, L.a_max), (L.a_min, L.a_max)) if not sym
@@ -304,9 +308,8 @@ class AutoRound:
         def eval_loss(weights) -> float:
             m = min(self.eval_samples, len(x))
             with torch.no_grad():
-                return sum(block_loss(x[i : i + self.batch_samples][: m - i], y[i : i + self.batch_samples][: m - i],
-                                      weights, wb=None if tw is None else tw[i : i + self.batch_samples][: m - i]).item()
-                           * min(self.batch_samples, m - i) for i in range(0, m, self.batch_samples)) / m
+                return sum(block_loss(x[b], y[b], weights, wb=None if tw is None else tw[b]).item() * (b.stop - b.start)
+                           for b in (slice(i, min(i + self.batch_samples, m)) for i in range(0, m, self.batch_samples))) / m
 
         with torch.no_grad():
             loss_before = eval_loss({L.param: L.weight(bits, sym) for L in layers})
