@@ -42,21 +42,24 @@ def run_one(model: str, calib: str, test: str, bits: int, group: int, sym: bool,
     import llmsqueeze
     from llmsqueeze.evaluate import peak_rss_mib, perplexity
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+    from common import cpu_seconds  # eval/peers/common.py
+
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     ids = torch.load(calib)
     model_ = llmsqueeze.load_dense(model, dtype=torch.float32).eval()
     load0 = os.getloadavg()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     llmsqueeze.quantize(model_, llmsqueeze.QuantScheme(bits=bits, group_size=group, sym=sym), data=ids,
                         method=method, progress=False, **opts)
-    tq = time.perf_counter() - t0
+    tq, cq = time.perf_counter() - t0, cpu_seconds() - c0
     load1 = os.getloadavg()
     rss = peak_rss_mib()
     ppl = perplexity(model_, torch.load(test), windows=windows, progress=False)["ppl"]
     report = getattr(model_, "_llmsqueeze_report", None)
     blocks = [r for r in (report or []) if "block" in r]
     return {"tool": f"llmsqueeze {llmsqueeze.__version__}", "method": method, "options": opts,
-            "method_args": model_.config.quantization_config.get("method_args"), "quantize_s": tq,
+            "method_args": model_.config.quantization_config.get("method_args"), "quantize_s": tq, "quantize_cpu_s": cq,
             "peak_rss_mib": rss, "ppl": ppl, "loadavg_before": load0, "loadavg_after": load1,
             "threads": torch.get_num_threads(), "block_losses": blocks}
 

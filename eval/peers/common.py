@@ -3,6 +3,7 @@ perplexity of the project's protocol (the windows of llmsqueeze.evaluate.perplex
 line a failed run prints."""
 import json
 import math
+import resource
 import traceback
 
 import torch
@@ -24,3 +25,10 @@ def print_error(result: dict, e: Exception) -> None:
     result.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
                   traceback=traceback.format_exc()[-2000:])
     print(json.dumps(result))
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its waited-for children (compile workers): a run's
+    cost that, unlike wall time, a second job on the machine does not inflate much."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
