@@ -376,6 +376,7 @@ def prune(
     damp: float = 0.01,
     block_size: int = 128,
     batch_size: int = 1,
+    refit: bool | None = None,
 ) -> nn.Module:
     """Prune the Linears inside the decoder blocks of `model` in place and return it.
 
@@ -419,6 +420,8 @@ def prune(
             check_nm_width(*nm, linear_weight(model.get_submodule(n)).shape[1], n)
     if owl is not None and method not in ("wanda", "sparsegpt"):
         raise LlmsqueezeError("owl allocation is available with wanda and sparsegpt")
+    if refit and method not in ("wanda", "sparsegpt"):
+        raise LlmsqueezeError("refit solves the kept weights from the calibration Hessian: use it with wanda or sparsegpt")
     if owl is not None and nm is not None:
         raise LlmsqueezeError("owl allocates unstructured sparsity per layer; it does not apply to an N:M pattern")
 
@@ -444,13 +447,15 @@ def prune(
             layer_sparsity = owl_sparsities(model, batches, names, sparsity, device=device, **owl)
             args["owl"] = dict(owl)
         cls = Wanda if method == "wanda" else SparseGPT
-        m = cls(sparsity, nm, scheme, scope=scope, damp=damp, block_size=block_size, layer_sparsity=layer_sparsity)
+        refit = False if refit is None else bool(refit)
+        m = cls(sparsity, nm, scheme, scope=scope, damp=damp, block_size=block_size, layer_sparsity=layer_sparsity,
+                refit=refit)
         stats = run_sequential(model, batches, m, names, device=device, offload=offload,
                                true_sequential=true_sequential, progress=progress)
         log.info("%s done in %.1f s; peak RSS %.0f MiB", method, stats.seconds, peak_rss_mib())
         model._llmsqueeze_stats = stats
         model._llmsqueeze_report = m.report
-        args.update(damp=damp, block_size=block_size, true_sequential=true_sequential,
+        args.update(damp=damp, block_size=block_size, true_sequential=true_sequential, refit=refit,
                     n_samples=int(ids.shape[0]), seq_len=int(ids.shape[1]))
     kept = [n for n in all_linear_names(model) if n not in set(names)]
     qc = quantization_config(scheme or QuantScheme(), method, kept, args)

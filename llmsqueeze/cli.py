@@ -247,7 +247,8 @@ def cmd_prune(args) -> int:
     owl = {"lam": args.owl_lambda, "m": args.owl_m} if args.owl else None
     prune(model, args.method, sparsity=args.sparsity, pattern=args.pattern, data=data, scheme=scheme,
           progress=not args.quiet, scope=args.scope, owl=owl, device=args.device, offload=args.offload,
-          true_sequential=args.true_sequential, damp=args.damp, block_size=args.block_size, batch_size=args.batch_size)
+          true_sequential=args.true_sequential, damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
+          refit=args.refit)
     stats = getattr(model, "_llmsqueeze_stats", None)
     if stats is not None:
         print(f"{args.method}: {stats.layers} layers in {stats.blocks} blocks, {stats.seconds:.1f} s, "
@@ -394,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--group-size", type=int, default=128, help="with --bits: inputs per scale (default 128)")
     pr.add_argument("--sym", action="store_true", help="with --bits: symmetric grid")
     pr.add_argument("--owl", action="store_true", help="outlier-weighted per-layer sparsity (wanda, sparsegpt)")
+    pr.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                    help="solve each row's kept weights for the least layer-output error once the mask is chosen "
+                         "(wanda, sparsegpt; see README 'Pruning')")
     pr.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: largest deviation from the mean sparsity")
     pr.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier threshold, multiples of the mean score")
     pr.add_argument("--structured", action="store_true", help="remove MLP channels: a physically smaller model")

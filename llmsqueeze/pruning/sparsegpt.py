@@ -137,9 +137,10 @@ class SparseGPT:
     with a scheme) in place of the dense one."""
 
     def __init__(self, sparsity: float = 0.5, nm=None, scheme: QuantScheme | None = None, damp: float = 0.01,
-                 block_size: int = 128, scope: str = "layer", layer_sparsity: dict[str, float] | None = None):
+                 block_size: int = 128, scope: str = "layer", layer_sparsity: dict[str, float] | None = None,
+                 refit: bool = False):
         self.sparsity, self.nm, self.scheme = sparsity, nm, scheme
-        self.damp, self.block_size, self.scope = damp, block_size, scope
+        self.damp, self.block_size, self.scope, self.refit = damp, block_size, scope, refit
         self.layer_sparsity = layer_sparsity or {}  # per-layer overrides (OWL)
         self.store = HessianStore()
         self.report: list[dict] = []
@@ -152,11 +153,36 @@ class SparseGPT:
         from .layer import pruned_module
 
         h, n = self.store.pop(name)
+        w = linear_weight(module)
+        sparsity = self.layer_sparsity.get(name, self.sparsity)
         try:
-            res = sparsegpt_prune(linear_weight(module), h, self.layer_sparsity.get(name, self.sparsity), self.nm,
-                                  self.scheme, damp=self.damp, block_size=self.block_size, scope=self.scope)
+            if not self.refit:
+                res = sparsegpt_prune(w, h, sparsity, self.nm, self.scheme, damp=self.damp,
+                                      block_size=self.block_size, scope=self.scope)
+            else:  # the sweep chooses the mask; the kept weights are then solved for outright
+                res = sparsegpt_prune(w, h, sparsity, self.nm, None, damp=self.damp, block_size=self.block_size,
+                                      scope=self.scope)
+                res, swept = refit_result(w, h, res, self.scheme, self.damp, self.block_size), res.loss
         except FloatingPointError as e:
             raise FloatingPointError(f"SparseGPT failed on {name}: {e}") from None
-        self.report.append({"layer": name, "loss": res.loss, "damp": res.damp, "samples": n})
+        entry = {"layer": name, "loss": res.loss, "damp": res.damp, "samples": n}
+        if self.refit:
+            entry["sweep_loss"] = swept
+        self.report.append(entry)
         log.info("SparseGPT %s: loss %.4g (damp %.3g, %d tokens)", name, res.loss, res.damp, n)
         return pruned_module(module, res, self.scheme)
+
+
+def refit_result(w: torch.Tensor, h: torch.Tensor, res, scheme: QuantScheme | None, damp: float,
+                 block_size: int) -> SparseGPTResult:
+    """A mask `res.keep` [N, K] on weights w [N, K] -> the least-squares kept weights (pruning/refit.py),
+    and with a scheme those rounded by the mask-fixed OBS sweep (a sparse GPTQ from the refit weights)."""
+    from .refit import reconstruction_error, refit_masked
+
+    fitted = refit_masked(w, h, res.keep, damp=damp)  # [N, K]
+    if scheme is not None:
+        return sparsegpt_prune(fitted, h, keep=res.keep, scheme=scheme, damp=damp, block_size=block_size)
+    loss = reconstruction_error(fitted, w, h)
+    if not math.isfinite(loss):
+        raise FloatingPointError("the refit produced NaN/Inf (the inputs or weights hold NaN/Inf)")
+    return SparseGPTResult(fitted, res.keep, None, None, None, loss, res.damp)

@@ -30,14 +30,15 @@ class Wanda:
     """The engine's method: sums x_j^2 per input channel from the hooks, then masks each Linear."""
 
     def __init__(self, sparsity: float = 0.5, nm=None, scheme: QuantScheme | None = None, scope: str = "row",
-                 damp: float = 0.01, block_size: int = 128, layer_sparsity: dict[str, float] | None = None):
+                 damp: float = 0.01, block_size: int = 128, layer_sparsity: dict[str, float] | None = None,
+                 refit: bool = False):
         from ..quant.gptq import HessianStore
 
         self.sparsity, self.nm, self.scheme, self.scope = sparsity, nm, scheme, scope
-        self.damp, self.block_size = damp, block_size
+        self.damp, self.block_size, self.refit = damp, block_size, refit
         self.layer_sparsity = layer_sparsity or {}
         self.sq_norms: dict[str, torch.Tensor] = {}
-        self.store = HessianStore() if scheme is not None else None
+        self.store = HessianStore() if scheme is not None or refit else None
         self.report: list[dict] = []
 
     def collect(self, name, module, x):
@@ -51,11 +52,15 @@ class Wanda:
         from ..nn import linear_weight
         from .layer import pruned_module
         from .magnitude import PrunedWeight
-        from .sparsegpt import sparsegpt_prune
+        from .sparsegpt import SparseGPTResult, refit_result, sparsegpt_prune
 
         w = linear_weight(module)
         keep = wanda_mask(w, self.sq_norms.pop(name), self.layer_sparsity.get(name, self.sparsity), self.nm, self.scope)
-        if self.scheme is None:
+        if self.refit:  # Wanda's mask, the kept weights solved for (and rounded, with a scheme)
+            h, _ = self.store.pop(name)
+            res = refit_result(w, h, SparseGPTResult(w, keep, None, None, None, 0.0, self.damp), self.scheme,
+                               self.damp, self.block_size)
+        elif self.scheme is None:
             res = PrunedWeight(w.detach().float() * keep, keep)
         else:
             h, _ = self.store.pop(name)

@@ -1,0 +1,74 @@
+"""Exact reconstruction of a pruned layer: given the mask, the kept weights of each row that minimise the
+layer-output error on the calibration inputs, solved outright instead of by SparseGPT's one-pass
+column sweep (which never revisits a column once frozen, so it stops short of this optimum).
+
+For one output row w0 [K] with kept set k and pruned set p, minimise (w - w0)^T H (w - w0) s.t. w_p = 0:
+
+    d/dw_k = 0:  H_kk w_k = H_kk w0_k + H_kp w0_p = (H w0)_k      ->   w_k = H_kk^-1 (H w0)_k
+
+One symmetric solve of size |k| per row, batched over rows (padded with an identity where rows keep
+different counts). H is damped like SparseGPT's (H + damp * mean(diag H) * I), which also keeps each
+weight near its dense value where the calibration inputs say little.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("llmsqueeze")
+
+
+@torch.no_grad()
+def refit_masked(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, damp: float = 0.01,
+                 max_chunk_bytes: int = 256 * 2**20) -> torch.Tensor:
+    """w [N, K] dense weights, h [K, K] Hessian (2/n sum x x^T), keep [N, K] bool -> [N, K] float32:
+    zero where pruned, the least-squares optimum elsewhere. A row whose system cannot be factored
+    (never with damp > 0 and finite inputs) keeps w * keep."""
+    w0 = w.detach().float()
+    keep = keep.bool()
+    n_rows, k = w0.shape
+    H = h.detach().float().clone()
+    dead = torch.diag(H) == 0  # inputs that never fire carry no information: their weights go to 0
+    H[dead, dead] = 1
+    w0 = w0.masked_fill(dead.unsqueeze(0), 0.0)
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    r = w0 @ H  # [N, K]: (H w0)_row for every row (H symmetric)
+
+    counts = keep.sum(1)  # [N]
+    width = int(counts.max().item()) if n_rows else 0
+    out = torch.zeros_like(w0)
+    if width == 0:
+        return out
+    # kept columns first, in column order (a stable sort of ~keep), then padding from the pruned ones
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :width]  # [N, L]
+    valid = torch.arange(width, device=w0.device).unsqueeze(0) < counts.unsqueeze(1)  # [N, L]
+    chunk = max(1, int(max_chunk_bytes // (4 * width * width)))
+    uniform = bool((counts == width).all())  # row scope and N:M: every row keeps as many, no padding
+    eye = torch.eye(width, device=w0.device)
+    failed = 0
+    for r0 in range(0, n_rows, chunk):
+        idx, ok = order[r0 : r0 + chunk], valid[r0 : r0 + chunk]  # [c, L]
+        A = H[idx.unsqueeze(2), idx.unsqueeze(1)]  # [c, L, L]
+        b = r[r0 : r0 + chunk].gather(1, idx)  # [c, L]
+        if not uniform:  # rows keep different counts: the padding becomes an identity block, b = 0 there
+            A = A * (ok.unsqueeze(2) & ok.unsqueeze(1)) + eye * (~ok).unsqueeze(2)
+            b = b * ok
+        L, info = torch.linalg.cholesky_ex(A)
+        sol = torch.cholesky_solve(b.unsqueeze(2), L).squeeze(2)  # [c, L]
+        if not uniform:
+            sol = sol * ok
+        bad = info != 0
+        if bad.any():  # fall back to the masked dense weights for those rows
+            failed += int(bad.sum())
+            sol[bad] = w0[r0 : r0 + chunk].gather(1, idx)[bad] * ok[bad]
+        out[r0 : r0 + chunk].scatter_(1, idx, sol)
+    if failed:
+        log.warning("refit: %d of %d rows could not be factored; they keep their masked weights", failed, n_rows)
+    return out
+
+
+def reconstruction_error(w: torch.Tensor, w0: torch.Tensor, h: torch.Tensor) -> float:
+    """sum over rows of (w - w0)^T H (w - w0) / 2: the layer-output error SparseGPT's loss estimates."""
+    d = w.detach().float() - w0.detach().float()  # [N, K]
+    return float(((d @ h.float()) * d).sum() / 2)
