@@ -169,7 +169,7 @@ def test_refit_is_the_least_squares_optimum_for_the_mask(kind):
     h = hessian(x)
     nm = (2, 4) if kind == "2:4" else None
     res = sparsegpt_prune(w, h, 0.5, nm, scope="layer" if kind == "layer" else "row")
-    fitted = refit_masked(w, h, res.keep, damp=0.0)
+    fitted = refit_masked(w, h, res.keep, damp=0.0, solver="direct")
     assert torch.equal(fitted[~res.keep], torch.zeros(int((~res.keep).sum())))
     # per row, the brute-force solution of H_kk w_k = (H w0)_k (rows keep different counts at "layer")
     for i in range(0, 48, 7):
@@ -179,6 +179,10 @@ def test_refit_is_the_least_squares_optimum_for_the_mask(kind):
     # no weight update on this mask does better, SparseGPT's sweep included
     assert reconstruction_error(fitted, w, h) < reconstruction_error(res.w, w, h)
     assert layer_error(x, w, fitted) < layer_error(x, w, res.w)
+    # conjugate gradients (the default solver) from SparseGPT's weights reach the same optimum
+    cg = refit_masked(w, h, res.keep, damp=0.0, solver="cg", start=res.w, cg_iters=200)
+    assert bool((cg[~res.keep] == 0).all())
+    assert reconstruction_error(cg, w, h) <= 1.001 * reconstruction_error(fitted, w, h)
 
 
 def test_refit_through_sparsegpt_and_wanda_methods():

@@ -179,7 +179,7 @@ def refit_result(w: torch.Tensor, h: torch.Tensor, res, scheme: QuantScheme | No
     and with a scheme those rounded by the mask-fixed OBS sweep (a sparse GPTQ from the refit weights)."""
     from .refit import reconstruction_error, refit_masked
 
-    fitted = refit_masked(w, h, res.keep, damp=damp)  # [N, K]
+    fitted = refit_masked(w, h, res.keep, damp=damp, start=res.w)  # [N, K]
     if scheme is not None:
         return sparsegpt_prune(fitted, h, keep=res.keep, scheme=scheme, damp=damp, block_size=block_size)
     loss = reconstruction_error(fitted, w, h)
