@@ -388,7 +388,10 @@ def prune(
     quantizes in the same pass: SparseGPT rounds each kept weight inside its OBS sweep, Wanda keeps its
     mask and runs the same sweep, magnitude rounds to nearest. `owl` (e.g. {"lam": 0.08, "m": 5})
     spreads the sparsity unevenly over layers by their outlier ratio (OWL; wanda and sparsegpt).
-    Pruned Linears keep their dense shape in memory, zeros written in; `save_quantized` stores them
+    `refit` (default: on for sparsegpt, off for wanda) solves each row's kept weights for the least
+    layer-output error once the mask is chosen (pruning/refit.py), instead of keeping SparseGPT's
+    one-pass sweep (or Wanda's untouched weights); with a scheme the refit weights are then rounded by
+    the mask-fixed OBS sweep. Pruned Linears keep their dense shape in memory, zeros written in; `save_quantized` stores them
     sparse (N:M values + indices, or a bitmask), or packed with q == zero when quantized.
     """
     from .pruning.masks import check_nm_width, check_sparsity, parse_nm
@@ -447,7 +450,7 @@ def prune(
             layer_sparsity = owl_sparsities(model, batches, names, sparsity, device=device, **owl)
             args["owl"] = dict(owl)
         cls = Wanda if method == "wanda" else SparseGPT
-        refit = False if refit is None else bool(refit)
+        refit = (method == "sparsegpt") if refit is None else bool(refit)
         m = cls(sparsity, nm, scheme, scope=scope, damp=damp, block_size=block_size, layer_sparsity=layer_sparsity,
                 refit=refit)
         stats = run_sequential(model, batches, m, names, device=device, offload=offload,

@@ -16,6 +16,8 @@ def _one_line_error(capsys, needle):
     ["--method", "sparsegpt", "--pattern", "2:4"],
     ["--method", "wanda", "--sparsity", "0.5", "--bits", "4", "--group-size", "32"],
     ["--method", "magnitude", "--sparsity", "0.3", "--scope", "global"],
+    ["--method", "sparsegpt", "--sparsity", "0.5", "--no-refit"],
+    ["--method", "wanda", "--pattern", "2:4", "--refit"],
 ])
 def test_prune_info_eval(tiny_model_dir, text_file, tmp_path, capsys, args):
     out = tmp_path / "p"
@@ -25,6 +27,11 @@ def test_prune_info_eval(tiny_model_dir, text_file, tmp_path, capsys, args):
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["quantized_layers"] == 14 and info["sparsity"]["layers"]
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    if "--method" in args and args[args.index("--method") + 1] in ("wanda", "sparsegpt"):
+        # the refit is on for sparsegpt unless --no-refit, off for wanda unless --refit
+        want = "--refit" in args or (args[1] == "sparsegpt" and "--no-refit" not in args)
+        assert config["method_args"]["refit"] is want
     assert main(["eval", "ppl", str(out), "--data", str(text_file), "--seq-len", "32", "--windows", "2"]) == 0
 
 
@@ -40,6 +47,7 @@ def test_prune_info_eval(tiny_model_dir, text_file, tmp_path, capsys, args):
     (["--structured", "--mlp-ratio", "0.001"], "no channel"),
     (["--structured", "--mlp-ratio", "1.5"], "mlp-ratio"),
     (["--structured", "--attn-ratio", "0"], "attn-ratio"),
+    (["--sparsity", "0.5", "--refit"], "refit"),
 ])
 def test_prune_bad_input(tiny_model_dir, tmp_path, capsys, args, needle):
     out = tmp_path / "p"
