@@ -376,7 +376,7 @@ def prune(
     damp: float = 0.01,
     block_size: int = 128,
     batch_size: int = 1,
-    refit: bool | None = None,
+    refit: bool | str | None = None,
 ) -> nn.Module:
     """Prune the Linears inside the decoder blocks of `model` in place and return it.
 
@@ -388,10 +388,11 @@ def prune(
     quantizes in the same pass: SparseGPT rounds each kept weight inside its OBS sweep, Wanda keeps its
     mask and runs the same sweep, magnitude rounds to nearest. `owl` (e.g. {"lam": 0.08, "m": 5})
     spreads the sparsity unevenly over layers by their outlier ratio (OWL; wanda and sparsegpt).
-    `refit` (default: on for sparsegpt, off for wanda) solves each row's kept weights for the least
-    layer-output error once the mask is chosen (pruning/refit.py), instead of keeping SparseGPT's
-    one-pass sweep (or Wanda's untouched weights); with a scheme the refit weights are then rounded by
-    the mask-fixed OBS sweep. Pruned Linears keep their dense shape in memory, zeros written in; `save_quantized` stores them
+    `refit` (True / False / "auto"; default "auto" for sparsegpt, False for wanda) solves each row's
+    kept weights for the least layer-output error once the mask is chosen (pruning/refit.py), instead
+    of keeping SparseGPT's one-pass sweep (or Wanda's untouched weights); "auto" does so for a layer
+    whose calibration gave at least 2 tokens per input (fewer: the refit overfits them); with a scheme
+    the refit weights are then rounded by the mask-fixed OBS sweep. Pruned Linears keep their dense shape in memory, zeros written in; `save_quantized` stores them
     sparse (N:M values + indices, or a bitmask), or packed with q == zero when quantized.
     """
     from .pruning.masks import check_nm_width, check_sparsity, parse_nm
@@ -423,6 +424,8 @@ def prune(
             check_nm_width(*nm, linear_weight(model.get_submodule(n)).shape[1], n)
     if owl is not None and method not in ("wanda", "sparsegpt"):
         raise LlmsqueezeError("owl allocation is available with wanda and sparsegpt")
+    if refit not in (None, False, True, "auto"):
+        raise LlmsqueezeError(f"refit={refit!r}: use True, False or 'auto'")
     if refit and method not in ("wanda", "sparsegpt"):
         raise LlmsqueezeError("refit solves the kept weights from the calibration Hessian: use it with wanda or sparsegpt")
     if owl is not None and nm is not None:
@@ -450,7 +453,10 @@ def prune(
             layer_sparsity = owl_sparsities(model, batches, names, sparsity, device=device, **owl)
             args["owl"] = dict(owl)
         cls = Wanda if method == "wanda" else SparseGPT
-        refit = (method == "sparsegpt") if refit is None else bool(refit)
+        if refit is None:
+            refit = "auto" if method == "sparsegpt" else False
+        elif refit != "auto":
+            refit = bool(refit)
         m = cls(sparsity, nm, scheme, scope=scope, damp=damp, block_size=block_size, layer_sparsity=layer_sparsity,
                 refit=refit)
         stats = run_sequential(model, batches, m, names, device=device, offload=offload,

@@ -397,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--owl", action="store_true", help="outlier-weighted per-layer sparsity (wanda, sparsegpt)")
     pr.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                     help="solve each row's kept weights for the least layer-output error once the mask is chosen "
-                         "(wanda, sparsegpt; see README 'Pruning')")
+                         "(wanda, sparsegpt; default: sparsegpt refits each layer calibrated on >= 2 tokens per "
+                         "input, wanda does not)")
     pr.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: largest deviation from the mean sparsity")
     pr.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier threshold, multiples of the mean score")
     pr.add_argument("--structured", action="store_true", help="remove MLP channels: a physically smaller model")

@@ -226,6 +226,16 @@ def test_refit_joint_quantization_and_prune_api():
     model = tiny_llama()
     llmsqueeze.prune(model, "sparsegpt", pattern="2:4", data=calib(), progress=False, refit=True)
     assert model.config.quantization_config["method_args"]["refit"] is True
+    assert all(r["refit"] for r in model._llmsqueeze_report)
+    # "auto" (the default) refits a layer only with >= 2 calibration tokens per input: 8 x 32 = 256
+    # tokens refit the tiny model's 96-input Linears, not its 160-input down_proj
+    model = tiny_llama()
+    llmsqueeze.prune(model, "sparsegpt", pattern="2:4", data=calib(n=8), progress=False)
+    assert model.config.quantization_config["method_args"]["refit"] == "auto"
+    done = {r["layer"].split(".")[-1]: r["refit"] for r in model._llmsqueeze_report}
+    k = {n.split(".")[-1]: m.in_features for n, m in tiny_llama().named_modules() if isinstance(m, torch.nn.Linear)}
+    assert done["q_proj"] and not done["down_proj"]
+    assert all(v == (256 >= 2 * k[n]) for n, v in done.items()), (done, k)
     with pytest.raises(LlmsqueezeError, match="refit"):
         llmsqueeze.prune(tiny_llama(), "magnitude", sparsity=0.5, refit=True, progress=False)
 

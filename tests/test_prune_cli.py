@@ -29,9 +29,9 @@ def test_prune_info_eval(tiny_model_dir, text_file, tmp_path, capsys, args):
     assert info["quantized_layers"] == 14 and info["sparsity"]["layers"]
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     if "--method" in args and args[args.index("--method") + 1] in ("wanda", "sparsegpt"):
-        # the refit is on for sparsegpt unless --no-refit, off for wanda unless --refit
-        want = "--refit" in args or (args[1] == "sparsegpt" and "--no-refit" not in args)
-        assert config["method_args"]["refit"] is want
+        # sparsegpt refits where calibrated enough ("auto") unless --no-refit; wanda only with --refit
+        want = True if "--refit" in args else False if "--no-refit" in args or args[1] == "wanda" else "auto"
+        assert config["method_args"]["refit"] == want
     assert main(["eval", "ppl", str(out), "--data", str(text_file), "--seq-len", "32", "--windows", "2"]) == 0
 
 

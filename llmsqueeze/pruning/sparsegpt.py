@@ -138,7 +138,7 @@ class SparseGPT:
 
     def __init__(self, sparsity: float = 0.5, nm=None, scheme: QuantScheme | None = None, damp: float = 0.01,
                  block_size: int = 128, scope: str = "layer", layer_sparsity: dict[str, float] | None = None,
-                 refit: bool = False):
+                 refit: bool | str = False):
         self.sparsity, self.nm, self.scheme = sparsity, nm, scheme
         self.damp, self.block_size, self.scope, self.refit = damp, block_size, scope, refit
         self.layer_sparsity = layer_sparsity or {}  # per-layer overrides (OWL)
@@ -152,11 +152,14 @@ class SparseGPT:
         from ..nn import linear_weight
         from .layer import pruned_module
 
+        from .refit import should_refit
+
         h, n = self.store.pop(name)
         w = linear_weight(module)
         sparsity = self.layer_sparsity.get(name, self.sparsity)
+        refit = should_refit(self.refit, n, w.shape[1])
         try:
-            if not self.refit:
+            if not refit:
                 res = sparsegpt_prune(w, h, sparsity, self.nm, self.scheme, damp=self.damp,
                                       block_size=self.block_size, scope=self.scope)
             else:  # the sweep chooses the mask; the kept weights are then solved for outright
@@ -165,11 +168,12 @@ class SparseGPT:
                 res, swept = refit_result(w, h, res, self.scheme, self.damp, self.block_size), res.loss
         except FloatingPointError as e:
             raise FloatingPointError(f"SparseGPT failed on {name}: {e}") from None
-        entry = {"layer": name, "loss": res.loss, "damp": res.damp, "samples": n}
-        if self.refit:
+        entry = {"layer": name, "loss": res.loss, "damp": res.damp, "samples": n, "refit": refit}
+        if refit:
             entry["sweep_loss"] = swept
         self.report.append(entry)
-        log.info("SparseGPT %s: loss %.4g (damp %.3g, %d tokens)", name, res.loss, res.damp, n)
+        log.info("SparseGPT %s: loss %.4g (damp %.3g, %d tokens%s)", name, res.loss, res.damp, n,
+                 f", refit from {swept:.4g}" if refit else "")
         return pruned_module(module, res, self.scheme)
 
 

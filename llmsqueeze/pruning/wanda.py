@@ -31,7 +31,7 @@ class Wanda:
 
     def __init__(self, sparsity: float = 0.5, nm=None, scheme: QuantScheme | None = None, scope: str = "row",
                  damp: float = 0.01, block_size: int = 128, layer_sparsity: dict[str, float] | None = None,
-                 refit: bool = False):
+                 refit: bool | str = False):
         from ..quant.gptq import HessianStore
 
         self.sparsity, self.nm, self.scheme, self.scope = sparsity, nm, scheme, scope
@@ -52,18 +52,18 @@ class Wanda:
         from ..nn import linear_weight
         from .layer import pruned_module
         from .magnitude import PrunedWeight
+        from .refit import should_refit
         from .sparsegpt import SparseGPTResult, refit_result, sparsegpt_prune
 
         w = linear_weight(module)
         keep = wanda_mask(w, self.sq_norms.pop(name), self.layer_sparsity.get(name, self.sparsity), self.nm, self.scope)
-        if self.refit:  # Wanda's mask, the kept weights solved for (and rounded, with a scheme)
-            h, _ = self.store.pop(name)
+        h, n = self.store.pop(name) if self.store is not None else (None, 0)
+        if should_refit(self.refit, n, w.shape[1]):  # Wanda's mask, the kept weights solved for (and rounded)
             res = refit_result(w, h, SparseGPTResult(w, keep, None, None, None, 0.0, self.damp), self.scheme,
                                self.damp, self.block_size)
         elif self.scheme is None:
             res = PrunedWeight(w.detach().float() * keep, keep)
         else:
-            h, _ = self.store.pop(name)
             res = sparsegpt_prune(w, h, keep=keep, scheme=self.scheme, damp=self.damp, block_size=self.block_size)
         self.report.append({"layer": name, "sparsity": 1 - keep.float().mean().item()})
         return pruned_module(module, res, self.scheme)
