@@ -151,7 +151,6 @@ class SparseGPT:
     def apply(self, name, module):
         from ..nn import linear_weight
         from .layer import pruned_module
-
         from .refit import should_refit
 
         h, n = self.store.pop(name)
