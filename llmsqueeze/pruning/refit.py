@@ -23,6 +23,8 @@ import logging
 
 import torch
 
+from ..quant.gptq import zero_dead_inputs
+
 log = logging.getLogger("llmsqueeze")
 
 MIN_TOKENS_PER_INPUT = 2  # refit="auto": refit a layer of K inputs when its Hessian saw >= 2 K tokens
@@ -51,20 +53,18 @@ def refit_masked(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, damp: flo
     11008) the direct solves would cost 2e14 flops per layer."""
     if solver not in ("auto", "direct", "cg"):
         raise ValueError(f"refit solver {solver!r}: use auto, direct or cg")
-    w0 = w.detach().float()
+    w0 = w.detach().float().clone()
     keep = keep.bool()
-    n_rows, k = w0.shape
+    n_rows = w0.shape[0]
     H = h.detach().float().clone()
-    dead = torch.diag(H) == 0  # inputs that never fire carry no information: their weights go to 0
-    H[dead, dead] = 1
-    w0 = w0.masked_fill(dead.unsqueeze(0), 0.0)
+    zero_dead_inputs(H, w0)
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     r = w0 @ H  # [N, K]: (H w0)_row for every row (H symmetric)
+    if solver in ("cg", "auto"):
+        return _refit_cg(w0, H, keep, r, start, cg_iters)
 
     counts = keep.sum(1)  # [N]
     width = int(counts.max().item()) if n_rows else 0
-    if solver in ("cg", "auto"):
-        return _refit_cg(w0, H, keep, r, start, cg_iters)
     out = torch.zeros_like(w0)
     if width == 0:
         return out

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LlmsqueezeError, QuantScheme
-from ..quant.gptq import HessianStore, inverse_hessian_cholesky
+from ..quant.gptq import HessianStore, inverse_hessian_cholesky, zero_dead_inputs
 from ..quant.rtn import rtn_qparams
 from .masks import _prune_lowest, check_nm_width, check_sparsity, n_pruned
 
@@ -68,9 +68,7 @@ def sparsegpt_prune(
     if scope not in ("layer", "row"):
         raise LlmsqueezeError(f"scope {scope!r}: SparseGPT compares within a block ('layer') or each block row ('row')")
     H = h.detach().float().clone()
-    dead = torch.diag(H) == 0  # inputs that never fire: zero them (they are pruned first)
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    zero_dead_inputs(H, W)  # (they are pruned first)
     Hinv, used_damp = inverse_hessian_cholesky(H, damp)
     del H
 

@@ -47,6 +47,14 @@ def accumulate_hessian(h: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.
     return h, n
 
 
+def zero_dead_inputs(H: torch.Tensor, W: torch.Tensor) -> None:
+    """In place, H [K, K] and W [N, K]: inputs that never fired (H_jj == 0) carry no information; their
+    weights become exactly 0 and their diagonal 1, so H can be factored."""
+    dead = torch.diag(H) == 0  # [K]
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+
 def inverse_hessian_cholesky(h: torch.Tensor, damp_frac: float, max_tries: int = 6,
                              consume: bool = False) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp*I)^-1, with damp = damp_frac * mean(diag H), raised x10
@@ -113,9 +121,7 @@ def gptq_quantize(
     H = h.detach().float() if consume_h else h.detach().float().clone()
     del h
 
-    dead = torch.diag(H) == 0  # inputs that never fire: any value works, make them exactly zero
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    zero_dead_inputs(H, W)
 
     hdiag = torch.diag(H) if act_aware_clip and scheme.clip_search else None  # [K] natural order
 
