@@ -38,16 +38,20 @@ def run_ours(model: str, calib: str, test: str, bits: int, group: int, sym: bool
     import llmsqueeze
     from llmsqueeze.evaluate import peak_rss_mib, perplexity
 
+    sys.path.insert(0, str(HERE / "peers"))
+    from common import cpu_seconds  # eval/peers/common.py
+
     ids = torch.load(calib)
     model_ = llmsqueeze.load_dense(model, dtype=torch.float32).eval()
     opts = dict(opts)
     scheme = llmsqueeze.QuantScheme(bits=bits, group_size=group, sym=sym, **opts.pop("scheme", {}))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     llmsqueeze.quantize(model_, scheme, data=ids, method="gptq", progress=False, **opts)
-    tq = time.perf_counter() - t0
+    tq, cq = time.perf_counter() - t0, cpu_seconds() - c0
     rss = peak_rss_mib()
     ppl = perplexity(model_, torch.load(test), windows=windows, progress=False)["ppl"]
-    return {"tool": f"llmsqueeze {llmsqueeze.__version__}", "options": opts, "quantize_s": tq, "peak_rss_mib": rss,
+    return {"tool": f"llmsqueeze {llmsqueeze.__version__}", "options": opts, "quantize_s": tq, "quantize_cpu_s": cq,
+            "peak_rss_mib": rss,
             "ppl": ppl}
 
 
@@ -102,14 +106,15 @@ def main() -> None:
                     print(f"{name:14s} {label:48s} ERROR {res['error']}", flush=True)
                 else:
                     print(f"{name:14s} {label:48s} ppl {res['ppl']:8.3f}  quantize {res['quantize_s']:7.1f} s  "
-                          f"peak RSS {res['peak_rss_mib']:6.0f} MiB", flush=True)
+                          f"({res.get('quantize_cpu_s', float('nan')):7.1f} CPU-s)  peak RSS {res['peak_rss_mib']:6.0f} MiB", flush=True)
 
-    print("\n| scheme | tool | perplexity | quantize time | peak RSS |\n|---|---|---|---|---|")
+    print("\n| scheme | tool | perplexity | quantize time | CPU time | peak RSS |\n|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['scheme']} | {r['run']} | error: {r['error']} | | |")
+            print(f"| {r['scheme']} | {r['run']} | error: {r['error']} | | | |")
         else:
-            print(f"| {r['scheme']} | {r['run']} | {r['ppl']:.2f} | {r['quantize_s']:.0f} s | {r['peak_rss_mib']:.0f} MiB |")
+            print(f"| {r['scheme']} | {r['run']} | {r['ppl']:.2f} | {r['quantize_s']:.0f} s | {r.get('quantize_cpu_s', float('nan')):.0f} s | "
+                  f"{r['peak_rss_mib']:.0f} MiB |")
     write_results(
         args.out, rows, model=args.model,
         protocol=protocol,
