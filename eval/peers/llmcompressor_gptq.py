@@ -11,7 +11,7 @@ import resource
 import time
 
 import torch
-from common import perplexity, print_error  # eval/peers/common.py, beside this script
+from common import cpu_seconds, perplexity, print_error  # eval/peers/common.py, beside this script
 
 
 def main():
@@ -44,7 +44,7 @@ def main():
                           ignore=["lm_head"], dampening_frac=0.01)
     result = {"tool": f"llmcompressor {llmcompressor.__version__}", "bits": args.bits,
               "group_size": args.group_size, "sym": args.sym, "weights": weights}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     try:
         oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=calib.shape[1],
                 num_calibration_samples=calib.shape[0])
@@ -52,6 +52,7 @@ def main():
         print_error(result, e)
         return
     result["quantize_s"] = time.perf_counter() - t0
+    result["quantize_cpu_s"] = cpu_seconds() - c0
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["ppl"] = perplexity(model, test, windows=args.windows)
     print(json.dumps(result))
