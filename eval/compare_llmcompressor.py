@@ -63,6 +63,9 @@ def main() -> None:
     ap.add_argument("--llmc-python", default="/work/venvs/llmc/bin/python", help="python of llm-compressor's venv")
     ap.add_argument("--schemes", nargs="*", default=None, help="e.g. 4:64:asym 3:64:asym (default: all four)")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true")
+    ap.add_argument("--llmc-bypass-divisibility", action="store_true",
+                    help="llm-compressor with bypass_divisibility_checks=True (group sizes that do not divide K)")
     ap.add_argument("--defaults-only", action="store_true", help="run only our default options beside the peer")
     ap.add_argument("--ours", action="append", default=[], metavar="LABEL=JSON",
                     help='instead of the built-in option sets, run ours with these quantize() options; "scheme" '
@@ -90,14 +93,17 @@ def main() -> None:
             ours = dict(x.split("=", 1) for x in args.ours)
             ours = {f"llmsqueeze gptq {k}": json.loads(v) for k, v in ours.items()} or dict(
                 list(OURS.items())[: 1 if args.defaults_only else None])
-            for label, opts in ours.items():
+            for label, opts in ({} if args.skip_ours else ours).items():
                 cmd = [sys.executable, __file__, "--windows", str(args.windows), "--one", args.model, calib, test,
                        str(bits), str(group), "1" if sym else "0", json.dumps(opts)]
                 runs.append((label, cmd))
             if not args.skip_peer:
                 cmd = [args.llmc_python, str(HERE / "peers" / "llmcompressor_gptq.py"), args.model, calib, test,
                        "--bits", str(bits), "--group-size", str(group), "--windows", str(args.windows)]
-                runs.append(("llm-compressor gptq (defaults: actorder static)", cmd + (["--sym"] if sym else [])))
+                label = "llm-compressor gptq (defaults: actorder static)"
+                if args.llmc_bypass_divisibility:
+                    cmd, label = cmd + ["--bypass-divisibility"], label + ", bypass_divisibility_checks"
+                runs.append((label, cmd + (["--sym"] if sym else [])))
             for label, cmd in runs:
                 res = run_json(cmd)
                 row = {"scheme": name, "bits": bits, "group_size": group, "sym": sym, "run": label, **res}

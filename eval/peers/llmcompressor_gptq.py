@@ -24,6 +24,8 @@ def main():
     ap.add_argument("--sym", action="store_true")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--bypass-divisibility", action="store_true",
+                    help="bypass_divisibility_checks=True: quantize widths the group size does not divide")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -41,9 +43,11 @@ def main():
     weights = {"num_bits": args.bits, "type": "int", "symmetric": args.sym, "strategy": "group",
                "group_size": args.group_size}
     recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-                          ignore=["lm_head"], dampening_frac=0.01)
+                          ignore=["lm_head"], dampening_frac=0.01,
+                          bypass_divisibility_checks=args.bypass_divisibility)
     result = {"tool": f"llmcompressor {llmcompressor.__version__}", "bits": args.bits,
-              "group_size": args.group_size, "sym": args.sym, "weights": weights}
+              "group_size": args.group_size, "sym": args.sym, "weights": weights,
+              "bypass_divisibility_checks": args.bypass_divisibility}
     t0, c0 = time.perf_counter(), cpu_seconds()
     try:
         oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=calib.shape[1],
