@@ -55,9 +55,19 @@ def _best_ms(fn, repeats: int) -> float:
 @torch.no_grad()
 def gemm_rows(shapes=GEMM_SHAPES, repeats: int = 3) -> list[dict]:
     """Per shape: fp32 and bf16 x @ W^T, the bare int8 GEMM (torch._int_mm), and the whole W8A8
-    Linear (per-token activation quantization + int8 GEMM + rescale), best of `repeats`, in ms."""
+    Linear (per-token activation quantization + int8 GEMM + rescale), best of `repeats`, in ms: with
+    torch's eager passes (`w8a8_linear`) and as Int8Linear runs it on the CPU by default (the
+    quantization and rescale compiled into fused loops, nn_int8's "compile" backend)."""
+    from llmsqueeze import nn_int8
     from llmsqueeze.nn_int8 import Int8Linear
     from llmsqueeze.quant.int8 import int8_mm, quantize_per_token, w8a8_linear
+
+    def layer_call(layer, x):
+        nn_int8._last_input = None  # quantize x again on every call (the layer caches a repeated input)
+        return layer(x)
+
+    backend = nn_int8.BACKEND
+    nn_int8.BACKEND = "compile"
 
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -77,23 +87,30 @@ def gemm_rows(shapes=GEMM_SHAPES, repeats: int = 3) -> list[dict]:
             # same tensor (q/k/v share one), which would drop the activation quantization from the timing
             "w8a8_linear_fp32_ms": _best_ms(lambda: w8a8_linear(x, layer.weight, layer.weight_scale), r),
             "w8a8_linear_bf16_ms": _best_ms(lambda: w8a8_linear(xb, layer.weight, layer.weight_scale), r),
+            "int8linear_fused_fp32_ms": _best_ms(lambda: layer_call(layer, x), r),
+            "int8linear_fused_bf16_ms": _best_ms(lambda: layer_call(layer, xb), r),
         }
         row["speedup_vs_fp32"] = row["fp32_ms"] / row["w8a8_linear_fp32_ms"]
         row["speedup_vs_bf16"] = row["bf16_ms"] / row["w8a8_linear_bf16_ms"]
+        row["fused_speedup_vs_fp32"] = row["fp32_ms"] / row["int8linear_fused_fp32_ms"]
+        row["fused_speedup_vs_bf16"] = row["bf16_ms"] / row["int8linear_fused_bf16_ms"]
         rows.append(row)
         print(f"{label:22s} fp32 {row['fp32_ms']:8.1f}  bf16 {row['bf16_ms']:8.1f}  int8 GEMM {row['int8_gemm_ms']:8.1f}  "
-              f"W8A8 Linear {row['w8a8_linear_fp32_ms']:8.1f} ms", flush=True)
+              f"W8A8 eager {row['w8a8_linear_fp32_ms']:8.1f} / {row['w8a8_linear_bf16_ms']:8.1f}  "
+              f"fused {row['int8linear_fused_fp32_ms']:8.1f} / {row['int8linear_fused_bf16_ms']:8.1f} ms", flush=True)
+    nn_int8.BACKEND = backend
     return rows
 
 
 def print_gemm(rows: list[dict]) -> None:
-    print("\n| shape (M x K x N) | fp32 | bf16 | int8 GEMM (torch._int_mm) | W8A8 Linear (quant + GEMM + rescale), "
-          "fp32 in/out | same, bf16 in/out | vs fp32 | vs bf16 |")
+    print("\n| shape (M x K x N) | fp32 | bf16 | int8 GEMM (torch._int_mm) | W8A8 Linear eager, fp32 / bf16 in+out "
+          "| Int8Linear fused, fp32 / bf16 in+out | fused vs fp32 | fused vs bf16 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} ({r['M']}x{r['K']}x{r['N']}) | {r['fp32_ms']:.1f} ms | {r['bf16_ms']:.1f} ms | "
-              f"{r['int8_gemm_ms']:.1f} ms | {r['w8a8_linear_fp32_ms']:.1f} ms | {r['w8a8_linear_bf16_ms']:.1f} ms | "
-              f"{r['speedup_vs_fp32']:.2f}x | {r['speedup_vs_bf16']:.2f}x |")
+        print(f"| {r['shape']} ({r['M']}x{r['K']}x{r['N']}) | {r['fp32_ms']:.1f} | {r['bf16_ms']:.1f} | "
+              f"{r['int8_gemm_ms']:.1f} | {r['w8a8_linear_fp32_ms']:.1f} / {r['w8a8_linear_bf16_ms']:.1f} | "
+              f"{r['int8linear_fused_fp32_ms']:.1f} / {r['int8linear_fused_bf16_ms']:.1f} | "
+              f"{r['fused_speedup_vs_fp32']:.2f}x | {r['fused_speedup_vs_bf16']:.2f}x |")
 
 
 def main() -> None:

@@ -360,3 +360,72 @@ def test_alpha_search_coarse_to_fine():
     assert {0.2, 0.4, 0.6, 0.8} <= set(errors) and 4 < len(errors) <= 8
     coarse = min((0.2, 0.4, 0.6, 0.8), key=errors.get)
     assert abs(alpha - coarse) <= 0.15 + 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_compiled_cpu_path_is_bit_identical(dtype):
+    """The "compile" backend (Inductor's fused loops for the quantization and the rescale) gives the
+    eager functions' bits: the same true division, ties-to-even rounding and float32 rescale order."""
+    import llmsqueeze.nn_int8 as nn_int8
+    from llmsqueeze.quant.int8 import rescale
+
+    # outlier channels and exact ties (x / scale = k + 0.5) where a multiply by 1/scale could flip
+    x = (torch.randn(301, 96, generator=_gen()) * torch.linspace(0.05, 20, 96)).to(dtype)
+    x[0, :3] = torch.tensor([127.0, 0.5, -1.5], dtype=dtype)
+    for m in (301, 64):  # one graph for any number of tokens
+        xq, s = nn_int8.fused(quantize_per_token)(x[:m])
+        rq, rs = quantize_per_token(x[:m])
+        assert torch.equal(xq, rq) and torch.equal(s, rs)
+    scale = torch.tensor([float(x.float().abs().max()) / 300])  # a static scale that clips
+    assert torch.equal(nn_int8.fused(quantize_static)(x, scale), quantize_static(x, scale))
+    acc = torch.randint(-2**20, 2**20, (301, 40), generator=_gen(1), dtype=torch.int32)
+    ws, bias = torch.rand(40, generator=_gen(2)) / 100, torch.randn(40, generator=_gen(3))
+    for b in (None, bias, bias.to(dtype)):
+        for xs in (quantize_per_token(x)[1], scale):  # per token [M], static [1]
+            assert torch.equal(nn_int8.fused(rescale)(acc, xs, ws, b, dtype), rescale(acc, xs, ws, b, dtype))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_int8_linear_compile_backend_matches_torch(monkeypatch, static):
+    import llmsqueeze.nn_int8 as nn_int8
+
+    w, bias = torch.randn(48, 64, generator=_gen(1)) / 8, torch.randn(48, generator=_gen(2))
+    x = torch.randn(3, 41, 64, generator=_gen())
+    layer = Int8Linear.from_float(w, bias, input_scale=float(x.abs().max()) / 127 if static else None)
+    outs = {}
+    for backend in ("torch", "compile"):
+        monkeypatch.setattr(nn_int8, "BACKEND", backend)
+        nn_int8._last_input = None
+        assert nn_int8.use_compiled(x) == (backend == "compile")
+        outs[backend] = layer(x)
+    assert torch.equal(outs["torch"], outs["compile"])
+    # auto: prefill-sized inputs take the compiled loops, decode-sized ones stay eager
+    monkeypatch.setattr(nn_int8, "BACKEND", "auto")
+    assert nn_int8.use_compiled(torch.zeros(2048, 32)) and not nn_int8.use_compiled(torch.zeros(1, 4096))
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    import llmsqueeze.nn_int8 as nn_int8
+
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(nn_int8, "_compile_failed", False)
+    monkeypatch.setattr(nn_int8, "BACKEND", "compile")
+    nn_int8.fused.cache_clear()
+    try:
+        layer = Int8Linear.from_float(torch.randn(8, 16, generator=_gen()))
+        x = torch.randn(5, 16, generator=_gen(1))
+        nn_int8._last_input = None
+        with caplog.at_level("WARNING", logger="llmsqueeze.nn_int8"):
+            y, y2 = layer(x), layer(x * 2)
+        assert torch.equal(y, w8a8_linear(x, layer.weight, layer.weight_scale))
+        assert torch.equal(y2, w8a8_linear(x * 2, layer.weight, layer.weight_scale))
+        warnings = [r for r in caplog.records if "compiling the int8 quantization failed" in r.getMessage()]
+        assert len(warnings) == 1 and "no C++ compiler found" in warnings[0].getMessage()
+        assert "more detail" not in warnings[0].getMessage() and not nn_int8.use_compiled(x)
+    finally:
+        nn_int8.fused.cache_clear()  # drop the broken wrappers
