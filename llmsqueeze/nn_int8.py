@@ -7,13 +7,12 @@ Backends, chosen per call (LLMSQUEEZE_INT8_BACKEND, or set `BACKEND` in this mod
     GEMM whose epilogue applies both scales (and the bias) and writes the output dtype directly;
   * "compile" on the CPU (auto: inputs of at least FUSE_MIN_ELEMENTS, i.e. prefill, not decode):
     quant.int8's quantization and rescale compiled by Inductor, each into one C++ loop instead of
-    torch's three or four memory-bound passes, around torch._int_mm. At 2048 tokens on 7B widths this
-    cuts the quantization from ~40-55 ms to ~2-3 ms and the rescale from ~30 ms to ~4 ms (one thread),
-    which is what lets W8A8 beat bf16 on the CPU (README, "W8A8"). Compiled once per process and dtype;
+    torch's three or four memory-bound passes, around torch._int_mm; that is what lets W8A8 beat bf16
+    on the CPU (README, "W8A8": eval/w8a8.py --gemm). Compiled once per process and dtype;
     where compiling fails (no C++ compiler) it logs one warning and stays on "torch";
   * "torch" everywhere else: quant.int8's functions, torch._int_mm and a separate float rescale.
-All three compute the same numbers bit for bit (see kernels/int8_matmul.py and
-tests/test_int8_kernels.py); "triton" on CPU tensors runs only under TRITON_INTERPRET=1 (the tests).
+All three compute the same numbers bit for bit (kernels/int8_matmul.py; tests/test_int8_kernels.py,
+tests/test_w8a8.py); "triton" on CPU tensors runs only under TRITON_INTERPRET=1 (the tests).
 
 Buffers (the names and layout of compressed-tensors' int-quantized format, so export renames nothing):
 weight int8 [N, K]; weight_scale float32 [N]; input_scale float32 [1] (static activations only);
