@@ -13,6 +13,9 @@ Methods, each timed with triton.testing.do_bench (CUDA events, median of the rep
   llmsqueeze triton       llmsqueeze.kernels.quant_linear: gemv / split-K / gemm picked by M, autotuned
   llmsqueeze deq+mm       our dequantize kernel, then x @ W^T (cuBLAS)
   torch deq+mm            QuantLinear's torch fallback: dequantize in torch, then matmul
+  llmsqueeze w8a8         Int8Linear (W8A8, issue 9): per-token int8 quantization kernel + int8 GEMM
+                          with the scales fused in its epilogue; its error is int8 activation error,
+                          so the W4A16 bound below does not apply (reported as rel_err)
   torchao int4 / gemlite  peers, when they import on this machine (else listed as unavailable)
 
 Achieved bandwidth counts the bytes a kernel must move at least once: packed weights, scales,
@@ -88,7 +91,7 @@ def methods(layer, dtype, with_peers: bool) -> dict:
     import torch.nn.functional as F
     from llmsqueeze.kernels import quant_matmul as qm
 
-    from llmsqueeze import kernels
+    from llmsqueeze import kernels, nn_int8
 
     w_dense = layer.dequantize_weight(dtype).contiguous()  # [N, K]
     packed = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.qzeros))
@@ -100,6 +103,15 @@ def methods(layer, dtype, with_peers: bool) -> dict:
                                                           layer.group_size, layer.in_features, x.dtype), packed, ""),
         "torch deq+mm": (lambda x: x @ layer.dequantize_weight_t(x.dtype), packed, ""),
     }
+    # W8A8 beside the weight-only kernels: int8 weights (per channel, from the same weight) and int8
+    # activations quantized on every call (the layer reuses a repeated input's codes, so drop them)
+    w8 = nn_int8.Int8Linear.from_float(w_dense.float())
+
+    def w8a8(x):
+        nn_int8._last_input = None
+        return w8(x)
+
+    m["llmsqueeze w8a8"] = (w8a8, w8.weight.numel() + 4 * w8.out_features, "int8 x int8 GEMM, rescale fused")
     if with_peers:
         for name, (fn, note) in peers(layer, w_dense, layer.group_size).items():
             m[name] = (fn, packed, note)
@@ -225,6 +237,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before llmsqueeze.kernels defines its kernels
+        os.environ.setdefault("LLMSQUEEZE_INT8_BACKEND", "triton")  # the W8A8 row on the kernels, not the CPU path
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
