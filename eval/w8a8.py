@@ -29,6 +29,9 @@ CONFIGS = [
     ("w8a8 dynamic, SmoothQuant auto + GPTQ", "gptq", dict(act="dynamic", smooth_alpha="auto")),
     ("w8a8 static, no smoothing", "rtn", dict(act="static", smooth_alpha=None)),
     ("w8a8 static, SmoothQuant alpha auto", "rtn", dict(act="static", smooth_alpha="auto")),
+    # the static scale as max|x| (static_clip "max"), the default before the clip search
+    ("w8a8 static, SmoothQuant alpha auto, scale = max|x|", "rtn", dict(act="static", smooth_alpha="auto", static_clip="max")),
+    ("w8a8 static, no smoothing, scale = max|x|", "rtn", dict(act="static", smooth_alpha=None, static_clip="max")),
 ]
 
 # (label, M, K, N): SmolLM2-135M's Linears and a Llama-2-7B layer's, at 2048 tokens of prefill

@@ -332,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="w8a8: SmoothQuant migration strength in [0, 1], auto (searched per block) or off")
     q.add_argument("--act", choices=("dynamic", "static"), default="dynamic",
                    help="w8a8 activations: per-token scales at run time (dynamic) or one calibrated scale per layer")
+    q.add_argument("--static-clip", choices=("mse", "max"), default="mse",
+                   help="w8a8 --act static: the scale's fraction of max|x| searched for the least layer-output "
+                        "error on calibration tokens (mse, default) or max|x| itself (max)")
     q.add_argument("--calib", default="wikitext2",
                    help="gptq calibration text: wikitext2, c4, pileval, or a .txt/.jsonl file or datasets dir")
     q.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")

@@ -434,3 +434,37 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplo
         assert "more detail" not in warnings[0].getMessage() and not nn_int8.use_compiled(x)
     finally:
         nn_int8.fused.cache_clear()  # drop the broken wrappers
+
+
+def test_static_scale_search_never_worse_than_max_and_clips_outliers():
+    from llmsqueeze.quant.int8 import QMAX, search_static_scale, static_output_error
+
+    x = torch.randn(256, 64, generator=_gen())
+    x[0, 3] = 60.0  # one outlier token: max|x| would spend the grid on it
+    w = torch.randn(32, 64, generator=_gen(1))
+    absmax = float(x.abs().max())
+    scale, errors = search_static_scale(x, w, absmax)
+    assert errors[1.0] == pytest.approx(static_output_error(x, w, absmax / QMAX))
+    assert min(errors.values()) <= errors[1.0] and scale < absmax / QMAX  # clipped below the outlier
+    assert static_output_error(x, w, scale) == min(errors.values()) < errors[1.0]
+    # no outliers: a near-uniform spread keeps (close to) the full range
+    u = torch.rand(256, 64, generator=_gen(2)) * 2 - 1
+    su, _ = search_static_scale(u, w, float(u.abs().max()))
+    assert su >= 0.8 * float(u.abs().max()) / QMAX
+
+
+@pytest.mark.parametrize("clip", ["mse", "max"])
+def test_static_clip_scheme_records_ratios(clip):
+    model = outlier_llama(20.0)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=_gen())
+    llmsqueeze.quantize(model, W8A8Scheme(act="static", smooth_alpha=None, static_clip=clip), data=ids, progress=False)
+    args = model.config.quantization_config["method_args"]
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert layers and all(m.input_scale is not None for m in layers)
+    if clip == "max":
+        assert "static_clip" not in args
+    else:
+        ratios = args["static_clip"]
+        assert len(ratios) == len(layers) and all(0.3 < r <= 1.0 for r in ratios.values())
+    with pytest.raises(LlmsqueezeError, match="static_clip"):
+        W8A8Scheme(act="static", static_clip="percentile")

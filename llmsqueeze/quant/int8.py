@@ -20,6 +20,8 @@ from ..config import LlmsqueezeError
 
 QMAX = 127  # activations and weights use the symmetric range [-127, 127]
 ACT_MODES = ("dynamic", "static")
+STATIC_CLIPS = ("mse", "max")  # static activation scale: searched for the least layer-output error, or max|x|
+STATIC_CLIP_GRID = tuple(1 - 0.05 * i for i in range(14))  # fractions of max|x| tried by the search: 1.0 .. 0.35
 SMOOTH_PAIRS = ("norm", "all")  # smoothing folded into the norms only, or also v -> o and up -> down
 WEIGHTS = "int8 per-channel sym"
 
@@ -50,6 +52,24 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] float, scale [1] (calibrated max|x| / 127) -> xq [M, K] int8; larger values clip."""
     return (x.float() / scale).round_().clamp_(-QMAX, QMAX).to(torch.int8)
+
+
+def static_output_error(x: torch.Tensor, w: torch.Tensor, scale: float) -> float:
+    """x [T, K] sample inputs, w [N, K] -> ||(Q(x) - x) W^T||^2 with x quantized on the static `scale`
+    (values past 127 * scale clip): the layer-output error that scale costs."""
+    xq = quantize_static(x, torch.tensor([scale])).float() * scale
+    return float(((xq - x.float()) @ w.float().t()).pow(2).sum())
+
+
+def search_static_scale(x: torch.Tensor, w: torch.Tensor, absmax: float,
+                        grid=STATIC_CLIP_GRID) -> tuple[float, dict[float, float]]:
+    """x [T, K] sample inputs of a layer, w [N, K] its weight, absmax the calibrated max|x| over all
+    inputs -> (the static scale r * absmax / 127 of least layer-output error, r -> error for each r of
+    the grid). Clipping the few outlier tokens buys a finer grid for all the others; with r = 1 in the
+    grid the result is never worse than max|x| on the samples."""
+    errors = {r: static_output_error(x, w, max(r * absmax, 1e-8) / QMAX) for r in grid}
+    best = min(errors, key=errors.get)
+    return max(best * absmax, 1e-8) / QMAX, errors
 
 
 def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +139,8 @@ def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
 class W8A8Scheme:
     """Integer-only inference: every selected Linear gets int8 per-channel symmetric weights and
     int8 activations, `act` "dynamic" (one scale per token, computed at run time) or "static" (one
-    scale per layer, calibrated and saved). `smooth_alpha` (a float in [0, 1], "auto" to search a
+    scale per layer, calibrated and saved: `static_clip` "mse" searches a fraction of max|x| for the
+    least layer-output error on sampled calibration tokens, "max" takes max|x|). `smooth_alpha` (a float in [0, 1], "auto" to search a
     grid per block on calibration data, or None for none) migrates activation outliers into the
     weights (SmoothQuant) before quantizing (auto: the best of `smooth_grid`, refined by best +- each
     step of `smooth_refine`); `smooth_pairs` "norm" folds the smoothing into the
@@ -127,6 +148,7 @@ class W8A8Scheme:
     pick layers as in QuantScheme (the head stays dense by default)."""
 
     act: str = "dynamic"
+    static_clip: str = "mse"
     smooth_alpha: float | str | None = "auto"
     smooth_grid: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
     smooth_refine: list[float] = field(default_factory=lambda: [0.1, 0.05])
@@ -147,6 +169,8 @@ class W8A8Scheme:
             raise LlmsqueezeError(f"weights={self.weights!r}: only {WEIGHTS!r} is supported")
         if self.act not in ACT_MODES:
             raise LlmsqueezeError(f"act={self.act!r} is not valid: use dynamic (per token) or static (calibrated)")
+        if self.static_clip not in STATIC_CLIPS:
+            raise LlmsqueezeError(f"static_clip={self.static_clip!r} is not valid: use mse (searched) or max (max|x|)")
         a = self.smooth_alpha
         if not (a is None or a == "auto" or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1)):
             raise LlmsqueezeError(f"smooth_alpha={a!r} is not valid: use a number in [0, 1], 'auto' or None (no smoothing)")

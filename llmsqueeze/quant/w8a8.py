@@ -15,10 +15,12 @@ from torch import nn
 
 from ..config import LlmsqueezeError, QuantScheme
 from ..nn import is_linear, linear_weight, set_module
-from .int8 import QMAX, W8A8Scheme
+from .int8 import QMAX, W8A8Scheme, search_static_scale
 from .smoothquant import SmoothMap, collect_input_absmax, search_alpha, smooth_block, smooth_map_for
 
 log = logging.getLogger("llmsqueeze")
+
+STATIC_SAMPLE_ROWS = 16  # tokens kept per calibration batch and layer for the static-scale search
 
 # the weight grid of W8A8 in the weight-only scheme's terms (used by GPTQ): 8-bit, one symmetric
 # scale per output channel kept in float32; q - 128 is the int8 weight
@@ -47,6 +49,7 @@ class W8A8:
         self.wanted = set(layer_names)
         self.search_batches = search_batches
         self.absmax: dict[str, torch.Tensor] = {}  # static: max|x| per layer
+        self.samples: dict[str, list[torch.Tensor]] = {}  # static, clip search: sampled input rows per layer
         self.alphas: list[float] = []
         self.report: list[dict] = []
         self.collect_inputs = gptq is not None or scheme.act == "static"
@@ -98,9 +101,26 @@ class W8A8:
         if self.scheme.act == "static":
             m = x.detach().abs().amax().float()
             self.absmax[name] = m if name not in self.absmax else torch.maximum(self.absmax[name], m)
+            if self.scheme.static_clip == "mse":  # evenly spaced tokens, the first (often an outlier) included
+                rows = x.detach().reshape(-1, x.shape[-1])
+                idx = torch.linspace(0, rows.shape[0] - 1, min(rows.shape[0], STATIC_SAMPLE_ROWS)).long()
+                self.samples.setdefault(name, []).append(rows[idx.to(rows.device)].float().cpu())
+
+    def static_input_scale(self, name: str, module: nn.Module) -> float:
+        absmax = self.absmax.pop(name)
+        samples = self.samples.pop(name, None)
+        if self.scheme.static_clip == "max" or not samples:
+            return static_scale(absmax)
+        w = linear_weight(module).detach().float().cpu()
+        scale, errors = search_static_scale(torch.cat(samples), w, float(absmax))
+        ratio = scale * QMAX / max(float(absmax), 1e-8)
+        self.report.append({"layer": name, "static_clip": ratio, "error_max": errors[1.0], "error": min(errors.values())})
+        log.debug("static scale %s: %.2f x max|x| (output error %.3g -> %.3g)", name, ratio, errors[1.0],
+                  min(errors.values()))
+        return scale
 
     def apply(self, name: str, module: nn.Module) -> nn.Module:
-        inp = static_scale(self.absmax.pop(name)) if self.scheme.act == "static" else None
+        inp = self.static_input_scale(name, module) if self.scheme.act == "static" else None
         if self.gptq is not None:
             return int8_from_quant_linear(self.gptq.apply(name, module), inp)
         return _rtn_int8(module, inp)
@@ -120,7 +140,8 @@ def w8a8_scheme_from_args(args) -> W8A8Scheme:
             a = float(a)
         except ValueError:
             raise LlmsqueezeError(f"--smooth-alpha {a!r} is not valid: use a number in [0, 1], auto or off") from None
-    return W8A8Scheme(act=args.act, smooth_alpha=None if a == "off" else a, include=args.include or [],
+    return W8A8Scheme(act=args.act, static_clip=getattr(args, "static_clip", "mse"),
+                      smooth_alpha=None if a == "off" else a, include=args.include or [],
                       exclude=args.exclude or [], lm_head=args.lm_head)
 
 
@@ -178,6 +199,9 @@ def quantize_w8a8(model: nn.Module, scheme: W8A8Scheme, data=None, method: str =
         method_args = {"n_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
         if gptq is not None:
             method_args.update(act_order=act_order, damp=damp, block_size=block_size)
+        clips = {r["layer"]: round(r["static_clip"], 4) for r in m.report if "static_clip" in r}
+        if clips:
+            method_args["static_clip"] = clips  # each layer's scale as a fraction of its calibrated max|x|
         if m.alphas:
             method_args["smoothquant"] = {"alpha": scheme.smooth_alpha, "alphas": m.alphas,
                                           "pairs": scheme.smooth_pairs, "search_batches": search_batches}
@@ -191,7 +215,7 @@ def compressed_tensors_config(scheme: W8A8Scheme, ignore: list[str]) -> dict:
     W8A8 int8 path reads) describing this scheme."""
     act = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
            "strategy": "token" if scheme.act == "dynamic" else "tensor", "dynamic": scheme.act == "dynamic",
-           "observer": "memoryless" if scheme.act == "dynamic" else "minmax", "observer_kwargs": {},
+           "observer": "memoryless" if scheme.act == "dynamic" else ("mse" if scheme.static_clip == "mse" else "minmax"), "observer_kwargs": {},
            "actorder": None, "block_structure": None}
     weights = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
                "dynamic": False, "observer": "minmax", "observer_kwargs": {}, "actorder": None,
