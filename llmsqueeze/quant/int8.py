@@ -61,15 +61,13 @@ def static_output_error(x: torch.Tensor, w: torch.Tensor, scale: float) -> float
     return float(((xq - x.float()) @ w.float().t()).pow(2).sum())
 
 
-def search_static_scale(x: torch.Tensor, w: torch.Tensor, absmax: float,
-                        grid=STATIC_CLIP_GRID) -> tuple[float, dict[float, float]]:
+def static_clip_errors(x: torch.Tensor, w: torch.Tensor, absmax: float,
+                       grid=STATIC_CLIP_GRID) -> dict[float, float]:
     """x [T, K] sample inputs of a layer, w [N, K] its weight, absmax the calibrated max|x| over all
-    inputs -> (the static scale r * absmax / 127 of least layer-output error, r -> error for each r of
-    the grid). Clipping the few outlier tokens buys a finer grid for all the others; with r = 1 in the
-    grid the result is never worse than max|x| on the samples."""
-    errors = {r: static_output_error(x, w, max(r * absmax, 1e-8) / QMAX) for r in grid}
-    best = min(errors, key=errors.get)
-    return max(best * absmax, 1e-8) / QMAX, errors
+    inputs -> {r: layer-output error of the static scale r * absmax / 127} for each r of the grid.
+    Clipping the few outlier tokens buys a finer grid for all the others; the least error wins, and
+    with r = 1 in the grid it is never worse than max|x| on the samples."""
+    return {r: static_output_error(x, w, max(r * absmax, 1e-8) / QMAX) for r in grid}
 
 
 def quantize_weight_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,11 +138,11 @@ class W8A8Scheme:
     """Integer-only inference: every selected Linear gets int8 per-channel symmetric weights and
     int8 activations, `act` "dynamic" (one scale per token, computed at run time) or "static" (one
     scale per layer, calibrated and saved: `static_clip` "mse" searches a fraction of max|x| for the
-    least layer-output error on sampled calibration tokens, "max" takes max|x|). `smooth_alpha` (a float in [0, 1], "auto" to search a
-    grid per block on calibration data, or None for none) migrates activation outliers into the
-    weights (SmoothQuant) before quantizing (auto: the best of `smooth_grid`, refined by best +- each
-    step of `smooth_refine`); `smooth_pairs` "norm" folds the smoothing into the
-    norms before q/k/v and gate/up, "all" also smooths v -> o and up -> down. include/exclude/lm_head
+    least layer-output error on sampled calibration tokens, "max" takes max|x|). `smooth_alpha` (a
+    float in [0, 1], "auto" to search a grid per block on calibration data, or None for none)
+    migrates activation outliers into the weights (SmoothQuant) before quantizing (auto: the best of
+    `smooth_grid`, refined by best +- each step of `smooth_refine`); `smooth_pairs` "norm" folds the
+    smoothing into the norms before q/k/v and gate/up, "all" also smooths v -> o and up -> down. include/exclude/lm_head
     pick layers as in QuantScheme (the head stays dense by default)."""
 
     act: str = "dynamic"

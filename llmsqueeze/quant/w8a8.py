@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import LlmsqueezeError, QuantScheme
 from ..nn import is_linear, linear_weight, set_module
-from .int8 import QMAX, W8A8Scheme, search_static_scale
+from .int8 import QMAX, W8A8Scheme, static_clip_errors
 from .smoothquant import SmoothMap, collect_input_absmax, search_alpha, smooth_block, smooth_map_for
 
 log = logging.getLogger("llmsqueeze")
@@ -111,13 +111,11 @@ class W8A8:
         samples = self.samples.pop(name, None)
         if self.scheme.static_clip == "max" or not samples:
             return static_scale(absmax)
-        w = linear_weight(module).detach().float().cpu()
-        scale, errors = search_static_scale(torch.cat(samples), w, float(absmax))
-        ratio = scale * QMAX / max(float(absmax), 1e-8)
-        self.report.append({"layer": name, "static_clip": ratio, "error_max": errors[1.0], "error": min(errors.values())})
-        log.debug("static scale %s: %.2f x max|x| (output error %.3g -> %.3g)", name, ratio, errors[1.0],
-                  min(errors.values()))
-        return scale
+        errors = static_clip_errors(torch.cat(samples), linear_weight(module).detach().float().cpu(), float(absmax))
+        r = min(errors, key=errors.get)
+        self.report.append({"layer": name, "static_clip": r, "error_max": errors[1.0], "error": errors[r]})
+        log.debug("static scale %s: %.2f x max|x| (output error %.3g -> %.3g)", name, r, errors[1.0], errors[r])
+        return static_scale(absmax.double() * r)  # in double, as the search scored it
 
     def apply(self, name: str, module: nn.Module) -> nn.Module:
         inp = self.static_input_scale(name, module) if self.scheme.act == "static" else None
@@ -215,7 +213,8 @@ def compressed_tensors_config(scheme: W8A8Scheme, ignore: list[str]) -> dict:
     W8A8 int8 path reads) describing this scheme."""
     act = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
            "strategy": "token" if scheme.act == "dynamic" else "tensor", "dynamic": scheme.act == "dynamic",
-           "observer": "memoryless" if scheme.act == "dynamic" else ("mse" if scheme.static_clip == "mse" else "minmax"), "observer_kwargs": {},
+           "observer": "memoryless" if scheme.act == "dynamic" else ("mse" if scheme.static_clip == "mse" else "minmax"),
+           "observer_kwargs": {},
            "actorder": None, "block_structure": None}
     weights = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
                "dynamic": False, "observer": "minmax", "observer_kwargs": {}, "actorder": None,
