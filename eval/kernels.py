@@ -108,7 +108,7 @@ def methods(layer, dtype, with_peers: bool) -> dict:
     w8 = nn_int8.Int8Linear.from_float(w_dense.float())
 
     def w8a8(x):
-        nn_int8._last_input = None
+        nn_int8.forget_quantized_input()
         return w8(x)
 
     m["llmsqueeze w8a8"] = (w8a8, w8.weight.numel() + 4 * w8.out_features, "int8 x int8 GEMM, rescale fused")

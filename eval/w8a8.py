@@ -65,12 +65,13 @@ def gemm_rows(shapes=GEMM_SHAPES, repeats: int = 3) -> list[dict]:
     from llmsqueeze.nn_int8 import Int8Linear
     from llmsqueeze.quant.int8 import int8_mm, quantize_per_token, w8a8_linear
 
-    def layer_call(layer, x):
-        nn_int8._last_input = None  # quantize x again on every call (the layer caches a repeated input)
-        return layer(x)
-
-    backend = nn_int8.BACKEND
-    nn_int8.BACKEND = "compile"
+    def layer_call(layer, x):  # Int8Linear on its CPU default, the fused loops, whatever the environment says
+        nn_int8.forget_quantized_input()  # quantize x on every call (the layer caches a repeated input)
+        backend, nn_int8.BACKEND = nn_int8.BACKEND, "compile"
+        try:
+            return layer(x)
+        finally:
+            nn_int8.BACKEND = backend
 
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -101,7 +102,6 @@ def gemm_rows(shapes=GEMM_SHAPES, repeats: int = 3) -> list[dict]:
         print(f"{label:22s} fp32 {row['fp32_ms']:8.1f}  bf16 {row['bf16_ms']:8.1f}  int8 GEMM {row['int8_gemm_ms']:8.1f}  "
               f"W8A8 eager {row['w8a8_linear_fp32_ms']:8.1f} / {row['w8a8_linear_bf16_ms']:8.1f}  "
               f"fused {row['int8linear_fused_fp32_ms']:8.1f} / {row['int8linear_fused_bf16_ms']:8.1f} ms", flush=True)
-    nn_int8.BACKEND = backend
     return rows
 
 

@@ -108,7 +108,7 @@ def main() -> int:
                     return im.scaled_mm(q, wq, s, ws, None, torch.float16)
 
                 def int8linear_triton():
-                    nn_int8._last_input = None  # a new activation every call: no reuse of the quantized input
+                    nn_int8.forget_quantized_input()  # a new activation every call: no reuse of the quantized input
                     return layer(x)
 
                 nn_int8.BACKEND = "triton"

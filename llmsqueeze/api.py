@@ -392,8 +392,9 @@ def prune(
     kept weights for the least layer-output error once the mask is chosen (pruning/refit.py), instead
     of keeping SparseGPT's one-pass sweep (or Wanda's untouched weights); "auto" does so for a layer
     whose calibration gave at least 2 tokens per input (fewer: the refit overfits them); with a scheme
-    the refit weights are then rounded by the mask-fixed OBS sweep. Pruned Linears keep their dense shape in memory, zeros written in; `save_quantized` stores them
-    sparse (N:M values + indices, or a bitmask), or packed with q == zero when quantized.
+    the refit weights are then rounded by the mask-fixed OBS sweep. Pruned Linears keep their dense
+    shape in memory, zeros written in; `save_quantized` stores them sparse (N:M values + indices, or a
+    bitmask), or packed with q == zero when quantized.
     """
     from .pruning.masks import check_nm_width, check_sparsity, parse_nm
 

@@ -81,6 +81,13 @@ def fused(fn):
     return call
 
 
+def forget_quantized_input() -> None:
+    """Drop the cached quantized input, so the next Int8Linear call quantizes its input again even when it
+    is the same tensor (benchmarks timing the quantization, tests switching backends)."""
+    global _last_input
+    _last_input = None
+
+
 def quantize_input(x2: torch.Tensor, triton: bool = False, compiled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_per_token (the Triton kernel where `triton`), reused when the next Int8Linear reads the
     very same tensor (q/k/v read one norm output, gate/up another): a reference to x is held so its

@@ -183,7 +183,7 @@ def test_int8_linear_triton_equals_torch(monkeypatch, dtype, bias, static, m):
     y_torch = layer(x)
     monkeypatch.setattr(nn_int8, "BACKEND", "triton")
     assert nn_int8.use_triton(x)
-    nn_int8._last_input = None  # quantize again, now with the kernel
+    nn_int8.forget_quantized_input()  # quantize again, now with the kernel
     y = layer(x)
     assert y.dtype == dtype and y.shape == (2, m, 40)
     if dtype == torch.bfloat16:  # the same float32 values, stored by truncation under the interpreter
@@ -204,7 +204,7 @@ def test_backend_choice_and_shared_input(monkeypatch):
     real = kernels.int8_quantize_per_token
     monkeypatch.setattr(kernels, "int8_quantize_per_token", lambda t: calls.append(1) or real(t))
     a, b = Int8Linear.from_float(torch.randn(8, 16)), Int8Linear.from_float(torch.randn(12, 16))
-    nn_int8._last_input = None
+    nn_int8.forget_quantized_input()
     ya, yb = a(x), b(x)  # q/k/v-style: one quantization for both layers
     assert len(calls) == 1
     monkeypatch.setattr(nn_int8, "BACKEND", "torch")

@@ -400,7 +400,7 @@ def test_int8_linear_compile_backend_matches_torch(monkeypatch, static):
     outs = {}
     for backend in ("torch", "compile"):
         monkeypatch.setattr(nn_int8, "BACKEND", backend)
-        nn_int8._last_input = None
+        nn_int8.forget_quantized_input()
         assert nn_int8.use_compiled(x) == (backend == "compile")
         outs[backend] = layer(x)
     assert torch.equal(outs["torch"], outs["compile"])
@@ -424,7 +424,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplo
     try:
         layer = Int8Linear.from_float(torch.randn(8, 16, generator=_gen()))
         x = torch.randn(5, 16, generator=_gen(1))
-        nn_int8._last_input = None
+        nn_int8.forget_quantized_input()
         with caplog.at_level("WARNING", logger="llmsqueeze.nn_int8"):
             y, y2 = layer(x), layer(x * 2)
         assert torch.equal(y, w8a8_linear(x, layer.weight, layer.weight_scale))
