@@ -11,6 +11,8 @@ Backends, chosen per call (LLMSQUEEZE_INT8_BACKEND, or set `BACKEND` in this mod
     on the CPU (README, "W8A8": eval/w8a8.py --gemm). Compiled once per process and dtype;
     where compiling fails (no C++ compiler) it logs one warning and stays on "torch";
   * "torch" everywhere else: quant.int8's functions, torch._int_mm and a separate float rescale.
+Under torch.compile (a whole model, fullgraph or not) the layer traces as plain "torch" ops with no
+input cache, so Inductor fuses the quantization and the rescale itself, on any device.
 All three compute the same numbers bit for bit (kernels/int8_matmul.py; tests/test_int8_kernels.py,
 tests/test_w8a8.py); "triton" on CPU tensors runs only under TRITON_INTERPRET=1 (the tests).
 
@@ -48,14 +50,14 @@ _last_input: tuple | None = None  # (x, x._version, xq, scale): the last input q
 
 def use_triton(x: torch.Tensor) -> bool:
     """Whether Int8Linear runs this input on the Triton kernels (see the module docstring)."""
-    if BACKEND == "torch" or not kernels.available() or x.dtype not in TRITON_DTYPES or x.numel() == 0:
+    if BACKEND == "torch" or torch.compiler.is_compiling() or not kernels.available() or x.dtype not in TRITON_DTYPES or x.numel() == 0:
         return False
     return BACKEND == "triton" or x.is_cuda
 
 
 def use_compiled(x: torch.Tensor) -> bool:
     """Whether Int8Linear runs this CPU input's quantization and rescale as compiled loops."""
-    if x.is_cuda or _compile_failed or BACKEND in ("torch", "triton"):
+    if x.is_cuda or _compile_failed or BACKEND in ("torch", "triton") or torch.compiler.is_compiling():
         return False
     return BACKEND == "compile" or x.numel() >= FUSE_MIN_ELEMENTS
 
@@ -94,6 +96,8 @@ def quantize_input(x2: torch.Tensor, triton: bool = False, compiled: bool = Fals
     identity cannot pass to another tensor, and its _version changes with any in-place write. Both
     quantizers give the same bits, so the cache does not care which one filled it."""
     global _last_input
+    if torch.compiler.is_compiling():  # a traced graph has no tensor identity to key on; Inductor dedups instead
+        return quantize_per_token(x2)
     last = _last_input
     if last is not None and last[0] is x2 and last[1] == x2._version:
         return last[2], last[3]

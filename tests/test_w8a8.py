@@ -468,3 +468,29 @@ def test_static_clip_scheme_records_ratios(clip):
         assert len(ratios) == len(layers) and all(0.3 < r <= 1.0 for r in ratios.values())
     with pytest.raises(LlmsqueezeError, match="static_clip"):
         W8A8Scheme(act="static", static_clip="percentile")
+
+
+@pytest.mark.parametrize("act", ["dynamic", "static"])
+def test_whole_model_torch_compile_fullgraph(tmp_path, act):
+    """A reloaded W8A8 checkpoint compiles as one graph (no break at the shared-input cache): under
+    torch.compile Int8Linear traces plain ops and Inductor fuses them; same logits as eager."""
+    import shutil
+
+    import llmsqueeze.nn_int8 as nn_int8
+
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler: Inductor cannot compile on this machine")
+    model = llmsqueeze.quantize(tiny_model("llama"), W8A8Scheme(act=act, smooth_alpha=0.5), data=_calib(),
+                                progress=False)
+    out = llmsqueeze.save_quantized(model, tmp_path / "q", tokenizer=tiny_tokenizer())
+    loaded = llmsqueeze.from_pretrained(out, dtype=torch.float32)
+    ids = _calib()[:2]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        nn_int8.forget_quantized_input()
+        want = loaded(ids).logits
+        got = torch.compile(loaded, fullgraph=True)(ids).logits
+    torch._dynamo.reset()
+    # Inductor may reassociate the float rescale with what follows: last-bit differences only
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
