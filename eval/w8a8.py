@@ -5,6 +5,7 @@ speed of the int8 GEMM against fp32/bf16 matmul at 2048 tokens.
     python eval/w8a8.py --model ~/.cache/llmsqueeze/smollm2-135m \
         --data ../shared/data/wikitext-2/test.txt --calib ../shared/data/wikitext-2/valid.txt --windows 8
     python eval/w8a8.py --gemm --threads 2          # GEMM timings only
+    python eval/w8a8.py --prefill --threads 1       # whole-model prefill, eager vs torch.compile(model)
 
 Perplexity follows the protocol of shared/README.md (2048-token windows of WikiText-2 test, float32
 on the CPU; calibration 128 x 512 tokens of valid.txt, seed 0). Each configuration starts from a
@@ -105,6 +106,49 @@ def gemm_rows(shapes=GEMM_SHAPES, repeats: int = 3) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def prefill_rows(model_dir: str, tokens: int = 2048, repeats: int = 3, dtype=torch.bfloat16) -> list[dict]:
+    """One forward over `tokens` tokens (prefill, no cache), dense vs W8A8 dynamic (RTN, no smoothing:
+    values do not change speed), each eager and as torch.compile(model, fullgraph=True): best of
+    `repeats` after the warm-up call, whose time (compilation included) is kept as first_call_s."""
+    import tempfile
+
+    import llmsqueeze
+    from llmsqueeze import nn_int8
+
+    ids = torch.randint(0, 1000, (1, tokens), generator=torch.Generator().manual_seed(0))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dense = llmsqueeze.load_dense(model_dir, dtype=torch.float32).eval()
+        llmsqueeze.quantize(dense, llmsqueeze.W8A8Scheme(smooth_alpha=None), progress=False)
+        llmsqueeze.save_quantized(dense, Path(tmp) / "w8a8")
+        del dense
+        for kind in ("dense", "w8a8"):
+            for compiled in (False, True):
+                model = (llmsqueeze.load_dense(model_dir, dtype=dtype) if kind == "dense"
+                         else llmsqueeze.from_pretrained(Path(tmp) / "w8a8", dtype=dtype)).eval()
+                torch._dynamo.reset()
+                fwd = torch.compile(model, fullgraph=True) if compiled else model
+                t0 = time.perf_counter()
+                fwd(ids)
+                first = time.perf_counter() - t0
+
+                def call():
+                    nn_int8.forget_quantized_input()
+                    fwd(ids)
+
+                ms = _best_ms(call, repeats)
+                rows.append({"model": kind, "compiled": compiled, "dtype": str(dtype).removeprefix("torch."),
+                             "tokens": tokens, "ms": ms, "tok_s": tokens / ms * 1000, "first_call_s": first})
+                print(f"{kind:6s} {'torch.compile' if compiled else 'eager':13s} {tokens / ms * 1000:7.1f} tok/s "
+                      f"(first call {first:.1f} s)", flush=True)
+                del model, fwd
+    base = {r["compiled"]: r["tok_s"] for r in rows if r["model"] == "dense"}
+    for r in rows:
+        r["vs_dense_same_mode"] = r["tok_s"] / base[r["compiled"]]
+    return rows
+
+
 def print_gemm(rows: list[dict]) -> None:
     print("\n| shape (M x K x N) | fp32 | bf16 | int8 GEMM (torch._int_mm) | W8A8 Linear eager, fp32 / bf16 in+out "
           "| Int8Linear fused, fp32 / bf16 in+out | fused vs fp32 | fused vs bf16 |")
@@ -128,6 +172,8 @@ def main() -> None:
     ap.add_argument("--search-batches", type=int, default=4, help="calibration batches of the alpha search")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--gemm", action="store_true", help="only time the GEMMs")
+    ap.add_argument("--prefill", action="store_true",
+                    help="only time whole-model prefill (2048 tokens, bf16), eager and torch.compile(model)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--append", action="store_true",
@@ -142,6 +188,16 @@ def main() -> None:
         rows = gemm_rows(repeats=args.repeats)
         print_gemm(rows)
         write_results(args.out or "eval/results/w8a8_gemm_cpu.json", rows, tokens=2048)
+        return
+    if args.prefill:
+        rows = prefill_rows(args.model, repeats=args.repeats)
+        print("\n| model | forward | tokens/s | vs dense, same forward | first call |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} {r['dtype']} | {'torch.compile(fullgraph)' if r['compiled'] else 'eager'} | "
+                  f"{r['tok_s']:.0f} | {r['vs_dense_same_mode']:.2f}x | {r['first_call_s']:.1f} s |")
+        write_results(args.out or "eval/results/w8a8_prefill_cpu.json", rows, model=args.model,
+                      threads=torch.get_num_threads())
         return
 
     from transformers import AutoTokenizer
