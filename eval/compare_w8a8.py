@@ -66,6 +66,9 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", choices=list(CONFIGS), default=list(CONFIGS), metavar="LABEL",
                     help=f"which rows (default all): {'; '.join(CONFIGS)}")
     ap.add_argument("--smoothing-strength", type=float, default=0.8, help="llm-compressor's SmoothQuant alpha")
+    ap.add_argument("--llmc-act-observer", nargs="*", default=[None], metavar="NAME",
+                    help="static rows: llm-compressor's activation observers to run, e.g. minmax static_minmax mse "
+                         "(default: its default, minmax)")
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
     ap.add_argument("--out", default="eval/results/w8a8_vs_llmcompressor.json")
@@ -88,11 +91,12 @@ def main() -> None:
             act, smooth, method = CONFIGS[label]
             if not args.skip_ours:
                 plan.append((label, "llmsqueeze", ours + [act, "1" if smooth else "0", method]))
-            if not args.skip_peer:
+            for observer in ([] if args.skip_peer else args.llmc_act_observer if act == "static" else [None]):
                 peer = [args.llmc_python, str(HERE / "peers" / "llmcompressor_w8a8.py"), args.model, calib, test,
                         "--act", act, "--method", method, "--windows", str(args.windows),
                         "--smoothing-strength", str(args.smoothing_strength if smooth else -1)]
-                plan.append((label, "llm-compressor", peer))
+                tool = "llm-compressor" + (f" (observer {observer})" if observer else "")
+                plan.append((label, tool, peer + (["--act-observer", observer] if observer else [])))
         dense = None
         for label, tool, cmd in plan:
             res = run_json(cmd)
@@ -103,9 +107,9 @@ def main() -> None:
                 row["vs_dense_pct"] = 100 * (res["ppl"] / dense - 1)
             rows.append(row)
             if "error" in res:
-                print(f"{label:28s} {tool:15s} ERROR {res['error']}", flush=True)
+                print(f"{label:28s} {tool:40s} ERROR {res['error']}", flush=True)
             else:
-                print(f"{label:28s} {tool:15s} ppl {res['ppl']:8.3f}  quantize {res.get('quantize_s', 0):7.1f} s  "
+                print(f"{label:28s} {tool:40s} ppl {res['ppl']:8.3f}  quantize {res.get('quantize_s', 0):7.1f} s  "
                       f"({res.get('quantize_cpu_s', 0):7.1f} CPU-s)  peak RSS {res.get('peak_rss_mib', 0):6.0f} MiB",
                       flush=True)
 

@@ -33,6 +33,9 @@ CONFIGS = [
     # the static scale as max|x| (static_clip "max"), the default before the clip search
     ("w8a8 static, SmoothQuant alpha auto, scale = max|x|", "rtn", dict(act="static", smooth_alpha="auto", static_clip="max")),
     ("w8a8 static, no smoothing, scale = max|x|", "rtn", dict(act="static", smooth_alpha=None, static_clip="max")),
+    # smoothing only the norm -> q/k/v and norm -> gate/up pairs (llm-compressor's SmoothQuant mapping for Llama)
+    ("w8a8 static, SmoothQuant alpha auto, norm pairs only", "rtn", dict(act="static", smooth_alpha="auto", smooth_pairs="norm")),
+    ("w8a8 dynamic, SmoothQuant alpha auto, norm pairs only", "rtn", dict(act="dynamic", smooth_alpha="auto", smooth_pairs="norm")),
 ]
 
 # (label, M, K, N): SmolLM2-135M's Linears and a Llama-2-7B layer's, at 2048 tokens of prefill

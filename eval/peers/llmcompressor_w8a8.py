@@ -27,6 +27,8 @@ def main():
                     help="dynamic: the W8A8 preset (per-token scales at run time); static: one calibrated scale per layer")
     ap.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
     ap.add_argument("--smoothing-strength", type=float, default=0.8, help="SmoothQuant alpha; negative: no smoothing")
+    ap.add_argument("--act-observer", help="static: the input observer (llm-compressor's default is 'minmax', a moving "
+                                           "average of each batch's range; 'static_minmax' keeps the running max, 'mse')")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
@@ -49,6 +51,8 @@ def main():
     acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
     if args.act == "static":
         acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor", "dynamic": False}
+        if args.act_observer:
+            acts["observer"] = args.act_observer
     groups = {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}}
     quant = (GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01) if args.method == "gptq"
              else QuantizationModifier(config_groups=groups, ignore=["lm_head"]))
