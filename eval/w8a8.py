@@ -136,7 +136,7 @@ def prefill_rows(model_dir: str, tokens: int = 2048, repeats: int = 3, dtype=tor
                 fwd(ids)
                 first = time.perf_counter() - t0
 
-                def call():
+                def call(fwd=fwd):
                     nn_int8.forget_quantized_input()
                     fwd(ids)
 

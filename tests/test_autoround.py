@@ -189,7 +189,7 @@ def test_engine_float_targets_are_the_dense_models_block_outputs():
     run_sequential(model, [ids[i : i + 1] for i in range(len(ids))], method, names, progress=False)
     n_blocks = len(model.model.layers)
     assert [p for p, _, _ in method.seen] == [f"model.layers.{i}." for i in range(n_blocks)]
-    for i, (_, x, y) in enumerate(method.seen[:-1]):  # the last hidden state has the final norm applied
+    for i, (_, _x, y) in enumerate(method.seen[:-1]):  # the last hidden state has the final norm applied
         torch.testing.assert_close(y, dense[i + 1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(method.seen[0][1], dense[0], rtol=0, atol=0)
     assert (method.seen[1][1] - dense[1]).abs().max() > 1e-3  # the inputs are the perturbed stream's

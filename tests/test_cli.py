@@ -2,6 +2,8 @@
 import json
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -108,7 +110,8 @@ def test_usage_errors_are_one_line(capsys):
 
 
 def test_console_script(tiny_model_dir, tmp_path):
-    exe = shutil.which("llmsqueeze")
+    # the script installed beside this interpreter (a venv run without activation), else the one on PATH
+    exe = shutil.which("llmsqueeze", path=str(Path(sys.executable).parent)) or shutil.which("llmsqueeze")
     assert exe, "the console script is installed with the package"
     r = subprocess.run([exe, "quantize", str(tiny_model_dir), "--bits", "5", "--out", str(tmp_path / "q")],
                        capture_output=True, text=True, timeout=300)

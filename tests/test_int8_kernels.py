@@ -15,9 +15,10 @@ import torch
 
 triton = pytest.importorskip("triton")  # the only acceptable skip: no Triton at all
 
+from llmsqueeze.kernels import int8_matmul as im  # noqa: E402
+
 import llmsqueeze.nn_int8 as nn_int8  # noqa: E402
 from llmsqueeze import Int8Linear, kernels  # noqa: E402
-from llmsqueeze.kernels import int8_matmul as im  # noqa: E402
 from llmsqueeze.quant.int8 import int8_mm, quantize_per_token, quantize_static, rescale  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
