@@ -13,11 +13,9 @@ in float32.
 """
 import argparse
 import json
-import resource
-import time
 
 import torch
-from common import cpu_seconds, perplexity, print_error  # eval/peers/common.py, beside this script
+from common import perplexity, timed  # eval/peers/common.py, beside this script
 
 
 def main():
@@ -48,18 +46,17 @@ def main():
     loader = torch.utils.data.DataLoader(calib, batch_size=args.batch_size, shuffle=False)
     result = {"tool": f"auto-round {auto_round.__version__}", "bits": args.bits, "group_size": args.group_size,
               "sym": args.sym, "iters": args.iters, "batch_size": args.batch_size, "seed": args.seed}
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    try:
+    ar = None
+
+    def run():
+        nonlocal ar
         ar = AutoRound(model, tok, bits=args.bits, group_size=args.group_size, sym=args.sym, dataset=loader,
                        iters=args.iters, nsamples=calib.shape[0], seqlen=calib.shape[1], batch_size=args.batch_size,
                        seed=args.seed)
         ar.quantize()
-    except Exception as e:
-        print_error(result, e)
+
+    if not timed(result, run):
         return
-    result["quantize_s"] = time.perf_counter() - t0
-    result["quantize_cpu_s"] = cpu_seconds() - c0
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     model = ar.model if getattr(ar, "model", None) is not None else model
     result["ppl"] = perplexity(model.float().eval(), test, windows=args.windows)
     print(json.dumps(result))

@@ -4,6 +4,7 @@ line a failed run prints."""
 import json
 import math
 import resource
+import time
 import traceback
 
 import torch
@@ -32,3 +33,29 @@ def cpu_seconds() -> float:
     cost that, unlike wall time, a second job on the machine does not inflate much."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(result: dict, fn, key: str = "quantize") -> bool:
+    """Run fn() (a peer's quantization or pruning) and record {key}_s, {key}_cpu_s and the process's
+    peak_rss_mib in `result`; -> True. If fn raises, print the result with the error (print_error)
+    and -> False: the caller returns."""
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    try:
+        fn()
+    except Exception as e:  # e.g. a group size that does not divide the width
+        print_error(result, e)
+        return False
+    result[f"{key}_s"] = time.perf_counter() - t0
+    result[f"{key}_cpu_s"] = cpu_seconds() - c0
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return True
+
+
+def oneshot_timed(result: dict, model, calib: torch.Tensor, recipe, key: str = "quantize") -> bool:
+    """llm-compressor's oneshot on calibration token ids [n_samples, seq_len] (every sample, whole), timed."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    return timed(result, lambda: oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=calib.shape[1],
+                                         num_calibration_samples=calib.shape[0]), key)

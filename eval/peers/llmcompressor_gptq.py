@@ -7,11 +7,9 @@ Called by eval/compare_llmcompressor.py; prints one JSON line.
 """
 import argparse
 import json
-import resource
-import time
 
 import torch
-from common import cpu_seconds, perplexity, print_error  # eval/peers/common.py, beside this script
+from common import oneshot_timed, perplexity  # eval/peers/common.py, beside this script
 
 
 def main():
@@ -31,15 +29,12 @@ def main():
         torch.set_num_threads(args.threads)
 
     import llmcompressor
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
     from transformers import AutoModelForCausalLM
 
     calib = torch.load(args.calib)
     test = torch.load(args.test)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     weights = {"num_bits": args.bits, "type": "int", "symmetric": args.sym, "strategy": "group",
                "group_size": args.group_size}
     recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
@@ -48,16 +43,8 @@ def main():
     result = {"tool": f"llmcompressor {llmcompressor.__version__}", "bits": args.bits,
               "group_size": args.group_size, "sym": args.sym, "weights": weights,
               "bypass_divisibility_checks": args.bypass_divisibility}
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    try:
-        oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=calib.shape[1],
-                num_calibration_samples=calib.shape[0])
-    except Exception as e:  # e.g. a group size that does not divide the width
-        print_error(result, e)
+    if not oneshot_timed(result, model, calib, recipe):
         return
-    result["quantize_s"] = time.perf_counter() - t0
-    result["quantize_cpu_s"] = cpu_seconds() - c0
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["ppl"] = perplexity(model, test, windows=args.windows)
     print(json.dumps(result))
 

@@ -12,15 +12,13 @@ Called by eval/compare_pruning.py; prints one JSON line.
 """
 import argparse
 import json
-import resource
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import perplexity, print_error  # noqa: E402  (the protocol code every peer script shares)
+from common import oneshot_timed, perplexity  # noqa: E402  (the protocol code every peer script shares)
 
 
 def main():
@@ -38,8 +36,6 @@ def main():
     args = ap.parse_args()
 
     import llmcompressor
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import WandaPruningModifier
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
     from transformers import AutoModelForCausalLM
@@ -47,7 +43,6 @@ def main():
     calib = torch.load(args.calib)
     test = torch.load(args.test)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     structure = args.pattern or "0:0"
     sparsity = 1 - int(structure.split(":")[0]) / int(structure.split(":")[1]) if args.pattern else args.sparsity
     # With targets=["Linear"] every Linear is its own target layer and the modifiers match its name as
@@ -77,15 +72,8 @@ def main():
             return sparsify(module=module, row_scalars_dict=row_scalars_dict, **kw)
 
         wanda_base.sparsify_weight = recording
-    t0 = time.perf_counter()
-    try:
-        oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=calib.shape[1],
-                num_calibration_samples=calib.shape[0])
-    except Exception as e:
-        print_error(result, e)
+    if not oneshot_timed(result, model, calib, recipe, key="prune"):
         return
-    result["prune_s"] = time.perf_counter() - t0
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     zeros = sum(int((m.weight == 0).sum()) for m in linears)
     result["measured_sparsity"] = zeros / sum(m.weight.numel() for m in linears)

@@ -11,11 +11,9 @@ eval/compare_w8a8.py; prints one JSON line.
 """
 import argparse
 import json
-import resource
-import time
 
 import torch
-from common import cpu_seconds, perplexity, print_error  # eval/peers/common.py, beside this script
+from common import oneshot_timed, perplexity, print_error  # eval/peers/common.py, beside this script
 
 
 def main():
@@ -37,8 +35,6 @@ def main():
 
     import llmcompressor
     from compressed_tensors.quantization import QuantizationStatus
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
     from transformers import AutoModelForCausalLM
@@ -46,7 +42,6 @@ def main():
     calib = torch.load(args.calib)
     test = torch.load(args.test)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
     acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
     if args.act == "static":
@@ -62,16 +57,8 @@ def main():
     result = {"tool": f"llmcompressor {llmcompressor.__version__}", "act": args.act, "method": args.method,
               "smoothing_strength": args.smoothing_strength if args.smoothing_strength >= 0 else None,
               "weights": weights, "input_activations": acts}
-    t0, c0 = time.perf_counter(), cpu_seconds()
-    try:
-        oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=calib.shape[1],
-                num_calibration_samples=calib.shape[0])
-    except Exception as e:
-        print_error(result, e)
+    if not oneshot_timed(result, model, calib, recipe):
         return
-    result["quantize_s"] = time.perf_counter() - t0
-    result["quantize_cpu_s"] = cpu_seconds() - c0
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # what the perplexity runs: every Linear but the head with its activations quantized on each forward
     quantized = [m for n, m in model.named_modules()
                  if getattr(m, "quantization_scheme", None) is not None and n != "lm_head"]
