@@ -11,37 +11,27 @@ The calibration samples go in as a DataLoader of the same [128, 512] token ids e
 unwrapper copies the quantize-dequantized weight back), so the model is evaluated as it comes out,
 in float32.
 """
-import argparse
 import json
 
 import torch
-from common import perplexity, timed  # eval/peers/common.py, beside this script
+from common import load_inputs, peer_parser, perplexity, timed  # eval/peers/common.py, beside this script
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("calib")
-    ap.add_argument("test")
+    ap = peer_parser()
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--sym", action="store_true")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     import auto_round
     from auto_round import AutoRound
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    calib = torch.load(args.calib)  # [n, T] int64
-    test = torch.load(args.test)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model, calib, test = load_inputs(args)
     tok = AutoTokenizer.from_pretrained(args.model)
     loader = torch.utils.data.DataLoader(calib, batch_size=args.batch_size, shuffle=False)
     result = {"tool": f"auto-round {auto_round.__version__}", "bits": args.bits, "group_size": args.group_size,

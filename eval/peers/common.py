@@ -1,6 +1,7 @@
 """What every peer script shares (they run in the peers' own virtualenvs, without llmsqueeze): the
 perplexity of the project's protocol (the windows of llmsqueeze.evaluate.perplexity) and the one JSON
 line a failed run prints."""
+import argparse
 import json
 import math
 import resource
@@ -9,6 +10,29 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+
+
+def peer_parser() -> argparse.ArgumentParser:
+    """The arguments every peer script takes: MODEL CALIB.pt TEST.pt, --windows (perplexity windows)
+    and --threads (0: torch's default)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("calib")
+    ap.add_argument("test")
+    ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 2048 tokens (the pruning peer: 0 skips it)")
+    ap.add_argument("--threads", type=int, default=0)
+    return ap
+
+
+def load_inputs(args):
+    """-> (the dense model in float32, calibration ids [n, T], test ids [N]) from peer_parser's
+    arguments, torch's threads set first."""
+    from transformers import AutoModelForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    return model, torch.load(args.calib), torch.load(args.test)
 
 
 @torch.no_grad()

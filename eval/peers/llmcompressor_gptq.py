@@ -5,36 +5,24 @@ Called by eval/compare_llmcompressor.py; prints one JSON line.
 
     VENV/bin/python eval/peers/llmcompressor_gptq.py MODEL CALIB.pt TEST.pt --bits 4 --group-size 64 [--sym]
 """
-import argparse
 import json
 
-import torch
-from common import oneshot_timed, perplexity  # eval/peers/common.py, beside this script
+from common import load_inputs, oneshot_timed, peer_parser, perplexity  # eval/peers/common.py, beside this script
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("calib")
-    ap.add_argument("test")
+    ap = peer_parser()
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--sym", action="store_true")
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--bypass-divisibility", action="store_true",
                     help="bypass_divisibility_checks=True: quantize widths the group size does not divide")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     import llmcompressor
     from llmcompressor.modifiers.gptq import GPTQModifier
-    from transformers import AutoModelForCausalLM
 
-    calib = torch.load(args.calib)
-    test = torch.load(args.test)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model, calib, test = load_inputs(args)
     weights = {"num_bits": args.bits, "type": "int", "symmetric": args.sym, "strategy": "group",
                "group_size": args.group_size}
     recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},

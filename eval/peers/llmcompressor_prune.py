@@ -10,7 +10,6 @@ Called by eval/compare_pruning.py; prints one JSON line.
 --save writes {"ids": the token ids the embedding saw, in llm-compressor's order, "masks": {name: weight == 0},
 "row_scalars": {name: Wanda's per-input-channel statistic, as sparsify_weight receives it}}.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,18 +17,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import oneshot_timed, perplexity  # noqa: E402  (the protocol code every peer script shares)
+from common import load_inputs, oneshot_timed, peer_parser, perplexity  # noqa: E402  (the protocol code every peer script shares)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("calib")
-    ap.add_argument("test")
+    ap = peer_parser()
     ap.add_argument("--method", choices=("sparsegpt", "wanda"), required=True)
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--pattern", default=None, help="N:M, e.g. 2:4 (llm-compressor's mask_structure)")
-    ap.add_argument("--windows", type=int, default=8, help="perplexity windows (0: none)")
     ap.add_argument("--save", default=None, help="file for the ids seen, the masks and Wanda's statistics")
     ap.add_argument("--prune-lm-head", action="store_true",
                     help='ignore=["lm_head"] as before 2026-11-26: the head (and the tied embedding) pruned too')
@@ -38,11 +33,8 @@ def main():
     import llmcompressor
     from llmcompressor.modifiers.pruning import WandaPruningModifier
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
-    from transformers import AutoModelForCausalLM
 
-    calib = torch.load(args.calib)
-    test = torch.load(args.test)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model, calib, test = load_inputs(args)
     structure = args.pattern or "0:0"
     sparsity = 1 - int(structure.split(":")[0]) / int(structure.split(":")[1]) if args.pattern else args.sparsity
     # With targets=["Linear"] every Linear is its own target layer and the modifiers match its name as

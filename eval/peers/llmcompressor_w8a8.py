@@ -9,39 +9,34 @@ eval/compare_w8a8.py; prints one JSON line.
 
     VENV/bin/python eval/peers/llmcompressor_w8a8.py MODEL CALIB.pt TEST.pt --act dynamic --method gptq
 """
-import argparse
 import json
 
 import torch
-from common import oneshot_timed, perplexity, print_error  # eval/peers/common.py, beside this script
+from common import (  # eval/peers/common.py, beside this script
+    load_inputs,
+    oneshot_timed,
+    peer_parser,
+    perplexity,
+    print_error,
+)
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("model")
-    ap.add_argument("calib")
-    ap.add_argument("test")
+    ap = peer_parser()
     ap.add_argument("--act", choices=["dynamic", "static"], default="dynamic",
                     help="dynamic: the W8A8 preset (per-token scales at run time); static: one calibrated scale per layer")
     ap.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
     ap.add_argument("--smoothing-strength", type=float, default=0.8, help="SmoothQuant alpha; negative: no smoothing")
     ap.add_argument("--act-observer", help="static: the input observer (llm-compressor's default is 'minmax', a moving "
                                            "average of each batch's range; 'static_minmax' keeps the running max, 'mse')")
-    ap.add_argument("--windows", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     import llmcompressor
     from compressed_tensors.quantization import QuantizationStatus
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
-    from transformers import AutoModelForCausalLM
 
-    calib = torch.load(args.calib)
-    test = torch.load(args.test)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model, calib, test = load_inputs(args)
     weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
     acts = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
     if args.act == "static":
