@@ -30,7 +30,14 @@ import torch
 from torch import nn
 
 from . import kernels  # light: Triton itself is imported on the first kernel call
-from .quant.int8 import int8_mm, quantize_per_token, quantize_static, quantize_weight_per_channel, rescale
+from .quant.int8 import (
+    int8_mm,
+    quantize_per_token,
+    quantize_static,
+    quantize_weight_per_channel,
+    rescale,
+    w8a8_linear,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +57,14 @@ _last_input: tuple | None = None  # (x, x._version, xq, scale): the last input q
 
 def use_triton(x: torch.Tensor) -> bool:
     """Whether Int8Linear runs this input on the Triton kernels (see the module docstring)."""
-    if BACKEND == "torch" or torch.compiler.is_compiling() or not kernels.available() or x.dtype not in TRITON_DTYPES or x.numel() == 0:
+    if BACKEND == "torch" or not kernels.available() or x.dtype not in TRITON_DTYPES or x.numel() == 0:
         return False
     return BACKEND == "triton" or x.is_cuda
 
 
 def use_compiled(x: torch.Tensor) -> bool:
     """Whether Int8Linear runs this CPU input's quantization and rescale as compiled loops."""
-    if x.is_cuda or _compile_failed or BACKEND in ("torch", "triton") or torch.compiler.is_compiling():
+    if x.is_cuda or _compile_failed or BACKEND in ("torch", "triton"):
         return False
     return BACKEND == "compile" or x.numel() >= FUSE_MIN_ELEMENTS
 
@@ -96,8 +103,6 @@ def quantize_input(x2: torch.Tensor, triton: bool = False, compiled: bool = Fals
     identity cannot pass to another tensor, and its _version changes with any in-place write. Both
     quantizers give the same bits, so the cache does not care which one filled it."""
     global _last_input
-    if torch.compiler.is_compiling():  # a traced graph has no tensor identity to key on; Inductor dedups instead
-        return quantize_per_token(x2)
     last = _last_input
     if last is not None and last[0] is x2 and last[1] == x2._version:
         return last[2], last[3]
@@ -153,6 +158,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Computes quant.int8.w8a8_linear with this layer's buffers (on either backend)."""
+        if torch.compiler.is_compiling():  # traced: plain ops for Inductor to fuse (no tensor identity to cache on)
+            return w8a8_linear(x, self.weight, self.weight_scale, self.bias, self.input_scale)
         shape = x.shape[:-1]
         triton = use_triton(x)
         compiled = not triton and use_compiled(x)
