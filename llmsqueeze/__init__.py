@@ -14,12 +14,11 @@ from .checkpoint import (
     register_with_transformers,
     save_quantized,
 )
-from .config import CheckpointError, LlmsqueezeError, QuantScheme
+from .config import CheckpointError, LlmsqueezeError, QuantScheme, W8A8Scheme
 from .formats import export
 from .lazy import quantize_lazy
 from .nn import LUTLinear, QuantLinear
 from .nn_int8 import Int8Linear
-from .quant.int8 import W8A8Scheme
 
 __version__ = "0.1.0"
 

@@ -116,7 +116,7 @@ def quantize(
     hardware has bfloat16) trains under bfloat16 autocast; `token_weighting` (default) caps the weight
     of massive-activation tokens in the loss at that of a median-norm token.
     """
-    from .quant.int8 import W8A8Scheme
+    from .config import W8A8Scheme
 
     if isinstance(scheme, W8A8Scheme) and avg_bits is not None:
         raise LlmsqueezeError("avg_bits mixes weight-only bit widths; it does not apply to a W8A8 scheme")
@@ -191,7 +191,7 @@ def quantize(
 @torch.no_grad()
 def _quantize_rtn(model: nn.Module, names: list[str], scheme: QuantScheme, progress: bool,
                   layer_schemes: dict | None = None) -> None:
-    from .mixed import scheme_for
+    from .config import scheme_for
 
     for name in tqdm(names, desc=f"rtn {scheme.bits}-bit", disable=not progress, unit="layer"):
         method = RTN(scheme_for(scheme, layer_schemes, name))

@@ -23,9 +23,16 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .api import FORMAT_VERSION, QUANT_METHOD
-from .config import CheckpointError, LlmsqueezeError, QuantScheme, first_line
-from .mixed import check_layer_schemes, scheme_for
-from .quant.int8 import W8A8Scheme, scheme_from_dict
+from .config import (
+    CheckpointError,
+    LlmsqueezeError,
+    QuantScheme,
+    W8A8Scheme,
+    check_layer_schemes,
+    first_line,
+    scheme_for,
+    scheme_from_dict,
+)
 
 log = logging.getLogger("llmsqueeze")
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import NamedTuple
 
 import torch
 
@@ -14,6 +15,12 @@ METHODS = ("rtn", "gptq", "awq", "awq-gptq", "autoround")  # awq: AWQ balancing 
 LAZY_METHODS = ("rtn", "gptq")  # what quantize_lazy runs block by block; the others run in memory
 GRIDS = ("uniform", "nf", "kmeans")  # quant/grid.py (uniform), quant/lut.py (nf, kmeans)
 LUT_BITS = (2, 3, 4)  # non-uniform grids: indices into 2**bits levels
+# W8A8 (quant/w8a8.py)
+ACT_MODES = ("dynamic", "static")
+STATIC_CLIPS = ("mse", "max")  # static activation scale: searched for the least layer-output error, or max|x|
+SMOOTH_PAIRS = ("norm", "all")  # smoothing folded into the norms only, or also v -> o and up -> down
+WEIGHTS = "int8 per-channel sym"
+LAYER_FIELDS = ("bits",)  # what a mixed-precision layer override may change
 
 
 class LlmsqueezeError(ValueError):
@@ -148,3 +155,171 @@ class QuantScheme:
     @classmethod
     def from_json(cls, s: str) -> "QuantScheme":
         return cls.from_dict(json.loads(s))
+
+
+@dataclass
+class W8A8Scheme:
+    """Integer-only inference: every selected Linear gets int8 per-channel symmetric weights and
+    int8 activations, `act` "dynamic" (one scale per token, computed at run time) or "static" (one
+    scale per layer, calibrated and saved: `static_clip` "mse" searches a fraction of max|x| for the
+    least layer-output error on sampled calibration tokens, "max" takes max|x|). `smooth_alpha` (a
+    float in [0, 1], "auto" to search a grid per block on calibration data, or None for none)
+    migrates activation outliers into the weights (SmoothQuant) before quantizing (auto: the best of
+    `smooth_grid`, refined by best +- each step of `smooth_refine`); `smooth_pairs` "norm" folds the
+    smoothing into the norms before q/k/v and gate/up, "all" also smooths v -> o and up -> down. include/exclude/lm_head
+    pick layers as in QuantScheme (the head stays dense by default)."""
+
+    act: str = "dynamic"
+    static_clip: str = "mse"
+    smooth_alpha: float | str | None = "auto"
+    smooth_grid: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    smooth_refine: list[float] = field(default_factory=lambda: [0.1, 0.05])
+    smooth_pairs: str = "all"
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    lm_head: bool = False
+    type: str = "w8a8"
+    weights: str = WEIGHTS
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.type != "w8a8":
+            raise LlmsqueezeError(f"scheme type {self.type!r} is not 'w8a8'")
+        if self.weights != WEIGHTS:
+            raise LlmsqueezeError(f"weights={self.weights!r}: only {WEIGHTS!r} is supported")
+        if self.act not in ACT_MODES:
+            raise LlmsqueezeError(f"act={self.act!r} is not valid: use dynamic (per token) or static (calibrated)")
+        if self.static_clip not in STATIC_CLIPS:
+            raise LlmsqueezeError(f"static_clip={self.static_clip!r} is not valid: use mse (searched) or max (max|x|)")
+        a = self.smooth_alpha
+        if not (a is None or a == "auto" or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1)):
+            raise LlmsqueezeError(f"smooth_alpha={a!r} is not valid: use a number in [0, 1], 'auto' or None (no smoothing)")
+        if not self.smooth_grid or not all(isinstance(g, (int, float)) and 0 <= g <= 1 for g in self.smooth_grid):
+            raise LlmsqueezeError(f"smooth_grid={self.smooth_grid!r} must be a non-empty list of numbers in [0, 1]")
+        if not all(isinstance(g, (int, float)) and 0 < g < 1 for g in self.smooth_refine):
+            raise LlmsqueezeError(f"smooth_refine={self.smooth_refine!r} must be a list of steps in (0, 1), e.g. [0.1, 0.05]")
+        if self.smooth_pairs not in SMOOTH_PAIRS:
+            raise LlmsqueezeError(f"smooth_pairs={self.smooth_pairs!r} is not valid: use one of {', '.join(SMOOTH_PAIRS)}")
+        for pattern in [*self.include, *self.exclude]:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LlmsqueezeError(f"module pattern {pattern!r} is not a valid regular expression ({e})") from None
+
+    @property
+    def needs_data(self) -> bool:
+        return self.smooth_alpha is not None or self.act == "static"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "W8A8Scheme":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise LlmsqueezeError(f"unknown w8a8 scheme fields {sorted(unknown)}: allowed are {sorted(known)}")
+        return cls(**d)
+
+
+def scheme_from_dict(d: dict):
+    """A QuantScheme (weight-only) or a W8A8Scheme, by the dict's "type" (absent: weight-only)."""
+    if not isinstance(d, dict):
+        raise LlmsqueezeError(f"scheme must be a JSON object, got {type(d).__name__}")
+    if d.get("type", "weight-only") == "w8a8":
+        return W8A8Scheme.from_dict(d)
+    if "type" in d:
+        raise LlmsqueezeError(f"scheme type {d['type']!r} is not known: this llmsqueeze reads weight-only and w8a8")
+    return QuantScheme.from_dict(d)
+
+
+# ------------------------------------------------------------------------- mixed precision
+def check_layer_schemes(layer_schemes) -> dict[str, dict]:
+    """Validate a `layer_schemes` mapping (None -> {}): {name: {"bits": b}} with b a supported width."""
+    if layer_schemes is None:
+        return {}
+    if not isinstance(layer_schemes, dict):
+        raise LlmsqueezeError(f"layer_schemes must map module names to overrides, got {type(layer_schemes).__name__}")
+    for name, over in layer_schemes.items():
+        if not isinstance(over, dict) or not over or set(over) - set(LAYER_FIELDS):
+            raise LlmsqueezeError(f"layer_schemes[{name!r}] = {over!r}: an override holds only {', '.join(LAYER_FIELDS)}")
+        b = over["bits"]
+        if isinstance(b, bool) or b not in SUPPORTED_BITS:
+            raise LlmsqueezeError(f"layer_schemes[{name!r}] bits={b!r}: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+    return layer_schemes
+
+
+def scheme_for(scheme: QuantScheme, layer_schemes: dict | None, name: str) -> QuantScheme:
+    """The scheme of layer `name`: the base scheme with its override (if any) applied."""
+    over = (layer_schemes or {}).get(name)
+    if not over:
+        return scheme
+    return replace(scheme, **over)
+
+
+# ------------------------------------------------------------------------------- sparsity
+SPARSITY_SCOPES = ("row", "layer", "global")
+
+
+class NMPattern(NamedTuple):
+    """N:M sparsity: keep `n` of every `m` consecutive inputs (NVIDIA's 2:4 is NMPattern(2, 4)).
+    Parsed once where it enters (`parse`), carried as this value, written as "n:m" (`str`)."""
+
+    n: int
+    m: int
+
+    @classmethod
+    def parse(cls, pattern: "str | tuple[int, int] | NMPattern | None") -> "NMPattern | None":
+        """'2:4' or (2, 4) -> NMPattern(2, 4), checked (1 <= N < M); None stays None."""
+        if pattern is None:
+            return None
+        if isinstance(pattern, str):
+            try:
+                n, m = (int(p) for p in pattern.split(":"))
+            except ValueError:
+                raise LlmsqueezeError(f"pattern {pattern!r} is not N:M: write e.g. 2:4 (keep 2 of every 4 inputs)") from None
+        else:
+            n, m = pattern
+        if not (1 <= n < m):
+            raise LlmsqueezeError(f"pattern {n}:{m}: need 1 <= N < M (keep N of every M inputs), e.g. 2:4 or 4:8")
+        return cls(int(n), int(m))
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+def check_sparsity(sparsity: float) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= sparsity < 1.0):
+        raise LlmsqueezeError(f"sparsity={sparsity!r} must lie in [0, 1), e.g. 0.5 (half the weights set to zero)")
+    return float(sparsity)
+
+
+@dataclass
+class SparsityScheme:
+    """What pruning makes: `sparsity` in [0, 1) unstructured, or an N:M `pattern` (which fixes the
+    sparsity at 1 - N/M); `scope` is the group an unstructured mask is chosen in ("row", "layer",
+    "global"; None: the method's default). Validated once; `pattern` is an NMPattern from then on."""
+
+    sparsity: float | None = None
+    pattern: NMPattern | None = None
+    scope: str | None = None
+
+    def __post_init__(self) -> None:
+        self.pattern = NMPattern.parse(self.pattern)
+        if self.pattern is not None:
+            if self.sparsity is not None and abs(self.sparsity - self.pattern.sparsity) > 1e-9:
+                raise LlmsqueezeError(f"pattern {self.pattern} fixes the sparsity at {self.pattern.sparsity:g}; "
+                                      f"drop sparsity={self.sparsity}")
+            self.sparsity = self.pattern.sparsity
+        elif self.sparsity is None:
+            raise LlmsqueezeError("give a sparsity (e.g. 0.5) or an N:M pattern (e.g. '2:4')")
+        else:
+            self.sparsity = check_sparsity(self.sparsity)
+        if self.scope is not None and self.scope not in SPARSITY_SCOPES:
+            raise LlmsqueezeError(f"scope {self.scope!r} is not known: use one of {', '.join(SPARSITY_SCOPES)}")

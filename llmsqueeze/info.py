@@ -12,8 +12,8 @@ from .checkpoint import (
     read_safetensors_header,
     weight_files,
 )
+from .config import scheme_from_dict
 from .formats import LAYER_TENSORS, describe_source, skeleton
-from .quant.int8 import scheme_from_dict
 
 
 def checkpoint_info(path: str | Path) -> dict:

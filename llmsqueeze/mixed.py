@@ -34,34 +34,10 @@ from .config import SUPPORTED_BITS, LlmsqueezeError, QuantScheme
 log = logging.getLogger("llmsqueeze")
 
 DEFAULT_CANDIDATES = (2, 3, 4, 8)
-LAYER_FIELDS = ("bits",)  # what a layer_schemes entry may override
 MIXED_FORMAT_VERSION = 3
 
 
 # ------------------------------------------------------------------------------- checkpoint side
-def check_layer_schemes(layer_schemes) -> dict[str, dict]:
-    """Validate a `layer_schemes` mapping (None -> {}): {name: {"bits": b}} with b a supported width."""
-    if layer_schemes is None:
-        return {}
-    if not isinstance(layer_schemes, dict):
-        raise LlmsqueezeError(f"layer_schemes must map module names to overrides, got {type(layer_schemes).__name__}")
-    for name, over in layer_schemes.items():
-        if not isinstance(over, dict) or not over or set(over) - set(LAYER_FIELDS):
-            raise LlmsqueezeError(f"layer_schemes[{name!r}] = {over!r}: an override holds only {', '.join(LAYER_FIELDS)}")
-        b = over["bits"]
-        if isinstance(b, bool) or b not in SUPPORTED_BITS:
-            raise LlmsqueezeError(f"layer_schemes[{name!r}] bits={b!r}: use one of {', '.join(map(str, SUPPORTED_BITS))}")
-    return layer_schemes
-
-
-def scheme_for(scheme: QuantScheme, layer_schemes: dict | None, name: str) -> QuantScheme:
-    """The scheme of layer `name`: the base scheme with its override (if any) applied."""
-    over = (layer_schemes or {}).get(name)
-    if not over:
-        return scheme
-    return dataclasses.replace(scheme, **over)
-
-
 # ------------------------------------------------------------------------------------- costs
 def layer_bits_cost(n: int, k: int, bits: int, scheme: QuantScheme, g_idx: bool = False) -> int:
     """Bits a packed N x K layer stores: qweight [K_pad*b/32, N], scales [ng, N], qzeros [ng, N_pad*b/32],

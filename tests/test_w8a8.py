@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import llmsqueeze
 from llmsqueeze import CheckpointError, Int8Linear, LlmsqueezeError, W8A8Scheme
+from llmsqueeze.config import scheme_from_dict
 from llmsqueeze.models import get_arch
 from llmsqueeze.nn import is_linear
 from llmsqueeze.quant.int8 import (
@@ -17,7 +18,6 @@ from llmsqueeze.quant.int8 import (
     quantize_per_token,
     quantize_static,
     quantize_weight_per_channel,
-    scheme_from_dict,
     w8a8_linear,
 )
 from llmsqueeze.quant.smoothquant import (

@@ -14,32 +14,14 @@ import math
 
 import torch
 
-from ..config import LlmsqueezeError
+from ..config import LlmsqueezeError, NMPattern, check_sparsity  # noqa: F401 (check_sparsity re-exported)
 
 SCOPES = ("row", "layer")
 
 
-def check_sparsity(sparsity: float) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= sparsity < 1.0):
-        raise LlmsqueezeError(f"sparsity={sparsity!r} must lie in [0, 1), e.g. 0.5 (half the weights set to zero)")
-    return float(sparsity)
-
-
-def parse_nm(pattern: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    """'2:4' or (2, 4) -> (n, m): keep n of every m consecutive inputs; None stays None."""
-    if pattern is None:
-        return None
-    if isinstance(pattern, str):
-        parts = pattern.split(":")
-        try:
-            n, m = (int(p) for p in parts)
-        except ValueError:
-            raise LlmsqueezeError(f"pattern {pattern!r} is not N:M: write e.g. 2:4 (keep 2 of every 4 inputs)") from None
-    else:
-        n, m = pattern
-    if not (1 <= n < m):
-        raise LlmsqueezeError(f"pattern {n}:{m}: need 1 <= N < M (keep N of every M inputs), e.g. 2:4 or 4:8")
-    return n, m
+def parse_nm(pattern) -> NMPattern | None:
+    """'2:4' or (2, 4) -> NMPattern(2, 4) (a (n, m) tuple); None stays None."""
+    return NMPattern.parse(pattern)
 
 
 def check_nm_width(n: int, m: int, k: int, name: str = "layer") -> None:

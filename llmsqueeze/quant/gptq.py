@@ -270,7 +270,7 @@ class GPTQ:
         w = linear_weight(module)
         s = self.scheme
         if self.layer_schemes:
-            from ..mixed import scheme_for
+            from ..config import scheme_for
 
             s = scheme_for(s, self.layer_schemes, name)
         try:

@@ -1,6 +1,6 @@
 """W8A8 integer math: int8 activations (per token, dynamic; or one calibrated scale per tensor,
 static), int8 weights (per output channel, symmetric), an int8 x int8 -> int32 GEMM and the float
-rescale. Pure functions on tensors, plus the `W8A8Scheme` that says what a checkpoint holds.
+rescale. Pure functions on tensors (the `W8A8Scheme` that says what a checkpoint holds is in config.py).
 
     x ≈ xq * sx      xq int8 in [-127, 127]   sx [M] (dynamic: max|x_m| / 127) or [1] (static)
     W ≈ wq * sw      wq int8 [N, K]           sw [N]  (max|W_n| / 127; GPTQ may also use -128)
@@ -11,19 +11,10 @@ gives the integer product gives the same integers; only the final float rescale 
 """
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, field, fields
-
 import torch
 
-from ..config import LlmsqueezeError
-
 QMAX = 127  # activations and weights use the symmetric range [-127, 127]
-ACT_MODES = ("dynamic", "static")
-STATIC_CLIPS = ("mse", "max")  # static activation scale: searched for the least layer-output error, or max|x|
 STATIC_CLIP_GRID = tuple(1 - 0.05 * i for i in range(14))  # fractions of max|x| tried by the search: 1.0 .. 0.35
-SMOOTH_PAIRS = ("norm", "all")  # smoothing folded into the norms only, or also v -> o and up -> down
-WEIGHTS = "int8 per-channel sym"
 
 
 def _tiny(dtype=torch.float32) -> float:
@@ -131,83 +122,3 @@ def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: 
         xq, xs = quantize_static(x2, input_scale), input_scale.float()
     y = rescale(int8_mm(xq, wq), xs, w_scale.float(), bias, x.dtype)
     return y.reshape(*shape, wq.shape[0])
-
-
-@dataclass
-class W8A8Scheme:
-    """Integer-only inference: every selected Linear gets int8 per-channel symmetric weights and
-    int8 activations, `act` "dynamic" (one scale per token, computed at run time) or "static" (one
-    scale per layer, calibrated and saved: `static_clip` "mse" searches a fraction of max|x| for the
-    least layer-output error on sampled calibration tokens, "max" takes max|x|). `smooth_alpha` (a
-    float in [0, 1], "auto" to search a grid per block on calibration data, or None for none)
-    migrates activation outliers into the weights (SmoothQuant) before quantizing (auto: the best of
-    `smooth_grid`, refined by best +- each step of `smooth_refine`); `smooth_pairs` "norm" folds the
-    smoothing into the norms before q/k/v and gate/up, "all" also smooths v -> o and up -> down. include/exclude/lm_head
-    pick layers as in QuantScheme (the head stays dense by default)."""
-
-    act: str = "dynamic"
-    static_clip: str = "mse"
-    smooth_alpha: float | str | None = "auto"
-    smooth_grid: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
-    smooth_refine: list[float] = field(default_factory=lambda: [0.1, 0.05])
-    smooth_pairs: str = "all"
-    include: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)
-    lm_head: bool = False
-    type: str = "w8a8"
-    weights: str = WEIGHTS
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        if self.type != "w8a8":
-            raise LlmsqueezeError(f"scheme type {self.type!r} is not 'w8a8'")
-        if self.weights != WEIGHTS:
-            raise LlmsqueezeError(f"weights={self.weights!r}: only {WEIGHTS!r} is supported")
-        if self.act not in ACT_MODES:
-            raise LlmsqueezeError(f"act={self.act!r} is not valid: use dynamic (per token) or static (calibrated)")
-        if self.static_clip not in STATIC_CLIPS:
-            raise LlmsqueezeError(f"static_clip={self.static_clip!r} is not valid: use mse (searched) or max (max|x|)")
-        a = self.smooth_alpha
-        if not (a is None or a == "auto" or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1)):
-            raise LlmsqueezeError(f"smooth_alpha={a!r} is not valid: use a number in [0, 1], 'auto' or None (no smoothing)")
-        if not self.smooth_grid or not all(isinstance(g, (int, float)) and 0 <= g <= 1 for g in self.smooth_grid):
-            raise LlmsqueezeError(f"smooth_grid={self.smooth_grid!r} must be a non-empty list of numbers in [0, 1]")
-        if not all(isinstance(g, (int, float)) and 0 < g < 1 for g in self.smooth_refine):
-            raise LlmsqueezeError(f"smooth_refine={self.smooth_refine!r} must be a list of steps in (0, 1), e.g. [0.1, 0.05]")
-        if self.smooth_pairs not in SMOOTH_PAIRS:
-            raise LlmsqueezeError(f"smooth_pairs={self.smooth_pairs!r} is not valid: use one of {', '.join(SMOOTH_PAIRS)}")
-        for pattern in [*self.include, *self.exclude]:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise LlmsqueezeError(f"module pattern {pattern!r} is not a valid regular expression ({e})") from None
-
-    @property
-    def needs_data(self) -> bool:
-        return self.smooth_alpha is not None or self.act == "static"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "W8A8Scheme":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise LlmsqueezeError(f"unknown w8a8 scheme fields {sorted(unknown)}: allowed are {sorted(known)}")
-        return cls(**d)
-
-
-def scheme_from_dict(d: dict):
-    """A QuantScheme (weight-only) or a W8A8Scheme, by the dict's "type" (absent: weight-only)."""
-    from ..config import QuantScheme
-
-    if not isinstance(d, dict):
-        raise LlmsqueezeError(f"scheme must be a JSON object, got {type(d).__name__}")
-    if d.get("type", "weight-only") == "w8a8":
-        return W8A8Scheme.from_dict(d)
-    if "type" in d:
-        raise LlmsqueezeError(f"scheme type {d['type']!r} is not known: this llmsqueeze reads weight-only and w8a8")
-    return QuantScheme.from_dict(d)

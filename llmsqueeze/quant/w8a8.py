@@ -13,9 +13,9 @@ import logging
 import torch
 from torch import nn
 
-from ..config import LlmsqueezeError, QuantScheme
+from ..config import LlmsqueezeError, QuantScheme, W8A8Scheme
 from ..nn import is_linear, linear_weight, set_module
-from .int8 import QMAX, W8A8Scheme, static_clip_errors
+from .int8 import QMAX, static_clip_errors
 from .smoothquant import SmoothMap, collect_input_absmax, search_alpha, smooth_block, smooth_map_for
 
 log = logging.getLogger("llmsqueeze")
