@@ -98,7 +98,7 @@ def child(row: str, model: str, out: str, n_samples: int, seq_len: int, gptq_lay
     from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
 
     import llmsqueeze
-    from llmsqueeze.lazy import quantize_lazy
+    from llmsqueeze.pipeline import quantize_lazy
 
     base = rss_mib()
     method = row.split("-")[1]

@@ -16,9 +16,9 @@ from .checkpoint import (
 )
 from .config import CheckpointError, LlmsqueezeError, QuantScheme, W8A8Scheme
 from .formats import export
-from .lazy import quantize_lazy
 from .nn import LUTLinear, QuantLinear
 from .nn_int8 import Int8Linear
+from .pipeline import quantize_lazy
 
 __version__ = "0.1.0"
 

@@ -46,50 +46,55 @@ def _load_any(model: str, dtype: str, **kwargs):
 def cmd_quantize(args) -> int:
     import torch
 
-    from .api import check_devices, check_method_options, quantize
+    from .api import quantize
     from .checkpoint import prepare_output_dir, save_quantized
-    from .config import LAZY_METHODS, METHODS, QuantScheme
+    from .config import QuantScheme
+    from .engine import check_devices
+    from .methods import check_quantize_options, quantize_method
 
     torch.manual_seed(args.seed)
-    if args.method not in METHODS:
-        raise LlmsqueezeError(f"method {args.method!r} is not available: use one of {', '.join(METHODS)}")
-    if args.scheme == "w8a8":
-        from .quant.w8a8 import w8a8_scheme_from_args
-
+    row = quantize_method(args.method)
+    w8a8 = args.scheme == "w8a8"
+    mixed = args.avg_bits is not None
+    if w8a8:
         if args.grid != "uniform":
             raise LlmsqueezeError(f"--grid {args.grid} is a weight-only option; --scheme w8a8 uses the int8 grid, drop --grid")
-        scheme = w8a8_scheme_from_args(args)
-        calibrated = scheme.needs_data or args.method == "gptq"
+        if mixed:
+            raise LlmsqueezeError("--avg-bits mixes weight-only bit widths; it does not apply to --scheme w8a8")
+        scheme = _w8a8_scheme(args)
+        calibrated = scheme.needs_data or row.calibrated
     else:
         scheme = QuantScheme(
             bits=args.bits, group_size=args.group_size, sym=args.sym, scale_dtype=args.scale_dtype,
-            clip_search=args.clip_search, clip_norm=args.clip_norm, clip_weight_power=args.clip_weight_power, include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head,
-            grid=args.grid,
+            clip_search=args.clip_search, clip_norm=args.clip_norm, clip_weight_power=args.clip_weight_power,
+            include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head, grid=args.grid,
         )
-        check_method_options(args.method, scheme.grid, args.avg_bits)  # before the model loads
-        calibrated = args.method != "rtn"
-    mixed = args.avg_bits is not None
+        calibrated = row.calibrated
+    check_quantize_options(row, getattr(scheme, "grid", "uniform"), args.avg_bits, w8a8)  # before the model loads
     if mixed:
         from .mixed import check_candidates
 
-        if args.scheme == "w8a8":
-            raise LlmsqueezeError("--avg-bits mixes weight-only bit widths; it does not apply to --scheme w8a8")
         check_candidates(args.bit_candidates)
         calibrated = True  # the sensitivity is measured on the calibration data, for rtn too
-    if args.method == "autoround":  # one-line errors before the model loads
+    extra = {}
+    if row.sample_batches:  # autoround: one-line errors before the model loads
         from .quant.autoround import check_autoround_args
 
         check_autoround_args(args.iters, args.lr, 8, args.autoround_init, 0.5)
         if args.resume:
             raise LlmsqueezeError("--resume continues a lazy run; autoround runs in memory, start it again")
+        extra = {"iters": args.iters, "lr": args.lr, "seed": args.seed, "init": args.autoround_init,
+                 "float_targets": args.autoround_targets == "float",
+                 "amp": {"auto": None, "on": True, "off": False}[args.amp],
+                 "token_weighting": args.autoround_loss == "capped"}
     prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
     if calibrated:
         calib_texts = _calibration_texts(args)  # a bad --calib fails before the model loads
         check_devices(args.device, args.offload)  # ... and so does a bad --device / --offload
     # W8A8's SmoothQuant and AWQ fold scales into the norms, mixed precision needs every layer's
     # sensitivity before the first is quantized, autoround trains whole blocks: in memory
-    lazy = args.lazy and args.scheme != "w8a8" and not mixed and args.method in LAZY_METHODS
-    if args.resume and (args.scheme == "w8a8" or args.method.startswith("awq")):
+    lazy = args.lazy and not w8a8 and not mixed and row.lazy
+    if args.resume and (w8a8 or not row.lazy):
         raise LlmsqueezeError("--resume continues a lazy weight-only run; W8A8 and AWQ run in memory, start it again")
     if lazy:
         from .lazy import has_safetensors, resolve_model_dir
@@ -103,19 +108,15 @@ def cmd_quantize(args) -> int:
             raise LlmsqueezeError("--resume continues a lazy run; --avg-bits runs in memory, start it again")
         raise LlmsqueezeError("--resume continues a lazy run; drop --no-lazy")
     if lazy:
-        return _quantize_lazy(args, scheme, model_dir, calib_texts if args.method == "gptq" else None)
+        return _quantize_lazy(args, scheme, model_dir, calib_texts if row.calibrated else None)
     model, tok, data = _model_tokenizer_data(args, calib_texts if calibrated else None)
     quantize(
         model, scheme, data=data, method=args.method, device=args.device, offload=args.offload,
         true_sequential=args.true_sequential, act_order=args.act_order != "off", static_groups=args.act_order == "static",
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
-        **({"avg_bits": args.avg_bits, "bit_candidates": tuple(args.bit_candidates)} if mixed else {}),
-        **({"iters": args.iters, "lr": args.lr, "seed": args.seed, "init": args.autoround_init,
-            "float_targets": args.autoround_targets == "float", "amp": {"auto": None, "on": True, "off": False}[args.amp],
-            "token_weighting": args.autoround_loss == "capped"}
-           if args.method == "autoround" else {}),
+        **({"avg_bits": args.avg_bits, "bit_candidates": tuple(args.bit_candidates)} if mixed else {}), **extra,
     )
-    _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None))
+    _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None) if calibrated else None)
     out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     if mixed:  # the sensitivity table and the allocation, beside the weights
         report = model._llmsqueeze_mixed
@@ -124,6 +125,20 @@ def cmd_quantize(args) -> int:
               f"{report['histogram']}; sensitivity in {out / 'sensitivity.json'}", file=sys.stderr)
     print(out)
     return 0
+
+
+def _w8a8_scheme(args):
+    """--smooth-alpha/--act/--static-clip/--include/--exclude/--lm-head as a W8A8Scheme."""
+    from .config import W8A8Scheme
+
+    a = args.smooth_alpha
+    if a not in ("auto", "off"):
+        try:
+            a = float(a)
+        except ValueError:
+            raise LlmsqueezeError(f"--smooth-alpha {a!r} is not valid: use a number in [0, 1], auto or off") from None
+    return W8A8Scheme(act=args.act, static_clip=args.static_clip, smooth_alpha=None if a == "off" else a,
+                      include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head)
 
 
 def _calibration_texts(args) -> list[str]:
@@ -161,7 +176,7 @@ def _quantize_lazy(args, scheme, model_dir, calib_texts) -> int:
     """quantize, block by block from the shards into the output dir (resumable)."""
     from transformers import AutoTokenizer
 
-    from .lazy import quantize_lazy
+    from .pipeline import quantize_lazy
 
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -169,7 +184,7 @@ def _quantize_lazy(args, scheme, model_dir, calib_texts) -> int:
         logging.getLogger("llmsqueeze").warning("no tokenizer found beside %s; saving the model without one", args.model)
         tok = None
     data = None
-    if args.method == "gptq":
+    if calib_texts is not None:
         from .data import calibration_batches
 
         if tok is None:
@@ -196,10 +211,10 @@ def _print_stats(method: str, stats) -> None:
 def cmd_prune(args) -> int:
     import torch
 
-    from .api import PRUNE_METHODS, prune
+    from .api import prune
     from .checkpoint import prepare_output_dir, save_quantized
-    from .config import QuantScheme
-    from .pruning.masks import check_sparsity, parse_nm
+    from .config import QuantScheme, SparsityScheme
+    from .methods import prune_method
 
     torch.manual_seed(args.seed)
     structured = args.structured
@@ -220,18 +235,15 @@ def cmd_prune(args) -> int:
         if args.sparsity is not None or args.pattern is not None or args.bits is not None:
             raise LlmsqueezeError("--structured removes MLP channels (--mlp-ratio); it does not take --sparsity, --pattern or --bits")
     else:
-        if args.method not in PRUNE_METHODS:
-            raise LlmsqueezeError(f"method {args.method!r} is not available: use one of {', '.join(PRUNE_METHODS)}")
+        row = prune_method(args.method)
         if (args.sparsity is None) == (args.pattern is None):
             raise LlmsqueezeError("give exactly one of --sparsity S (e.g. 0.5) or --pattern N:M (e.g. 2:4)")
-        if args.sparsity is not None:
-            check_sparsity(args.sparsity)
-        parse_nm(args.pattern)
+        sparsity = SparsityScheme(args.sparsity, args.pattern, args.scope)  # parsed and checked once
     scheme = None
     if args.bits is not None:
         scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym)
     prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
-    needs_data = structured and args.score == "activation" or not structured and args.method != "magnitude"
+    needs_data = structured and args.score == "activation" or not structured and row.calibrated
     if needs_data:
         calib_texts = _calibration_texts(args)
     model, tok, data = _model_tokenizer_data(args, calib_texts if needs_data else None)
@@ -245,8 +257,7 @@ def cmd_prune(args) -> int:
         print(save_structured(model, args.out, tokenizer=tok, overwrite=args.overwrite))
         return 0
     owl = {"lam": args.owl_lambda, "m": args.owl_m} if args.owl else None
-    prune(model, args.method, sparsity=args.sparsity, pattern=args.pattern, data=data, scheme=scheme,
-          progress=not args.quiet, scope=args.scope, owl=owl, device=args.device, offload=args.offload,
+    prune(model, args.method, sparsity, data=data, scheme=scheme, progress=not args.quiet, owl=owl, device=args.device, offload=args.offload,
           true_sequential=args.true_sequential, damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
           refit=args.refit)
     stats = getattr(model, "_llmsqueeze_stats", None)
@@ -306,13 +317,44 @@ def cmd_eval_latency(args) -> int:
     return 0
 
 
+# Options that `quantize` and `prune` (and `export`) share, declared once; a command may word a help
+# text for itself (its own method's name) without declaring the option again.
+SHARED = {
+    "model": dict(help="a hub id (org/name) or a local model directory"),
+    "--calib": dict(default="wikitext2", help="calibration text: wikitext2, c4, pileval, or a .txt/.jsonl file or datasets dir"),
+    "--n-samples": dict(type=int, default=128, help="calibration samples (default 128)"),
+    "--seq-len": dict(type=int, default=512, help="tokens per calibration sample (default 512)"),
+    "--batch-size": dict(type=int, default=1, help="calibration samples per forward (default 1)"),
+    "--true-sequential": dict(action="store_true", help="calibrate each block's Linears in order"),
+    "--damp": dict(type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal"),
+    "--block-size": dict(type=int, default=128, help="columns per block of the Hessian sweep (default 128)"),
+    "--device": dict(default=None, help="where blocks are calibrated: cuda or cpu (default: cuda if present)"),
+    "--offload": dict(default=None, help="where activations wait between blocks (e.g. cpu)"),
+    "--dtype": dict(default="auto", choices=DTYPES, help="dtype to load the dense model in"),
+    "--out": dict(required=True, help="output directory (must be empty or absent)"),
+    "--overwrite": dict(action="store_true", help="replace a non-empty --out"),
+    "--max-shard-size": dict(default="2GB", help="largest safetensors shard (default 2GB)"),
+    "--seed": dict(type=int, default=0),
+}
+
+
+def _shared(p: argparse.ArgumentParser, *flags: str, **help_for) -> None:
+    """Add the SHARED options `flags` to `p`; help_for={"damp": "..."} words one for this command."""
+    for flag in flags:
+        kw = dict(SHARED[flag])
+        key = flag.lstrip("-").replace("-", "_")
+        if key in help_for:
+            kw["help"] = help_for[key]
+        p.add_argument(flag, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="llmsqueeze", description="Make Hugging Face causal LMs small and fast.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="quantize a model and save a packed checkpoint")
-    q.add_argument("model", help="a hub id (org/name) or a local model directory")
+    _shared(q, "model")
     q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     q.add_argument("--group-size", type=int, default=128, help="inputs per scale; -1 = per output channel (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (zero point fixed at mid-grid)")
@@ -335,19 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--static-clip", choices=("mse", "max"), default="mse",
                    help="w8a8 --act static: the scale's fraction of max|x| searched for the least layer-output "
                         "error on calibration tokens (mse, default) or max|x| itself (max)")
-    q.add_argument("--calib", default="wikitext2",
-                   help="gptq calibration text: wikitext2, c4, pileval, or a .txt/.jsonl file or datasets dir")
-    q.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
-    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
-    q.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward (default 1)")
+    _shared(q, "--calib", calib="gptq calibration text: wikitext2, c4, pileval, or a .txt/.jsonl file or datasets dir")
+    _shared(q, "--n-samples")
+    _shared(q, "--seq-len")
+    _shared(q, "--batch-size")
     q.add_argument("--act-order", choices=("static", "dynamic", "off"), default="static",
                    help="gptq column order: by decreasing Hessian diagonal with group scales fixed up front "
                         "(static, default: no g_idx, fast kernels apply), with groups in that order (dynamic: "
                         "stores g_idx), or natural order (off)")
-    q.add_argument("--true-sequential", action="store_true",
-                   help="gptq: calibrate each block's Linears in order (attention in, attention out, MLP in, MLP out)")
-    q.add_argument("--damp", type=float, default=0.01, help="gptq damping, fraction of the mean Hessian diagonal")
-    q.add_argument("--block-size", type=int, default=128, help="gptq lazy-update block (default 128)")
+    _shared(q, "--true-sequential", true_sequential="gptq: calibrate each block's Linears in order (attention in, attention out, MLP in, MLP out)")
+    _shared(q, "--damp", damp="gptq damping, fraction of the mean Hessian diagonal")
+    _shared(q, "--block-size", block_size="gptq lazy-update block (default 128)")
     q.add_argument("--iters", type=int, default=200, help="autoround: sign-SGD steps per block (default 200)")
     q.add_argument("--lr", type=float, default=None, help="autoround: step size (default 1/iters, 2/iters at <= 3 bits)")
     q.add_argument("--autoround-targets", choices=("float", "quantized"), default="float",
@@ -360,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autoround: train under bfloat16 autocast (auto: where the hardware has bfloat16)")
     q.add_argument("--autoround-init", choices=("rtn", "clip"), default="rtn",
                    help="autoround: start from round-to-nearest min/max (default) or the clip-searched grid")
-    q.add_argument("--device", default=None, help="where blocks are calibrated: cuda or cpu (default: cuda if present)")
-    q.add_argument("--offload", default=None, help="where activations wait between blocks (e.g. cpu)")
+    _shared(q, "--device")
+    _shared(q, "--offload")
     q.add_argument("--clip-search", action=argparse.BooleanOptionalAction, default=None,
                    help="grid-search the clipping range per group (default: on for gptq, off for rtn)")
     q.add_argument("--clip-norm", type=float, default=2.0, help="error norm p of the clip search (default 2)")
@@ -374,20 +414,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--include", action="append", metavar="REGEX", help="quantize only layers matching (repeatable)")
     q.add_argument("--exclude", action="append", metavar="REGEX", help="keep layers matching in full precision")
     q.add_argument("--lm-head", action="store_true", help="quantize the output head too")
-    q.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype to load the dense model in")
-    q.add_argument("--out", required=True, help="output directory (must be empty or absent)")
-    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    q.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    _shared(q, "--dtype")
+    _shared(q, "--out")
+    _shared(q, "--overwrite")
+    _shared(q, "--max-shard-size")
     q.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=True,
                    help="read one block at a time from the shards and write it straight to --out, so memory holds "
                         "one block (default); --no-lazy loads the whole model first")
     q.add_argument("--resume", action="store_true",
                    help="continue the interrupted run saved in OUT.partial (same options and data required)")
-    q.add_argument("--seed", type=int, default=0)
+    _shared(q, "--seed")
     q.set_defaults(func=cmd_quantize)
 
     pr = sub.add_parser("prune", help="prune a model (optionally also quantize) and save it")
-    pr.add_argument("model", help="a hub id (org/name) or a local model directory")
+    _shared(pr, "model")
     pr.add_argument("--method", default="wanda", help="magnitude (no data), wanda (default), sparsegpt, or snip / taylor (gradient saliency)")
     pr.add_argument("--sparsity", type=float, default=None, help="fraction of weights set to zero, in [0, 1)")
     pr.add_argument("--pattern", default=None, help="N:M: keep N of every M inputs (e.g. 2:4)")
@@ -410,22 +450,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--structured: fraction of attention key/value groups kept (each with its query heads; default 1)")
     pr.add_argument("--score", default="activation", choices=("l2", "activation"),
                     help="--structured: channel ranking (default activation: needs --calib; l2 is data-free)")
-    pr.add_argument("--calib", default="wikitext2",
-                    help="calibration text: wikitext2, c4, pileval, or a .txt/.jsonl file or datasets dir")
-    pr.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
-    pr.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
-    pr.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward (default 1)")
-    pr.add_argument("--true-sequential", action="store_true", help="calibrate each block's Linears in order")
-    pr.add_argument("--damp", type=float, default=0.01, help="sparsegpt damping, fraction of the mean Hessian diagonal")
-    pr.add_argument("--block-size", type=int, default=128, help="sparsegpt columns per mask block (default 128)")
-    pr.add_argument("--device", default=None, help="where blocks are calibrated: cuda or cpu (default: cuda if present)")
-    pr.add_argument("--offload", default=None, help="where activations wait between blocks (e.g. cpu)")
-    pr.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype to load the dense model in")
-    pr.add_argument("--out", required=True, help="output directory (must be empty or absent)")
-    pr.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    pr.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    _shared(pr, "--calib", calib="calibration text: wikitext2, c4, pileval, or a .txt/.jsonl file or datasets dir")
+    _shared(pr, "--n-samples")
+    _shared(pr, "--seq-len")
+    _shared(pr, "--batch-size")
+    _shared(pr, "--true-sequential", true_sequential="calibrate each block's Linears in order")
+    _shared(pr, "--damp", damp="sparsegpt damping, fraction of the mean Hessian diagonal")
+    _shared(pr, "--block-size", block_size="sparsegpt columns per mask block (default 128)")
+    _shared(pr, "--device")
+    _shared(pr, "--offload")
+    _shared(pr, "--dtype")
+    _shared(pr, "--out")
+    _shared(pr, "--overwrite")
+    _shared(pr, "--max-shard-size")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
-    pr.add_argument("--seed", type=int, default=0)
+    _shared(pr, "--seed")
     pr.set_defaults(func=cmd_prune)
 
     i = sub.add_parser("info", help="describe a llmsqueeze checkpoint")

@@ -10,9 +10,6 @@ import torch
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-METHODS = ("rtn", "gptq", "awq", "awq-gptq", "autoround")  # awq: AWQ balancing then RTN; awq-gptq: then GPTQ;
-# autoround: learned rounding (quant/autoround.py)
-LAZY_METHODS = ("rtn", "gptq")  # what quantize_lazy runs block by block; the others run in memory
 GRIDS = ("uniform", "nf", "kmeans")  # quant/grid.py (uniform), quant/lut.py (nf, kmeans)
 LUT_BITS = (2, 3, 4)  # non-uniform grids: indices into 2**bits levels
 # W8A8 (quant/w8a8.py)
@@ -323,3 +320,29 @@ class SparsityScheme:
             self.sparsity = check_sparsity(self.sparsity)
         if self.scope is not None and self.scope not in SPARSITY_SCOPES:
             raise LlmsqueezeError(f"scope {self.scope!r} is not known: use one of {', '.join(SPARSITY_SCOPES)}")
+
+
+# ------------------------------------------------------------------------------- options
+@dataclass
+class CalibrationOptions:
+    """How a calibrated method runs, the same for every method (the engine's and GPTQ's options):
+    `device` where each block computes (default: CUDA when present, else CPU), `offload` where block
+    activations wait between blocks, `true_sequential` calibrates a block's Linears in the
+    architecture's order, GPTQ's `act_order` / `static_groups` / `damp` (a fraction of the mean
+    Hessian diagonal) / `block_size`, and `batch_size` calibration samples per forward."""
+
+    device: str | None = None
+    offload: str | None = None
+    true_sequential: bool = False
+    act_order: bool = True
+    static_groups: bool = True
+    damp: float = 0.01
+    block_size: int = 128
+    batch_size: int = 1
+
+    def validate(self) -> None:
+        """One-line errors for values no method can use (checked when calibration data is used)."""
+        if not (0 < self.damp < 1):
+            raise LlmsqueezeError(f"damp={self.damp} must lie in (0, 1), e.g. 0.01 (1% of the mean Hessian diagonal)")
+        if self.block_size < 1 or self.batch_size < 1:
+            raise LlmsqueezeError(f"block_size={self.block_size} and batch_size={self.batch_size} must be positive")

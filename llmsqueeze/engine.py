@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import LlmsqueezeError
+from .config import CalibrationOptions, LlmsqueezeError
 from .models import get_arch
 from .nn import is_linear, reuse_dequantized, set_module
 
@@ -53,6 +54,41 @@ class Method(Protocol):
     # batch, the float block's outputs on the float (never quantized) model's inputs [B, T, H].
 
 
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def check_devices(device: str | None, offload: str | None) -> str:
+    """The calibration device (default: CUDA when present, else CPU), after checking that it and the
+    offload device exist here; raises a one-line LlmsqueezeError otherwise."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for what, dev in (("device", device), ("offload", offload)):
+        if dev is None:
+            continue
+        try:
+            kind = torch.device(dev).type
+        except RuntimeError:
+            raise LlmsqueezeError(f"--{what} {dev!r} is not a device: use cpu or cuda (cuda:N)") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise LlmsqueezeError(f"--{what} {dev!r}: no CUDA GPU is visible here; use --{what} cpu")
+        if kind == "cuda" and (torch.device(dev).index or 0) >= torch.cuda.device_count():
+            raise LlmsqueezeError(f"--{what} {dev!r}: only {torch.cuda.device_count()} CUDA GPU(s) here; use cuda:0")
+    return device
+
+
+def calibration_ids(data, what: str) -> torch.Tensor:
+    """Calibration data (token ids [n_samples, seq_len], or batches of them) as one int64 tensor;
+    a one-line LlmsqueezeError when missing or malformed. `what` names the method asking for it."""
+    if data is None:
+        raise LlmsqueezeError(f"method {what!r} needs calibration data: pass data= token ids [n_samples, seq_len] "
+                              "(llmsqueeze.data.calibration_batches), or --calib on the command line")
+    ids = data if isinstance(data, torch.Tensor) else torch.cat(list(data))
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise LlmsqueezeError(f"calibration data must be integer token ids [n_samples, seq_len], got {tuple(ids.shape)} {ids.dtype}")
+    return ids.long()
+
+
 class _StopForward(Exception):
     pass
 
@@ -65,6 +101,33 @@ class EngineStats:
     blocks: int = 0
     layers: int = 0
     per_block_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """One compression run as an algorithm sees it: built by the orchestrator (llmsqueeze.pipeline),
+    read by each algorithm's `build(job)` (the engine method that runs block by block) or
+    `run(job)` (a method that needs the whole model at once), which also fills `method_args`, what
+    the checkpoint records of the run."""
+
+    model: nn.Module
+    names: list[str]  # the layers to compress, in model order
+    scheme: object = None  # QuantScheme, W8A8Scheme, or None (pruning without quantization)
+    options: CalibrationOptions = field(default_factory=CalibrationOptions)
+    batches: list[torch.Tensor] = field(default_factory=list)  # calibration token ids, [B, T] each
+    ids: torch.Tensor | None = None  # all calibration token ids [n_samples, seq_len]
+    device: str = "cpu"  # where blocks compute
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # the method's own options (autoround's iters, refit, ...)
+    layer_schemes: dict | None = None  # mixed precision: per-layer overrides of the scheme
+    sparsity: object = None  # SparsityScheme when pruning
+    layer_sparsity: dict | None = None  # per-layer sparsity (OWL), when allocated
+    method_args: dict = field(default_factory=dict)
+
+    @property
+    def data_args(self) -> dict:
+        """n_samples and seq_len of the calibration data (nothing without data)."""
+        return {} if self.ids is None else {"n_samples": int(self.ids.shape[0]), "seq_len": int(self.ids.shape[1])}
 
 
 def _to(obj, device):
@@ -153,7 +216,8 @@ def capture_block_inputs(
     return hidden, kwargs
 
 
-def _block_output(out):
+def block_output(out):
+    """A decoder block's hidden states [B, T, H] from what its forward returns (a tensor or a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -197,8 +261,6 @@ def run_sequential(
     with `hidden` the next block's inputs. start_block/start_hidden resume a run: blocks before
     start_block are skipped and start_hidden (as block_done saw it) replaces the captured inputs.
     on_captured() runs once the block inputs are captured (a lazy model drops its embeddings there)."""
-    from .evaluate import peak_rss_mib
-
     device = torch.device(device)
     offload = torch.device(offload) if offload is not None else device
     arch = get_arch(model)
@@ -252,7 +314,7 @@ def run_sequential(
         prepare = getattr(method, "prepare_block", None)
         fp_out = None
         if float_targets:  # the float block on the float stream: the targets, and that stream's next inputs
-            fp_out = [_block_output(block(h.to(device), **_to(kw[i], device))).to(offload)
+            fp_out = [block_output(block(h.to(device), **_to(kw[i], device))).to(offload)
                       for h, kw in zip(fp_hidden, kwargs)]
         if prepare is not None:
             inputs = lambda: ((h.to(device), _to(kw[i], device)) for h, kw in zip(hidden, kwargs))  # noqa: E731
@@ -284,7 +346,7 @@ def run_sequential(
                     set_module(block, n, method.apply(bprefix + n, block.get_submodule(n)))
                     stats.layers += 1
             for j, (h, kw) in enumerate(zip(hidden, kwargs)):
-                out = _block_output(block(h.to(device), **_to(kw[i], device)))
+                out = block_output(block(h.to(device), **_to(kw[i], device)))
                 if not torch.isfinite(out).all():
                     raise FloatingPointError(f"block {i} produced NaN/Inf after calibration; check the model and the data")
                 hidden[j] = out.to(offload)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import math
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import LlmsqueezeError
+from .engine import peak_rss_mib  # noqa: F401 (part of evaluate's interface: eval/ scripts use it)
 
 DATASETS = {
     # name -> (datasets path, config, split, joiner)
@@ -79,11 +79,6 @@ def perplexity(
     nll = sum(nlls) / len(nlls)
     return {"ppl": math.exp(nll), "nll": nll, "windows": n, "windows_available": total, "seq_len": seq_len,
             "tokens": n * seq_len}
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _cache_of(out):

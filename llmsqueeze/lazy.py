@@ -1,7 +1,10 @@
-"""Models bigger than memory: build the model on the meta device, read each decoder block's weights
-from the safetensors shards only when the engine reaches it, write it out (llmsqueeze.streaming)
-and free it. Embeddings, final norm and head are read once. A run saves its state after every block
-and `resume=True` continues it, bit for bit as if it had never stopped.
+"""Where dense models come from: a local dir or a hub id, checked (load_dense, dense_config), and
+models bigger than memory as a block source (LazyModel): the model is built on the meta device and
+each decoder block's weights are read from the safetensors shards only when the engine reaches it;
+the orchestrator (llmsqueeze.pipeline.quantize_lazy) writes the block out (llmsqueeze.streaming) and
+frees it. Embeddings, final norm and head are read once. A run saves its state after every block
+and `resume=True` continues it, bit for bit as if it had never stopped. check_resources says, before
+any work, when the disk or the device is too small.
 
 Host memory: the non-block tensors + one block (+ its activations for calibrated methods); the
 model's dtype is the checkpoint's (or `dtype`). Tensors are read with plain file reads into fresh
@@ -21,12 +24,9 @@ import torch
 from torch import nn
 
 from .config import CheckpointError, LlmsqueezeError, QuantScheme, first_line
-from .engine import EngineStats
 
 log = logging.getLogger("llmsqueeze")
 
-STOP_AFTER_BLOCK_ENV = "LLMSQUEEZE_TEST_STOP_AFTER_BLOCK"  # tests: SIGKILL self once block k is saved
-BLOCK_DELAY_ENV = "LLMSQUEEZE_TEST_BLOCK_DELAY"  # tests: seconds to sleep after each block is saved
 
 
 def resolve_model_dir(model_id: str) -> Path:
@@ -114,7 +114,6 @@ class LazyModel:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        from .api import dense_config
         from .models import get_arch
 
         self.path = resolve_model_dir(model_id)
@@ -343,6 +342,55 @@ class _LoadedEntry:
         Entry.of_tensor(self.name, self._lazy.reader.read(self._lazy.keys[self.source]).to(self._dtype)).copy_to(f)
 
 
+def load_dense(model_id: str, dtype: torch.dtype | str = "auto", **kwargs) -> nn.Module:
+    """Load a dense causal LM from a local dir or a hub id, turning loader failures into one line."""
+    from transformers import AutoModelForCausalLM
+
+    path, _ = dense_config(model_id)
+    check_shards(path)  # a truncated or incomplete download: one line, before the slow load
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        first = first_line(e)
+        raise LlmsqueezeError(f"cannot load model {model_id!r}: {first}") from None
+
+
+def dense_config(model_id: str):
+    """-> (local path or hub id, config) of a dense causal LM, after the checks that make bad input
+    one line: no such dir, not a causal LM, already quantized."""
+    from transformers import AutoConfig
+
+    looks_local = os.path.isabs(model_id) or model_id.startswith((".", "~")) or os.path.exists(model_id)
+    if looks_local and not os.path.isdir(os.path.expanduser(model_id)):
+        raise LlmsqueezeError(f"model {model_id!r}: no such directory; pass a local model dir or a hub id like 'org/name'")
+    path = os.path.expanduser(model_id) if looks_local else model_id
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        first = first_line(e)
+        raise LlmsqueezeError(
+            f"cannot load model {model_id!r} ({first}); check the name or path, and the network for hub ids"
+        ) from None
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_MASKED_LM_MAPPING,
+    )
+
+    # BERT-like encoders also register a CausalLM head class; they are still not decoder LMs.
+    encoder = type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING or encoder or getattr(config, "is_encoder_decoder", False):
+        raise LlmsqueezeError(
+            f"model {model_id!r} is a {config.model_type!r} model, which is not a causal LM: "
+            "llmsqueeze compresses decoder-only LMs (Llama, Qwen, Mistral, GPT-2, ...)"
+        )
+    if getattr(config, "quantization_config", None) is not None:
+        method = config.quantization_config.get("quant_method", "?") if isinstance(config.quantization_config, dict) else "?"
+        raise LlmsqueezeError(
+            f"model {model_id!r} is already quantized ({method}): start from the dense model"
+        )
+    return path, config
+
+
 # ---------------------------------------------------------------------------------- checks
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
@@ -423,156 +471,11 @@ def check_resources(lazy: LazyModel, names: list[str], scheme: QuantScheme, out:
         )
 
 
-# ---------------------------------------------------------------------------------- the run
-def quantize_lazy(
-    model_id: str,
-    out: str | os.PathLike,
-    scheme: QuantScheme,
-    data: torch.Tensor | None = None,
-    method: str = "rtn",
-    *,
-    tokenizer=None,
-    dtype: torch.dtype | str = "auto",
-    resume: bool = False,
-    overwrite: bool = False,
-    max_shard_size: str | int = "2GB",
-    progress: bool = True,
-    device: str | None = None,
-    offload: str | None = None,
-    true_sequential: bool = False,
-    act_order: bool = True,
-    static_groups: bool = True,
-    damp: float = 0.01,
-    block_size: int = 128,
-    batch_size: int = 1,
-) -> tuple[Path, EngineStats | None]:
-    """Quantize the dense model `model_id` (local dir or hub id) straight into the checkpoint dir
-    `out`, one block in memory at a time; the result equals, tensor for tensor, quantize() followed
-    by save_quantized(). Interrupted (Ctrl-C, SIGTERM, a crash), it leaves OUT.partial/, and the same
-    call with resume=True finishes it. Raises KeyboardInterrupt (with a message) when interrupted.
-    Returns (out, the engine's statistics: None when a resumed run had no block left)."""
-    from .api import _untie_lm_head, gptq_setup, quantization_config
-    from .checkpoint import prepare_output_dir
-    from .config import LAZY_METHODS, METHODS
-    from .engine import run_sequential
-    from .models import all_linear_names, selected_layers
-    from .nn import set_module
-    from .quant.rtn import RTN
-    from .streaming import PartialCheckpoint, parse_size, sigterm_as_interrupt, tensor_sha256
-
-    if method not in METHODS:
-        raise LlmsqueezeError(f"method {method!r} is not available: use one of {', '.join(METHODS)}")
-    if method not in LAZY_METHODS:  # awq's balancing rewrites norms across the block, autoround trains whole
-        # blocks: in memory for now
-        raise LlmsqueezeError(f"method {method!r} runs in memory, not lazily: use llmsqueeze.quantize (--no-lazy)")
-    scheme = scheme.with_method(method)
-    out = prepare_output_dir(out, overwrite=overwrite)
-    shard_bytes = parse_size(max_shard_size)
-    bound_heap_growth()
-    lazy = LazyModel(model_id, dtype)
-    model = lazy.model
-    names, head_name = selected_layers(model, scheme)
-    if head_name is not None:
-        lazy.load_outside(head=True)
-        _untie_lm_head(model, head_name)
-
-    if method == "rtn":
-        batches, qmethod, method_args, device = [], RTN(scheme), {}, device or "cpu"
-        ids = None
-    else:
-        batches, qmethod, method_args, device = gptq_setup(
-            scheme, data, device=device, offload=offload, true_sequential=true_sequential, act_order=act_order,
-            static_groups=static_groups, damp=damp, block_size=block_size, batch_size=batch_size,
-        )
-        ids = torch.cat(batches)
-        lazy.load_outside()  # the embeddings, for the capture of block inputs
-    key = {
-        "model": str(lazy.path.resolve()), "model_files": _files_key(lazy.path), "scheme": scheme.to_dict(),
-        "method": method, "method_args": method_args, "calibration": tensor_sha256(ids),
-        "dtype": str(lazy.dtype).removeprefix("torch."), "max_shard_size": shard_bytes, "layers": names,
-    }
-    prefix = lazy.arch.blocks + "."
-    block_names = [n for n in names if n.startswith(prefix)]
-    outside_names = [n for n in names if not n.startswith(prefix)]
-    if outside_names and method != "rtn":
-        raise LlmsqueezeError(f"calibrated methods handle layers inside the decoder blocks only; {outside_names[0]} "
-                              "is not: exclude it (e.g. drop --lm-head) or use --method rtn")
-    partial_exists = resume and (out.parent / (out.name + ".partial")).is_dir()
-    check_resources(lazy, names, scheme, out, device=device, offload=offload, data=ids,
-                    act_order_g_idx=method != "rtn" and act_order and not static_groups, max_shard_size=shard_bytes,
-                    already_written=_dir_bytes(out.parent / (out.name + ".partial")) if partial_exists else 0)
-
-    with sigterm_as_interrupt():
-        run = PartialCheckpoint(out, key, len(lazy.blocks), shard_bytes, resume=resume, overwrite=overwrite)
-        try:
-            stop_after = int(os.environ.get(STOP_AFTER_BLOCK_ENV, "-1"))
-            delay = float(os.environ.get(BLOCK_DELAY_ENV, "0"))
-
-            def block_done(i, block, hidden):
-                state = block.state_dict(prefix=lazy.block_prefix(i))
-                run.block_done(i, state, hidden if batches else None)
-                lazy.release_block(i)
-                if i == stop_after:
-                    import signal
-
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if delay:
-                    import time
-
-                    time.sleep(delay)
-
-            # blocks already written stay meta; their Linears still become (empty) QuantLinears so
-            # that modules_to_not_convert comes out as in an uninterrupted run
-            for i in range(run.blocks_done):
-                for n in block_names:
-                    if n.startswith(lazy.block_prefix(i)):
-                        set_module(model, n, _meta_quant_linear(model.get_submodule(n), scheme))
-            stats = None
-            if run.blocks_done < len(lazy.blocks):
-                stats = run_sequential(
-                    model, batches, qmethod, block_names, device=device, offload=offload,
-                    true_sequential=true_sequential, progress=progress, block_loader=lazy.load_block,
-                    block_done=block_done, start_block=run.blocks_done, start_hidden=run.load_inputs(),
-                    on_captured=None if outside_names else lazy.release_outside,
-                )
-            for n in outside_names:  # the head, with --lm-head (RTN): it is in memory already
-                set_module(model, n, RTN(scheme).apply(n, model.get_submodule(n)))
-            model.config.quantization_config = quantization_config(scheme, method, all_linear_names(model), method_args)
-            model.config.dtype = lazy.dtype
-
-            def extras(d: Path) -> None:
-                model.config.save_pretrained(d)
-                _save_generation_config(model, lazy.path, d)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(d)
-
-            return run.finish(lazy.outside_entries(), extras), stats
-        except KeyboardInterrupt:
-            done = run.blocks_done if run.dir.exists() else 0
-            raise KeyboardInterrupt(
-                f"interrupted after {done} of {len(lazy.blocks)} blocks; the run is saved in {run.dir}: "
-                "rerun the same command with --resume to continue"
-            ) from None
-
-
-def _meta_quant_linear(layer: nn.Module, scheme: QuantScheme) -> nn.Module:
-    from .nn import empty_quant_linear, linear_weight
-
-    n, k = linear_weight(layer).shape
-    return empty_quant_linear(k, n, scheme, bias=layer.bias is not None, device="meta")
-
-
-def _files_key(path: Path) -> dict:
-    from .streaming import model_files_key
-
-    return model_files_key(path)
-
-
-def _dir_bytes(d: Path) -> int:
+def dir_bytes(d: Path) -> int:
     return sum(p.stat().st_size for p in d.iterdir() if p.is_file()) if d.is_dir() else 0
 
 
-def _save_generation_config(model: nn.Module, src: Path, dst: Path) -> None:
+def save_generation_config(model: nn.Module, src: Path, dst: Path) -> None:
     from transformers import GenerationConfig
 
     if (src / "generation_config.json").is_file():

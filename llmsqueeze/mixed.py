@@ -105,8 +105,7 @@ def measure_sensitivity(model: nn.Module, names: list[str], data, scheme: QuantS
     by the late layers, whose outputs are large (SmolLM2: layer 29's down_proj 1e5x layer 0's v_proj),
     and on SmolLM2 RTN it chose 2 bits for 30 early layers and gave 228.75 perplexity at 3.5 bits/weight,
     worse than uniform 3-bit (52.03)."""
-    from .api import _engine_inputs
-    from .engine import run_sequential
+    from .engine import calibration_ids, check_devices, run_sequential
 
     candidates = check_candidates(candidates)
     if data is None:
@@ -118,7 +117,10 @@ def measure_sensitivity(model: nn.Module, names: list[str], data, scheme: QuantS
     if outside:
         raise LlmsqueezeError(f"mixed precision chooses widths for the layers inside the decoder blocks; {outside[0]} "
                               "is not: drop --lm-head (lm_head=True) or exclude it")
-    batches, _, device = _engine_inputs(data, "mixed precision", 0.01, 1, batch_size, device, offload)
+    if batch_size < 1:
+        raise LlmsqueezeError(f"batch_size={batch_size} must be positive")
+    batches = list(calibration_ids(data, "mixed precision").split(batch_size))
+    device = check_devices(device, offload)
     method = Sensitivity(scheme, candidates, relative)
     run_sequential(model, batches, method, names, device=device, offload=offload, progress=progress)
     return {n: method.table[n] for n in names}

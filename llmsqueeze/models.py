@@ -144,3 +144,13 @@ def selected_layers(model: nn.Module, scheme) -> tuple[list[str], str | None]:
 
 def all_linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if is_linear(m)]
+
+
+def untie_lm_head(model: nn.Module, head_name: str) -> None:
+    """Give the output head its own weight so it can be quantized while the embeddings stay dense."""
+    head = model.get_submodule(head_name)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and head.weight is emb.weight:
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+    for cfg in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+        cfg.tie_word_embeddings = False

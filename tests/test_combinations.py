@@ -10,7 +10,7 @@ from conftest import tiny_llama
 import llmsqueeze
 from llmsqueeze import CheckpointError, LlmsqueezeError, QuantScheme
 from llmsqueeze.cli import main
-from llmsqueeze.config import LAZY_METHODS, METHODS
+from llmsqueeze.methods import LAZY_METHODS, METHODS
 from llmsqueeze.nn import LUTLinear, QuantLinear
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import llmsqueeze
 from llmsqueeze import CheckpointError, LlmsqueezeError, QuantScheme
 from llmsqueeze.cli import main
-from llmsqueeze.lazy import STOP_AFTER_BLOCK_ENV, quantize_lazy
+from llmsqueeze.pipeline import STOP_AFTER_BLOCK_ENV, quantize_lazy
 
 
 def _save(d, tie=False, layers=3):

@@ -342,10 +342,10 @@ def test_alpha_search_coarse_to_fine():
     inputs = [(hidden[0], kwargs[0][0])]
     names = [n for n, m in block.named_modules() if is_linear(m)]
     stats = collect_input_absmax(block, names, lambda: block(inputs[0][0], **inputs[0][1]))
-    from llmsqueeze.engine import _block_output
+    from llmsqueeze.engine import block_output
 
     with torch.no_grad():
-        targets = [_block_output(block(inputs[0][0], **inputs[0][1]))]
+        targets = [block_output(block(inputs[0][0], **inputs[0][1]))]
 
     def quantize_block(trial, applied):
         from llmsqueeze.nn import set_module

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .masks import _prune_lowest, check_sparsity, global_masks, n_pruned
+from .masks import prune_lowest, check_sparsity, global_masks, n_pruned
 
 log = logging.getLogger("llmsqueeze")
 
@@ -93,7 +93,7 @@ def magnitude_masks(params: dict[str, nn.Parameter], sparsity: float, scope: str
         scores[n] = s
     if scope == "global":
         return global_masks(scores, sparsity)
-    return {n: _prune_lowest(s.reshape(-1), n_pruned(s.numel(), sparsity)).view_as(s) for n, s in scores.items()}
+    return {n: prune_lowest(s.reshape(-1), n_pruned(s.numel(), sparsity)).view_as(s) for n, s in scores.items()}
 
 
 @dataclass

@@ -37,7 +37,7 @@ def n_pruned(count: int, sparsity: float) -> int:
     return int(math.floor(sparsity * count + 1e-9))
 
 
-def _prune_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
+def prune_lowest(score: torch.Tensor, k: int) -> torch.Tensor:
     """score [..., L] -> keep mask [..., L] with the k lowest of the last dim pruned (stable order)."""
     keep = torch.ones_like(score, dtype=torch.bool)
     if k > 0:
@@ -51,9 +51,9 @@ def unstructured_mask(score: torch.Tensor, sparsity: float, scope: str = "row") 
     ("row", Wanda's comparison group) or floor(s*N*K) in the layer ("layer")."""
     sparsity = check_sparsity(sparsity)
     if scope == "row":
-        return _prune_lowest(score.float(), n_pruned(score.shape[1], sparsity))
+        return prune_lowest(score.float(), n_pruned(score.shape[1], sparsity))
     if scope == "layer":
-        return _prune_lowest(score.float().reshape(-1), n_pruned(score.numel(), sparsity)).view_as(score)
+        return prune_lowest(score.float().reshape(-1), n_pruned(score.numel(), sparsity)).view_as(score)
     raise LlmsqueezeError(f"scope {scope!r} is not known: use one of {', '.join(SCOPES)} (or global_masks)")
 
 
@@ -62,7 +62,7 @@ def global_masks(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, 
     Scores must be comparable across layers (e.g. magnitude of weights of similar scale)."""
     sparsity = check_sparsity(sparsity)
     flat = torch.cat([s.float().reshape(-1) for s in scores.values()])  # [total]
-    keep = _prune_lowest(flat, n_pruned(flat.numel(), sparsity))
+    keep = prune_lowest(flat, n_pruned(flat.numel(), sparsity))
     out, i = {}, 0
     for name, s in scores.items():
         out[name] = keep[i : i + s.numel()].view_as(s)
@@ -74,7 +74,7 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """score [N, K] -> keep [N, K]: the n highest of every m consecutive inputs of each row."""
     rows, k = score.shape
     check_nm_width(n, m, k)
-    return _prune_lowest(score.float().reshape(rows, k // m, m), m - n).view(rows, k)
+    return prune_lowest(score.float().reshape(rows, k // m, m), m - n).view(rows, k)
 
 
 def is_nm(mask_or_weight: torch.Tensor, n: int, m: int) -> bool:

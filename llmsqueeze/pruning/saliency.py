@@ -62,3 +62,16 @@ def gradient_saliency(
     if criterion == "snip":
         return {n: (acc[n] * params[n].detach().float()).abs() for n in params}
     return acc
+
+
+def layer_scores(job, criterion: str) -> dict[str, torch.Tensor]:
+    """SNIP / Taylor scores [N, K] of job.names from the next-token loss on the calibration batches
+    (whole model, one backward per batch)."""
+    model = job.model
+    params = {n: model.get_submodule(n).weight for n in job.names}
+    was_training = model.training
+    model.eval()  # no dropout; gradients still flow
+    with torch.enable_grad():
+        scores = gradient_saliency(model, job.batches, params, criterion)
+    model.train(was_training)
+    return {n: (s if isinstance(model.get_submodule(n), nn.Linear) else s.t()) for n, s in scores.items()}

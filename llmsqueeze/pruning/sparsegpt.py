@@ -24,7 +24,7 @@ import torch
 from ..config import LlmsqueezeError, QuantScheme
 from ..quant.gptq import HessianStore, inverse_hessian_cholesky, zero_dead_inputs
 from ..quant.rtn import rtn_qparams
-from .masks import _prune_lowest, check_nm_width, check_sparsity, n_pruned
+from .masks import prune_lowest, check_nm_width, check_sparsity, n_pruned
 
 log = logging.getLogger("llmsqueeze")
 
@@ -91,16 +91,16 @@ def sparsegpt_prune(
             score = W1**2 / d1**2  # [N, B]: the OBS saliency of removing each weight
             if scope == "layer":  # floor(s * N * i2) pruned up to column i2: exact over the layer
                 cnt = n_pruned(rows * i2, sparsity) - n_pruned(rows * i1, sparsity)
-                mask[:, i1:i2] = _prune_lowest(score.reshape(-1), cnt).view_as(score)
+                mask[:, i1:i2] = prune_lowest(score.reshape(-1), cnt).view_as(score)
             else:
                 cnt = n_pruned(i2, sparsity) - n_pruned(i1, sparsity)
-                mask[:, i1:i2] = _prune_lowest(score, cnt)
+                mask[:, i1:i2] = prune_lowest(score, cnt)
         for i in range(i2 - i1):
             col = i1 + i
             if keep is None and nm is not None and col % nm[1] == 0:
                 n, m = nm
                 score = W1[:, i : i + m] ** 2 / d1[i : i + m] ** 2  # [N, m]
-                mask[:, col : col + m] = _prune_lowest(score, m - n)
+                mask[:, col : col + m] = prune_lowest(score, m - n)
             w_col, d, kc = W1[:, i], d1[i], mask[:, col]
             if scheme is not None:
                 if col % g == 0:  # group parameters from the updated, masked weights of the group
@@ -187,3 +187,14 @@ def refit_result(w: torch.Tensor, h: torch.Tensor, res, scheme: QuantScheme | No
     if not math.isfinite(loss):
         raise FloatingPointError("the refit produced NaN/Inf (the inputs or weights hold NaN/Inf)")
     return SparseGPTResult(fitted, res.keep, None, None, None, loss, res.damp)
+
+
+def build(job) -> SparseGPT:
+    """The engine method for llmsqueeze.engine.Job `job` (the method table's entry point): its
+    SparsityScheme, job.extra["refit"] (True, False or "auto"), any OWL job.layer_sparsity."""
+    sp, o = job.sparsity, job.options
+    refit = job.extra.get("refit", "auto")
+    job.method_args.update(damp=o.damp, block_size=o.block_size, true_sequential=o.true_sequential, refit=refit,
+                           **job.data_args)
+    return SparseGPT(sp.sparsity, sp.pattern, job.scheme, scope=sp.scope, damp=o.damp, block_size=o.block_size,
+                     layer_sparsity=job.layer_sparsity, refit=refit)

@@ -67,3 +67,14 @@ class Wanda:
             res = sparsegpt_prune(w, h, keep=keep, scheme=self.scheme, damp=self.damp, block_size=self.block_size)
         self.report.append({"layer": name, "sparsity": 1 - keep.float().mean().item()})
         return pruned_module(module, res, self.scheme)
+
+
+def build(job) -> Wanda:
+    """The engine method for llmsqueeze.engine.Job `job` (the method table's entry point): its
+    SparsityScheme, job.extra["refit"] (True, False or "auto"), any OWL job.layer_sparsity."""
+    sp, o = job.sparsity, job.options
+    refit = job.extra.get("refit", False)
+    job.method_args.update(damp=o.damp, block_size=o.block_size, true_sequential=o.true_sequential, refit=refit,
+                           **job.data_args)
+    return Wanda(sp.sparsity, sp.pattern, job.scheme, scope=sp.scope, damp=o.damp, block_size=o.block_size,
+                 layer_sparsity=job.layer_sparsity, refit=refit)

@@ -251,6 +251,13 @@ class AutoRound:
     def collect(self, name: str, module, x: torch.Tensor) -> None:
         pass
 
+    def record(self) -> dict:
+        """What the checkpoint's method_args say of the run, once it is done."""
+        return {"iters": self.iters, "lr": self.lr, "batch_samples": self.batch_samples, "seed": self.seed,
+                "init": self.init, "amin": self.amin, "float_targets": self.float_targets,
+                "token_weighting": self.token_weighting,
+                "train_dtype": str(self.train_dtype or torch.float32).replace("torch.", "")}
+
     def apply(self, name: str, module):
         from ..nn import QuantLinear
 
@@ -419,6 +426,17 @@ def training_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None
     if amp and not ok:
         log.warning("amp: no bfloat16 support on %s; training in float32", device)
     return torch.bfloat16 if ok else None
+
+
+OPTIONS = ("iters", "lr", "seed", "init", "batch_samples", "float_targets", "amp", "token_weighting")
+
+
+def build(job) -> AutoRound:
+    """The engine method for llmsqueeze.engine.Job `job` (the method table's entry point); its options
+    (OPTIONS) come in job.extra. The engine hands it one calibration sample per batch: it stacks
+    them into its own minibatches."""
+    job.method_args = dict(job.data_args)
+    return AutoRound(job.scheme, job.names, progress=job.progress, **{k: v for k, v in job.extra.items() if k in OPTIONS})
 
 
 def check_autoround_args(iters, lr, batch_samples, init, amin) -> None:

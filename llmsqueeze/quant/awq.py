@@ -244,7 +244,8 @@ class AWQ:
                  grid: int = 20, clip_grid: int = 20, clip_max_shrink: float = 0.5, true_sequential: bool = False):
         self.scheme, self.smap, self.gptq = scheme, smap, gptq
         self.wanted = set(layer_names)
-        self.alpha_grid = [round(i / grid, 6) for i in range(grid + 1)]
+        self.grid, self.alpha_grid = grid, [round(i / grid, 6) for i in range(grid + 1)]
+        self.true_sequential = true_sequential  # the engine's order of Linear groups (with GPTQ only)
         self.clip_grid, self.clip_max_shrink = clip_grid, clip_max_shrink
         self.qparams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.alphas: dict[str, float] = {}  # "block.i.producer" -> alpha
@@ -316,6 +317,19 @@ class AWQ:
         if self.gptq is not None:
             self.gptq.collect(name, module, x)
 
+    @property
+    def all_reports(self) -> list[dict]:
+        """The balancing report, then the inner method's (GPTQ's losses)."""
+        return self.report + (self.gptq.report if self.gptq is not None else [])
+
+    def record(self) -> dict:
+        """What the checkpoint's method_args say of the run, once it is done."""
+        log.info("AWQ (then %s): clip winners %s", "rtn" if self.gptq is None else "gptq", self.clip_wins)
+        awq_args = {"then": "rtn" if self.gptq is None else "gptq", "grid": self.grid, "alphas": self.alphas}
+        if self.gptq is None and self.scheme.clip_search:
+            awq_args.update(clip_grid=self.clip_grid, clip_max_shrink=self.clip_max_shrink, clip_wins=self.clip_wins)
+        return {"awq": awq_args}
+
     @torch.no_grad()
     def apply(self, name: str, module: nn.Module) -> nn.Module:
         from ..nn import QuantLinear
@@ -341,40 +355,18 @@ def check_awq_model(model: nn.Module) -> SmoothMap:
     return smap
 
 
-def run_awq(model: nn.Module, names: list[str], scheme: QuantScheme, data, progress: bool, *, then: str = "rtn",
-            device=None, offload=None, true_sequential: bool = False, act_order: bool = True,
-            static_groups: bool = True, damp: float = 0.01, block_size: int = 128, batch_size: int = 1,
-            grid: int = 20, clip_grid: int = 20, clip_max_shrink: float = 0.5) -> dict:
-    """Balance and quantize `names` of `model` in place (llmsqueeze.quantize with method "awq" or
-    "awq-gptq" calls this) -> method_args for the checkpoint."""
-    from ..api import _engine_inputs, gptq_setup
-    from ..engine import run_sequential
-    from ..evaluate import peak_rss_mib
-
-    smap = check_awq_model(model)
-    if then not in ("rtn", "gptq"):
-        raise LlmsqueezeError(f"AWQ is followed by rtn or gptq, not {then!r}")
+def build(job, inner=None) -> AWQ:
+    """The engine method for llmsqueeze.engine.Job `job` (the method table's entry point): AWQ
+    balancing, then RTN on an output-error clipped grid, or `inner`'s rounding (a GPTQ engine method,
+    method "awq-gptq"), which is handed the balanced Hessians. job.extra may set the balancing `grid`
+    and the RTN `clip_grid` / `clip_max_shrink`."""
+    smap = check_awq_model(job.model)
+    grid, clip_grid = job.extra.get("grid", 20), job.extra.get("clip_grid", 20)
+    clip_max_shrink = job.extra.get("clip_max_shrink", 0.5)
     if grid < 1 or clip_grid < 1 or not 0 < clip_max_shrink < 1:
         raise LlmsqueezeError(f"AWQ grid={grid} and clip_grid={clip_grid} must be positive, clip_max_shrink="
                               f"{clip_max_shrink} in (0, 1)")
-    gptq = None
-    if then == "gptq":
-        batches, gptq, method_args, device = gptq_setup(
-            scheme, data, device=device, offload=offload, true_sequential=true_sequential, act_order=act_order,
-            static_groups=static_groups, damp=damp, block_size=block_size, batch_size=batch_size)
-    else:
-        batches, ids, device = _engine_inputs(data, "awq", damp, block_size, batch_size, device, offload)
-        method_args = {"n_samples": int(ids.shape[0]), "seq_len": int(ids.shape[1])}
-    true_sequential = true_sequential and gptq is not None
-    method = AWQ(scheme, names, smap, gptq, grid=grid, clip_grid=clip_grid, clip_max_shrink=clip_max_shrink,
-                 true_sequential=true_sequential)
-    stats = run_sequential(model, batches, method, names, device=device, offload=offload,
-                           true_sequential=true_sequential, progress=progress)
-    log.info("AWQ (then %s) done in %.1f s; peak RSS %.0f MiB; clip winners %s", then, stats.seconds,
-             peak_rss_mib(), method.clip_wins)
-    model._llmsqueeze_stats = stats
-    model._llmsqueeze_report = method.report + (gptq.report if gptq is not None else [])
-    awq_args = {"then": then, "grid": grid, "alphas": method.alphas}
-    if then == "rtn" and scheme.clip_search:
-        awq_args.update(clip_grid=clip_grid, clip_max_shrink=clip_max_shrink, clip_wins=method.clip_wins)
-    return {**method_args, "awq": awq_args}
+    if inner is None:
+        job.method_args = dict(job.data_args)
+    return AWQ(job.scheme, job.names, smap, inner, grid=grid, clip_grid=clip_grid, clip_max_shrink=clip_max_shrink,
+               true_sequential=job.options.true_sequential and inner is not None)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import QuantScheme
+from ..config import LlmsqueezeError, QuantScheme, scheme_for
 from .rtn import rtn_qparams
 
 log = logging.getLogger("llmsqueeze")
@@ -129,7 +129,6 @@ def gptq_quantize(
     zero = torch.zeros(n, ng, dtype=torch.int32, device=W.device)
     table = mid = None
     if scheme.grid != "uniform":  # levels fitted up front per group, like static groups (quant/lut.py);
-        from ..config import LlmsqueezeError  # the k-means fit weighs each column by mean x_k^2
         from .lut import lut_table
 
         if act_order and not static_groups:
@@ -270,8 +269,6 @@ class GPTQ:
         w = linear_weight(module)
         s = self.scheme
         if self.layer_schemes:
-            from ..config import scheme_for
-
             s = scheme_for(s, self.layer_schemes, name)
         try:
             res = gptq_quantize(w, held.pop(0), s, self.damp, self.block_size, self.act_order, self.static_groups,
@@ -289,3 +286,32 @@ class GPTQ:
             res.q, res.scale, res.zero, s.bits, s.group_size_for(w.shape[1]),
             bias=module.bias, scale_dtype=s.torch_scale_dtype, g_idx=res.g_idx,
         )
+
+
+# the int8 weight grid of W8A8 in weight-only terms: 8-bit, one symmetric scale per output channel
+# kept in float32; q - 128 is the int8 weight
+INT8_CHANNEL_SCHEME = dict(bits=8, group_size=-1, sym=True, scale_dtype="float32")
+
+
+def build(job) -> GPTQ:
+    """The engine method for llmsqueeze.engine.Job `job` (the method table's entry point); records
+    GPTQ's options in job.method_args."""
+    s, o = job.scheme, job.options
+    if s.grid != "uniform" and o.act_order and not o.static_groups:
+        raise LlmsqueezeError(f"grid={s.grid!r} fits its levels per natural-order group: use --act-order static "
+                              "(the default) or off, not dynamic")
+    if o.static_groups and not o.act_order:
+        log.info("static_groups without act_order changes nothing: groups are already in natural order")
+    method = GPTQ(s, damp=o.damp, block_size=o.block_size, act_order=o.act_order, static_groups=o.static_groups)
+    method.layer_schemes = job.layer_schemes
+    job.method_args = {"act_order": o.act_order, "static_groups": o.static_groups, "damp": o.damp,
+                       "block_size": o.block_size, "true_sequential": o.true_sequential, **job.data_args}
+    return method
+
+
+def build_int8(job) -> GPTQ:
+    """GPTQ on W8A8's int8 per-channel weight grid (static groups), for quant/w8a8 to wrap."""
+    o = job.options
+    job.method_args = {**job.data_args, "act_order": o.act_order, "damp": o.damp, "block_size": o.block_size}
+    return GPTQ(QuantScheme(**INT8_CHANNEL_SCHEME), damp=o.damp, block_size=o.block_size, act_order=o.act_order,
+                static_groups=True)

@@ -137,8 +137,7 @@ def prepare_qat(model: nn.Module, scheme: QuantScheme | None = None, learn_scale
                 **scheme_kwargs) -> nn.Module:
     """Swap the Linears the scheme selects (those in the decoder blocks; `lm_head` adds the head)
     for FakeQuantLinears, in place; returns the model. The weights stay trainable parameters."""
-    from ..api import _untie_lm_head
-    from ..models import selected_layers
+    from ..models import selected_layers, untie_lm_head
     from ..nn import set_module
 
     if scheme is None:
@@ -154,7 +153,7 @@ def prepare_qat(model: nn.Module, scheme: QuantScheme | None = None, learn_scale
     scheme = dataclasses.replace(scheme, clip_search=False)  # min/max or learned ranges, never searched
     names, head_name = selected_layers(model, scheme)
     if head_name is not None:
-        _untie_lm_head(model, head_name)
+        untie_lm_head(model, head_name)
         model.get_submodule(head_name).weight.requires_grad_(True)
     for name in names:
         set_module(model, name, FakeQuantLinear(model.get_submodule(name), scheme, learn_scale))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import QuantScheme
+from ..config import QuantScheme, scheme_for
 from .grid import clip_search_qparams, group_minmax, minmax_qparams, quantize
 
 
@@ -35,8 +35,12 @@ class RTN:
     """The engine's method for round-to-nearest: no statistics; each Linear becomes a packed
     QuantLinear from its own weight (what a lazy, block-by-block run uses)."""
 
-    def __init__(self, scheme: QuantScheme):
+    collect_inputs = False  # nothing to measure: the engine skips the calibration pass
+
+    def __init__(self, scheme: QuantScheme, layer_schemes: dict | None = None):
         self.scheme = scheme
+        self.layer_schemes = layer_schemes  # mixed precision: per-layer overrides of `scheme`
+        self.report: list[dict] = []
 
     def collect(self, name: str, module, x: torch.Tensor) -> None:
         pass
@@ -45,17 +49,22 @@ class RTN:
     def apply(self, name: str, module):
         from ..nn import LUTLinear, QuantLinear, linear_weight
 
+        s = scheme_for(self.scheme, self.layer_schemes, name)
         w = linear_weight(module).detach()
-        if self.scheme.grid != "uniform":  # non-uniform levels: quant/lut.py
+        if s.grid != "uniform":  # non-uniform levels: quant/lut.py
             from .lut import rtn_lut_quantize
 
-            q, table, scale = rtn_lut_quantize(w, self.scheme)
+            q, table, scale = rtn_lut_quantize(w, s)
             return LUTLinear.from_quantized(
-                q, table, scale, self.scheme.bits, self.scheme.group_size_for(w.shape[1]), self.scheme.grid,
-                bias=module.bias, scale_dtype=self.scheme.torch_scale_dtype,
+                q, table, scale, s.bits, s.group_size_for(w.shape[1]), s.grid,
+                bias=module.bias, scale_dtype=s.torch_scale_dtype,
             )
-        q, scale, zero = rtn_quantize(w, self.scheme)
+        q, scale, zero = rtn_quantize(w, s)
         return QuantLinear.from_quantized(
-            q, scale, zero, self.scheme.bits, self.scheme.group_size_for(w.shape[1]),
-            bias=module.bias, scale_dtype=self.scheme.torch_scale_dtype,
+            q, scale, zero, s.bits, s.group_size_for(w.shape[1]), bias=module.bias, scale_dtype=s.torch_scale_dtype,
         )
+
+
+def build(job) -> RTN:
+    """The engine method for llmsqueeze.engine.Job `job` (the method table's entry point)."""
+    return RTN(job.scheme, job.layer_schemes)

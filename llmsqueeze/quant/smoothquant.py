@@ -206,7 +206,7 @@ def search_alpha(block: nn.Module, smap: SmoothMap, act_absmax: dict[str, torch.
     best +- step for each step of `refine` (coarse to fine: the error is close to unimodal in alpha).
     quantize_block(copy, applied_scales) turns the copy's Linears into their W8A8 form in place.
     Returns (alpha, {alpha tried: error})."""
-    from ..engine import _block_output
+    from ..engine import block_output
 
     errors: dict[float, float] = {}
 
@@ -219,7 +219,7 @@ def search_alpha(block: nn.Module, smap: SmoothMap, act_absmax: dict[str, torch.
         quantize_block(trial, applied)
         err = 0.0
         for (h, kw), ref in zip(inputs, targets):
-            out = _block_output(trial(h, **kw)).float()
+            out = block_output(trial(h, **kw)).float()
             err += (out - ref).pow(2).sum().item()
         errors[alpha] = err
 
