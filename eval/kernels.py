@@ -10,7 +10,7 @@ not depend on values): 4-bit, group 128, fp16 scales, asymmetric (true zero poin
 
 Methods, each timed with triton.testing.do_bench (CUDA events, median of the repeats):
   fp16 cuBLAS             F.linear(x, W) with a dense fp16 weight (the baseline of every speed-up)
-  llmsqueeze triton       llmsqueeze.kernels.quant_linear: gemv / split-K / gemm picked by M, autotuned
+  llmsqueeze triton       llmsqueeze.nn_kernels.quant_linear: gemv / split-K / gemm picked by M, autotuned
   llmsqueeze deq+mm       our dequantize kernel, then x @ W^T (cuBLAS)
   torch deq+mm            QuantLinear's torch fallback: dequantize in torch, then matmul
   llmsqueeze w8a8         Int8Linear (W8A8, issue 9): per-token int8 quantization kernel + int8 GEMM
@@ -91,14 +91,14 @@ def methods(layer, dtype, with_peers: bool) -> dict:
     import torch.nn.functional as F
     from llmsqueeze.kernels import quant_matmul as qm
 
-    from llmsqueeze import kernels, nn_int8
+    from llmsqueeze import nn_int8, nn_kernels
 
     w_dense = layer.dequantize_weight(dtype).contiguous()  # [N, K]
     packed = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.qzeros))
-    kernels.kernel_weights(layer)
+    nn_kernels.kernel_weights(layer)
     m = {
         "fp16 cuBLAS": (lambda x: F.linear(x, w_dense), w_dense.numel() * w_dense.element_size(), ""),
-        "llmsqueeze triton": (lambda x: kernels.quant_linear(x, layer), packed, ""),
+        "llmsqueeze triton": (lambda x: nn_kernels.quant_linear(x, layer), packed, ""),
         "llmsqueeze deq+mm": (lambda x: x @ qm.dequantize(layer.qweight, layer.scales, layer.qzeros, None, 4,
                                                           layer.group_size, layer.in_features, x.dtype), packed, ""),
         "torch deq+mm": (lambda x: x @ layer.dequantize_weight_t(x.dtype), packed, ""),

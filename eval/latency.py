@@ -200,7 +200,7 @@ def measure_one(spec: dict) -> dict:
     res = {"loaded": True, "load_s": time.perf_counter() - t0, "weights_mib": weights_mib(model),
            "rss_after_load_mib": peak_rss_mib()}
     if device == "cuda":
-        from llmsqueeze.kernels import prepare_model
+        from llmsqueeze.nn import prepare_model
 
         prepare_model(model)  # the kernels' weights, before compile
         res["gpu_after_load_mib"] = torch.cuda.memory_allocated() / 2**20

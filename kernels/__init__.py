@@ -1,11 +1,16 @@
 """Triton kernels for packed weights, installed as `llmsqueeze.kernels`.
 
-    quant_linear(x2, module)   what QuantLinear.forward calls on CUDA: x2 [M, K] -> [M, N] (bias added)
-    lut_linear(x2, module)     the same for LUTLinear (non-uniform grids): the lookup kernel (lookup.py)
-    quant_matmul(...)          the custom op llmsqueeze::quant_matmul, kernel picked by M (dispatch.py)
+Below nn: these functions take tensors and plain values only, and nothing here imports from
+`llmsqueeze` (tests/test_layout.py checks every import). What turns a layer into those tensors
+lives on the nn side, in llmsqueeze/nn_kernels.py: `quant_linear(x2, module)` and
+`lut_linear(x2, module)` (QuantLinear's and LUTLinear's kernel paths), `kernel_weights(module)`
+(the cached, act-order-permuted view of a QuantLinear's buffers), and `llmsqueeze.nn.prepare_model`.
+
+    quant_matmul(x, qweight, scales, qzeros, g_idx, bits, group_size, in_features)
+                               the custom op llmsqueeze::quant_matmul, kernel picked by M (dispatch.py)
+    lut_matmul(x, qweight, scales, table, bits, group_size, in_features)
+                               the custom op llmsqueeze::lut_matmul: the lookup kernel (lookup.py)
     gemv, gemm, dequantize     the individual kernels' launchers (quant_matmul.py)
-    kernel_weights(module)     the kernels' cached view of a QuantLinear (layout.py)
-    prepare_model(model)       build that view for every QuantLinear up front (before torch.compile)
     int8_quantize_per_token(x), int8_quantize_static(x, scale), int8_scaled_mm(xq, wq, sx, sw, bias, dtype)
                                what Int8Linear.forward calls on CUDA: the W8A8 kernels (int8_matmul.py);
                                under torch.compile as the custom ops llmsqueeze::int8_*
@@ -20,11 +25,17 @@ import importlib.util
 
 _LAZY = {
     "gemv": "quant_matmul", "gemm": "quant_matmul", "dequantize": "quant_matmul", "interpreting": "quant_matmul",
-    "quant_matmul": "dispatch", "kernel_for": "dispatch", "lut_matmul": "dispatch", "lut_gemm": "lookup", "kernel_weights": "layout", "KernelWeights": "layout",
+    "quant_matmul": "dispatch", "kernel_for": "dispatch", "lut_matmul": "dispatch", "lut_gemm": "lookup",
+}
+# the module glue that lived here before it moved to the nn side: a clear error instead of a bare one
+_MOVED = {
+    "quant_linear": "llmsqueeze.nn_kernels", "lut_linear": "llmsqueeze.nn_kernels",
+    "kernel_weights": "llmsqueeze.nn_kernels", "KernelWeights": "llmsqueeze.nn_kernels",
+    "prepare_model": "llmsqueeze.nn",
 }
 
 
-_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: torch.compile traces quant_linear
+_TRITON = importlib.util.find_spec("triton") is not None  # looked up once: torch.compile traces nn_kernels.quant_linear
 
 
 def available() -> bool:
@@ -35,60 +46,9 @@ def available() -> bool:
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    if name in _MOVED:
+        raise AttributeError(f"{__name__}.{name} takes a module and moved to the nn side: use {_MOVED[name]}.{name}")
     raise AttributeError(name)
-
-
-def quant_linear(x2, module):
-    """x2 [M, K] -> y [M, N] = x2 @ W^T + bias through the Triton kernels, or None when this layer or
-    input cannot run on them (Triton missing, float32 activations), so the caller falls back to torch."""
-    import torch
-
-    if not _TRITON or x2.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    from .dispatch import quant_matmul
-    from .layout import kernel_weights
-
-    if x2.shape[0] == 0:  # an empty grid is not a launch
-        return None
-    w = kernel_weights(module)
-    x = x2 if w.perm is None else x2.index_select(1, w.perm)
-    y = quant_matmul(x.contiguous(), w.qweight, w.scales, w.qzeros, w.g_idx, w.bits, w.group_size, w.in_features)
-    if module.bias is not None:
-        y = y + module.bias.to(y.dtype)
-    return y
-
-
-def lut_linear(x2, module):
-    """x2 [M, K] -> y [M, N] = x2 @ W^T + bias for a LUTLinear through the lookup kernel, or None when
-    it cannot run (Triton missing, float32 activations, no rows): the caller falls back to torch."""
-    import torch
-
-    if not _TRITON or x2.dtype not in (torch.float16, torch.bfloat16) or x2.shape[0] == 0:
-        return None
-    from llmsqueeze.quant.lut import nf_levels
-
-    from .dispatch import lut_matmul
-
-    if module.grid == "nf":
-        scales, table = module.scales, nf_levels(module.bits, x2.device)
-    else:
-        scales, table = None, module.codebook
-    y = lut_matmul(x2.contiguous(), module.qweight, scales, table, module.bits, module.group_size, module.in_features)
-    if module.bias is not None:
-        y = y + module.bias.to(y.dtype)
-    return y
-
-
-def prepare_model(model) -> int:
-    """Build the kernels' weights of every QuantLinear now; returns how many layers."""
-    from llmsqueeze.nn import QuantLinear
-
-    from .layout import kernel_weights
-
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    for m in layers:
-        kernel_weights(m)
-    return len(layers)
 
 
 # -- W8A8 (Int8Linear): plain launchers when eager (a custom op's dispatch costs microseconds, as much

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_matmul import _unpack, interpreting
+from .quant_matmul import interpreting, unpack
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _lut_gemm_kernel(
         k_mask = offs_k < K
         a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         wmask = k_mask[:, None] & n_mask[None, :]
-        q = _unpack(qw_ptr, offs_k[:, None], N, offs_n[None, :], wmask, BITS)  # [BK, BN] indices
+        q = unpack(qw_ptr, offs_k[:, None], N, offs_n[None, :], wmask, BITS)  # [BK, BN] indices
         g = offs_k // G  # [BK]
         if NF:
             s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)

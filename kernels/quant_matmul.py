@@ -45,9 +45,10 @@ def _bits_at(lo, hi, shift, BITS: tl.constexpr):
 
 
 @triton.jit
-def _unpack(ptr, idx, stride, off, mask, BITS: tl.constexpr):
+def unpack(ptr, idx, stride, off, mask, BITS: tl.constexpr):
     """Value number `idx` of the bit streams packed along one axis: word (idx//32)*BITS + bit//32
-    at `ptr + word*stride + off`, bit = (idx%32)*BITS. Shapes broadcast (idx vs off)."""
+    at `ptr + word*stride + off`, bit = (idx%32)*BITS. Shapes broadcast (idx vs off). Public: lookup.py
+    unpacks its indices with it too."""
     bit = (idx % 32) * BITS
     word = (idx // 32) * BITS + bit // 32
     shift = bit % 32
@@ -160,18 +161,18 @@ def _gemm_kernel(
                              mask=(w_idx * EPW < k_end)[:, None] & n_mask[None, :], other=0)
             q = tl.reshape((packed[:, None, :] >> (tl.arange(0, EPW) * BITS)[None, :, None]) & MASK, [BK, BN])
         else:  # one (repeated) word load per value: the compiler's cache dedups the repeats
-            q = _unpack(qw_ptr, offs_k[:, None], N, offs_n[None, :], wmask, BITS)  # [BK, BN]
+            q = unpack(qw_ptr, offs_k[:, None], N, offs_n[None, :], wmask, BITS)  # [BK, BN]
         if GROUP_MODE == 0:
             g = k0 // G
             s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            z = _unpack(qz_ptr + g * stride_z, offs_n, 1, 0, n_mask, BITS)[None, :]
+            z = unpack(qz_ptr + g * stride_z, offs_n, 1, 0, n_mask, BITS)[None, :]
         else:
             if GROUP_MODE == 1:
                 g = offs_k // G
             else:
                 g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0)
             s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
-            z = _unpack(qz_ptr, offs_n[None, :], 1, g[:, None] * stride_z, wmask, BITS)
+            z = unpack(qz_ptr, offs_n[None, :], 1, g[:, None] * stride_z, wmask, BITS)
         w = (q - z).to(tl.float32) * s  # [BK, BN], the value torch's dequantize computes
         if DOT_FP32:  # the interpreter's tl.dot mishandles bf16 operands: multiply the same values in fp32
             acc += tl.dot(a.to(tl.float32), w.to(a.dtype).to(tl.float32))
@@ -195,13 +196,13 @@ def _dequant_kernel(
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     k_mask = offs_k < K
     mask = k_mask[:, None] & (offs_n < N)[None, :]
-    q = _unpack(qw_ptr, offs_k[:, None], N, offs_n[None, :], mask, BITS)
+    q = unpack(qw_ptr, offs_k[:, None], N, offs_n[None, :], mask, BITS)
     if HAS_GIDX:
         g = tl.load(gidx_ptr + offs_k, mask=k_mask, other=0)
     else:
         g = offs_k // G
     s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    z = _unpack(qz_ptr, offs_n[None, :], 1, g[:, None] * stride_z, mask, BITS)
+    z = unpack(qz_ptr, offs_n[None, :], 1, g[:, None] * stride_z, mask, BITS)
     w = (q - z).to(tl.float32) * s
     tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 

@@ -5,8 +5,9 @@ and the in-memory one run the same code):
   * CPU, 4 bits, bf16/fp16 activations with at most INT4_CPU_MAX_M rows (decode), no act-order,
     N % 16 == 0, a group size that is a multiple of 32 (or per-channel): PyTorch's int4 CPU kernel
     (`aten._weight_int4pack_mm_for_cpu`), its packed weight built once on first use;
-  * CUDA, fp16/bf16 activations: the Triton kernels of `llmsqueeze.kernels` (`quant_linear`), which
-    build their own view of the packed weights once (`_kernel_cache`, never saved);
+  * CUDA, fp16/bf16 activations: the Triton kernels of `llmsqueeze.kernels` through
+    `nn_kernels.quant_linear`, which builds the kernels' view of the packed weights once
+    (`_kernel_cache`, never saved; `prepare_model` builds them all up front);
   * otherwise: dequantize this layer's weight to the input dtype and matmul (the weight is freed
     after the call: the model never holds a dense copy).
 """
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels  # light: Triton itself is imported on the first kernel call
+from . import nn_kernels  # light: Triton itself is imported on the first kernel call
 from .quant.pack import pack_cols, pack_rows, padded, unpack_cols, unpack_rows
 
 INT4_CPU_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts
@@ -116,7 +117,7 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self._int4_cache: tuple | None = None
-        self._kernel_cache = None  # llmsqueeze.kernels.layout.KernelWeights, built on first use
+        self._kernel_cache = None  # nn_kernels.KernelWeights, built on first use
         self._dense_cache: tuple | None = None  # (dtype, device, weight) inside reuse_dequantized()
 
     # -- construction -------------------------------------------------------------------------
@@ -208,8 +209,7 @@ class QuantLinear(nn.Module):
 
     def _triton_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
         """x2 [M, K] -> [M, N] (bias added) by the Triton kernels, or None where they cannot run it."""
-        fn = getattr(kernels, "quant_linear", None)
-        return fn(x2, self) if fn is not None else None
+        return nn_kernels.quant_linear(x2, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
@@ -281,7 +281,7 @@ class LUTLinear(nn.Module):
     grid "nf" scales [ceil(K/G), N] (the group absmax; the levels are fixed, `lut.nf_levels`), for
     "kmeans" codebook [ceil(K/G), N, 2**bits] (the levels themselves), both in the scale dtype;
     bias [N]. Forward: the Triton lookup kernel on CUDA with fp16/bf16 activations
-    (`llmsqueeze.kernels.lut_linear`), else dequantize by table lookup in torch and matmul.
+    (`nn_kernels.lut_linear`), else dequantize by table lookup in torch and matmul.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, grid: str,
@@ -361,8 +361,7 @@ class LUTLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         y = None
         if BACKEND == "triton" or (BACKEND == "auto" and x.is_cuda):
-            fn = getattr(kernels, "lut_linear", None)
-            y = fn(x2, self) if fn is not None else None
+            y = nn_kernels.lut_linear(x2, self)
         if y is None:
             w_t = self.dequantize_weight_t(x.dtype)
             y = F.linear(x2, w_t.t().contiguous()) if x.dtype == torch.float16 and x.device.type == "cpu" else x2 @ w_t
@@ -383,6 +382,15 @@ class LUTLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, grid={self.grid}, bias={self.bias is not None}")
+
+
+def prepare_model(model: nn.Module) -> int:
+    """Build the kernels' weights (nn_kernels.kernel_weights) of every QuantLinear now, e.g. before
+    torch.compile; returns how many layers."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        nn_kernels.kernel_weights(m)
+    return len(layers)
 
 
 def empty_quant_linear(in_features: int, out_features: int, scheme, bias: bool = False,

@@ -262,7 +262,7 @@ UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-7}  # bf16 doubled: the i
 def test_lookup_kernel_matches_reference(grid_name, bits, n, k, g, m, dtype):
     """Bound as in test_kernels: the weight rounded once to the activation dtype and the result
     rounded once (2u), plus float32 summation (K * 2**-24), all times |x| @ |W^T|."""
-    from llmsqueeze import kernels
+    from llmsqueeze import nn_kernels
 
     torch.manual_seed(5)
     w, bias = torch.randn(n, k), torch.randn(n)
@@ -270,13 +270,13 @@ def test_lookup_kernel_matches_reference(grid_name, bits, n, k, g, m, dtype):
     q, table, scale = lut.rtn_lut_quantize(w, scheme)
     layer = LUTLinear.from_quantized(q, table, scale, bits, scheme.group_size_for(k), grid_name, bias=bias)
     x = torch.randn(m, k).to(dtype)
-    y = kernels.lut_linear(x, layer)
+    y = nn_kernels.lut_linear(x, layer)
     wt = layer.dequantize_weight_t()
     ref = x.float() @ wt + bias
     bound = x.float().abs() @ wt.abs() + bias.abs()
     assert y.dtype == dtype and y.shape == (m, n)
     assert ((y.float() - ref).abs() <= (2 * UNIT[dtype] + k * 2.0**-24) * bound).all()
-    assert kernels.lut_linear(x.float(), layer) is None  # float32: the torch path
+    assert nn_kernels.lut_linear(x.float(), layer) is None  # float32: the torch path
 
 
 def test_lookup_kernel_through_forward(monkeypatch):

@@ -18,10 +18,10 @@ import torch
 
 triton = pytest.importorskip("triton")  # the only acceptable skip: no Triton at all
 
-from llmsqueeze.kernels import dispatch, layout  # noqa: E402
+from llmsqueeze.kernels import dispatch  # noqa: E402
 from llmsqueeze.kernels import quant_matmul as qm  # noqa: E402
 
-from llmsqueeze import QuantScheme, kernels  # noqa: E402
+from llmsqueeze import QuantScheme, nn_kernels  # noqa: E402
 from llmsqueeze import nn as qnn  # noqa: E402
 from llmsqueeze.nn import QuantLinear  # noqa: E402
 from llmsqueeze.quant import grid  # noqa: E402
@@ -152,11 +152,11 @@ def g_idx_of(kind: str, k: int, group: int) -> torch.Tensor:
 def test_act_order(kind, plan, dtype):
     k, group = 160, 32  # 5 groups
     layer = make_layer(48, k, group, g_idx=g_idx_of(kind, k, group), bias=True)
-    w = layout.kernel_weights(layer)
+    w = nn_kernels.kernel_weights(layer)
     assert (w.perm is not None, w.g_idx is not None) == plan
     x = torch.randn(33, k).to(dtype)
     for m in (1, 3, 16, 33):  # gemv, gemv, split-K, gemm
-        check(kernels.quant_linear(x[:m], layer), x[:m], layer)
+        check(nn_kernels.quant_linear(x[:m], layer), x[:m], layer)
     # the kernels' own per-row g_idx gather (GROUP_MODE 2) on the unpermuted layout
     check(qm.gemv(x[:2], *args(layer)), x[:2], layer, bias=False)
     check(qm.gemm(x[:16], *args(layer), block_m=16, block_n=32, block_k=32), x[:16], layer, bias=False)
@@ -176,12 +176,12 @@ def test_dispatch_by_m():
 def test_quant_linear_through_custom_op(bits, m):
     layer = make_layer(33, 96, 64, bits=bits, bias=True)
     x = torch.randn(m, 96, dtype=torch.float16)
-    check(kernels.quant_linear(x, layer), x, layer)
+    check(nn_kernels.quant_linear(x, layer), x, layer)
 
 
 def test_quant_linear_declines_float32():
     layer = make_layer(32, 64, 32)
-    assert kernels.quant_linear(torch.randn(2, 64), layer) is None
+    assert nn_kernels.quant_linear(torch.randn(2, 64), layer) is None
 
 
 def test_cache_is_not_saved_and_is_dropped_on_load(monkeypatch):
@@ -229,7 +229,7 @@ def test_traces_whole_under_torch_compile(monkeypatch):
     monkeypatch.setattr(qnn, "BACKEND", "triton")
     g_idx = g_idx_of("permuted", 96, 32)  # the permuted path: a gather before the op
     layer = make_layer(33, 96, 32, bias=True, g_idx=g_idx)
-    kernels.prepare_model(torch.nn.Sequential(layer))
+    qnn.prepare_model(torch.nn.Sequential(layer))
     x = torch.randn(2, 96, dtype=torch.float16)
     torch._dynamo.reset()
     y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
@@ -240,7 +240,7 @@ def test_traces_whole_under_torch_compile(monkeypatch):
 def test_act_order_permuted_other_bits(bits):
     """The load-time row permutation repacks 3-bit streams too (they then run dequantize + matmul)."""
     layer = make_layer(40, 96, 32, bits=bits, g_idx=g_idx_of("permuted", 96, 32))
-    assert layout.kernel_weights(layer).perm is not None
+    assert nn_kernels.kernel_weights(layer).perm is not None
     x = torch.randn(17, 96, dtype=torch.float16)
     for m in (1, 17):
-        check(kernels.quant_linear(x[:m], layer), x[:m], layer)
+        check(nn_kernels.quant_linear(x[:m], layer), x[:m], layer)

@@ -1,5 +1,14 @@
-"""The kernels' view of a QuantLinear, built once at load time (torch only, no Triton needed).
+"""The nn side of the Triton kernels: what turns a layer into the tensors `llmsqueeze.kernels` takes.
 
+`kernels/` (installed as `llmsqueeze.kernels`) takes tensors and plain values only and imports
+nothing from this package; the module-aware glue lives here, and nn.py calls it:
+
+    quant_linear(x2, module)   QuantLinear.forward's kernel path: x2 [M, K] -> [M, N] (bias added), or None
+    lut_linear(x2, module)     the same for LUTLinear (non-uniform grids), the nf levels handed in as a tensor
+    kernel_weights(module)     the kernels' cached view of a QuantLinear (KernelWeights, below)
+(`nn.prepare_model(model)` builds that view for every QuantLinear up front, before torch.compile.)
+
+The kernels' view of a QuantLinear is built once at load time (torch only, no Triton needed).
 Natural order (no g_idx, or a g_idx equal to k // G) runs on the module's own buffers: no copy.
 
 Activation order: g_idx [K] gives each input row's group, in any order. Two cases:
@@ -12,6 +21,7 @@ Activation order: g_idx [K] gives each input row's group, in any order. Two case
 GPTQ with static groups stores no g_idx at all (its groups are natural-order groups).
 
 The cache lives in a plain attribute of the module, never in its state_dict: checkpoints do not change.
+Triton is still imported on the first kernel call only (the launchers are imported inside the calls).
 """
 from __future__ import annotations
 
@@ -19,7 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from llmsqueeze.quant.pack import pack_rows, unpack_rows
+from . import kernels  # light: Triton itself is imported on the first kernel call
+from .quant.lut import nf_levels
+from .quant.pack import pack_rows, unpack_rows
 
 
 @dataclass
@@ -65,3 +77,37 @@ def kernel_weights(module) -> KernelWeights:
     )
     module._kernel_cache = cache
     return cache
+
+
+def quant_linear(x2, module):
+    """x2 [M, K] -> y [M, N] = x2 @ W^T + bias through the Triton kernels, or None when this layer or
+    input cannot run on them (Triton missing, float32 activations), so the caller falls back to torch."""
+    if not kernels.available() or x2.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    from .kernels.dispatch import quant_matmul
+
+    if x2.shape[0] == 0:  # an empty grid is not a launch
+        return None
+    w = kernel_weights(module)
+    x = x2 if w.perm is None else x2.index_select(1, w.perm)
+    y = quant_matmul(x.contiguous(), w.qweight, w.scales, w.qzeros, w.g_idx, w.bits, w.group_size, w.in_features)
+    if module.bias is not None:
+        y = y + module.bias.to(y.dtype)
+    return y
+
+
+def lut_linear(x2, module):
+    """x2 [M, K] -> y [M, N] = x2 @ W^T + bias for a LUTLinear through the lookup kernel, or None when
+    it cannot run (Triton missing, float32 activations, no rows): the caller falls back to torch."""
+    if not kernels.available() or x2.dtype not in (torch.float16, torch.bfloat16) or x2.shape[0] == 0:
+        return None
+    from .kernels.dispatch import lut_matmul
+
+    if module.grid == "nf":
+        scales, table = module.scales, nf_levels(module.bits, x2.device)
+    else:
+        scales, table = None, module.codebook
+    y = lut_matmul(x2.contiguous(), module.qweight, scales, table, module.bits, module.group_size, module.in_features)
+    if module.bias is not None:
+        y = y + module.bias.to(y.dtype)
+    return y
