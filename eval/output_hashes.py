@@ -31,11 +31,18 @@ RUNS = {
     "rtn w4 g128 no-lazy": ["quantize", "--bits", "4", "--group-size", "128", "--no-lazy"],
     "rtn w3 g64 sym lm-head": ["quantize", "--bits", "3", "--group-size", "64", "--sym", "--lm-head"],
     "gptq w4 g64": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "64", *SMALL],
-    "gptq w4 g64 no-lazy": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "64", "--no-lazy", *SMALL],
-    "gptq w4 g128 act-order dynamic": ["quantize", "--method", "gptq", "--bits", "4", "--act-order", "dynamic", *SMALL],
+    # the clip search (GPTQ's default) costs minutes on 2 cores and is the same code in every path: one
+    # run above has it, the others turn it off
+    "gptq w4 g64 no-lazy no-clip": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "64", "--no-lazy",
+                                    "--no-clip-search", *SMALL],
+    "gptq w4 g64 lazy no-clip": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "64",
+                                 "--no-clip-search", *SMALL],
+    "gptq w4 g128 act-order dynamic": ["quantize", "--method", "gptq", "--bits", "4", "--act-order", "dynamic",
+                                       "--no-clip-search", *SMALL],
     "gptq nf4 g64": ["quantize", "--method", "gptq", "--grid", "nf", "--bits", "4", "--group-size", "64", *SMALL],
     "awq w4 g64": ["quantize", "--method", "awq", "--bits", "4", "--group-size", "64", *SMALL],
-    "awq-gptq w4 g64": ["quantize", "--method", "awq-gptq", "--bits", "4", "--group-size", "64", *SMALL],
+    "awq-gptq w4 g64": ["quantize", "--method", "awq-gptq", "--bits", "4", "--group-size", "64", "--no-clip-search",
+                        *SMALL],
     "autoround w4 g64 iters 4": ["quantize", "--method", "autoround", "--bits", "4", "--group-size", "64", "--iters", "4",
                                  *SMALL],
     "mixed rtn avg 3.5": ["quantize", "--avg-bits", "3.5", "--group-size", "64", *SMALL],
@@ -75,8 +82,10 @@ def checkpoint_hash(d: Path) -> dict:
 
 
 def run(names: list[str], out: Path) -> dict:
-    results = {}
+    results = json.loads(out.read_text())["runs"] if out.is_file() else {}  # a run cut short continues
     for name in names:
+        if name in results and "error" not in results[name]:
+            continue
         argv = RUNS[name]
         with tempfile.TemporaryDirectory() as tmp:
             dst = Path(tmp) / "out"

@@ -46,7 +46,7 @@ class QuantScheme:
     range per group that minimises the quantization error sum |w|^clip_weight_power * |w - q(w)|^clip_norm
     (1.0: each weight's error weighed by its magnitude; 0.0: plain L^p error); under GPTQ each input
     column's error is also weighed by its Hessian diagonal (mean x_k^2). None (the default) means
-    "auto", resolved by `with_method`: on for GPTQ (3-bit g64 on SmolLM2: 23.77 perplexity vs 28.63
+    "auto", resolved per method by `llmsqueeze.methods.resolve_scheme`: on for GPTQ (3-bit g64 on SmolLM2: 23.77 perplexity vs 28.63
     without), off for RTN (where it lost at 4-bit g64 asym).
 
     Modules: every Linear (and GPT-2 Conv1D) inside the decoder blocks, then `include` keeps only
@@ -115,14 +115,13 @@ class QuantScheme:
             except re.error as e:
                 raise LlmsqueezeError(f"module pattern {pattern!r} is not a valid regular expression ({e})") from None
 
-    def with_method(self, method: str) -> "QuantScheme":
-        """This scheme with clip_search "auto" (None) resolved for `method`: on for gptq, awq and awq-gptq
-        (awq: its output-error clip search; gptq, awq-gptq: GPTQ's), off for rtn and autoround (which
-        starts from the clip-searched grid only with init="clip"), and always off on a non-uniform grid."""
+    def with_clip_default(self, on: bool) -> "QuantScheme":
+        """This scheme with clip_search "auto" (None) resolved: `on` (the method's default, from
+        llmsqueeze.methods: on for gptq, awq and awq-gptq, off for rtn and autoround), and always off
+        on a non-uniform grid. An explicit True/False is kept."""
         if self.clip_search is not None:
             return self
-        clip = method in ("gptq", "awq", "awq-gptq") and self.grid == "uniform"  # non-uniform grids: no clip search
-        return QuantScheme.from_dict({**self.to_dict(), "clip_search": clip})
+        return QuantScheme.from_dict({**self.to_dict(), "clip_search": bool(on) and self.grid == "uniform"})
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

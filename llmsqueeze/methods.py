@@ -50,6 +50,8 @@ class MethodRow:
     default_scope: str | None = None
     owl: bool = False  # outlier-weighted per-layer sparsity applies
     refit_default: bool | str | None = None  # None: the method does not refit
+    clip_search: bool = False  # the clip search of the scheme's "auto" (None): awq's output-error one,
+    # GPTQ's Hessian-weighted one (rtn: it lost at 4-bit g64 asym; autoround starts from it only with init="clip")
     help: str = ""
 
     @property
@@ -61,10 +63,11 @@ QUANTIZE = {row.name: row for row in (
     MethodRow("rtn", "quantize", build=rtn.build, build_w8a8=w8a8.build, calibrated=False, lazy=True,
               grids=("uniform", "nf", "kmeans"), mixed=True, help="round to nearest, no data"),
     MethodRow("gptq", "quantize", build=gptq.build, build_w8a8=w8a8.build, inner_w8a8=gptq.build_int8, lazy=True,
-              grids=("uniform", "nf", "kmeans"), mixed=True, act_order=True, help="GPTQ (calibrated)"),
-    MethodRow("awq", "quantize", build=awq.build, help="AWQ balancing, then RTN on an output-error clipped grid"),
-    MethodRow("awq-gptq", "quantize", build=awq.build, inner=gptq.build, act_order=True, recorded_as="awq",
-              help="AWQ balancing, then GPTQ"),
+              grids=("uniform", "nf", "kmeans"), mixed=True, act_order=True, clip_search=True, help="GPTQ (calibrated)"),
+    MethodRow("awq", "quantize", build=awq.build, clip_search=True,
+              help="AWQ balancing, then RTN on an output-error clipped grid"),
+    MethodRow("awq-gptq", "quantize", build=awq.build, inner=gptq.build, act_order=True, clip_search=True,
+              recorded_as="awq", help="AWQ balancing, then GPTQ"),
     MethodRow("autoround", "quantize", build=autoround.build, sample_batches=True, help="learned rounding"),
 )}
 
@@ -101,6 +104,12 @@ def prune_method(name: str) -> MethodRow:
     if row is None:
         raise LlmsqueezeError(f"pruning method {name!r} is not available: use one of {', '.join(PRUNE_METHODS)}")
     return row
+
+
+def resolve_scheme(scheme, method: str):
+    """`scheme` with its "auto" clip search resolved for `method` (a W8A8Scheme is returned as is)."""
+    row = quantize_method(method)
+    return scheme.with_clip_default(row.clip_search) if hasattr(scheme, "with_clip_default") else scheme
 
 
 def check_quantize_options(row: MethodRow, grid: str = "uniform", avg_bits: float | None = None,

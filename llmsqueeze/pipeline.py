@@ -109,7 +109,7 @@ def _check_scheme(model: nn.Module, scheme, method: str, avg_bits) -> tuple[Meth
     check_quantize_options(row, getattr(scheme, "grid", "uniform"), avg_bits, w8a8)
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise LlmsqueezeError("this model is already quantized: start from the dense model")
-    return row, (scheme if w8a8 else scheme.with_method(method))
+    return row, (scheme if w8a8 else scheme.with_clip_default(row.clip_search))
 
 
 def _needs_data(row: MethodRow, scheme) -> str | None:
@@ -268,7 +268,7 @@ def quantize_lazy(
     if not row.lazy:  # awq's balancing and autoround's training run on a model in memory for now
         raise LlmsqueezeError(f"method {method!r} runs in memory, not lazily: use llmsqueeze.quantize (--no-lazy)")
     check_quantize_options(row, scheme.grid)
-    scheme = scheme.with_method(method)
+    scheme = scheme.with_clip_default(row.clip_search)
     out = prepare_output_dir(out, overwrite=overwrite)
     shard_bytes = parse_size(max_shard_size)
     bound_heap_growth()

@@ -10,7 +10,7 @@ from conftest import tiny_llama
 import llmsqueeze
 from llmsqueeze import CheckpointError, LlmsqueezeError, QuantScheme
 from llmsqueeze.cli import main
-from llmsqueeze.methods import LAZY_METHODS, METHODS
+from llmsqueeze.methods import LAZY_METHODS, METHODS, resolve_scheme
 from llmsqueeze.nn import LUTLinear, QuantLinear
 
 
@@ -26,9 +26,9 @@ def test_every_method_is_known():
 @pytest.mark.parametrize("method,clip", [("rtn", False), ("gptq", True), ("awq", True), ("awq-gptq", True),
                                          ("autoround", False)])
 def test_clip_search_auto_per_method(method, clip):
-    assert QuantScheme().with_method(method).clip_search is clip
-    assert QuantScheme(grid="nf").with_method(method).clip_search is False  # never on a non-uniform grid
-    assert QuantScheme(clip_search=not clip).with_method(method).clip_search is (not clip)  # explicit wins
+    assert resolve_scheme(QuantScheme(), method).clip_search is clip
+    assert resolve_scheme(QuantScheme(grid="nf"), method).clip_search is False  # never on a non-uniform grid
+    assert resolve_scheme(QuantScheme(clip_search=not clip), method).clip_search is (not clip)  # explicit wins
 
 
 @pytest.mark.parametrize("method", ["awq", "awq-gptq", "autoround"])

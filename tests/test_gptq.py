@@ -8,6 +8,7 @@ from conftest import FAMILIES, tiny_model
 
 import llmsqueeze
 from llmsqueeze import QuantScheme
+from llmsqueeze.methods import resolve_scheme
 from llmsqueeze.models import get_arch
 from llmsqueeze.nn import QuantLinear, is_linear, set_module
 from llmsqueeze.quant import grid
@@ -193,9 +194,9 @@ def test_act_aware_clip_search():
     wclip = out_err(QuantScheme(bits=3, group_size=32, clip_search=True), aac=False)
     hclip = out_err(QuantScheme(bits=3, group_size=32, clip_search=True))
     assert hclip < plain and hclip < wclip, (plain, wclip, hclip)
-    assert QuantScheme(bits=3).with_method("gptq").clip_search is True
-    assert QuantScheme(bits=3).with_method("rtn").clip_search is False
-    assert QuantScheme(bits=3, clip_search=False).with_method("gptq").clip_search is False
+    assert resolve_scheme(QuantScheme(bits=3), "gptq").clip_search is True
+    assert resolve_scheme(QuantScheme(bits=3), "rtn").clip_search is False
+    assert resolve_scheme(QuantScheme(bits=3, clip_search=False), "gptq").clip_search is False
     model = tiny_model("llama")
     llmsqueeze.quantize(model, bits=4, group_size=32, method="gptq", data=_calib(), progress=False)
     assert model.config.quantization_config["scheme"]["clip_search"] is True

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import llmsqueeze
 from llmsqueeze import CheckpointError, LlmsqueezeError, QuantScheme
 from llmsqueeze.cli import main
+from llmsqueeze.methods import resolve_scheme
 from llmsqueeze.nn import LUTLinear
 from llmsqueeze.quant import grid, lut
 from llmsqueeze.quant.gptq import gptq_quantize
@@ -120,7 +121,7 @@ def test_save_load_same_logits(scheme, tmp_path):
 
     _, ref, out = _saved(tmp_path, **scheme)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert QuantScheme.from_dict(qc["scheme"]) == QuantScheme(**{"bits": 4, "group_size": 64, **scheme}).with_method("rtn")
+    assert QuantScheme.from_dict(qc["scheme"]) == resolve_scheme(QuantScheme(**{"bits": 4, "group_size": 64, **scheme}), "rtn")
     for loaded in (llmsqueeze.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)):
         layer = loaded.model.layers[0].mlp.down_proj
         assert isinstance(layer, LUTLinear) and layer.grid == scheme["grid"]
@@ -194,7 +195,7 @@ def test_gptq_beats_rtn_on_the_same_grid(grid_name):
     w = torch.randn(48, 128)
     x = torch.randn(1024, 128) * torch.linspace(0.1, 3, 128)
     h = 2 * x.t() @ x / 1024
-    scheme = QuantScheme(bits=3, group_size=32, grid=grid_name).with_method("gptq")
+    scheme = resolve_scheme(QuantScheme(bits=3, group_size=32, grid=grid_name), "gptq")
     assert scheme.clip_search is False
     res = gptq_quantize(w, h, scheme, act_order=True, static_groups=True)
     assert res.g_idx is None and res.table.shape == (48, 4, 8)

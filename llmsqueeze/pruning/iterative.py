@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .masks import prune_lowest, check_sparsity, global_masks, n_pruned
+from .masks import check_sparsity, global_masks, n_pruned, prune_lowest
 
 log = logging.getLogger("llmsqueeze")
 

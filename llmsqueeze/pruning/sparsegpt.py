@@ -24,7 +24,7 @@ import torch
 from ..config import LlmsqueezeError, QuantScheme
 from ..quant.gptq import HessianStore, inverse_hessian_cholesky, zero_dead_inputs
 from ..quant.rtn import rtn_qparams
-from .masks import prune_lowest, check_nm_width, check_sparsity, n_pruned
+from .masks import check_nm_width, check_sparsity, n_pruned, prune_lowest
 
 log = logging.getLogger("llmsqueeze")
 
