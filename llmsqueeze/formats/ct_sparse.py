@@ -40,7 +40,7 @@ import json
 import torch
 
 from ..config import CheckpointError, LlmsqueezeError
-from ..nn import QuantLinear, SparseLinear, _pack_bits, _unpack_bits
+from ..nn import QuantLinear, SparseLinear, pack_bits, unpack_bits
 from . import compressed_tensors
 
 SPARSE_24 = "sparse-24-bitmask"
@@ -64,7 +64,7 @@ def sparse24_tensors(layer: SparseLinear) -> dict[str, torch.Tensor]:
     """A 2:4 SparseLinear with dense values -> sparse-24-bitmask {compressed, bitmask, shape}: our
     values are already the kept values in row-major order, 2 per group of 4."""
     n_out, k = layer.out_features, layer.in_features
-    return {"compressed": layer.values.contiguous(), "bitmask": _pack_bits(nm_mask(layer)),
+    return {"compressed": layer.values.contiguous(), "bitmask": pack_bits(nm_mask(layer)),
             "shape": torch.tensor([[n_out], [k]], dtype=torch.int64)}
 
 
@@ -73,10 +73,10 @@ def bitmask_tensors(layer: SparseLinear) -> dict[str, torch.Tensor]:
     n_out, k = layer.out_features, layer.in_features
     if layer.fmt == "bitmask":
         bitmask, values = layer.bitmask, layer.values  # already the format's bitmask and value order
-        counts = _unpack_bits(bitmask, k).sum(1)
+        counts = unpack_bits(bitmask, k).sum(1)
     else:
         mask = nm_mask(layer)
-        bitmask, values = _pack_bits(mask), layer.values.reshape(-1)  # row-major = the mask's order
+        bitmask, values = pack_bits(mask), layer.values.reshape(-1)  # row-major = the mask's order
         counts = mask.sum(1)
     offsets = torch.cumsum(counts, 0) - counts
     return {"compressed": values.contiguous(), "bitmask": bitmask.contiguous(),
