@@ -9,27 +9,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import METHODS, LlmsqueezeError, QuantScheme, first_line
+from .formats.native import quantization_config, sparsity_config
 from .models import all_linear_names, quantizable_modules, selected_layers
 from .nn import linear_weight, set_module
 from .quant.rtn import RTN
 
 log = logging.getLogger("llmsqueeze")
-
-FORMAT_VERSION = 3  # the newest we write and read; plain quantized checkpoints still say 1, mixed precision 3
-QUANT_METHOD = "llmsqueeze"
-
-
-def quantization_config(scheme: QuantScheme, method: str, modules_to_not_convert: list[str],
-                        method_args: dict | None = None) -> dict:
-    """What `config.json` carries so the checkpoint says how to read itself."""
-    return {
-        "quant_method": QUANT_METHOD,
-        "format_version": 1,  # prune() writes 2 (sparsity, scheme may be null)
-        "method": method,
-        "scheme": scheme.to_dict(),
-        "method_args": dict(method_args or {}),
-        "modules_to_not_convert": modules_to_not_convert,
-    }
 
 
 GRID_METHODS = ("rtn", "gptq")  # the methods that quantize on a non-uniform grid (nf, kmeans)
@@ -343,18 +328,6 @@ def dense_config(model_id: str):
 
 
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "snip", "taylor")
-
-
-def sparsity_config(sparsity: float, nm: tuple[int, int] | None, layers: list[str], scope: str | None,
-                    layer_sparsity: dict[str, float] | None = None) -> dict:
-    """What `quantization_config["sparsity"]` says of a pruned model; the saver adds the storage format."""
-    return {
-        "sparsity": sparsity,
-        "nm_pattern": None if nm is None else f"{nm[0]}:{nm[1]}",
-        "scope": scope,
-        "layers": list(layers),
-        "layer_sparsity": dict(layer_sparsity or {}),
-    }
 
 
 def prune(

@@ -9,15 +9,14 @@ The tensor conversions are small pure functions in gptq.py, awq.py and compresse
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..config import CheckpointError, LlmsqueezeError, QuantScheme
 from . import awq, compressed_tensors, gptq
+from .files import linear_shapes, skeleton, tensor_index
 
 EXPORT_FORMATS = ("compressed-tensors", "gptq")
 IMPORT_METHODS = ("gptq", "awq", "compressed-tensors")
@@ -33,48 +32,11 @@ REQUIRED = {"gptq": ("qweight", "qzeros", "scales"), "awq": ("qweight", "qzeros"
             "compressed-tensors": ("weight_packed", "weight_scale")}
 
 
-def skeleton(path: Path, config: dict | None = None):
-    """The model built on the meta device from config.json, without its quantization_config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(path)
-    cfg.quantization_config = None
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg), cfg
-
-
-def linear_shapes(model) -> dict[str, tuple[int, int, bool]]:
-    """{name: (out_features N, in_features K, is nn.Linear)} for every quantizable Linear."""
-    from ..models import all_linear_names
-    from ..nn import linear_weight
-
-    out = {}
-    for name in all_linear_names(model):
-        layer = model.get_submodule(name)
-        n, k = linear_weight(layer).shape
-        out[name] = (n, k, isinstance(layer, torch.nn.Linear))
-    return out
-
-
-def tensor_index(path: Path) -> dict[str, tuple[Path, dict]]:
-    """{tensor name: (shard file, safetensors header entry)} over all shards, each checked complete."""
-    from ..checkpoint import read_safetensors_header, weight_files
-
-    index = {}
-    for f in weight_files(path):
-        for k, v in read_safetensors_header(f).items():
-            if k != "__metadata__":
-                index[k] = (f, v)
-    return index
-
-
 # ====================================================================================== import
 def imported_config(path: Path, config: dict, keys: dict) -> dict:
     """A peer's quantization_config -> ours, with `source` saying how to convert its tensors.
     Raises CheckpointError naming the fields we cannot read."""
-    from ..api import FORMAT_VERSION, QUANT_METHOD
+    from .native import FORMAT_VERSION, QUANT_METHOD
 
     qc = config["quantization_config"]
     method = qc.get("quant_method")
@@ -256,8 +218,10 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
     where ours is exact in float32; float32 scales make its dense weights equal ours bit for bit."""
     from safetensors import safe_open
 
-    from ..checkpoint import atomic_output_dir, check_checkpoint, prepare_output_dir, read_config
     from ..nn import QuantLinear
+    from .files import read_config
+    from .native import check_checkpoint
+    from .writer import atomic_output_dir, copy_side_files, prepare_output_dir, write_config, write_shards
 
     if format not in EXPORT_FORMATS:
         raise LlmsqueezeError(f"--format {format!r} is not an export format: use one of {', '.join(EXPORT_FORMATS)}")
@@ -343,39 +307,8 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
         else:
             config["quantization_config"] = compressed_tensors.export_config(
                 scheme, args, [p for p in shapes if p not in prefixes])
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_config(tmp, config)
     return out
-
-
-def write_shards(src: Path, keys: dict, tmp: Path, tensors_of) -> None:
-    """Write each shard of `src` again in `tmp`: tensors_of(name) -> the tensors that replace `name`
-    (a layer's converted tensors go to the shard that held the tensor that produced them), and the
-    index with the new names when the checkpoint is sharded."""
-    from safetensors.torch import save_file
-
-    shard_of = {}
-    for name, (f, _) in keys.items():
-        shard_of.setdefault(f, []).append(name)
-    weight_map = {}
-    for f, names in shard_of.items():
-        tensors: dict[str, torch.Tensor] = {}
-        for name in sorted(names):
-            tensors.update(tensors_of(name))
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / f.name, metadata={"format": "pt"})
-        weight_map.update({k: f.name for k in tensors})
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
-        data["weight_map"] = dict(sorted(weight_map.items()))
-        (tmp / index.name).write_text(json.dumps(data, indent=2) + "\n")
-
-
-def copy_side_files(src: Path, tmp: Path) -> None:
-    """Tokenizer, generation config, chat template ...: everything but config.json and the weights."""
-    for item in src.iterdir():
-        if item.name in ("config.json", "model.safetensors.index.json") or item.suffix == ".safetensors":
-            continue
-        (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
 
 
 def _head_name(model) -> str | None:

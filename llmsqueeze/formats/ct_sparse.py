@@ -35,8 +35,6 @@ ship them). compressed-tensors 0.20 still dumps and validates the config block, 
 """
 from __future__ import annotations
 
-import json
-
 import torch
 
 from ..config import CheckpointError, LlmsqueezeError
@@ -127,9 +125,10 @@ def export(src, qc: dict, config: dict, keys: dict, out, scale_dtype: str | None
     as compressed-tensors into `out` (prepared by the caller). See the module docstring."""
     from safetensors import safe_open
 
-    from ..checkpoint import atomic_output_dir
     from ..config import QuantScheme
-    from . import _ct_layer, copy_side_files, linear_shapes, skeleton, write_shards
+    from . import _ct_layer
+    from .files import linear_shapes, skeleton
+    from .writer import atomic_output_dir, copy_side_files, write_config, write_shards
 
     sp = qc["sparsity"]
     fmt = sp.get("format")
@@ -241,5 +240,5 @@ def export(src, qc: dict, config: dict, keys: dict, out, scale_dtype: str | None
         else:
             fmt_out = SPARSE_24 if nm == (2, 4) else SPARSE_BITMASK
             config["quantization_config"] = sparse_only_config(sparsity_config(fmt_out, nm, ignore, zeros[0] / zeros[1]))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_config(tmp, config)
     return out

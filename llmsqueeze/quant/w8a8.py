@@ -148,7 +148,8 @@ def quantize_w8a8(model: nn.Module, scheme: W8A8Scheme, data=None, method: str =
                   block_size: int = 128, act_order: bool = True, search_batches: int = 4) -> nn.Module:
     """Quantize `model` in place to W8A8 (llmsqueeze.quantize calls this for a W8A8Scheme).
     search_batches: calibration batches the alpha search of SmoothQuant runs each candidate on."""
-    from ..api import _untie_lm_head, check_devices, quantization_config
+    from ..api import _untie_lm_head, check_devices
+    from ..formats.native import quantization_config
     from ..models import all_linear_names, selected_layers
 
     if method not in ("rtn", "gptq"):
