@@ -1,11 +1,25 @@
-"""Peer checkpoint formats: export ours to what serving engines load, import theirs into QuantLinear.
+"""Checkpoint formats: ours (native.py), and the peers' that we export to and import from.
 
   export:  llmsqueeze checkpoint ──► compressed-tensors pack-quantized | GPTQ (v1 or v2)
+           (pruned checkpoints ──► compressed-tensors' sparse formats: ct_sparse.py)
   import:  GPTQ | AWQ (GEMM) | compressed-tensors pack-quantized ──► our QuantLinear, through our
            HfQuantizer: config.json's quantization_config is translated to ours (with a `source`
            entry), and transformers' loader converts each tensor on the way in (`weight_conversions`).
 
-The tensor conversions are small pure functions in gptq.py, awq.py and compressed_tensors.py.
+Modules: files.py reads a model dir (config, shard headers, tensor index); writer.py is the one way
+any checkpoint dir is written (temp dir renamed at the end, shards, index, side files); native.py is
+our format and its loader; one module per peer format (gptq.py, awq.py, compressed_tensors.py).
+
+Adding a format: a module with the names below, and an entry in FORMATS (and EXPORT_FORMATS if written).
+  import:  MARKER (the tensor that marks a quantized Linear), LAYER_TENSORS (every tensor such a
+           Linear may have), REQUIRED (those it must have), IMPORTED_METHOD (our `method` for it),
+           check_import(path, qc) (refuse before reading tensors), import_scheme(path, qc, keys,
+           prefixes) -> (scheme dict, method_args, source entries, unsupported fields),
+           finish_import(method_args, keys, prefixes, shapes, scheme) (what the tensors say),
+           expected_shapes(scheme, n, k), ignored_on_import(source, method_args),
+           weight_conversions(source, op), describe(source)
+  export:  export_check(job), export_layer(name, QuantLinear, job) -> tensors, export_config(job),
+           with job a writer.ExportJob
 """
 from __future__ import annotations
 
@@ -17,19 +31,12 @@ import torch
 from ..config import CheckpointError, LlmsqueezeError, QuantScheme
 from . import awq, compressed_tensors, gptq
 from .files import linear_shapes, skeleton, tensor_index
+from .writer import ExportJob
 
+FORMATS = {"gptq": gptq, "awq": awq, "compressed-tensors": compressed_tensors}  # quant_method -> module
+IMPORT_METHODS = tuple(FORMATS)
 EXPORT_FORMATS = ("compressed-tensors", "gptq")
-IMPORT_METHODS = ("gptq", "awq", "compressed-tensors")
-# per format: the tensor that marks a quantized Linear, and every tensor a quantized Linear may have
-MARKER = {"gptq": "qweight", "awq": "qweight", "compressed-tensors": "weight_packed"}
-LAYER_TENSORS = {
-    "gptq": ("qweight", "qzeros", "scales", "g_idx"),
-    "awq": ("qweight", "qzeros", "scales"),
-    "compressed-tensors": ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"),
-    "llmsqueeze": ("qweight", "qzeros", "scales", "g_idx"),
-}
-REQUIRED = {"gptq": ("qweight", "qzeros", "scales"), "awq": ("qweight", "qzeros", "scales"),
-            "compressed-tensors": ("weight_packed", "weight_scale")}
+LAYER_TENSORS = {name: fmt.LAYER_TENSORS for name, fmt in FORMATS.items()}  # (for `llmsqueeze info`)
 
 
 # ====================================================================================== import
@@ -40,32 +47,18 @@ def imported_config(path: Path, config: dict, keys: dict) -> dict:
 
     qc = config["quantization_config"]
     method = qc.get("quant_method")
-    marker = MARKER[method]
-    sparse_fmt = (qc.get("sparsity_config") or {}).get("format") if method == "compressed-tensors" else None
-    if sparse_fmt not in (None, "dense"):
-        raise CheckpointError(f"{path}: compressed-tensors sparsity_config format {sparse_fmt!r} is not imported "
-                              "(read: pack-quantized, sparsity_config format 'dense'); llmsqueeze's own pruned "
-                              "checkpoint of the model is what it loads")
+    fmt = FORMATS[method]
+    fmt.check_import(path, qc)
+    marker = fmt.MARKER
     prefixes = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith("." + marker)})
     if not prefixes:
         raise CheckpointError(f"{path}: a {method} checkpoint without quantized weights (no *.{marker}); re-download it")
     for p in prefixes:
-        missing = [s for s in REQUIRED[method] if f"{p}.{s}" not in keys]
+        missing = [s for s in fmt.REQUIRED if f"{p}.{s}" not in keys]
         if missing:
             raise CheckpointError(f"{path}: layer {p} lacks {', '.join(missing)}; the checkpoint is corrupt, re-download it")
-    source = {"format": method}
-    if method == "gptq":
-        scheme, args, bad = gptq.import_scheme(qc)
-        source["checkpoint_format"] = qc.get("checkpoint_format", "gptq")
-    elif method == "awq":
-        scheme, args, bad = awq.import_scheme(qc)
-    else:
-        dtype = keys[f"{prefixes[0]}.weight_scale"][1]["dtype"]
-        names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
-        if dtype not in names:
-            raise CheckpointError(f"{path}: weight_scale dtype {dtype} is not read (float16, bfloat16, float32)")
-        scheme, args, bad = compressed_tensors.import_scheme(qc, names[dtype])
-        source["sym"] = scheme["sym"]
+    scheme, args, extra, bad = fmt.import_scheme(path, qc, keys, prefixes)
+    source = {"format": method, **extra}
     if bad:
         raise CheckpointError(f"{path}: {method} checkpoint with fields llmsqueeze does not read: {'; '.join(bad)}")
     try:
@@ -79,22 +72,18 @@ def imported_config(path: Path, config: dict, keys: dict) -> dict:
         raise CheckpointError(f"{path}: quantized tensors for {unknown[0]}, which is not a Linear of this model")
     for p in prefixes:
         n, k, _ = shapes[p]
-        for suffix, want in expected_shapes(method, scheme, n, k).items():
+        for suffix, want in fmt.expected_shapes(scheme, n, k).items():
             got = keys.get(f"{p}.{suffix}", (None, {"shape": None}))[1]["shape"]
             if got is not None and list(got) not in want:
                 raise CheckpointError(
                     f"{path}: {p}.{suffix} has shape {list(got)}, but a {k}->{n} layer with bits={scheme['bits']} "
                     f"group_size={scheme['group_size']} needs {want[0]}: config.json does not match the weights; re-download it"
                 )
-    if method == "gptq" and not args["act_order"] and _any_permuted_g_idx(keys, prefixes, shapes, scheme):
-        args.update(act_order=True, static_groups=False)  # desc_act false, yet a g_idx that is not arange(K)//G
-    if args.get("act_order") and method == "compressed-tensors":
-        args["act_order"] = any(f"{p}.weight_g_idx" in keys for p in prefixes)
-        args["static_groups"] = not args["act_order"]
+    fmt.finish_import(args, keys, prefixes, shapes, scheme)
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
-        "method": "gptq" if method == "gptq" else ("awq" if method == "awq" else "imported"),
+        "method": fmt.IMPORTED_METHOD,
         "scheme": scheme,
         "method_args": args,
         "modules_to_not_convert": sorted(set(shapes) - set(prefixes)),
@@ -102,42 +91,9 @@ def imported_config(path: Path, config: dict, keys: dict) -> dict:
     }
 
 
-def _any_permuted_g_idx(keys: dict, prefixes: list[str], shapes: dict, scheme: dict) -> bool:
-    """Whether some layer's stored g_idx differs from the natural arange(K) // G (a few KB to read)."""
-    from safetensors import safe_open
-
-    for p in prefixes:
-        entry = keys.get(f"{p}.g_idx")
-        if entry is None:
-            continue
-        k = shapes[p][1]
-        with safe_open(entry[0], "pt") as f:
-            g_idx = f.get_tensor(f"{p}.g_idx")
-        if not torch.equal(g_idx.long(), torch.arange(k) // (k if scheme["group_size"] == -1 else scheme["group_size"])):
-            return True
-    return False
-
-
-def expected_shapes(method: str, scheme: dict, n: int, k: int) -> dict[str, list[list[int]]]:
-    """The shapes each tensor of a quantized k->n Linear may have in `method`'s layout."""
-    b = scheme["bits"]
-    ng = -(-k // (k if scheme["group_size"] == -1 else scheme["group_size"]))
-    words_k, words_n = -(-k * b // 32), -(-n * b // 32)
-    pad_k, pad_n = -(-k // 32) * b, -(-n // 32) * b  # our padding to runs of 32 values
-    if method == "gptq":
-        return {"qweight": [[words_k, n], [pad_k, n]], "scales": [[ng, n]], "qzeros": [[ng, words_n], [ng, pad_n]]}
-    if method == "awq":
-        return {"qweight": [[k, n // 8]], "scales": [[ng, n]], "qzeros": [[ng, n // 8]]}
-    return {"weight_packed": [[n, words_k]], "weight_scale": [[n, ng]], "weight_zero_point": [[words_n, ng]]}
-
-
 def ignored_on_import(source: dict, method_args: dict) -> list[str]:
     """Regexes of checkpoint tensors that carry nothing our layout needs."""
-    if source["format"] == "compressed-tensors":
-        return [r"\.weight_shape$"]
-    if source["format"] == "gptq" and not method_args.get("act_order"):
-        return [r"\.g_idx$"]  # arange(K) // G: natural order
-    return []
+    return FORMATS[source["format"]].ignored_on_import(source, method_args)
 
 
 def _op_class():
@@ -170,40 +126,16 @@ def _op_class():
 
 def weight_conversions(source: dict) -> list:
     """transformers WeightConverters that turn a peer checkpoint's tensors into our buffers."""
-    from transformers.core_model_loading import WeightConverter
+    return FORMATS[source["format"]].weight_conversions(source, _op_class())
 
-    op = _op_class()
-    fmt = source["format"]
-    if fmt == "gptq":
-        cf = source.get("checkpoint_format", "gptq")
-        return [
-            WeightConverter(["qweight"], ["qweight"], [op(lambda t, m: gptq.qweight_from_gptq(t, m.bits, m.in_features), "qweight")]),
-            WeightConverter(["qzeros"], ["qzeros"],
-                            [op(lambda t, m: gptq.qzeros_from_gptq(t, m.bits, m.out_features, cf), "qzeros")]),
-        ]
-    if fmt == "awq":
-        return [
-            WeightConverter(["qweight"], ["qweight"], [op(lambda t, m: awq.qweight_from_awq(t, m.out_features), "qweight")]),
-            WeightConverter(["qzeros"], ["qzeros"], [op(lambda t, m: awq.qzeros_from_awq(t, m.out_features), "qzeros")]),
-        ]
-    ct = compressed_tensors
-    convs = [
-        WeightConverter(["weight_packed"], ["qweight"],
-                        [op(lambda t, m: ct.weight_packed_to_ours(t, m.bits, m.in_features), "weight_packed")]),
-        WeightConverter(["weight_g_idx"], ["g_idx"], [op(lambda t, m: t.to(torch.int32), "weight_g_idx")]),
-    ]
-    if source.get("sym"):
-        # no zero points in the file: the scale's converter also writes the constant mid-grid zeros
-        convs.append(WeightConverter(["weight_scale"], ["scales", "qzeros"], [op(
-            lambda t, m: {"scales": t.t().contiguous(),
-                          "qzeros": ct.symmetric_qzeros(t.shape[1], m.out_features, m.bits)}, "weight_scale")]))
-    else:
-        convs += [
-            WeightConverter(["weight_scale"], ["scales"], [op(lambda t, m: t.t().contiguous(), "weight_scale")]),
-            WeightConverter(["weight_zero_point"], ["qzeros"],
-                            [op(lambda t, m: ct.zero_point_to_ours(t, m.bits, m.out_features), "weight_zero_point")]),
-        ]
-    return convs
+
+def describe_source(qc: dict) -> str:
+    """'gptq checkpoint (checkpoint_format gptq), imported' or 'llmsqueeze format v1', for `llmsqueeze info`."""
+    from .native import describe
+
+    src = qc.get("source") or {}
+    fmt = FORMATS.get(src.get("format"))
+    return describe(qc) if fmt is None else fmt.describe(src)
 
 
 # ====================================================================================== export
@@ -220,6 +152,7 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
 
     from ..nn import QuantLinear
     from .files import read_config
+    from .native import LAYER_TENSORS as OURS
     from .native import check_checkpoint
     from .writer import atomic_output_dir, copy_side_files, prepare_output_dir, write_config, write_shards
 
@@ -260,16 +193,13 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
     model, _ = skeleton(src)
     shapes = linear_shapes(model)
     layers = {p: shapes[p][:2] for p in prefixes}
-    if format == "gptq":
-        gptq.export_check(scheme, layers, g_idx_stored, checkpoint_format)
-        inside = [n for n in qc.get("modules_to_not_convert", []) if n != _head_name(model)]
-        if inside:
-            raise LlmsqueezeError(
-                f"cannot export to gptq: modules_to_not_convert has layers inside the decoder blocks ({inside[0]}, ...), "
-                "which GPTQ configs cannot name; export to --format compressed-tensors (it has an ignore list)"
-            )
-    else:
-        compressed_tensors.export_check(scheme, layers, g_idx_stored, [p for p in prefixes if not shapes[p][2]])
+    writer = FORMATS[format]
+    job = ExportJob(scheme, layers, dense=[p for p in shapes if p not in prefixes],
+                    conv1d=[p for p in prefixes if not shapes[p][2]], g_idx_stored=g_idx_stored,
+                    method=qc.get("method", "rtn"), method_args=args,
+                    not_converted=list(qc.get("modules_to_not_convert", [])), head=_head_name(model),
+                    checkpoint_format=checkpoint_format, scale_dtype=scale_dtype)
+    writer.export_check(job)
     out = prepare_output_dir(out, overwrite)
 
     opened: dict[Path, object] = {}
@@ -287,26 +217,18 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
         layer.qweight, layer.qzeros, layer.scales = get(f"{p}.qweight"), get(f"{p}.qzeros"), get(f"{p}.scales")
         if g_idx_stored:
             layer.g_idx = get(f"{p}.g_idx")
-        if format == "gptq":
-            return _gptq_layer(p, layer, checkpoint_format)
-        return _ct_layer(p, layer, scheme.sym, scale_dtype)
+        return writer.export_layer(p, layer, job)
 
     def tensors_of(name: str) -> dict[str, torch.Tensor]:
         prefix, _, suffix = name.rpartition(".")
-        if prefix in layers and suffix in LAYER_TENSORS["llmsqueeze"]:
+        if prefix in layers and suffix in OURS:
             return convert_layer(prefix) if suffix == "qweight" else {}
         return {name: get(name)}
 
     with atomic_output_dir(out) as tmp:
         write_shards(src, keys, tmp, tensors_of)
         copy_side_files(src, tmp)
-        head = _head_name(model)
-        if format == "gptq":
-            config["quantization_config"] = gptq.export_config(
-                scheme, qc.get("method", "rtn"), args, g_idx_stored, head in prefixes, checkpoint_format)
-        else:
-            config["quantization_config"] = compressed_tensors.export_config(
-                scheme, args, [p for p in shapes if p not in prefixes])
+        config["quantization_config"] = writer.export_config(job)
         write_config(tmp, config)
     return out
 
@@ -314,56 +236,3 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
 def _head_name(model) -> str | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
-
-
-def _gptq_layer(p: str, layer, checkpoint_format: str) -> dict[str, torch.Tensor]:
-    bits, k, n = layer.bits, layer.in_features, layer.out_features
-    if checkpoint_format == "gptq":
-        zeros = gptq.count_zero_zeros(layer.qzeros, bits, n)
-        if zeros:
-            raise LlmsqueezeError(
-                f"cannot export to gptq: {p} has {zeros} group zero point(s) of 0, which checkpoint_format 'gptq' "
-                "(zero - 1) cannot store; use --gptq-format gptq_v2 (GPTQModel), --format compressed-tensors, or --sym"
-            )
-    scales = layer.scales
-    if scales.dtype != torch.float16:
-        half = scales.to(torch.float16)
-        if not torch.equal(half.to(scales.dtype), scales):
-            raise LlmsqueezeError(
-                f"cannot export to gptq: scale_dtype={str(scales.dtype).replace('torch.', '')} scales of {p} are not "
-                "exactly float16 (GPTQ stores float16); re-quantize with --scale-dtype float16 or export to compressed-tensors"
-            )
-        scales = half
-    g_idx = layer.g_idx if layer.g_idx is not None else gptq.natural_g_idx(k, layer.group_size)
-    return {
-        f"{p}.qweight": gptq.qweight_to_gptq(layer.qweight, bits, k),
-        f"{p}.qzeros": gptq.qzeros_to_gptq(layer.qzeros, bits, n, checkpoint_format),
-        f"{p}.scales": scales.contiguous(),
-        f"{p}.g_idx": g_idx.to(torch.int32).contiguous(),
-    }
-
-
-def _ct_layer(p: str, layer, sym: bool, scale_dtype: str | None) -> dict[str, torch.Tensor]:
-    bits, k, n = layer.bits, layer.in_features, layer.out_features
-    scales = layer.scales if scale_dtype is None else layer.scales.to(getattr(torch, scale_dtype))  # widening: exact
-    out = {
-        f"{p}.weight_packed": compressed_tensors.weight_packed_from_ours(layer.qweight, bits, k),
-        f"{p}.weight_scale": scales.t().contiguous(),
-        f"{p}.weight_shape": torch.tensor([n, k], dtype=torch.int64),
-    }
-    if not sym:
-        out[f"{p}.weight_zero_point"] = compressed_tensors.zero_point_from_ours(layer.qzeros, bits, n)
-    return out
-
-
-def describe_source(qc: dict) -> str:
-    """'gptq checkpoint (checkpoint_format gptq)' for `llmsqueeze info`."""
-    src = qc.get("source") or {}
-    fmt = src.get("format")
-    if fmt == "gptq":
-        return f"gptq checkpoint (checkpoint_format {src.get('checkpoint_format', 'gptq')}), imported"
-    if fmt == "awq":
-        return "awq checkpoint (GEMM), imported"
-    if fmt == "compressed-tensors":
-        return "compressed-tensors checkpoint (pack-quantized), imported"
-    return f"llmsqueeze format v{qc.get('format_version')}"

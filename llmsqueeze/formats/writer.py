@@ -6,8 +6,9 @@
 
 Writers: `save_model_dir` (a model through save_pretrained: our format, structured pruning, W8A8 as
 compressed-tensors), `write_shards` (a checkpoint rewritten shard by shard: the peer-format exports
-of formats/), and streaming.PartialCheckpoint (resumable, block by block), which shares the shard
-names, the index and the final rename.
+of formats/, each format's module converting the layers it is handed with an `ExportJob`), and
+streaming.PartialCheckpoint (resumable, block by block), which shares the shard names, the index
+and the final rename.
 """
 from __future__ import annotations
 
@@ -17,12 +18,30 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import LlmsqueezeError
+from ..config import LlmsqueezeError, QuantScheme
 from .files import INDEX, SINGLE
 
 log = logging.getLogger("llmsqueeze")
+
+
+@dataclass
+class ExportJob:
+    """What a format's writer is told about the llmsqueeze checkpoint it rewrites."""
+
+    scheme: QuantScheme
+    layers: dict[str, tuple[int, int]]  # quantized layer -> (out_features N, in_features K)
+    dense: list[str] = field(default_factory=list)  # the Linears left unquantized
+    conv1d: list[str] = field(default_factory=list)  # quantized layers that are Conv1D, not nn.Linear
+    g_idx_stored: bool = False  # act-order with a stored g_idx
+    method: str = "rtn"
+    method_args: dict = field(default_factory=dict)
+    not_converted: list[str] = field(default_factory=list)  # modules_to_not_convert
+    head: str | None = None  # the output head's module name
+    checkpoint_format: str = "gptq"  # gptq: "gptq" (v1) or "gptq_v2"
+    scale_dtype: str | None = None  # compressed-tensors: "float32" widens the scales
 
 
 def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
