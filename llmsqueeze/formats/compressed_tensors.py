@@ -16,15 +16,19 @@ group is refused on export. Activation order with a stored g_idx ("group" actord
 compressed-tensors (0.20 decompresses it in natural order), so only static act-order ("weight")
 exports; a checkpoint with weight_g_idx still imports.
 
+W8A8 models are written as "int-quantized" (`write_int_quantized`: what vLLM's W8A8 int8 path reads):
+  weight int8 [N, K], weight_scale [N, 1] (per channel), input_scale [1] (static activations only)
 Pruned checkpoints go to its sparse formats in ct_sparse.py.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ..config import CheckpointError, LlmsqueezeError
+from ..config import CheckpointError, LlmsqueezeError, W8A8Scheme
 from ..quant.pack import pack_cols, pack_rows, unpack_cols, unpack_rows
-from .writer import ExportJob
+from .writer import ExportJob, save_model_dir
 
 BITS = (4, 8)
 MARKER = "weight_packed"  # the tensor that marks a quantized Linear
@@ -132,6 +136,56 @@ def export_config(job: ExportJob) -> dict:
                              quantization_status="compressed")
     return {"quant_method": "compressed-tensors", "version": ct.__version__, "sparsity_config": {},
             "transform_config": {}, **cfg.model_dump(exclude=["quant_method"])}
+
+
+# ------------------------------------------------------------------------------ W8A8: int-quantized
+def int_quantized_config(scheme: W8A8Scheme, ignore: list[str]) -> dict:
+    """The `quantization_config` of a compressed-tensors "int-quantized" checkpoint (what vLLM's
+    W8A8 int8 path reads) describing this scheme."""
+    act = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+           "strategy": "token" if scheme.act == "dynamic" else "tensor", "dynamic": scheme.act == "dynamic",
+           "observer": "memoryless" if scheme.act == "dynamic" else ("mse" if scheme.static_clip == "mse" else "minmax"),
+           "observer_kwargs": {},
+           "actorder": None, "block_structure": None}
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
+               "dynamic": False, "observer": "minmax", "observer_kwargs": {}, "actorder": None,
+               "block_structure": None}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": act,
+                                      "output_activations": None, "format": "int-quantized"}},
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+    }
+
+
+def write_int_quantized(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False):
+    """Write a W8A8 model (llmsqueeze.quantize with a W8A8Scheme, or a loaded W8A8 checkpoint) as a
+    compressed-tensors int-quantized checkpoint for vLLM: the same int8 `weight` [N, K], `weight_scale`
+    as [N, 1], `input_scale` [1] (static only), dense modules unchanged. For the general export
+    command to call; the directory is written through formats.writer (temp dir, renamed at the end).
+    Not yet loaded by vLLM here (no GPU): checked only against the format's published field names."""
+    from ..nn_int8 import Int8Linear
+
+    qc = getattr(model.config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else None)
+    if not qc or (qc.get("scheme") or {}).get("type") != "w8a8":
+        raise LlmsqueezeError("export to compressed-tensors int-quantized needs a W8A8 model: quantize it with "
+                              "--scheme w8a8 first")
+    scheme = W8A8Scheme.from_dict(qc["scheme"])
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    old = [(m, m.weight_scale) for m in layers]
+    for m in layers:  # compressed-tensors keeps the channel scale as a column [N, 1]
+        m._buffers["weight_scale"] = m.weight_scale.view(-1, 1)
+    model.config.quantization_config = int_quantized_config(scheme, qc.get("modules_to_not_convert", []))
+    try:
+        return save_model_dir(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    finally:
+        model.config.quantization_config = qc
+        for m, s in old:
+            m._buffers["weight_scale"] = s
 
 
 # ------------------------------------------------------------------------------ import
