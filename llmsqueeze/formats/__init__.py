@@ -6,9 +6,10 @@
            HfQuantizer: config.json's quantization_config is translated to ours (with a `source`
            entry), and transformers' loader converts each tensor on the way in (`weight_conversions`).
 
-Modules: files.py reads a model dir (config, shard headers, tensor index); writer.py is the one way
-any checkpoint dir is written (temp dir renamed at the end, shards, index, side files); native.py is
-our format and its loader; one module per peer format (gptq.py, awq.py, compressed_tensors.py).
+Modules: files.py reads a model dir (config, shard headers, tensor index, its Linears); writer.py
+is the one way any checkpoint dir is written (temp dir renamed at the end, shards, index, side
+files); native.py is our format and its loader; one module per peer format (gptq.py, awq.py,
+compressed_tensors.py; ct_sparse.py writes pruned checkpoints as compressed-tensors).
 
 Adding a format: a module with the names below, and an entry in FORMATS (and EXPORT_FORMATS if written).
   import:  MARKER (the tensor that marks a quantized Linear), LAYER_TENSORS (every tensor such a
