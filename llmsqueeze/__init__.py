@@ -8,14 +8,9 @@
     llmsqueeze.export("q4", "compressed-tensors", "q4-ct")   # for vLLM; also "gptq"; GPTQ/AWQ/CT dirs load too
 """
 from .api import load_dense, prune, quantize
-from .checkpoint import (
-    check_checkpoint,
-    from_pretrained,
-    register_with_transformers,
-    save_quantized,
-)
 from .config import CheckpointError, LlmsqueezeError, QuantScheme, W8A8Scheme
-from .formats import export
+from .formats import check_checkpoint, export, from_pretrained, register_with_transformers
+from .formats.native import save_quantized
 from .nn import LUTLinear, QuantLinear
 from .nn_int8 import Int8Linear
 from .pipeline import quantize_lazy

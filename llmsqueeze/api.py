@@ -8,22 +8,6 @@ from .config import CalibrationOptions, LlmsqueezeError, QuantScheme, SparsitySc
 from .lazy import dense_config, load_dense  # noqa: F401 (the user's verbs)
 from .pipeline import prune_model, quantize_model
 
-FORMAT_VERSION = 3  # the newest we write and read; plain quantized checkpoints still say 1, mixed precision 3
-QUANT_METHOD = "llmsqueeze"
-
-
-def quantization_config(scheme: QuantScheme, method: str, modules_to_not_convert: list[str],
-                        method_args: dict | None = None) -> dict:
-    """What `config.json` carries so the checkpoint says how to read itself."""
-    return {
-        "quant_method": QUANT_METHOD,
-        "format_version": 1,  # prune() writes 2 (sparsity, scheme may be null)
-        "method": method,
-        "scheme": scheme.to_dict(),
-        "method_args": dict(method_args or {}),
-        "modules_to_not_convert": modules_to_not_convert,
-    }
-
 
 def quantize(
     model: nn.Module,
@@ -94,18 +78,6 @@ def quantize(
              "float_targets": float_targets, "amp": amp, "token_weighting": token_weighting, **scheme_kwargs}
     return quantize_model(model, scheme, data, method, progress, options=options, extra=extra, avg_bits=avg_bits,
                           bit_candidates=bit_candidates, sensitivity=sensitivity)
-
-
-def sparsity_config(sparsity: float, nm: tuple[int, int] | None, layers: list[str], scope: str | None,
-                    layer_sparsity: dict[str, float] | None = None) -> dict:
-    """What `quantization_config["sparsity"]` says of a pruned model; the saver adds the storage format."""
-    return {
-        "sparsity": sparsity,
-        "nm_pattern": None if nm is None else f"{nm[0]}:{nm[1]}",
-        "scope": scope,
-        "layers": list(layers),
-        "layer_sparsity": dict(layer_sparsity or {}),
-    }
 
 
 def prune(

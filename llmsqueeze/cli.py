@@ -31,7 +31,8 @@ def _load_any(model: str, dtype: str, **kwargs):
     from transformers import AutoTokenizer
 
     from .api import load_dense
-    from .checkpoint import from_pretrained, read_config
+    from .formats.files import read_config
+    from .formats.loader import from_pretrained
 
     path = Path(model).expanduser()
     quantized = path.is_dir() and (path / "config.json").is_file() and "quantization_config" in read_config(path)
@@ -47,9 +48,10 @@ def cmd_quantize(args) -> int:
     import torch
 
     from .api import quantize
-    from .checkpoint import prepare_output_dir, save_quantized
     from .config import QuantScheme
     from .engine import check_devices
+    from .formats.native import save_quantized
+    from .formats.writer import prepare_output_dir
     from .methods import check_quantize_options, quantize_method
 
     torch.manual_seed(args.seed)
@@ -212,8 +214,9 @@ def cmd_prune(args) -> int:
     import torch
 
     from .api import prune
-    from .checkpoint import prepare_output_dir, save_quantized
     from .config import QuantScheme, SparsityScheme
+    from .formats.native import save_quantized
+    from .formats.writer import prepare_output_dir
     from .methods import prune_method
 
     torch.manual_seed(args.seed)

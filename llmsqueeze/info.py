@@ -7,13 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    check_checkpoint,
-    read_safetensors_header,
-    weight_files,
-)
 from .config import scheme_from_dict
 from .formats import LAYER_TENSORS, describe_source, skeleton
+from .formats.files import read_safetensors_header, weight_files
+from .formats.loader import check_checkpoint
 
 
 def checkpoint_info(path: str | Path) -> dict:

@@ -55,7 +55,7 @@ class ShardReader:
     complete, file lengths as the headers say) before anything is read."""
 
     def __init__(self, path: Path):
-        from .checkpoint import read_safetensors_header, weight_files
+        from .formats.files import read_safetensors_header, weight_files
         from .streaming import DTYPES
 
         self.tensors: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}

@@ -492,7 +492,7 @@ class SparseLinear(nn.Module):
             keep = w != 0
             layer = cls(k, n_out, "bitmask", nnz=int(keep.sum()), bias=bias is not None, dtype=w.dtype, device=w.device)
             layer.values.copy_(w[keep])
-            layer.bitmask.copy_(_pack_bits(keep))
+            layer.bitmask.copy_(pack_bits(keep))
         if bias is not None:
             layer.bias.copy_(bias.detach())
         return layer
@@ -536,7 +536,7 @@ class SparseLinear(nn.Module):
             if n > 1 and (idx[..., 1:] <= idx[..., :-1]).any():
                 return f"a group of {m} inputs holds a repeated or unordered index: not {n}:{m}"
             return None
-        ones = int(_unpack_bits(self.bitmask, self.in_features).sum())
+        ones = int(unpack_bits(self.bitmask, self.in_features).sum())
         if ones != self.values.numel():
             return f"the bitmask marks {ones} weights but {self.values.numel()} values are stored"
         pad = self.bitmask.shape[1] * 8 - self.in_features
@@ -556,7 +556,7 @@ class SparseLinear(nn.Module):
             vals = self.qvalues.dequantize_weight(dtype) if quant else self.values.to(dtype)
             w.view(n_out, k // m, m).scatter_(-1, self._positions(), vals.view(n_out, k // m, n))
         else:
-            w[_unpack_bits(self.bitmask, k)] = self.values.to(dtype)
+            w[unpack_bits(self.bitmask, k)] = self.values.to(dtype)
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -584,7 +584,7 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {pattern}, bias={self.bias is not None}"
 
 
-def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool [N, K] -> uint8 [N, ceil(K/8)], input j in bit j % 8 of byte j // 8."""
     n, k = mask.shape
     m = torch.zeros(n, (k + 7) // 8 * 8, dtype=torch.uint8, device=mask.device)
@@ -593,7 +593,7 @@ def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (m.view(n, -1, 8) * weights).sum(-1).to(torch.uint8)
 
 
-def _unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
+def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
     """uint8 [N, ceil(K/8)] -> bool [N, K]."""
     shifts = torch.arange(8, device=bits.device)
     return ((bits.unsqueeze(-1).int() >> shifts) & 1).bool().view(bits.shape[0], -1)[:, :k]

@@ -122,7 +122,7 @@ def _needs_data(row: MethodRow, scheme) -> str | None:
 
 
 def _quantization_config(job: Job, row: MethodRow, scheme) -> dict:
-    from .api import quantization_config  # TODO: formats.native once the writer lands
+    from .formats.native import quantization_config
 
     return quantization_config(scheme, row.record_name, all_linear_names(job.model), job.method_args)
 
@@ -218,7 +218,7 @@ def prune_model(model: nn.Module, method: str, sparsity: SparsityScheme, data=No
         job.extra["refit"] = row.refit_default if refit is None else (refit if refit == "auto" else bool(refit))
     _compress(job, row)
     kept = [n for n in all_linear_names(model) if n not in set(names)]
-    from .api import quantization_config, sparsity_config  # TODO: formats.native once the writer lands
+    from .formats.native import quantization_config, sparsity_config
 
     qc = quantization_config(scheme or QuantScheme(), method, kept, job.method_args)
     qc["format_version"] = 2
@@ -260,7 +260,7 @@ def quantize_lazy(
     by save_quantized(). Interrupted (Ctrl-C, SIGTERM, a crash), it leaves OUT.partial/, and the same
     call with resume=True finishes it. Raises KeyboardInterrupt (with a message) when interrupted.
     Returns (out, the engine's statistics: None when a resumed run had no block left)."""
-    from .checkpoint import prepare_output_dir
+    from .formats.writer import prepare_output_dir
     from .lazy import LazyModel, bound_heap_growth, check_resources, dir_bytes, save_generation_config
     from .streaming import PartialCheckpoint, model_files_key, parse_size, sigterm_as_interrupt, tensor_sha256
 

@@ -14,7 +14,8 @@ name are leftovers to delete. Pieces are gathered into a shard as soon as the ne
 overflow it, by copying their bytes tensor by tensor: host memory holds one block, never one shard.
 At the end the non-block tensors become the last piece, shards get their final names
 (model-0000k-of-0000n.safetensors, or model.safetensors alone), and the index, config and
-tokenizer are written before the rename.
+tokenizer are written before the rename; names, index and rename are formats.writer's, as for every
+checkpoint.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from pathlib import Path
 import torch
 
 from .config import LlmsqueezeError
+from .formats.files import read_safetensors_header
+from .formats.writer import publish_dir, shard_names, write_index
 
 log = logging.getLogger("llmsqueeze")
 
@@ -123,8 +126,6 @@ def write_safetensors(path: Path, entries: list[Entry]) -> None:
 
 def file_entries(path: Path) -> list[Entry]:
     """The tensors of a .safetensors file as entries that copy from it (header checked first)."""
-    from .checkpoint import read_safetensors_header
-
     header = read_safetensors_header(path)
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -315,7 +316,7 @@ class PartialCheckpoint:
     def finish(self, outside: list[Entry], write_extras) -> Path:
         """Write the non-block tensors (`outside`), name the shards, write the index and `write_extras(dir)`
         (config, tokenizer), verify, and rename the dir to OUT (replacing it when it exists)."""
-        from .checkpoint import check_checkpoint
+        from .formats.loader import check_checkpoint
 
         with deferred_signals(reraise=False):  # a signal now would only stop a run that is done
             if not self.m["outside_done"]:
@@ -326,7 +327,7 @@ class PartialCheckpoint:
                 self._gather()
             shards = self.m["shards"]
             n = len(shards)
-            names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+            names = shard_names(n)
             weight_map, total = {}, 0
             for s, final in zip(shards, names):
                 for t in s["tensors"]:
@@ -335,26 +336,13 @@ class PartialCheckpoint:
             for s, final in zip(shards, names):
                 os.replace(self.dir / s["file"], self.dir / final)
             if n > 1:
-                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-                (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+                write_index(self.dir, weight_map, {"metadata": {"total_size": total}})
             (self.dir / MANIFEST).unlink()
             if self.m["inputs"]:
                 (self.dir / self.m["inputs"]).unlink(missing_ok=True)
             write_extras(self.dir)
             check_checkpoint(self.dir)
-            umask = os.umask(0)
-            os.umask(umask)
-            self.dir.chmod(0o777 & ~umask)
-            for f in self.dir.iterdir():
-                f.chmod(0o666 & ~umask)
-            if self.out.exists():
-                old = self.out.parent / (self.out.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(self.out, old)
-                os.replace(self.dir, self.out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(self.dir, self.out)
+            publish_dir(self.dir, self.out)
         return self.out
 
 

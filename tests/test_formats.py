@@ -231,7 +231,7 @@ def test_gptq_act_order_with_g_idx(tmp_path):
 def test_g_idx_imports_from_gptq_without_desc_act_and_from_ct(tmp_path):
     """A stored g_idx that is not arange(K)//G is honoured even where the config says no desc_act,
     and compressed-tensors' weight_g_idx (actorder "group", written by older versions) imports."""
-    from llmsqueeze.formats import _ct_layer
+    from llmsqueeze.formats.compressed_tensors import pack_layer
 
     model = tiny_model("llama")
     data = torch.randint(3, 64, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -248,7 +248,7 @@ def test_g_idx_imports_from_gptq_without_desc_act_and_from_ct(tmp_path):
     sd = load_file(ct_dir / "model.safetensors")
     for name, mod in model.named_modules():  # the g_idx model's layers, in compressed-tensors' layout
         if isinstance(mod, QuantLinear):
-            sd.update(_ct_layer(name, mod, False, None))
+            sd.update(pack_layer(name, mod, False, None))
             sd[f"{name}.weight_g_idx"] = mod.g_idx
     save_file(sd, ct_dir / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((ct_dir / "config.json").read_text())

@@ -38,7 +38,7 @@ def test_import_contracts(tmp_path):
 def test_private_names_parser():
     from layout_contracts import private_names
 
-    assert private_names("from .masks import prune_lowest, check_sparsity") == ["prune_lowest"]
+    assert private_names("from .masks import _lowest, check_sparsity") == ["_lowest"]
     assert private_names("    from ..nn import (a, _b as c)") == ["_b"]
     assert private_names("from . import __version__") == []
     assert private_names("import torch") == []

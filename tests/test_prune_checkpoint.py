@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import llmsqueeze
 from llmsqueeze import CheckpointError, QuantScheme
-from llmsqueeze.nn import QuantLinear, SparseLinear, _pack_bits, _unpack_bits, index_bits
+from llmsqueeze.nn import QuantLinear, SparseLinear, index_bits, pack_bits, unpack_bits
 from llmsqueeze.pruning.masks import is_nm
 
 
@@ -42,7 +42,7 @@ def test_sparse_linear_bitmask_roundtrip():
     assert layer.bitmask.shape == (5, 2) and layer.values.numel() == int((w != 0).sum())
     assert layer.verify() is None and torch.equal(layer.to_dense(), w)
     keep = torch.rand(3, 21) > 0.5
-    assert torch.equal(_unpack_bits(_pack_bits(keep), 21), keep)
+    assert torch.equal(unpack_bits(pack_bits(keep), 21), keep)
 
 
 @pytest.mark.parametrize("target", ["2:4", 0.6])

@@ -309,10 +309,10 @@ def test_cli_w8a8(tiny_model_dir, text_file, tmp_path, capsys):
 def test_export_compressed_tensors(tmp_path, act):
     from safetensors import safe_open
 
-    from llmsqueeze.quant.w8a8 import export_compressed_tensors
+    from llmsqueeze.formats.compressed_tensors import write_int_quantized
 
     model = llmsqueeze.quantize(tiny_model("llama"), W8A8Scheme(act=act, smooth_alpha=0.5), data=_calib(), progress=False)
-    out = export_compressed_tensors(model, tmp_path / "ct")
+    out = write_int_quantized(model, tmp_path / "ct")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "int-quantized"
     g = qc["config_groups"]["group_0"]

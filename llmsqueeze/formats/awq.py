@@ -14,6 +14,10 @@ import torch
 from ..quant.pack import pack_cols, pack_rows
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column offset stored in nibble i
+MARKER = "qweight"  # the tensor that marks a quantized Linear
+LAYER_TENSORS = ("qweight", "qzeros", "scales")  # every tensor a quantized Linear may have
+REQUIRED = ("qweight", "qzeros", "scales")
+IMPORTED_METHOD = "awq"  # `method` in our quantization_config of an imported checkpoint
 
 
 def unpack_awq(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -36,8 +40,13 @@ def qzeros_from_awq(qzeros: torch.Tensor, n: int) -> torch.Tensor:
     return pack_cols(unpack_awq(qzeros, n), 4)
 
 
-def import_scheme(qc: dict) -> tuple[dict, dict, list[str]]:
-    """An AWQ quantization_config -> (our scheme dict, method_args, unsupported fields)."""
+# ------------------------------------------------------------------------------ import (no export)
+def check_import(path, qc: dict) -> None:
+    """Nothing in an AWQ config refuses the checkpoint before its tensors are read."""
+
+
+def import_scheme(path, qc: dict, keys: dict, prefixes: list[str]) -> tuple[dict, dict, dict, list[str]]:
+    """An AWQ quantization_config -> (our scheme dict, method_args, source entries, unsupported fields)."""
     bad = []
     bits = qc.get("bits", qc.get("w_bit"))
     version = str(qc.get("version", "gemm")).lower()
@@ -50,4 +59,32 @@ def import_scheme(qc: dict) -> tuple[dict, dict, list[str]]:
     if qc.get("modules_to_fuse") or qc.get("do_fuse"):
         bad.append("fused modules")
     group = qc.get("group_size", qc.get("q_group_size", 128))
-    return {"bits": 4, "group_size": group, "sym": False, "scale_dtype": "float16"}, {}, bad
+    return {"bits": 4, "group_size": group, "sym": False, "scale_dtype": "float16"}, {}, {}, bad
+
+
+def finish_import(args: dict, keys: dict, prefixes: list[str], shapes: dict, scheme: dict) -> None:
+    """Nothing in AWQ's tensors changes the method options."""
+
+
+def expected_shapes(scheme: dict, n: int, k: int) -> dict[str, list[list[int]]]:
+    """The shapes each tensor of a quantized k->n Linear may have."""
+    ng = -(-k // (k if scheme["group_size"] == -1 else scheme["group_size"]))
+    return {"qweight": [[k, n // 8]], "scales": [[ng, n]], "qzeros": [[ng, n // 8]]}
+
+
+def ignored_on_import(source: dict, method_args: dict) -> list[str]:
+    return []
+
+
+def weight_conversions(source: dict, op) -> list:
+    """transformers WeightConverters, each tensor through `op(fn(tensor, our QuantLinear), suffix)`."""
+    from transformers.core_model_loading import WeightConverter
+
+    return [
+        WeightConverter(["qweight"], ["qweight"], [op(lambda t, m: qweight_from_awq(t, m.out_features), "qweight")]),
+        WeightConverter(["qzeros"], ["qzeros"], [op(lambda t, m: qzeros_from_awq(t, m.out_features), "qzeros")]),
+    ]
+
+
+def describe(source: dict) -> str:
+    return "awq checkpoint (GEMM), imported"

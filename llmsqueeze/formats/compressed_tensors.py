@@ -15,15 +15,27 @@ compressed-tensors' dequantize refuses K % G != 0 (and vLLM's kernels need it), 
 group is refused on export. Activation order with a stored g_idx ("group" actorder) was removed from
 compressed-tensors (0.20 decompresses it in natural order), so only static act-order ("weight")
 exports; a checkpoint with weight_g_idx still imports.
+
+W8A8 models are written as "int-quantized" (`write_int_quantized`: what vLLM's W8A8 int8 path reads):
+  weight int8 [N, K], weight_scale [N, 1] (per channel), input_scale [1] (static activations only)
+Pruned checkpoints go to its sparse formats in ct_sparse.py.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ..config import LlmsqueezeError
+from ..config import CheckpointError, LlmsqueezeError, W8A8Scheme
 from ..quant.pack import pack_cols, pack_rows, unpack_cols, unpack_rows
+from .writer import ExportJob, save_model_dir
 
 BITS = (4, 8)
+MARKER = "weight_packed"  # the tensor that marks a quantized Linear
+LAYER_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+REQUIRED = ("weight_packed", "weight_scale")
+IMPORTED_METHOD = "imported"  # `method` in our quantization_config of an imported checkpoint
+SCALE_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}  # safetensors dtype -> ours
 
 
 def _library():
@@ -66,16 +78,18 @@ def symmetric_qzeros(ng: int, n: int, bits: int) -> torch.Tensor:
     return pack_cols(torch.full((ng, n), 2 ** (bits - 1), dtype=torch.int32), bits)
 
 
-# ------------------------------------------------------------------------------ config
-def export_check(scheme, layers: dict, act_order_g_idx: bool, conv1d: list[str]) -> None:
+# ------------------------------------------------------------------------------ export
+def export_check(job: ExportJob) -> None:
+    """Refuse, in one line naming the fields, what pack-quantized readers cannot take."""
+    scheme, layers = job.scheme, job.layers
     problems = []
     if scheme.bits not in BITS:
         problems.append(f"bits={scheme.bits} (pack-quantized loaders take {', '.join(map(str, BITS))})")
-    if act_order_g_idx:
+    if job.g_idx_stored:
         problems.append("act_order with g_idx (--act-order dynamic; compressed-tensors dropped actorder 'group': "
                         "export to --format gptq, or re-quantize with --act-order static)")
-    if conv1d:
-        problems.append(f"Conv1D layers ({conv1d[0]}, ...; compressed-tensors targets nn.Linear)")
+    if job.conv1d:
+        problems.append(f"Conv1D layers ({job.conv1d[0]}, ...; compressed-tensors targets nn.Linear)")
     for name, (_, k) in layers.items():
         g = k if scheme.group_size == -1 else scheme.group_size
         if k % g:
@@ -87,24 +101,110 @@ def export_check(scheme, layers: dict, act_order_g_idx: bool, conv1d: list[str])
         raise LlmsqueezeError("cannot export to compressed-tensors: " + "; ".join(problems))
 
 
-def export_config(scheme, method_args: dict, ignore: list[str]) -> dict:
+def export_layer(p: str, layer, job: ExportJob) -> dict[str, torch.Tensor]:
+    """One of our QuantLinears (named p) -> its pack-quantized tensors."""
+    return pack_layer(p, layer, job.scheme.sym, job.scale_dtype)
+
+
+def pack_layer(p: str, layer, sym: bool, scale_dtype: str | None) -> dict[str, torch.Tensor]:
+    """A QuantLinear named p -> weight_packed, weight_scale (widened to scale_dtype if given),
+    weight_shape, and weight_zero_point unless symmetric."""
+    bits, k, n = layer.bits, layer.in_features, layer.out_features
+    scales = layer.scales if scale_dtype is None else layer.scales.to(getattr(torch, scale_dtype))  # widening: exact
+    out = {
+        f"{p}.weight_packed": weight_packed_from_ours(layer.qweight, bits, k),
+        f"{p}.weight_scale": scales.t().contiguous(),
+        f"{p}.weight_shape": torch.tensor([n, k], dtype=torch.int64),
+    }
+    if not sym:
+        out[f"{p}.weight_zero_point"] = zero_point_from_ours(layer.qzeros, bits, n)
+    return out
+
+
+def export_config(job: ExportJob) -> dict:
     """config.json's quantization_config, built and validated with compressed-tensors' own classes."""
+    scheme = job.scheme
     ct, QuantizationArgs, QuantizationScheme, QuantizationConfig = _library()
     args = QuantizationArgs(
         num_bits=scheme.bits, type="int", symmetric=scheme.sym, dynamic=False,
         strategy="channel" if scheme.group_size == -1 else "group",
         group_size=None if scheme.group_size == -1 else scheme.group_size,
-        actorder="weight" if method_args.get("act_order") else None,
+        actorder="weight" if job.method_args.get("act_order") else None,
     )
     group = QuantizationScheme(targets=["Linear"], weights=args, format="pack-quantized")
-    cfg = QuantizationConfig(config_groups={"group_0": group}, format="pack-quantized", ignore=sorted(ignore),
+    cfg = QuantizationConfig(config_groups={"group_0": group}, format="pack-quantized", ignore=sorted(job.dense),
                              quantization_status="compressed")
     return {"quant_method": "compressed-tensors", "version": ct.__version__, "sparsity_config": {},
             "transform_config": {}, **cfg.model_dump(exclude=["quant_method"])}
 
 
-def import_scheme(qc: dict, scale_dtype: str) -> tuple[dict, dict, list[str]]:
-    """A compressed-tensors quantization_config -> (our scheme dict, method_args, unsupported fields)."""
+# ------------------------------------------------------------------------------ W8A8: int-quantized
+def int_quantized_config(scheme: W8A8Scheme, ignore: list[str]) -> dict:
+    """The `quantization_config` of a compressed-tensors "int-quantized" checkpoint (what vLLM's
+    W8A8 int8 path reads) describing this scheme."""
+    act = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+           "strategy": "token" if scheme.act == "dynamic" else "tensor", "dynamic": scheme.act == "dynamic",
+           "observer": "memoryless" if scheme.act == "dynamic" else ("mse" if scheme.static_clip == "mse" else "minmax"),
+           "observer_kwargs": {},
+           "actorder": None, "block_structure": None}
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
+               "dynamic": False, "observer": "minmax", "observer_kwargs": {}, "actorder": None,
+               "block_structure": None}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": act,
+                                      "output_activations": None, "format": "int-quantized"}},
+        "ignore": list(ignore),
+        "kv_cache_scheme": None,
+    }
+
+
+def write_int_quantized(model, out: str | os.PathLike, tokenizer=None, overwrite: bool = False):
+    """Write a W8A8 model (llmsqueeze.quantize with a W8A8Scheme, or a loaded W8A8 checkpoint) as a
+    compressed-tensors int-quantized checkpoint for vLLM: the same int8 `weight` [N, K], `weight_scale`
+    as [N, 1], `input_scale` [1] (static only), dense modules unchanged. For the general export
+    command to call; the directory is written through formats.writer (temp dir, renamed at the end).
+    Not yet loaded by vLLM here (no GPU): checked only against the format's published field names."""
+    from ..nn_int8 import Int8Linear
+
+    qc = getattr(model.config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else (qc.to_dict() if qc is not None else None)
+    if not qc or (qc.get("scheme") or {}).get("type") != "w8a8":
+        raise LlmsqueezeError("export to compressed-tensors int-quantized needs a W8A8 model: quantize it with "
+                              "--scheme w8a8 first")
+    scheme = W8A8Scheme.from_dict(qc["scheme"])
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    old = [(m, m.weight_scale) for m in layers]
+    for m in layers:  # compressed-tensors keeps the channel scale as a column [N, 1]
+        m._buffers["weight_scale"] = m.weight_scale.view(-1, 1)
+    model.config.quantization_config = int_quantized_config(scheme, qc.get("modules_to_not_convert", []))
+    try:
+        return save_model_dir(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    finally:
+        model.config.quantization_config = qc
+        for m, s in old:
+            m._buffers["weight_scale"] = s
+
+
+# ------------------------------------------------------------------------------ import
+def check_import(path, qc: dict) -> None:
+    """Refuse a sparse compressed-tensors checkpoint before its tensors are read."""
+    sparse_fmt = (qc.get("sparsity_config") or {}).get("format")
+    if sparse_fmt not in (None, "dense"):
+        raise CheckpointError(f"{path}: compressed-tensors sparsity_config format {sparse_fmt!r} is not imported "
+                              "(read: pack-quantized, sparsity_config format 'dense'); llmsqueeze's own pruned "
+                              "checkpoint of the model is what it loads")
+
+
+def import_scheme(path, qc: dict, keys: dict, prefixes: list[str]) -> tuple[dict, dict, dict, list[str]]:
+    """A compressed-tensors quantization_config -> (our scheme dict, method_args, source entries,
+    unsupported fields); the scale dtype is the stored weight_scale's."""
+    dtype = keys[f"{prefixes[0]}.weight_scale"][1]["dtype"]
+    if dtype not in SCALE_DTYPES:
+        raise CheckpointError(f"{path}: weight_scale dtype {dtype} is not read (float16, bfloat16, float32)")
+    scale_dtype = SCALE_DTYPES[dtype]
     bad = []
     groups = list((qc.get("config_groups") or {}).values())
     weights = [g.get("weights") or {} for g in groups]
@@ -133,4 +233,51 @@ def import_scheme(qc: dict, scale_dtype: str) -> tuple[dict, dict, list[str]]:
     scheme = {"bits": w.get("num_bits"), "group_size": w.get("group_size") if strategy == "group" else -1,
               "sym": bool(w.get("symmetric", True)), "scale_dtype": scale_dtype}
     g_idx = w.get("actorder") in ("group", "dynamic")
-    return scheme, {"act_order": g_idx, "static_groups": not g_idx}, bad
+    return scheme, {"act_order": g_idx, "static_groups": not g_idx}, {"sym": scheme["sym"]}, bad
+
+
+def finish_import(args: dict, keys: dict, prefixes: list[str], shapes: dict, scheme: dict) -> None:
+    """act_order with a stored weight_g_idx (dynamic, "group") or without (static, "weight")."""
+    if args.get("act_order"):
+        args["act_order"] = any(f"{p}.weight_g_idx" in keys for p in prefixes)
+        args["static_groups"] = not args["act_order"]
+
+
+def expected_shapes(scheme: dict, n: int, k: int) -> dict[str, list[list[int]]]:
+    """The shapes each tensor of a quantized k->n Linear may have."""
+    b = scheme["bits"]
+    ng = -(-k // (k if scheme["group_size"] == -1 else scheme["group_size"]))
+    words_k, words_n = -(-k * b // 32), -(-n * b // 32)
+    return {"weight_packed": [[n, words_k]], "weight_scale": [[n, ng]], "weight_zero_point": [[words_n, ng]]}
+
+
+def ignored_on_import(source: dict, method_args: dict) -> list[str]:
+    """Regexes of checkpoint tensors that carry nothing our layout needs."""
+    return [r"\.weight_shape$"]
+
+
+def weight_conversions(source: dict, op) -> list:
+    """transformers WeightConverters, each tensor through `op(fn(tensor, our QuantLinear), suffix)`."""
+    from transformers.core_model_loading import WeightConverter
+
+    convs = [
+        WeightConverter(["weight_packed"], ["qweight"],
+                        [op(lambda t, m: weight_packed_to_ours(t, m.bits, m.in_features), "weight_packed")]),
+        WeightConverter(["weight_g_idx"], ["g_idx"], [op(lambda t, m: t.to(torch.int32), "weight_g_idx")]),
+    ]
+    if source.get("sym"):
+        # no zero points in the file: the scale's converter also writes the constant mid-grid zeros
+        convs.append(WeightConverter(["weight_scale"], ["scales", "qzeros"], [op(
+            lambda t, m: {"scales": t.t().contiguous(),
+                          "qzeros": symmetric_qzeros(t.shape[1], m.out_features, m.bits)}, "weight_scale")]))
+    else:
+        convs += [
+            WeightConverter(["weight_scale"], ["scales"], [op(lambda t, m: t.t().contiguous(), "weight_scale")]),
+            WeightConverter(["weight_zero_point"], ["qzeros"],
+                            [op(lambda t, m: zero_point_to_ours(t, m.bits, m.out_features), "weight_zero_point")]),
+        ]
+    return convs
+
+
+def describe(source: dict) -> str:
+    return "compressed-tensors checkpoint (pack-quantized), imported"

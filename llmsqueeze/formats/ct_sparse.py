@@ -35,12 +35,10 @@ ship them). compressed-tensors 0.20 still dumps and validates the config block, 
 """
 from __future__ import annotations
 
-import json
-
 import torch
 
-from ..config import CheckpointError, LlmsqueezeError
-from ..nn import QuantLinear, SparseLinear, _pack_bits, _unpack_bits
+from ..config import CheckpointError, LlmsqueezeError, NMPattern
+from ..nn import QuantLinear, SparseLinear, pack_bits, unpack_bits
 from . import compressed_tensors
 
 SPARSE_24 = "sparse-24-bitmask"
@@ -64,7 +62,7 @@ def sparse24_tensors(layer: SparseLinear) -> dict[str, torch.Tensor]:
     """A 2:4 SparseLinear with dense values -> sparse-24-bitmask {compressed, bitmask, shape}: our
     values are already the kept values in row-major order, 2 per group of 4."""
     n_out, k = layer.out_features, layer.in_features
-    return {"compressed": layer.values.contiguous(), "bitmask": _pack_bits(nm_mask(layer)),
+    return {"compressed": layer.values.contiguous(), "bitmask": pack_bits(nm_mask(layer)),
             "shape": torch.tensor([[n_out], [k]], dtype=torch.int64)}
 
 
@@ -73,10 +71,10 @@ def bitmask_tensors(layer: SparseLinear) -> dict[str, torch.Tensor]:
     n_out, k = layer.out_features, layer.in_features
     if layer.fmt == "bitmask":
         bitmask, values = layer.bitmask, layer.values  # already the format's bitmask and value order
-        counts = _unpack_bits(bitmask, k).sum(1)
+        counts = unpack_bits(bitmask, k).sum(1)
     else:
         mask = nm_mask(layer)
-        bitmask, values = _pack_bits(mask), layer.values.reshape(-1)  # row-major = the mask's order
+        bitmask, values = pack_bits(mask), layer.values.reshape(-1)  # row-major = the mask's order
         counts = mask.sum(1)
     offsets = torch.cumsum(counts, 0) - counts
     return {"compressed": values.contiguous(), "bitmask": bitmask.contiguous(),
@@ -127,13 +125,13 @@ def export(src, qc: dict, config: dict, keys: dict, out, scale_dtype: str | None
     as compressed-tensors into `out` (prepared by the caller). See the module docstring."""
     from safetensors import safe_open
 
-    from ..checkpoint import atomic_output_dir
     from ..config import QuantScheme
-    from . import _ct_layer, copy_side_files, linear_shapes, skeleton, write_shards
+    from .files import linear_shapes, skeleton
+    from .writer import ExportJob, atomic_output_dir, copy_side_files, write_config, write_shards
 
     sp = qc["sparsity"]
     fmt = sp.get("format")
-    nm = tuple(int(v) for v in sp["nm_pattern"].split(":")) if sp.get("nm_pattern") else None
+    nm = NMPattern.parse(sp.get("nm_pattern"))
     quantized = qc.get("scheme") is not None
     if format != "compressed-tensors":
         what = ("N:M values stored compressed (sparsity.format 'nm'), which GPTQ cannot store" if quantized
@@ -153,12 +151,15 @@ def export(src, qc: dict, config: dict, keys: dict, out, scale_dtype: str | None
     # packed QuantLinears: the quantized layers of a "quant" sparse storage, and any quantized layer left unpruned
     packed = sorted({k[: -len(".qweight")] for k in keys if k.endswith(".qweight") and not k.endswith(".qvalues.qweight")})
     nm_quant = layers if quantized and fmt == "nm" else []
+    owned = set(layers) | set(packed)
     if quantized:
         qlayers = sorted(set(packed) | set(nm_quant))
         args = qc.get("method_args") or {}
-        g_idx_stored = bool(args.get("act_order")) and not args.get("static_groups")
-        compressed_tensors.export_check(scheme, {p: shapes[p][:2] for p in qlayers}, g_idx_stored,
-                                        [p for p in qlayers if not shapes[p][2]])
+        job = ExportJob(scheme, {p: shapes[p][:2] for p in qlayers}, dense=[p for p in shapes if p not in owned],
+                        conv1d=[p for p in qlayers if not shapes[p][2]],
+                        g_idx_stored=bool(args.get("act_order")) and not args.get("static_groups"),
+                        method=qc.get("method", "rtn"), method_args=args, scale_dtype=scale_dtype)
+        compressed_tensors.export_check(job)
     elif conv1d:
         raise LlmsqueezeError(f"cannot export to compressed-tensors: Conv1D layers ({conv1d[0]}, ...; "
                               "its sparse formats target nn.Linear weights [N, K])")
@@ -210,13 +211,11 @@ def export(src, qc: dict, config: dict, keys: dict, out, scale_dtype: str | None
                                 device="cpu")
                 q.qweight, q.qzeros, q.scales = get(f"{p}.qweight"), get(f"{p}.qzeros"), get(f"{p}.scales")
             count(q.dequantize_weight())
-            return _ct_layer(p, q, scheme.sym, scale_dtype)
+            return compressed_tensors.export_layer(p, q, job)
         layer = sparse_layer(p)
         count(layer.to_dense())
         tensors = sparse24_tensors(layer) if nm == (2, 4) else bitmask_tensors(layer)
         return {f"{p}.{s}": t for s, t in tensors.items()}
-
-    owned = set(layers) | set(packed)
 
     def tensors_of(name: str) -> dict[str, torch.Tensor]:
         prefix, _, suffix = name.rpartition(".")
@@ -235,11 +234,9 @@ def export(src, qc: dict, config: dict, keys: dict, out, scale_dtype: str | None
         ignore = [p for p in shapes if p not in layers]
         if quantized:
             block = sparsity_config(DENSE, nm, ignore, zeros[0] / zeros[1])
-            qcfg = compressed_tensors.export_config(scheme, qc.get("method_args") or {},
-                                                    [p for p in shapes if p not in owned])
-            config["quantization_config"] = {**qcfg, "sparsity_config": block}
+            config["quantization_config"] = {**compressed_tensors.export_config(job), "sparsity_config": block}
         else:
             fmt_out = SPARSE_24 if nm == (2, 4) else SPARSE_BITMASK
             config["quantization_config"] = sparse_only_config(sparsity_config(fmt_out, nm, ignore, zeros[0] / zeros[1]))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_config(tmp, config)
     return out

@@ -140,7 +140,7 @@ def prune_mlp_channels(model: nn.Module, mlp_ratio: float, score: str = "activat
 
 def save_structured(model: nn.Module, out, tokenizer=None, overwrite: bool = False):
     """A plain transformers checkpoint (no quantization_config): loads without llmsqueeze."""
-    from ..checkpoint import save_model_dir
+    from ..formats.writer import save_model_dir
 
     return save_model_dir(model, out, tokenizer, overwrite)
 

@@ -165,7 +165,7 @@ def prepare_qat(model: nn.Module, scheme: QuantScheme | None = None, learn_scale
 def convert(model: nn.Module) -> nn.Module:
     """FakeQuantLinear -> packed QuantLinear with the very weights the trained model used, in place;
     the model then saves as a standard checkpoint (method "qat") and loads with from_pretrained."""
-    from ..api import quantization_config
+    from ..formats.native import quantization_config
     from ..models import all_linear_names
     from ..nn import set_module
 
