@@ -352,6 +352,8 @@ def _shared(p: argparse.ArgumentParser, *flags: str, **help_for) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .methods import PRUNE, QUANTIZE, describe
+
     p = _Parser(prog="llmsqueeze", description="Make Hugging Face causal LMs small and fast.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what is done")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -367,9 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "this (e.g. 3.5); needs --calib data, also with --method rtn; replaces --bits")
     q.add_argument("--bit-candidates", type=int, nargs="+", default=[2, 3, 4, 8], metavar="B",
                    help="with --avg-bits: the widths a layer may get (default 2 3 4 8)")
-    q.add_argument("--method", default="rtn",
-                   help="rtn (default, no data), gptq, awq (AWQ then RTN), awq-gptq (AWQ then GPTQ) or autoround "
-                        "(learned rounding); all but rtn are calibrated")
+    q.add_argument("--method", default="rtn", help=describe(QUANTIZE))
     q.add_argument("--scheme", choices=("weight-only", "w8a8"), default="weight-only",
                    help="weight-only (default: --bits/--group-size) or w8a8 (int8 weights and activations, "
                         "integer GEMM; --bits/--group-size do not apply)")
@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="prune a model (optionally also quantize) and save it")
     _shared(pr, "model")
-    pr.add_argument("--method", default="wanda", help="magnitude (no data), wanda (default), sparsegpt, or snip / taylor (gradient saliency)")
+    pr.add_argument("--method", default="wanda", help=describe(PRUNE, oxford=True))
     pr.add_argument("--sparsity", type=float, default=None, help="fraction of weights set to zero, in [0, 1)")
     pr.add_argument("--pattern", default=None, help="N:M: keep N of every M inputs (e.g. 2:4)")
     pr.add_argument("--scope", default=None, choices=("row", "layer", "global"),

@@ -36,6 +36,15 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _from_dict(cls, d: dict, what: str):
+    """A scheme dataclass from its JSON dict; unknown fields are one line naming the allowed ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise LlmsqueezeError(f"unknown {what} fields {sorted(unknown)}: allowed are {sorted(known)}")
+    return cls(**d)
+
+
 @dataclass
 class QuantScheme:
     """Block-wise weight quantization: `bits` per weight, one scale (and zero) per `group_size` inputs.
@@ -142,11 +151,7 @@ class QuantScheme:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantScheme":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise LlmsqueezeError(f"unknown scheme fields {sorted(unknown)}: allowed are {sorted(known)}")
-        return cls(**d)
+        return _from_dict(cls, d, "scheme")
 
     @classmethod
     def from_json(cls, s: str) -> "QuantScheme":
@@ -213,11 +218,7 @@ class W8A8Scheme:
 
     @classmethod
     def from_dict(cls, d: dict) -> "W8A8Scheme":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise LlmsqueezeError(f"unknown w8a8 scheme fields {sorted(unknown)}: allowed are {sorted(known)}")
-        return cls(**d)
+        return _from_dict(cls, d, "w8a8 scheme")
 
 
 def scheme_from_dict(d: dict):

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from .config import scheme_from_dict
-from .formats import LAYER_TENSORS, describe_source, skeleton
-from .formats.files import read_safetensors_header, weight_files
+from .formats import LAYER_TENSORS, describe_source
+from .formats.files import read_safetensors_header, skeleton, weight_files
 from .formats.loader import check_checkpoint
 
 

@@ -52,7 +52,7 @@ class MethodRow:
     refit_default: bool | str | None = None  # None: the method does not refit
     clip_search: bool = False  # the clip search of the scheme's "auto" (None): awq's output-error one,
     # GPTQ's Hessian-weighted one (rtn: it lost at 4-bit g64 asym; autoround starts from it only with init="clip")
-    help: str = ""
+    help: str = ""  # what --help says in brackets after the name (rows with the same text are grouped)
 
     @property
     def record_name(self) -> str:
@@ -61,27 +61,26 @@ class MethodRow:
 
 QUANTIZE = {row.name: row for row in (
     MethodRow("rtn", "quantize", build=rtn.build, build_w8a8=w8a8.build, calibrated=False, lazy=True,
-              grids=("uniform", "nf", "kmeans"), mixed=True, help="round to nearest, no data"),
+              grids=("uniform", "nf", "kmeans"), mixed=True, help="default, no data"),
     MethodRow("gptq", "quantize", build=gptq.build, build_w8a8=w8a8.build, inner_w8a8=gptq.build_int8, lazy=True,
-              grids=("uniform", "nf", "kmeans"), mixed=True, act_order=True, clip_search=True, help="GPTQ (calibrated)"),
-    MethodRow("awq", "quantize", build=awq.build, clip_search=True,
-              help="AWQ balancing, then RTN on an output-error clipped grid"),
+              grids=("uniform", "nf", "kmeans"), mixed=True, act_order=True, clip_search=True),
+    MethodRow("awq", "quantize", build=awq.build, clip_search=True, help="AWQ then RTN"),
     MethodRow("awq-gptq", "quantize", build=awq.build, inner=gptq.build, act_order=True, clip_search=True,
-              recorded_as="awq", help="AWQ balancing, then GPTQ"),
+              recorded_as="awq", help="AWQ then GPTQ"),
     MethodRow("autoround", "quantize", build=autoround.build, sample_batches=True, help="learned rounding"),
 )}
 
 PRUNE = {row.name: row for row in (
     MethodRow("magnitude", "prune", run=magnitude.run, calibrated=False, scopes=("row", "layer", "global"),
-              default_scope="layer", help="|w|, no data"),
+              default_scope="layer", help="no data"),
     MethodRow("wanda", "prune", build=wanda.build, scopes=("row", "layer"), default_scope="row", owl=True,
-              refit_default=False, help="|w| * ||x||"),
+              refit_default=False, help="default"),
     MethodRow("sparsegpt", "prune", build=sparsegpt.build, scopes=("row", "layer"), default_scope="row", owl=True,
-              refit_default="auto", help="OBS sweep on the calibration Hessian"),
+              refit_default="auto"),
     MethodRow("snip", "prune", run=partial(magnitude.run, scores=partial(saliency.layer_scores, criterion="snip")),
-              scopes=("row", "layer", "global"), default_scope="row", help="|w * grad| (SNIP)"),
+              scopes=("row", "layer", "global"), default_scope="row", help="gradient saliency"),
     MethodRow("taylor", "prune", run=partial(magnitude.run, scores=partial(saliency.layer_scores, criterion="taylor")),
-              scopes=("row", "layer", "global"), default_scope="row", help="(w * grad)^2 (Taylor)"),
+              scopes=("row", "layer", "global"), default_scope="row", help="gradient saliency"),
 )}
 
 METHODS = tuple(QUANTIZE)  # the quantization methods, in the order --help lists them
@@ -90,6 +89,22 @@ PRUNE_METHODS = tuple(PRUNE)
 GRID_METHODS = tuple(n for n, r in QUANTIZE.items() if len(r.grids) > 1)
 MIXED_METHODS = tuple(n for n, r in QUANTIZE.items() if r.mixed)
 W8A8_METHODS = tuple(n for n, r in QUANTIZE.items() if r.build_w8a8 is not None)
+
+
+def describe(table: dict[str, MethodRow], oxford: bool = False) -> str:
+    """The methods of a table for --help: 'a (its help), b or c / d (their help)'."""
+    groups: list[tuple[list[str], str]] = []
+    for row in table.values():
+        if groups and row.help and groups[-1][1] == row.help:
+            groups[-1][0].append(row.name)
+        else:
+            groups.append(([row.name], row.help))
+    parts = [" / ".join(names) + (f" ({text})" if text else "") for names, text in groups]
+    text = ", ".join(parts[:-1]) + ("," if oxford and len(parts) > 2 else "") + " or " + parts[-1]
+    if table is QUANTIZE:
+        free = [r.name for r in table.values() if not r.calibrated]
+        text += f"; all but {' and '.join(free)} are calibrated"
+    return text
 
 
 def quantize_method(name: str) -> MethodRow:

@@ -246,29 +246,32 @@ def quantize_lazy(
     overwrite: bool = False,
     max_shard_size: str | int = "2GB",
     progress: bool = True,
-    device: str | None = None,
-    offload: str | None = None,
-    true_sequential: bool = False,
-    act_order: bool = True,
-    static_groups: bool = True,
-    damp: float = 0.01,
-    block_size: int = 128,
-    batch_size: int = 1,
+    options: CalibrationOptions | None = None,
+    **engine_options,
 ) -> tuple[Path, EngineStats | None]:
     """Quantize the dense model `model_id` (local dir or hub id) straight into the checkpoint dir
     `out`, one block in memory at a time; the result equals, tensor for tensor, quantize() followed
     by save_quantized(). Interrupted (Ctrl-C, SIGTERM, a crash), it leaves OUT.partial/, and the same
     call with resume=True finishes it. Raises KeyboardInterrupt (with a message) when interrupted.
-    Returns (out, the engine's statistics: None when a resumed run had no block left)."""
+    Returns (out, the engine's statistics: None when a resumed run had no block left).
+
+    `options` (or its fields as keywords: device, offload, true_sequential, act_order, static_groups,
+    damp, block_size, batch_size) say how a calibrated method runs, as for llmsqueeze.quantize."""
     from .formats.writer import prepare_output_dir
     from .lazy import LazyModel, bound_heap_growth, check_resources, dir_bytes, save_generation_config
     from .streaming import PartialCheckpoint, model_files_key, parse_size, sigterm_as_interrupt, tensor_sha256
 
     row = quantize_method(method)
+    if isinstance(scheme, W8A8Scheme):
+        raise LlmsqueezeError("w8a8 runs in memory, not lazily: use llmsqueeze.quantize (--no-lazy)")
     if not row.lazy:  # awq's balancing and autoround's training run on a model in memory for now
         raise LlmsqueezeError(f"method {method!r} runs in memory, not lazily: use llmsqueeze.quantize (--no-lazy)")
     check_quantize_options(row, scheme.grid)
     scheme = scheme.with_clip_default(row.clip_search)
+    if options is None:
+        options = CalibrationOptions(**engine_options)
+    elif engine_options:
+        raise LlmsqueezeError("pass either options= or its fields as keywords, not both")
     out = prepare_output_dir(out, overwrite=overwrite)
     shard_bytes = parse_size(max_shard_size)
     bound_heap_growth()
@@ -278,7 +281,6 @@ def quantize_lazy(
     if head_name is not None:
         lazy.load_outside(head=True)
         untie_lm_head(model, head_name)
-    options = CalibrationOptions(device, offload, true_sequential, act_order, static_groups, damp, block_size, batch_size)
     job = _new_job(model, scheme, names, options, progress, {})
     what = _needs_data(row, scheme)
     if what is not None:
@@ -297,8 +299,8 @@ def quantize_lazy(
         raise LlmsqueezeError(f"calibrated methods handle layers inside the decoder blocks only; {outside_names[0]} "
                               "is not: exclude it (e.g. drop --lm-head) or use --method rtn")
     partial = out.parent / (out.name + ".partial")
-    g_idx = row.act_order and act_order and not static_groups
-    check_resources(lazy, names, scheme, out, device=job.device, offload=offload, data=job.ids,
+    g_idx = row.act_order and options.act_order and not options.static_groups
+    check_resources(lazy, names, scheme, out, device=job.device, offload=options.offload, data=job.ids,
                     act_order_g_idx=g_idx, max_shard_size=shard_bytes,
                     already_written=dir_bytes(partial) if resume and partial.is_dir() else 0)
 
