@@ -55,7 +55,7 @@ class Sensitivity:
     error at every candidate width; `apply` returns the Linear unchanged (the model stays dense)."""
 
     def __init__(self, scheme: QuantScheme, candidates=DEFAULT_CANDIDATES, relative: bool = True):
-        from .quant.gptq import HessianStore
+        from .quant.hessian import HessianStore
 
         self.relative = relative
         # plain min/max grids: the clipping search is 100x the cost and barely changes the ranking
@@ -83,8 +83,7 @@ class Sensitivity:
 
 def output_errors(w: torch.Tensor, h: torch.Tensor, schemes: dict[int, QuantScheme]) -> dict[int, float]:
     """w [N, K], h [K, K] -> {bits: 1/2 tr(E H E^T)} for E the RTN error of each scheme."""
-    from .quant.grid import dequantize
-    from .quant.rtn import rtn_quantize
+    from .quant.grid import dequantize, rtn_quantize
 
     w = w.detach().float()
     h = h.to(w.device)

@@ -3,46 +3,13 @@ the baseline every data-aware method must beat. With a QuantScheme the kept weig
 nearest (pruned ones get q == zero, exactly 0 after dequantization)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from tqdm.auto import tqdm
 
 from ..config import QuantScheme
 from ..nn import linear_weight, set_module
-from ..quant.grid import quantize
-from ..quant.rtn import rtn_qparams
-from .layer import pruned_module
+from .layer import PrunedWeight, apply_mask, magnitude_score, pruned_module  # noqa: F401 (shared with wanda)
 from .masks import global_masks, nm_mask, unstructured_mask
-
-
-def magnitude_score(w: torch.Tensor) -> torch.Tensor:
-    """w [N, K] -> |w| [N, K] float32."""
-    return w.detach().float().abs()
-
-
-@dataclass
-class PrunedWeight:
-    w: torch.Tensor  # [N, K] float32
-    keep: torch.Tensor  # [N, K] bool
-    q: torch.Tensor | None = None  # [N, K] int32
-    scale: torch.Tensor | None = None  # [N, ng]
-    zero: torch.Tensor | None = None  # [N, ng]
-
-
-def apply_mask(w: torch.Tensor, keep: torch.Tensor, scheme: QuantScheme | None = None) -> PrunedWeight:
-    """w [N, K] * keep, then (with a scheme) round-to-nearest on the kept weights: group ranges come
-    from the masked weight, and pruned weights get q = zero."""
-    w = w.detach().float() * keep
-    if scheme is None:
-        return PrunedWeight(w, keep)
-    scale, zero = rtn_qparams(w, scheme)
-    g = scheme.group_size_for(w.shape[1])
-    q = quantize(w, scale, zero, scheme.bits, g)
-    zero_full = zero.repeat_interleave(g, dim=1)[:, : w.shape[1]]
-    q = torch.where(keep, q, zero_full)
-    deq = (q.float() - zero_full) * scale.repeat_interleave(g, dim=1)[:, : w.shape[1]]
-    return PrunedWeight(deq, keep, q, scale, zero)
 
 
 def magnitude_prune(w: torch.Tensor, sparsity: float = 0.5, nm=None, scope: str = "layer",

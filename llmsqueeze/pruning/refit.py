@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from ..quant.gptq import zero_dead_inputs
+from ..quant.hessian import zero_dead_inputs
 
 log = logging.getLogger("llmsqueeze")
 

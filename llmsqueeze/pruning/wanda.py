@@ -32,7 +32,7 @@ class Wanda:
     def __init__(self, sparsity: float = 0.5, nm=None, scheme: QuantScheme | None = None, scope: str = "row",
                  damp: float = 0.01, block_size: int = 128, layer_sparsity: dict[str, float] | None = None,
                  refit: bool | str = False):
-        from ..quant.gptq import HessianStore
+        from ..quant.hessian import HessianStore
 
         self.sparsity, self.nm, self.scheme, self.scope = sparsity, nm, scheme, scope
         self.damp, self.block_size, self.refit = damp, block_size, refit
@@ -50,10 +50,9 @@ class Wanda:
 
     def apply(self, name, module):
         from ..nn import linear_weight
-        from .layer import pruned_module
-        from .magnitude import PrunedWeight
+        from .layer import PrunedWeight, pruned_module
+        from .obs import SparseGPTResult, refit_result, sparsegpt_prune
         from .refit import should_refit
-        from .sparsegpt import SparseGPTResult, refit_result, sparsegpt_prune
 
         w = linear_weight(module)
         keep = wanda_mask(w, self.sq_norms.pop(name), self.layer_sparsity.get(name, self.sparsity), self.nm, self.scope)

@@ -5,30 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..config import QuantScheme, scheme_for
-from .grid import clip_search_qparams, group_minmax, minmax_qparams, quantize
-
-
-def rtn_qparams(
-    w: torch.Tensor, scheme: QuantScheme, col_weight: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] -> (scale, zero), each [N, n_groups]. `col_weight` [K]: per-input-column weight of the
-    clipping search's error (e.g. the Hessian diagonal); ignored without clip_search."""
-    g = scheme.group_size_for(w.shape[1])
-    if scheme.clip_search:
-        return clip_search_qparams(
-            w, scheme.bits, g, scheme.sym, scheme.torch_scale_dtype,
-            grid=scheme.clip_grid, max_shrink=scheme.clip_max_shrink, norm=scheme.clip_norm,
-            weight_power=scheme.clip_weight_power, col_weight=col_weight,
-        )
-    wmin, wmax = group_minmax(w, g)
-    return minmax_qparams(wmin, wmax, scheme.bits, scheme.sym, scheme.torch_scale_dtype)
-
-
-def rtn_quantize(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [N, K] -> (q [N, K] int32, scale [N, ng] float32, zero [N, ng] int32)."""
-    scale, zero = rtn_qparams(w, scheme)
-    q = quantize(w, scale, zero, scheme.bits, scheme.group_size_for(w.shape[1]))
-    return q, scale, zero
+from .grid import rtn_qparams, rtn_quantize  # noqa: F401 (the RTN math lives in grid.py)
 
 
 class RTN:
