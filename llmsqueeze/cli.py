@@ -118,7 +118,7 @@ def cmd_quantize(args) -> int:
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
         **({"avg_bits": args.avg_bits, "bit_candidates": tuple(args.bit_candidates)} if mixed else {}), **extra,
     )
-    _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None) if calibrated else None)
+    _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None))
     out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     if mixed:  # the sensitivity table and the allocation, beside the weights
         report = model._llmsqueeze_mixed

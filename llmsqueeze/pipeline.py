@@ -71,11 +71,11 @@ def _compress(job: Job, row: MethodRow, method=None, hooks: dict | None = None) 
     record = getattr(method, "record", None)
     if record is not None:
         job.method_args.update(record())
-    if job.batches:
+    if job.batches:  # a calibrated run: its statistics for eval scripts and the CLI summary
         log.info("%s done in %.1f s; peak RSS %.0f MiB%s", row.name, stats.seconds, peak_rss_mib(),
                  "" if stats.peak_device_mib is None else f", peak device memory {stats.peak_device_mib:.0f} MiB")
-    model._llmsqueeze_stats = stats  # for eval scripts and the CLI summary
-    model._llmsqueeze_report = getattr(method, "all_reports", getattr(method, "report", []))
+        model._llmsqueeze_stats = stats
+        model._llmsqueeze_report = getattr(method, "all_reports", getattr(method, "report", []))
     return stats
 
 
