@@ -109,12 +109,16 @@ def compare(a: Path, b: Path) -> int:
     ra, rb = json.loads(a.read_text())["runs"], json.loads(b.read_text())["runs"]
     bad = 0
     print(f"| run | {a.name} | {b.name} | same |\n|---|---|---|---|")
-    for name in ra:
-        x, y = ra[name], rb.get(name, {})
-        same = x.get("sha256") == y.get("sha256") and x.get("quantization_config") == y.get("quantization_config")
-        bad += not same
-        print(f"| {name} | {str(x.get('sha256', x.get('error')))[:16]} | {str(y.get('sha256', y.get('error')))[:16]} | "
-              f"{'yes' if same else 'NO'} |")
+    for name in [*ra, *(n for n in rb if n not in ra)]:
+        x, y = ra.get(name, {}), rb.get(name, {})
+        if "sha256" not in x or "sha256" not in y:
+            verdict = "not run on both"
+        else:
+            same = x["sha256"] == y["sha256"] and x.get("quantization_config") == y.get("quantization_config")
+            bad += not same
+            verdict = "yes" if same else "NO"
+        print(f"| {name} | {str(x.get('sha256', x.get('error', '-')))[:16]} | "
+              f"{str(y.get('sha256', y.get('error', '-')))[:16]} | {verdict} |")
     return 1 if bad else 0
 
 
