@@ -56,12 +56,7 @@ def _compress(job: Job, row: MethodRow, method=None, hooks: dict | None = None) 
         row.run(job)
         return None
     method = method if method is not None else _build(job, row)
-    prefix = get_arch(model).blocks + "."
-    block_names = [n for n in job.names if n.startswith(prefix)]
-    outside = [n for n in job.names if not n.startswith(prefix)]
-    if outside and job.batches:
-        raise LlmsqueezeError(f"calibrated methods handle layers inside the decoder blocks only; {outside[0]} is not: "
-                              "exclude it (e.g. drop --lm-head) or use --method rtn")
+    block_names, outside = _split_blocks(model, job.names, bool(job.batches))
     stats = run_sequential(model, job.batches, method, block_names, device=job.device, offload=job.options.offload,
                            true_sequential=getattr(method, "true_sequential", job.options.true_sequential),
                            progress=job.progress, **(hooks or {}))
@@ -77,6 +72,18 @@ def _compress(job: Job, row: MethodRow, method=None, hooks: dict | None = None) 
         model._llmsqueeze_stats = stats
         model._llmsqueeze_report = getattr(method, "all_reports", getattr(method, "report", []))
     return stats
+
+
+def _split_blocks(model: nn.Module, names: list[str], calibrated: bool) -> tuple[list[str], list[str]]:
+    """-> (the layers inside the decoder blocks, those outside: the head); a calibrated run refuses
+    the latter in one line (the engine captures only the blocks' inputs)."""
+    prefix = get_arch(model).blocks + "."
+    inside = [n for n in names if n.startswith(prefix)]
+    outside = [n for n in names if not n.startswith(prefix)]
+    if outside and calibrated:
+        raise LlmsqueezeError(f"calibrated methods handle layers inside the decoder blocks only; {outside[0]} is not: "
+                              "exclude it (e.g. drop --lm-head) or use --method rtn")
+    return inside, outside
 
 
 def _calibration(job: Job, data, what: str, sample_batches: bool = False) -> None:
@@ -292,12 +299,7 @@ def quantize_lazy(
         "method": method, "method_args": job.method_args, "calibration": tensor_sha256(job.ids),
         "dtype": str(lazy.dtype).removeprefix("torch."), "max_shard_size": shard_bytes, "layers": names,
     }
-    prefix = lazy.arch.blocks + "."
-    block_names = [n for n in names if n.startswith(prefix)]
-    outside_names = [n for n in names if not n.startswith(prefix)]
-    if outside_names and job.batches:
-        raise LlmsqueezeError(f"calibrated methods handle layers inside the decoder blocks only; {outside_names[0]} "
-                              "is not: exclude it (e.g. drop --lm-head) or use --method rtn")
+    block_names, outside_names = _split_blocks(model, names, bool(job.batches))  # before any work
     partial = out.parent / (out.name + ".partial")
     g_idx = row.act_order and options.act_order and not options.static_groups
     check_resources(lazy, names, scheme, out, device=job.device, offload=options.offload, data=job.ids,
