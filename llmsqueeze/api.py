@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .config import CalibrationOptions, LlmsqueezeError, QuantScheme, SparsityScheme, W8A8Scheme
-from .lazy import dense_config, load_dense  # noqa: F401 (the user's verbs)
+from .lazy import load_dense  # noqa: F401 (one of the user's verbs, defined beside the dense-model source)
 from .pipeline import prune_model, quantize_model
 
 

@@ -145,8 +145,3 @@ def check_quantize_options(row: MethodRow, grid: str = "uniform", avg_bits: floa
     if avg_bits is not None and not row.mixed:
         raise LlmsqueezeError(f"avg_bits (mixed precision) works with {' or '.join(MIXED_METHODS)}, not method "
                               f"{row.name!r}: drop avg_bits (--avg-bits) or change the method")
-
-
-def check_method_options(method: str, grid: str = "uniform", avg_bits: float | None = None) -> None:
-    """check_quantize_options by method name (unknown names are one line too)."""
-    check_quantize_options(quantize_method(method), grid, avg_bits)

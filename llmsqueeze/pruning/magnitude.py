@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from ..config import QuantScheme
 from ..nn import linear_weight, set_module
-from .layer import PrunedWeight, apply_mask, magnitude_score, pruned_module  # noqa: F401 (shared with wanda)
+from .layer import PrunedWeight, apply_mask, magnitude_score, pruned_module
 from .masks import global_masks, nm_mask, unstructured_mask
 
 
