@@ -16,6 +16,8 @@ Methods, each timed with triton.testing.do_bench (CUDA events, median of the rep
   llmsqueeze w8a8         Int8Linear (W8A8, issue 9): per-token int8 quantization kernel + int8 GEMM
                           with the scales fused in its epilogue; its error is int8 activation error,
                           so the W4A16 bound below does not apply (reported as rel_err)
+  llmsqueeze fp8          FloatLinear fp8 (FP8 W8A8, issue 24): per-token E4M3 quantization in torch, then
+                          torch._scaled_mm with both scales in its epilogue (sm_89+); error reported as rel_err
   torchao int4 / gemlite  peers, when they import on this machine (else listed as unavailable)
 
 Achieved bandwidth counts the bytes a kernel must move at least once: packed weights, scales,
@@ -91,7 +93,7 @@ def methods(layer, dtype, with_peers: bool) -> dict:
     import torch.nn.functional as F
     from llmsqueeze.kernels import quant_matmul as qm
 
-    from llmsqueeze import nn_int8, nn_kernels
+    from llmsqueeze import nn_float, nn_int8, nn_kernels
 
     w_dense = layer.dequantize_weight(dtype).contiguous()  # [N, K]
     packed = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.qzeros))
@@ -112,6 +114,10 @@ def methods(layer, dtype, with_peers: bool) -> dict:
         return w8(x)
 
     m["llmsqueeze w8a8"] = (w8a8, w8.weight.numel() + 4 * w8.out_features, "int8 x int8 GEMM, rescale fused")
+    # FP8 W8A8 (issue 24): E4M3 weights per channel, activations E4M3 per token, torch._scaled_mm on sm_89+
+    f8 = nn_float.FloatLinear.from_float(w_dense.float(), "fp8")
+    m["llmsqueeze fp8"] = (f8, f8.weight.numel() + 4 * f8.out_features,
+                           "fp8 x fp8 torch._scaled_mm, row/column scales in its epilogue")
     if with_peers:
         for name, (fn, note) in peers(layer, w_dense, layer.group_size).items():
             m[name] = (fn, packed, note)

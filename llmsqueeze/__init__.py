@@ -8,10 +8,11 @@
     llmsqueeze.export("q4", "compressed-tensors", "q4-ct")   # for vLLM; also "gptq"; GPTQ/AWQ/CT dirs load too
 """
 from .api import load_dense, prune, quantize
-from .config import CheckpointError, LlmsqueezeError, QuantScheme, W8A8Scheme
+from .config import CheckpointError, FloatScheme, LlmsqueezeError, QuantScheme, W8A8Scheme
 from .formats import check_checkpoint, export, from_pretrained, register_with_transformers
 from .formats.native import save_quantized
 from .nn import LUTLinear, QuantLinear
+from .nn_float import FloatLinear
 from .nn_int8 import Int8Linear
 from .pipeline import quantize_lazy
 
@@ -25,6 +26,8 @@ __all__ = [
     "LUTLinear",
     "W8A8Scheme",
     "Int8Linear",
+    "FloatScheme",
+    "FloatLinear",
     "LlmsqueezeError",
     "CheckpointError",
     "quantize",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import CalibrationOptions, LlmsqueezeError, QuantScheme, SparsityScheme, W8A8Scheme
+from .config import CalibrationOptions, FloatScheme, LlmsqueezeError, QuantScheme, SparsityScheme, W8A8Scheme
 from .lazy import load_dense  # noqa: F401 (one of the user's verbs, defined beside the dense-model source)
 from .pipeline import prune_model, quantize_model
 
@@ -69,7 +69,7 @@ def quantize(
     if scheme is None:
         scheme = QuantScheme(**scheme_kwargs)
     elif scheme_kwargs:
-        if isinstance(scheme, W8A8Scheme) and set(scheme_kwargs) <= {"search_batches"}:
+        if isinstance(scheme, (W8A8Scheme, FloatScheme)) and set(scheme_kwargs) <= {"search_batches"}:
             pass  # W8A8's own option
         else:
             raise LlmsqueezeError("pass either a QuantScheme or scheme keyword arguments, not both")

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import LlmsqueezeError
+from .config import FLOAT_FORMATS, LlmsqueezeError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXIT_BAD_INPUT = 2
@@ -56,14 +56,15 @@ def cmd_quantize(args) -> int:
 
     torch.manual_seed(args.seed)
     row = quantize_method(args.method)
-    w8a8 = args.scheme == "w8a8"
+    w8a8 = args.scheme != "weight-only"  # int8 W8A8 or a float format: in memory, W8A8's method
     mixed = args.avg_bits is not None
     if w8a8:
         if args.grid != "uniform":
-            raise LlmsqueezeError(f"--grid {args.grid} is a weight-only option; --scheme w8a8 uses the int8 grid, drop --grid")
+            raise LlmsqueezeError(f"--grid {args.grid} is an integer weight-only option; --scheme {args.scheme} has its "
+                                  "own grid, drop --grid")
         if mixed:
-            raise LlmsqueezeError("--avg-bits mixes weight-only bit widths; it does not apply to --scheme w8a8")
-        scheme = _w8a8_scheme(args)
+            raise LlmsqueezeError(f"--avg-bits mixes integer weight-only bit widths; it does not apply to --scheme {args.scheme}")
+        scheme = _w8a8_scheme(args) if args.scheme == "w8a8" else _float_scheme(args)
         calibrated = scheme.needs_data or row.calibrated
     else:
         scheme = QuantScheme(
@@ -72,7 +73,7 @@ def cmd_quantize(args) -> int:
             include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head, grid=args.grid,
         )
         calibrated = row.calibrated
-    check_quantize_options(row, getattr(scheme, "grid", "uniform"), args.avg_bits, w8a8)  # before the model loads
+    check_quantize_options(row, getattr(scheme, "grid", "uniform"), args.avg_bits, w8a8 and args.scheme)  # before the model loads
     if mixed:
         from .mixed import check_candidates
 
@@ -97,7 +98,8 @@ def cmd_quantize(args) -> int:
     # sensitivity before the first is quantized, autoround trains whole blocks: in memory
     lazy = args.lazy and not w8a8 and not mixed and row.lazy
     if args.resume and (w8a8 or not row.lazy):
-        raise LlmsqueezeError("--resume continues a lazy weight-only run; W8A8 and AWQ run in memory, start it again")
+        raise LlmsqueezeError("--resume continues a lazy weight-only run; W8A8, the float formats and AWQ run in memory, "
+                              "start it again")
     if lazy:
         from .lazy import has_safetensors, resolve_model_dir
 
@@ -129,18 +131,35 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _w8a8_scheme(args):
-    """--smooth-alpha/--act/--static-clip/--include/--exclude/--lm-head as a W8A8Scheme."""
-    from .config import W8A8Scheme
-
-    a = args.smooth_alpha
+def _smooth_alpha(args, default: str):
+    a = default if args.smooth_alpha is None else args.smooth_alpha
     if a not in ("auto", "off"):
         try:
             a = float(a)
         except ValueError:
             raise LlmsqueezeError(f"--smooth-alpha {a!r} is not valid: use a number in [0, 1], auto or off") from None
-    return W8A8Scheme(act=args.act, static_clip=args.static_clip, smooth_alpha=None if a == "off" else a,
+    return None if a == "off" else a
+
+
+def _w8a8_scheme(args):
+    """--smooth-alpha/--act/--static-clip/--include/--exclude/--lm-head as a W8A8Scheme."""
+    from .config import W8A8Scheme
+
+    return W8A8Scheme(act=args.act, static_clip=args.static_clip or "mse", smooth_alpha=_smooth_alpha(args, "auto"),
                       include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head)
+
+
+def _float_scheme(args):
+    """--scheme FORMAT with --act/--static-clip/--smooth-alpha/--scale-search/... as a FloatScheme."""
+    from .config import FLOAT_ACT, FloatScheme
+
+    search = {"auto": None, "on": True, "off": False}[args.scale_search]
+    smooth = _smooth_alpha(args, "auto") if FLOAT_ACT[args.scheme] is not None else "default"
+    if args.smooth_alpha is not None and FLOAT_ACT[args.scheme] is None:
+        smooth = _smooth_alpha(args, "off")  # refused by the scheme in one line
+    return FloatScheme(format=args.scheme, act=args.act, static_clip=args.static_clip or "max",
+                       smooth_alpha=smooth, scale_search=search,
+                       include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head)
 
 
 def _calibration_texts(args) -> list[str]:
@@ -370,16 +389,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bit-candidates", type=int, nargs="+", default=[2, 3, 4, 8], metavar="B",
                    help="with --avg-bits: the widths a layer may get (default 2 3 4 8)")
     q.add_argument("--method", default="rtn", help=describe(QUANTIZE))
-    q.add_argument("--scheme", choices=("weight-only", "w8a8"), default="weight-only",
-                   help="weight-only (default: --bits/--group-size) or w8a8 (int8 weights and activations, "
-                        "integer GEMM; --bits/--group-size do not apply)")
-    q.add_argument("--smooth-alpha", default="auto",
-                   help="w8a8: SmoothQuant migration strength in [0, 1], auto (searched per block) or off")
+    q.add_argument("--scheme", choices=("weight-only", "w8a8") + FLOAT_FORMATS, default="weight-only",
+                   help="weight-only (default: integer --bits/--group-size), w8a8 (int8 weights and activations, "
+                        "integer GEMM), or a floating-point format: fp8 (E4M3 weights per channel, fp8 activations per "
+                        "token or static), fp8-block (128x128 weight blocks, 1x128 activation groups), fp8-weight, "
+                        "nvfp4 (FP4 weights and activations in groups of 16, FP8 scales), nvfp4-a16 (weights only), "
+                        "mxfp4 (FP4 weights in groups of 32, power-of-two scales); --bits/--group-size do not apply "
+                        "to these")
+    q.add_argument("--smooth-alpha", default=None,
+                   help="w8a8 and float formats with quantized activations: SmoothQuant migration strength in [0, 1], "
+                        "auto (searched per block, the default) or off")
     q.add_argument("--act", choices=("dynamic", "static"), default="dynamic",
-                   help="w8a8 activations: per-token scales at run time (dynamic) or one calibrated scale per layer")
-    q.add_argument("--static-clip", choices=("mse", "max"), default="mse",
-                   help="w8a8 --act static: the scale's fraction of max|x| searched for the least layer-output "
-                        "error on calibration tokens (mse, default) or max|x| itself (max)")
+                   help="w8a8 / fp8 activations: per-token scales at run time (dynamic) or one calibrated scale per layer")
+    q.add_argument("--static-clip", choices=("mse", "max"), default=None,
+                   help="--act static: the scale's fraction of max|x| searched for the least layer-output "
+                        "error on calibration tokens (mse, default for w8a8) or max|x| itself (max, default for fp8)")
+    q.add_argument("--scale-search", choices=("auto", "on", "off"), default="auto",
+                   help="float formats: search each weight group's scale as a fraction of its max|w| for the least "
+                        "error (Hessian-weighted under gptq); auto: on for calibrated methods")
     _shared(q, "--calib", calib="gptq calibration text: wikitext2, c4, pileval, or a .txt/.jsonl file or datasets dir")
     _shared(q, "--n-samples")
     _shared(q, "--seq-len")

@@ -40,8 +40,9 @@ def checkpoint_info(path: str | Path) -> dict:
         n, k = linear_weight(model.get_submodule(name)).shape
         if fmt != "llmsqueeze":
             b = sum(nbytes(f"{name}.{s}") for s in LAYER_TENSORS[fmt])
-        elif f"{name}.weight_scale" in tensors:  # w8a8: int8 weight + scales
-            b = sum(nbytes(f"{name}.{s}") for s in ("weight", "weight_scale", "input_scale"))
+        elif f"{name}.weight_scale" in tensors:  # w8a8 or a float format: weight + scales
+            b = sum(nbytes(f"{name}.{s}") for s in ("weight", "weight_packed", "weight_scale", "weight_global_scale",
+                                                      "input_scale", "input_global_scale"))
         else:
             b = sum(nbytes(f"{name}.{s}") for s in ("qweight", "scales", "qzeros", "g_idx", "values", "indices",
                                                       "bitmask", "qvalues.qweight", "qvalues.scales", "qvalues.qzeros", "codebook"))
@@ -103,6 +104,28 @@ def _module_summary(layers: list[dict]) -> str:
     return ", ".join(f"{k} x{n} ({i}->{o})" for k, (n, i, o) in kinds.items())
 
 
+FLOAT_WEIGHTS = {"fp8": "FP8 E4M3 weights, an fp32 scale per output channel",
+                 "fp8-block": "FP8 E4M3 weights, an fp32 scale per 128x128 block",
+                 "fp8-weight": "FP8 E4M3 weights, an fp32 scale per output channel",
+                 "nvfp4": "FP4 E2M1 weights in groups of 16, FP8 scales under an fp32 global scale",
+                 "nvfp4-a16": "FP4 E2M1 weights in groups of 16, FP8 scales under an fp32 global scale",
+                 "mxfp4": "FP4 E2M1 weights in groups of 32, E8M0 power-of-two scales"}
+
+
+def _float_words(s: dict) -> str:
+    from .config import FLOAT_ACT
+
+    act = FLOAT_ACT[s["format"]]
+    if act is None:
+        act = "16-bit activations"
+    elif s["format"] == "fp8":
+        act = f"FP8 activations {'per token at run time' if s['act'] == 'dynamic' else 'with a calibrated scale per layer'}"
+    else:
+        act = act.replace("fp8", "FP8").replace("fp4", "FP4") + " activations"
+    alpha = s.get("smooth_alpha")
+    return f"{FLOAT_WEIGHTS[s['format']]}, {act}" + ("" if alpha is None else f", SmoothQuant alpha {alpha}")
+
+
 def format_info(info: dict) -> str:
     s, sp = info["scheme"], info.get("sparsity")
     lines = [f"{info['path']}: {info['architecture']} ({info['model_type']}), {info['format']}"]
@@ -110,6 +133,9 @@ def format_info(info: dict) -> str:
         alpha = s["smooth_alpha"]
         lines.append(f"  scheme      w8a8: {s['weights']} weights, int8 {s['act']} activations, "
                      f"SmoothQuant {'off' if alpha is None else f'alpha {alpha}'}, method {info['method']}")
+    elif s is not None and s.get("type") == "float":
+        lines.append(f"  scheme      {s['format']}: {_float_words(s)}, method {info['method']}"
+                     f"{', scale search' if s.get('scale_search') else ''}")
     elif s is not None:
         g = "per-channel" if s["group_size"] == -1 else f"group {s['group_size']}"
         grid = s.get("grid", "uniform")
@@ -134,7 +160,7 @@ def format_info(info: dict) -> str:
         if s is not None and sp.get("format") == "nm":
             store = f"{s['bits']}-bit values + N:M indices"
         lines.append(f"  sparsity    {what}, method {info['method']}, stored as {store}")
-    w8 = s is not None and s.get("type") == "w8a8"
+    w8 = s is not None and s.get("type") in ("w8a8", "float")
     included = "values, indices, scales and zeros" if sp is not None else ("scales" if w8 else "scales and zeros")
     if s is not None and s.get("grid", "uniform") != "uniform":
         included = "scales" if s["grid"] == "nf" else "codebooks"

@@ -36,8 +36,9 @@ class MethodRow:
     build: Callable | None = None
     inner: Callable | None = None
     run: Callable | None = None
-    build_w8a8: Callable | None = None  # the entry point with a W8A8Scheme (None: weight-only only)
+    build_w8a8: Callable | None = None  # the entry point with a W8A8Scheme or a FloatScheme (None: weight-only only)
     inner_w8a8: Callable | None = None
+    inner_float: Callable | None = None  # with a FloatScheme, when the method rounds the weights itself
     calibrated: bool = True
     lazy: bool = False
     grids: tuple[str, ...] = ("uniform",)
@@ -62,7 +63,8 @@ class MethodRow:
 QUANTIZE = {row.name: row for row in (
     MethodRow("rtn", "quantize", build=rtn.build, build_w8a8=w8a8.build, calibrated=False, lazy=True,
               grids=("uniform", "nf", "kmeans"), mixed=True, help="default, no data"),
-    MethodRow("gptq", "quantize", build=gptq.build, build_w8a8=w8a8.build, inner_w8a8=gptq.build_int8, lazy=True,
+    MethodRow("gptq", "quantize", build=gptq.build, build_w8a8=w8a8.build, inner_w8a8=gptq.build_int8,
+              inner_float=gptq.build_float, lazy=True,
               grids=("uniform", "nf", "kmeans"), mixed=True, act_order=True, clip_search=True),
     MethodRow("awq", "quantize", build=awq.build, clip_search=True, help="AWQ then RTN"),
     MethodRow("awq-gptq", "quantize", build=awq.build, inner=gptq.build, act_order=True, clip_search=True,
@@ -89,6 +91,7 @@ PRUNE_METHODS = tuple(PRUNE)
 GRID_METHODS = tuple(n for n, r in QUANTIZE.items() if len(r.grids) > 1)
 MIXED_METHODS = tuple(n for n, r in QUANTIZE.items() if r.mixed)
 W8A8_METHODS = tuple(n for n, r in QUANTIZE.items() if r.build_w8a8 is not None)
+FLOAT_METHODS = W8A8_METHODS  # the float formats run on W8A8's method: RTN, or GPTQ on the format's levels
 
 
 def describe(table: dict[str, MethodRow], oxford: bool = False) -> str:
@@ -122,19 +125,24 @@ def prune_method(name: str) -> MethodRow:
 
 
 def resolve_scheme(scheme, method: str):
-    """`scheme` with its "auto" clip search resolved for `method` (a W8A8Scheme is returned as is)."""
+    """`scheme` with its "auto" clip search (a FloatScheme: its weight scale search) resolved for
+    `method`: on for calibrated methods; a W8A8Scheme is returned as is."""
     row = quantize_method(method)
+    if hasattr(scheme, "with_search_default"):
+        return scheme.with_search_default(row.calibrated)
     return scheme.with_clip_default(row.clip_search) if hasattr(scheme, "with_clip_default") else scheme
 
 
 def check_quantize_options(row: MethodRow, grid: str = "uniform", avg_bits: float | None = None,
-                           w8a8: bool = False) -> None:
-    """One-line errors for a method, a grid, mixed precision and W8A8 that do not work together."""
+                           w8a8: bool | str = False) -> None:
+    """One-line errors for a method, a grid, mixed precision and W8A8 (or a float format: w8a8 is then
+    its name) that do not work together."""
     if w8a8:
+        what = w8a8 if isinstance(w8a8, str) else "w8a8"
         if avg_bits is not None:
-            raise LlmsqueezeError("avg_bits mixes weight-only bit widths; it does not apply to a W8A8 scheme")
+            raise LlmsqueezeError(f"avg_bits mixes integer weight-only bit widths; it does not apply to {what}")
         if row.build_w8a8 is None:
-            raise LlmsqueezeError(f"method {row.name!r} is not available for w8a8: use {' or '.join(W8A8_METHODS)}")
+            raise LlmsqueezeError(f"method {row.name!r} is not available for {what}: use {' or '.join(W8A8_METHODS)}")
         return
     if grid not in row.grids:
         raise LlmsqueezeError(f"method {row.name!r} quantizes on the uniform grid; grid={grid!r} works with "

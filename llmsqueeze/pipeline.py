@@ -22,13 +22,14 @@ from torch import nn
 
 from .config import (
     CalibrationOptions,
+    FloatScheme,
     LlmsqueezeError,
     QuantScheme,
     SparsityScheme,
     W8A8Scheme,
 )
 from .engine import EngineStats, Job, calibration_ids, check_devices, peak_rss_mib, run_sequential
-from .methods import MethodRow, check_quantize_options, prune_method, quantize_method
+from .methods import MethodRow, check_quantize_options, prune_method, quantize_method, resolve_scheme
 from .models import all_linear_names, get_arch, quantizable_modules, selected_layers, untie_lm_head
 from .nn import linear_weight, set_module
 
@@ -41,8 +42,12 @@ def _build(job: Job, row: MethodRow):
     job.method_args with what is known before the run. None for a whole-model method."""
     if row.run is not None:
         return None
-    w8a8 = isinstance(job.scheme, W8A8Scheme)
-    build, inner = (row.build_w8a8, row.inner_w8a8) if w8a8 else (row.build, row.inner)
+    if isinstance(job.scheme, FloatScheme):
+        build, inner = row.build_w8a8, row.inner_float
+    elif isinstance(job.scheme, W8A8Scheme):
+        build, inner = row.build_w8a8, row.inner_w8a8
+    else:
+        build, inner = row.build, row.inner
     return build(job, inner(job)) if inner is not None else build(job)
 
 
@@ -112,11 +117,26 @@ def _new_job(model: nn.Module, scheme, names: list[str], options: CalibrationOpt
 def _check_scheme(model: nn.Module, scheme, method: str, avg_bits) -> tuple[MethodRow, object]:
     """The method's row and the scheme resolved for it, after the one-line checks."""
     row = quantize_method(method)
-    w8a8 = isinstance(scheme, W8A8Scheme)
-    check_quantize_options(row, getattr(scheme, "grid", "uniform"), avg_bits, w8a8)
+    act = "w8a8" if isinstance(scheme, W8A8Scheme) else (scheme.format if isinstance(scheme, FloatScheme) else False)
+    check_quantize_options(row, getattr(scheme, "grid", "uniform"), avg_bits, act)
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise LlmsqueezeError("this model is already quantized: start from the dense model")
-    return row, (scheme if w8a8 else scheme.with_clip_default(row.clip_search))
+    if isinstance(scheme, FloatScheme):
+        _check_float_shapes(model, scheme)
+    return row, resolve_scheme(scheme, method)
+
+
+def _check_float_shapes(model: nn.Module, scheme: FloatScheme) -> None:
+    """One line for the first selected layer a float format cannot hold (before any work)."""
+    from .quant.fp import FORMATS, check_shape
+
+    names, _ = selected_layers(model, scheme)
+    for n in names:
+        out_f, in_f = linear_weight(model.get_submodule(n)).shape
+        problem = check_shape(FORMATS[scheme.format], out_f, in_f)
+        if problem:
+            raise LlmsqueezeError(f"{scheme.format} cannot hold {n}: {problem}; exclude it (--exclude) or use "
+                                  "another format")
 
 
 def _needs_data(row: MethodRow, scheme) -> str | None:
@@ -124,6 +144,10 @@ def _needs_data(row: MethodRow, scheme) -> str | None:
     if isinstance(scheme, W8A8Scheme):
         if row.calibrated or scheme.needs_data:
             return "w8a8 with SmoothQuant, static activations or GPTQ"
+        return None
+    if isinstance(scheme, FloatScheme):
+        if row.calibrated or scheme.needs_data:
+            return f"{scheme.format} with GPTQ, SmoothQuant, static fp8 activations or nvfp4's activation scale"
         return None
     return f"method {row.name!r}" if row.calibrated else None
 
@@ -269,8 +293,9 @@ def quantize_lazy(
     from .streaming import PartialCheckpoint, model_files_key, parse_size, sigterm_as_interrupt, tensor_sha256
 
     row = quantize_method(method)
-    if isinstance(scheme, W8A8Scheme):
-        raise LlmsqueezeError("w8a8 runs in memory, not lazily: use llmsqueeze.quantize (--no-lazy)")
+    if isinstance(scheme, (W8A8Scheme, FloatScheme)):
+        what = "w8a8" if isinstance(scheme, W8A8Scheme) else scheme.format
+        raise LlmsqueezeError(f"{what} runs in memory, not lazily: use llmsqueeze.quantize (--no-lazy)")
     if not row.lazy:  # awq's balancing and autoround's training run on a model in memory for now
         raise LlmsqueezeError(f"method {method!r} runs in memory, not lazily: use llmsqueeze.quantize (--no-lazy)")
     check_quantize_options(row, scheme.grid)

@@ -23,11 +23,11 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
-def tiny_llama(hidden: int = 96, vocab: int = 64, layers: int = 2, **kw) -> LlamaForCausalLM:
+def tiny_llama(hidden: int = 96, vocab: int = 64, layers: int = 2, intermediate_size: int = 160, **kw) -> LlamaForCausalLM:
     """hidden 96 is not a multiple of 64: group 64 leaves a shorter last group."""
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate_size, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw,
     )

@@ -100,7 +100,7 @@ def test_grid_checkpoint_roundtrip_reads_as_format_1(method, tmp_path):
     (["--grid", "kmeans", "--method", "autoround"], "method 'autoround' quantizes on the uniform grid"),
     (["--grid", "nf", "--avg-bits", "3.5"], "avg_bits mixes widths on the uniform grid"),
     (["--method", "awq-gptq", "--avg-bits", "3.5"], "avg_bits .* not method 'awq-gptq'"),
-    (["--scheme", "w8a8", "--grid", "nf"], "--grid nf is a weight-only option"),
+    (["--scheme", "w8a8", "--grid", "nf"], "--grid nf is an integer weight-only option"),
     (["--avg-bits", "3.5", "--resume", "--calib", "CALIB"], "--avg-bits runs in memory"),
 ])
 def test_cli_refuses_combinations_in_one_line(extra, match, tmp_path, capsys):

@@ -18,6 +18,12 @@ exports; a checkpoint with weight_g_idx still imports.
 
 W8A8 models are written as "int-quantized" (`write_int_quantized`: what vLLM's W8A8 int8 path reads):
   weight int8 [N, K], weight_scale [N, 1] (per channel), input_scale [1] (static activations only)
+Float formats (FloatScheme) are written as "float-quantized" (fp8, fp8-block, fp8-weight),
+"nvfp4-pack-quantized" (nvfp4, nvfp4-a16) or "mxfp4-pack-quantized" (mxfp4) by `export_float`: our
+FloatLinear already holds compressed-tensors' tensors (weight / weight_packed, weight_scale,
+weight_global_scale, input_scale, input_global_scale), so only the config is new; its scheme is
+compressed-tensors' own preset (FP8_DYNAMIC, FP8_BLOCK, NVFP4, NVFP4A16, MXFP4A16) or built from
+its preset's arguments (fp8 static, fp8-weight).
 Pruned checkpoints go to its sparse formats in ct_sparse.py.
 """
 from __future__ import annotations
@@ -26,7 +32,7 @@ import os
 
 import torch
 
-from ..config import CheckpointError, LlmsqueezeError, W8A8Scheme
+from ..config import CheckpointError, FloatScheme, LlmsqueezeError, W8A8Scheme
 from ..quant.pack import pack_cols, pack_rows, unpack_cols, unpack_rows
 from .writer import ExportJob, save_model_dir
 
@@ -186,6 +192,72 @@ def write_int_quantized(model, out: str | os.PathLike, tokenizer=None, overwrite
         model.config.quantization_config = qc
         for m, s in old:
             m._buffers["weight_scale"] = s
+
+
+# ------------------------------------------------------------------------------ float formats
+FLOAT_CT_FORMAT = {"fp8": "float-quantized", "fp8-block": "float-quantized", "fp8-weight": "float-quantized",
+                   "nvfp4": "nvfp4-pack-quantized", "nvfp4-a16": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+
+
+def float_config(scheme: FloatScheme, ignore: list[str]) -> dict:
+    """config.json's quantization_config for a float-format checkpoint, from compressed-tensors' presets."""
+    ct, _, QuantizationScheme, QuantizationConfig = _library()
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+
+    preset = {"fp8": "FP8_DYNAMIC", "fp8-block": "FP8_BLOCK", "fp8-weight": "FP8_DYNAMIC", "nvfp4": "NVFP4",
+              "nvfp4-a16": "NVFP4A16", "mxfp4": "MXFP4A16"}[scheme.format]
+    qs = preset_name_to_scheme(preset, ["Linear"])
+    if scheme.format == "fp8-weight":
+        qs = QuantizationScheme(targets=["Linear"], weights=qs.weights)
+    elif scheme.format == "fp8" and scheme.act == "static":  # per-channel weights, one static input scale
+        qs = QuantizationScheme(targets=["Linear"], weights=qs.weights,
+                                input_activations=preset_name_to_scheme("FP8", ["Linear"]).input_activations)
+    fmt = FLOAT_CT_FORMAT[scheme.format]
+    qs.format = fmt
+    cfg = QuantizationConfig(config_groups={"group_0": qs}, format=fmt, ignore=sorted(ignore),
+                             quantization_status="compressed")
+    return {"quant_method": "compressed-tensors", "version": ct.__version__, "sparsity_config": {},
+            "transform_config": {}, **cfg.model_dump(mode="json", exclude=["quant_method"])}
+
+
+def export_float(src, qc: dict, config: dict, keys: dict, out) -> "os.PathLike":
+    """A llmsqueeze float-format checkpoint `src` (its quantization_config qc, config.json, tensor
+    index) -> a compressed-tensors checkpoint in `out` (prepared): every tensor as stored, a new config."""
+    from safetensors import safe_open
+
+    from .files import linear_shapes, skeleton
+    from .writer import atomic_output_dir, copy_side_files, write_config, write_shards
+
+    scheme = FloatScheme.from_dict(qc["scheme"])  # smoothing is already folded into the norms and weights
+    model, _ = skeleton(src)
+    shapes = linear_shapes(model)  # name -> (N, K, is nn.Linear)
+    keep = set(qc.get("modules_to_not_convert", []))
+    conv1d = [n for n, v in shapes.items() if n not in keep and not v[2]]
+    if conv1d:
+        raise LlmsqueezeError(f"cannot export to compressed-tensors: Conv1D layers ({conv1d[0]}, ...; compressed-tensors "
+                              "targets nn.Linear)")
+    if scheme.format == "fp8-block":  # its 1x128 activation groups and vLLM's block GEMM need whole blocks
+        ragged = next((n for n, v in shapes.items() if n not in keep and (v[0] % 128 or v[1] % 128)), None)
+        if ragged is not None:
+            n_out, k = shapes[ragged][:2]
+            raise LlmsqueezeError(f"cannot export fp8-block to compressed-tensors: {ragged} is {k} -> {n_out}, not whole "
+                                  "128x128 blocks (compressed-tensors quantizes activations in groups of 128, and vLLM's "
+                                  "block GEMM wants every output partition in whole blocks); serve it with llmsqueeze, or "
+                                  "use --scheme fp8")
+    opened: dict = {}
+
+    def tensors_of(name: str) -> dict:
+        f = keys[name][0]
+        if f not in opened:
+            opened[f] = safe_open(f, "pt")
+        return {name: opened[f].get_tensor(name)}
+
+    with atomic_output_dir(out) as tmp:
+        write_shards(src, keys, tmp, tensors_of)
+        copy_side_files(src, tmp)
+        config["quantization_config"] = float_config(scheme, list(qc.get("modules_to_not_convert", [])))
+        write_config(tmp, config)
+    return out
 
 
 # ------------------------------------------------------------------------------ import

@@ -52,6 +52,17 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
 
         return ct_sparse.export(src, qc, config, tensor_index(src), prepare_output_dir(out, overwrite), scale_dtype,
                                 format)
+    if (qc.get("scheme") or {}).get("type") == "float":
+        if format != "compressed-tensors":
+            raise LlmsqueezeError(f"cannot export {src} to {format}: it holds a floating-point format "
+                                  f"({qc['scheme']['format']}), which {format} does not store; use --format "
+                                  "compressed-tensors")
+        from .compressed_tensors import export_float
+
+        return export_float(src, qc, config, tensor_index(src), prepare_output_dir(out, overwrite))
+    if (qc.get("scheme") or {}).get("type") == "w8a8":
+        raise LlmsqueezeError(f"cannot export {src} with this command: it is int8 W8A8; load it and call "
+                              "llmsqueeze.formats.compressed_tensors.write_int_quantized")
     scheme = QuantScheme.from_dict(qc["scheme"])
     if scheme.grid != "uniform":
         raise LlmsqueezeError(

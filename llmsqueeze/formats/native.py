@@ -7,7 +7,7 @@ HfQuantizer of formats/loader.py) and checking them once filled (`verify_sparse_
 
 Per quantized Linear (uniform grid): qweight, scales, qzeros (+ g_idx with dynamic act-order);
 non-uniform grids: qweight + scales (nf) or codebook (kmeans); W8A8: int8 weight + weight_scale
-(+ input_scale when static); pruned layers: values (or qvalues.*) + indices (N:M) or bitmask.
+(+ input_scale when static); float formats: FloatLinear's buffers (float_suffixes); pruned layers: values (or qvalues.*) + indices (N:M) or bitmask.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import (
     CheckpointError,
+    FloatScheme,
     LlmsqueezeError,
     NMPattern,
     QuantScheme,
@@ -159,6 +160,8 @@ def check_native(path: Path, qc: dict) -> dict:
         suffixes = QUANT_SUFFIXES
         if isinstance(scheme, W8A8Scheme):
             marker, suffixes = "weight_scale", W8A8_SUFFIXES + (("input_scale",) if scheme.act == "static" else ())
+        if isinstance(scheme, FloatScheme):
+            marker, suffixes = "weight_scale", float_suffixes(scheme)
         prefixes = {k.rsplit(".", 1)[0] for k in keys if k.endswith("." + marker)}
     lut = fmt not in ("nm", "bitmask") and getattr(scheme, "grid", "uniform") != "uniform"
     if lut:  # non-uniform grid: indices + nf scales or k-means codebook, no zero points
@@ -166,7 +169,11 @@ def check_native(path: Path, qc: dict) -> dict:
     if not prefixes:
         raise CheckpointError(f"{path} holds no quantized or sparse weights (no *.{marker}); re-create the checkpoint")
     for p in sorted(prefixes):
-        if marker == "weight_scale" and header.get(f"{p}.weight", {}).get("dtype", "I8") != "I8":
+        if isinstance(scheme, FloatScheme):
+            problem = _float_dtype_problem(header, p, scheme)
+            if problem:
+                raise CheckpointError(f"{path}: layer {p} {problem}; the checkpoint is corrupt, re-create it")
+        elif marker == "weight_scale" and header.get(f"{p}.weight", {}).get("dtype", "I8") != "I8":
             raise CheckpointError(f"{path}: layer {p} has a {header[p + '.weight']['dtype']} weight, w8a8 stores int8; "
                                   "the checkpoint is corrupt, re-create it")
         missing = [s for s in suffixes if f"{p}.{s}" not in keys]
@@ -179,6 +186,36 @@ def check_native(path: Path, qc: dict) -> dict:
     if layer_schemes:
         _check_layer_bits(path, scheme, layer_schemes, header, prefixes)
     return qc
+
+
+FLOAT_DTYPES = {"weight": "F8_E4M3", "weight_packed": "U8", "weight_global_scale": "F32", "input_scale": "F32",
+                "input_global_scale": "F32"}
+
+
+def float_suffixes(scheme: FloatScheme) -> tuple[str, ...]:
+    """The tensors each layer of a float-format checkpoint holds (nn_float.FloatLinear's buffers)."""
+    from ..quant.fp import FORMATS
+
+    fmt = FORMATS[scheme.format]
+    out = ("weight" if fmt.element == "e4m3" else "weight_packed", "weight_scale")
+    if fmt.scale == "e4m3":
+        out += ("weight_global_scale",)
+    if fmt.act == "nvfp4":
+        out += ("input_global_scale",)
+    if scheme.act == "static":
+        out += ("input_scale",)
+    return out
+
+
+def _float_dtype_problem(header: dict, p: str, scheme: FloatScheme) -> str | None:
+    from ..quant.fp import FORMATS
+
+    want = dict(FLOAT_DTYPES, weight_scale={"fp32": "F32", "e4m3": "F8_E4M3", "e8m0": "U8"}[FORMATS[scheme.format].scale])
+    for s in float_suffixes(scheme):
+        got = header.get(f"{p}.{s}", {}).get("dtype")
+        if got is not None and got != want[s]:
+            return f"stores {s} as {got}, {scheme.format} stores {want[s]}"
+    return None
 
 
 def _lut_shape_problem(tensors: dict[str, dict], scheme) -> str | None:
@@ -275,6 +312,12 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
 
             set_module(model, name, Int8Linear(k, n_out, bias=layer.bias is not None, static=scheme.act == "static",
                                                bias_dtype=w.dtype, device=w.device))
+            continue
+        if isinstance(scheme, FloatScheme):
+            from ..nn_float import FloatLinear
+
+            set_module(model, name, FloatLinear(k, n_out, scheme.format, bias=layer.bias is not None,
+                                                static=scheme.act == "static", bias_dtype=w.dtype, device=w.device))
             continue
         set_module(model, name, empty_quant_linear(k, n_out, scheme_for(scheme, layer_schemes, name),
                                                    bias=layer.bias is not None, bias_dtype=w.dtype,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LlmsqueezeError, QuantScheme, scheme_for
+from . import fp
 from .grid import rtn_qparams
 from .hessian import HessianStore, accumulate_hessian, inverse_hessian_cholesky, zero_dead_inputs  # noqa: F401
 
@@ -48,14 +49,22 @@ def gptq_quantize(
     static_groups: bool = False,
     act_aware_clip: bool = True,
     consume_h: bool = False,
+    table: torch.Tensor | None = None,
+    group_size: int | None = None,
 ) -> GPTQResult:
     """w [N, K] (any float dtype), h [K, K] float32 Hessian -> GPTQResult. Each group's scale/zero
     comes from `rtn_qparams` on that group's columns, so the scheme's clipping search applies; with
     `act_aware_clip` its error is weighted per column by the Hessian diagonal (mean x_k^2).
     consume_h=True: h is handed over (the caller keeps no reference and must not use it again): it is
-    worked on in place and freed early instead of copied, halving the peak [K, K] memory."""
+    worked on in place and freed early instead of copied, halving the peak [K, K] memory.
+    `table` [N, ng, L] (sorted along L) with `group_size`: given levels per group (a floating-point
+    format's values times each group's scale, quant/fp.py): the columns are rounded to the nearest of
+    them, `scheme` is not read, and q holds level indices."""
     W = w.detach().float().clone()  # [N, K]
     n, k = W.shape
+    given = table is not None
+    if given:
+        scheme = QuantScheme(bits=8, group_size=group_size, clip_search=False)  # only its group size is read
     bits = scheme.bits
     g = scheme.group_size_for(k)
     ng = math.ceil(k / g)
@@ -69,16 +78,18 @@ def gptq_quantize(
 
     scale = torch.zeros(n, ng, device=W.device)
     zero = torch.zeros(n, ng, dtype=torch.int32, device=W.device)
-    table = mid = None
-    if scheme.grid != "uniform":  # levels fitted up front per group, like static groups (quant/lut.py);
+    mid = None
+    if given or scheme.grid != "uniform":  # levels fitted up front per group, like static groups (quant/lut.py);
         from .lut import lut_table
 
         if act_order and not static_groups:
-            raise LlmsqueezeError(f"grid={scheme.grid!r} fits its levels per natural-order group: use act_order "
-                                  "with static_groups (--act-order static, the default) or no act_order")
-        table, nf_scale = lut_table(W, scheme, torch.diag(H))
-        if nf_scale is not None:
-            scale = nf_scale
+            raise LlmsqueezeError(f"grid={'given levels' if given else repr(scheme.grid)} fixes its levels per "
+                                  "natural-order group: use act_order with static_groups (--act-order static, the "
+                                  "default) or no act_order")
+        if not given:
+            table, nf_scale = lut_table(W, scheme, torch.diag(H))
+            if nf_scale is not None:
+                scale = nf_scale
         mid = (table[..., 1:] + table[..., :-1]) / 2  # [N, ng, L-1]: a column's index = #midpoints below it
         static_groups = True
     elif static_groups:  # every group's parameters from the natural order, before any update (one call:
@@ -198,6 +209,48 @@ class GPTQ:
 INT8_CHANNEL_SCHEME = dict(bits=8, group_size=-1, sym=True, scale_dtype="float32")
 
 
+class FloatGPTQ(GPTQ):
+    """GPTQ on a floating-point format (FloatScheme, quant/fp.py): each group's scale is fixed first
+    (its max|w|, or the scale search weighted by the Hessian diagonal), then the sweep rounds every
+    column to the nearest value of the format times its group's scale and spreads the error as GPTQ
+    does. Returns a FloatLinear (its activation scale, if any, is set by quant/w8a8)."""
+
+    def __init__(self, scheme, **kw):
+        super().__init__(scheme, **kw)
+        self.fmt = fp.FORMATS[scheme.format]
+        self.global_amax: dict[str, float] = {}  # nvfp4: set by quant/w8a8 (Linears sharing a global scale)
+
+    def apply(self, name: str, module):
+        from ..nn import linear_weight
+        from ..nn_float import FloatLinear
+
+        held = list(self.store.pop(name, exclusive=True))
+        n_tokens = held[1]
+        h = held.pop(0)
+        w = linear_weight(module).detach().float()
+        n, k = w.shape
+        s, fmt = self.scheme, self.fmt
+        problem = fp.non_finite(w, name, s.format)
+        if problem:
+            raise LlmsqueezeError(problem)
+        ga = self.global_amax.get(name)
+        scales = (fp.search_weight_scales(w, fmt, s.scale_grid, s.scale_max_shrink, torch.diag(h), ga)
+                  if s.scale_search else fp.weight_scales(w, fmt, global_amax=ga))
+        step = fp.scale_grid(scales, fmt, n, k)  # [N, ng]
+        levels, codes = fmt.levels
+        table = levels.to(w.device).view(1, 1, -1) * step.unsqueeze(2)  # [N, ng, L], sorted: steps are > 0
+        try:
+            res = gptq_quantize(w, h, None, self.damp, self.block_size, self.act_order, True, False,
+                                consume_h=True, table=table, group_size=fp.group_cols(fmt, k))
+        except FloatingPointError as e:
+            raise FloatingPointError(f"GPTQ failed on {name}: {e}") from None
+        self.report.append({"layer": name, "loss": res.loss, "damp": res.damp, "samples": n_tokens})
+        log.info("GPTQ %s (%s): loss %.4g (damp %.3g, %d tokens)", name, s.format, res.loss, res.damp, n_tokens)
+        q = codes.to(w.device)[res.q.long()]  # level index -> the format's code
+        stored = fp.stored_codes(q.view(fp.FP8) if fmt.element == "e4m3" else q, fmt)
+        return FloatLinear.from_tensors({**stored, **scales}, s.format, module.bias, in_features=k)
+
+
 def build(job) -> GPTQ:
     """The engine method for llmsqueeze.engine.Job `job` (the method table's entry point); records
     GPTQ's options in job.method_args."""
@@ -212,6 +265,14 @@ def build(job) -> GPTQ:
     job.method_args = {"act_order": o.act_order, "static_groups": o.static_groups, "damp": o.damp,
                        "block_size": o.block_size, "true_sequential": o.true_sequential, **job.data_args}
     return method
+
+
+def build_float(job) -> FloatGPTQ:
+    """GPTQ on a FloatScheme's format (static groups), for quant/w8a8 to wrap."""
+    o = job.options
+    job.method_args = {**job.data_args, "act_order": o.act_order, "damp": o.damp, "block_size": o.block_size,
+                       "true_sequential": o.true_sequential}
+    return FloatGPTQ(job.scheme, damp=o.damp, block_size=o.block_size, act_order=o.act_order, static_groups=True)
 
 
 def build_int8(job) -> GPTQ:

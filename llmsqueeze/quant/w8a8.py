@@ -1,10 +1,14 @@
-"""W8A8 quantization of a model: SmoothQuant (optional, alpha searched per block), then int8
-per-channel weights by round-to-nearest or GPTQ, and int8 activations (dynamic, or static with a
-scale per layer calibrated on what the smoothed, partially quantized block really feeds it).
+"""Weights-and-activations quantization of a model: SmoothQuant (optional, alpha searched per block),
+then the weights by round-to-nearest or GPTQ, and the activations quantized at run time (dynamic) or
+with a scale per layer calibrated on what the smoothed, partially quantized block really feeds it.
+Two families of grids share this one method: integer W8A8 (W8A8Scheme: int8 per-channel weights,
+int8 activations, Int8Linear) and the floating-point formats (FloatScheme: FP8 per channel or in
+blocks, NVFP4, MXFP4, FloatLinear; quant/fp.py), including their weight-only forms, where only the
+weight rounding (and the weight scale search) runs.
 
 Driven by the shared engine: `prepare_block` smooths each float block before its Linears are
 calibrated; `collect`/`apply` gather what the weights (GPTQ Hessians) and static scales need and
-swap each Linear for an Int8Linear.
+swap each Linear for the quantized layer.
 """
 from __future__ import annotations
 
@@ -13,9 +17,10 @@ import logging
 import torch
 from torch import nn
 
-from ..config import LlmsqueezeError, W8A8Scheme
+from ..config import FloatScheme, LlmsqueezeError, W8A8Scheme
 from ..nn import is_linear, linear_weight, set_module
-from .int8 import QMAX, static_clip_errors
+from . import fp
+from .int8 import QMAX, STATIC_CLIP_GRID, static_clip_errors
 from .smoothquant import SmoothMap, collect_input_absmax, search_alpha, smooth_block, smooth_map_for
 
 log = logging.getLogger("llmsqueeze")
@@ -36,19 +41,108 @@ def static_scale(absmax: torch.Tensor) -> float:
     return max(float(absmax.max()), 1e-8) / QMAX
 
 
-class W8A8:
-    """The engine's method for W8A8 (see the module docstring)."""
+class Int8Grid:
+    """Int8 weights per channel and int8 activations (W8A8Scheme)."""
 
-    def __init__(self, scheme: W8A8Scheme, layer_names: list[str], smap: SmoothMap | None, gptq=None,
+    def __init__(self, scheme: W8A8Scheme):
+        self.scheme = scheme
+
+    def rtn(self, layer: nn.Module, input_scale: float | None = None, name: str | None = None) -> nn.Module:
+        return _rtn_int8(layer, input_scale)
+
+    def from_inner(self, ql, input_scale):
+        """GPTQ's 8-bit per-channel QuantLinear -> the equal Int8Linear."""
+        return int8_from_quant_linear(ql, input_scale)
+
+    def input_scale(self, absmax: float):
+        return static_scale(torch.as_tensor(absmax))
+
+    def clip_errors(self, x: torch.Tensor, w: torch.Tensor, absmax: float) -> dict[float, float]:
+        return static_clip_errors(x, w, absmax)
+
+
+class FloatGrid:
+    """FP8 / NVFP4 / MXFP4 weights, and activations where the format quantizes them (FloatScheme)."""
+
+    def __init__(self, scheme: FloatScheme):
+        self.scheme = scheme
+        self.fmt = fp.FORMATS[scheme.format]
+        self.global_amax: dict[str, float] = {}  # nvfp4: max|w| shared by the Linears one norm feeds
+
+    def share_global_scales(self, prefix: str, block: nn.Module, smap: SmoothMap | None) -> None:
+        """nvfp4: the Linears that read one norm's output (q/k/v, gate/up), which vLLM fuses into one
+        GEMM with one global scale, get the global scale of their joint max|w| (as llm-compressor
+        writes them); other Linears keep their own."""
+        if self.fmt.scale != "e4m3" or smap is None:
+            return
+        for _, group in smap.norms:
+            mods = [(n, block.get_submodule(n)) for n in group if _has(block, n)]
+            if len(mods) > 1:
+                amax = max(float(linear_weight(m).detach().abs().max()) for _, m in mods)
+                self.global_amax.update({prefix + n: amax for n, _ in mods})
+
+    def rtn(self, layer: nn.Module, input_scale=None, name: str | None = None) -> nn.Module:
+        from ..nn_float import FloatLinear
+
+        w = linear_weight(layer).detach()
+        problem = fp.non_finite(w, name or "a layer", self.fmt.name)
+        if problem:
+            raise LlmsqueezeError(problem)
+        s = self.scheme
+        ga = self.global_amax.get(name)
+        scales = (fp.search_weight_scales(w, self.fmt, s.scale_grid, s.scale_max_shrink, global_amax=ga)
+                  if s.scale_search else fp.weight_scales(w, self.fmt, global_amax=ga))
+        return FloatLinear.from_tensors(fp.quantize_weight(w, self.fmt, scales), s.format, getattr(layer, "bias", None),
+                                        None if input_scale is None else torch.as_tensor(input_scale), w.shape[1])
+
+    def from_inner(self, layer, input_scale):
+        """GPTQ's FloatLinear, with the calibrated activation scale set."""
+        if input_scale is not None:
+            layer.set_input_scale(input_scale)
+        return layer
+
+    def input_scale(self, absmax: float):
+        return fp.static_input_scale(self.fmt, float(absmax))
+
+    def clip_errors(self, x: torch.Tensor, w: torch.Tensor, absmax: float) -> dict[float, float]:
+        """fp8 static: the layer-output error of each fraction of max|x| as the scale's range."""
+        out = {}
+        for r in STATIC_CLIP_GRID:
+            scale = fp.static_input_scale(self.fmt, r * absmax)
+            xq = fp.fake_quant_input(x, self.fmt, scale)
+            out[r] = float(((xq - x.float()) @ w.float().t()).pow(2).sum())
+        return out
+
+
+def _has(block: nn.Module, name: str) -> bool:
+    try:
+        return is_linear(block.get_submodule(name))
+    except AttributeError:
+        return False
+
+
+def grid_for(scheme) -> Int8Grid | FloatGrid:
+    return FloatGrid(scheme) if isinstance(scheme, FloatScheme) else Int8Grid(scheme)
+
+
+class W8A8:
+    """The engine's method for W8A8 and the float formats (see the module docstring)."""
+
+    def __init__(self, scheme: W8A8Scheme | FloatScheme, layer_names: list[str], smap: SmoothMap | None, gptq=None,
                  search_batches: int = 4):
         self.scheme, self.smap, self.gptq = scheme, smap, gptq
+        self.grid = grid_for(scheme)
+        if gptq is not None and isinstance(self.grid, FloatGrid):
+            gptq.global_amax = self.grid.global_amax  # the shared nvfp4 global scales, filled per block
+        # a calibrated per-layer activation scale: int8 / fp8 static, nvfp4's global scale
+        self.static = scheme.calibrated_input if isinstance(scheme, FloatScheme) else scheme.act == "static"
         self.wanted = set(layer_names)
         self.search_batches = search_batches
         self.absmax: dict[str, torch.Tensor] = {}  # static: max|x| per layer
         self.samples: dict[str, list[torch.Tensor]] = {}  # static, clip search: sampled input rows per layer
         self.alphas: list[float] = []
         self.report: list[dict] = []
-        self.collect_inputs = gptq is not None or scheme.act == "static"
+        self.collect_inputs = gptq is not None or self.static
 
     # -- before the block's Linears are calibrated: smooth the float block
     @torch.no_grad()
@@ -57,6 +151,8 @@ class W8A8:
 
         s = self.scheme
         if s.smooth_alpha is None or self.smap is None:
+            if isinstance(self.grid, FloatGrid):
+                self.grid.share_global_scales(prefix, block, self.smap)
             return
         names = [n for n, m in block.named_modules() if is_linear(m) and prefix + n in self.wanted]
         inputs = list(batches())
@@ -77,9 +173,9 @@ class W8A8:
                 for n in names:
                     layer = trial.get_submodule(n)
                     inp = None
-                    if s.act == "static":
-                        inp = static_scale(stats[n] / applied.get(n, torch.ones_like(stats[n])))
-                    set_module(trial, n, _rtn_int8(layer, inp))
+                    if self.static:
+                        inp = self.grid.input_scale((stats[n] / applied.get(n, torch.ones_like(stats[n]))).max())
+                    set_module(trial, n, self.grid.rtn(layer, inp, prefix + n))
 
             alpha, errors = search_alpha(block, self.smap, stats, s.smooth_grid, pairs, quantize_trial,
                                          inputs[: self.search_batches], targets, s.smooth_refine)
@@ -89,12 +185,14 @@ class W8A8:
             alpha = float(s.smooth_alpha)
         smooth_block(block, self.smap, stats, alpha, pairs)
         self.alphas.append(alpha)
+        if isinstance(self.grid, FloatGrid):  # from the smoothed weights
+            self.grid.share_global_scales(prefix, block, self.smap)
 
     # -- per Linear
     def collect(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         if self.gptq is not None:
             self.gptq.collect(name, module, x)
-        if self.scheme.act == "static":
+        if self.static:
             m = x.detach().abs().amax().float()
             self.absmax[name] = m if name not in self.absmax else torch.maximum(self.absmax[name], m)
             if self.scheme.static_clip == "mse":  # evenly spaced tokens, the first (often an outlier) included
@@ -106,11 +204,13 @@ class W8A8:
         absmax = self.absmax.pop(name)
         samples = self.samples.pop(name, None)
         if self.scheme.static_clip == "max" or not samples:
-            return static_scale(absmax)
-        errors = static_clip_errors(torch.cat(samples), linear_weight(module).detach().float().cpu(), float(absmax))
+            return self.grid.input_scale(float(absmax))
+        errors = self.grid.clip_errors(torch.cat(samples), linear_weight(module).detach().float().cpu(), float(absmax))
         r = min(errors, key=errors.get)
         self.report.append({"layer": name, "static_clip": r, "error_max": errors[1.0], "error": errors[r]})
         log.debug("static scale %s: %.2f x max|x| (output error %.3g -> %.3g)", name, r, errors[1.0], errors[r])
+        if isinstance(self.grid, FloatGrid):
+            return self.grid.input_scale(float(absmax) * r)
         return static_scale(absmax.double() * r)  # in double, as the search scored it
 
     def record(self) -> dict:
@@ -131,10 +231,10 @@ class W8A8:
         return self.gptq.report if self.gptq is not None else []
 
     def apply(self, name: str, module: nn.Module) -> nn.Module:
-        inp = self.static_input_scale(name, module) if self.scheme.act == "static" else None
+        inp = self.static_input_scale(name, module) if self.static else None
         if self.gptq is not None:
-            return int8_from_quant_linear(self.gptq.apply(name, module), inp)
-        return _rtn_int8(module, inp)
+            return self.grid.from_inner(self.gptq.apply(name, module), inp)
+        return self.grid.rtn(module, inp, name)
 
 
 def _rtn_int8(layer: nn.Module, input_scale: float | None = None):
@@ -144,8 +244,9 @@ def _rtn_int8(layer: nn.Module, input_scale: float | None = None):
 
 
 def build(job, inner=None) -> W8A8:
-    """The engine method for llmsqueeze.engine.Job `job` with a W8A8Scheme (the method table's entry
-    point): RTN int8 weights, or `inner`'s (GPTQ on the int8 grid, gptq.build_int8) when given;
+    """The engine method for llmsqueeze.engine.Job `job` with a W8A8Scheme or a FloatScheme (the method
+    table's entry point): RTN weights, or `inner`'s (GPTQ on the int8 grid, gptq.build_int8, or on the
+    float format's levels, gptq.build_float) when given;
     `job.extra["search_batches"]`: calibration batches the alpha search runs each candidate on."""
     scheme = job.scheme
     smap = smooth_map_for(job.model)
