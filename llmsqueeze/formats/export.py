@@ -57,6 +57,9 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
             raise LlmsqueezeError(f"cannot export {src} to {format}: it holds a floating-point format "
                                   f"({qc['scheme']['format']}), which {format} does not store; use --format "
                                   "compressed-tensors")
+        if scale_dtype is not None:
+            raise LlmsqueezeError(f"--scale-dtype applies to integer checkpoints; {src} stores "
+                                  f"{qc['scheme']['format']}'s own scale types: drop --scale-dtype")
         from .compressed_tensors import export_float
 
         return export_float(src, qc, config, tensor_index(src), prepare_output_dir(out, overwrite))
