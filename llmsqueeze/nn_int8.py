@@ -181,12 +181,13 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape, self.out_features)
 
     def _apply(self, fn, recurse=True):
-        # model.to(dtype) must not re-round the scales: they stay float32, as saved
+        # model.to(dtype) must not re-round the scales: they stay the float32 values saved (the
+        # originals follow the device; converting the converted tensor back would keep bf16 rounding)
         keep = {k: v for k, v in (("weight_scale", self.weight_scale), ("input_scale", self.input_scale)) if v is not None}
         out = super()._apply(fn, recurse)
         for k, v in keep.items():
             if getattr(self, k).dtype != v.dtype:
-                setattr(self, k, getattr(self, k).to(v.dtype))
+                setattr(self, k, v.to(getattr(self, k).device))
         return out
 
     def extra_repr(self) -> str:

@@ -494,3 +494,11 @@ def test_whole_model_torch_compile_fullgraph(tmp_path, act):
     # Inductor may reassociate the float rescale with what follows: last-bit differences only
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_to_dtype_keeps_the_float32_scales_exactly():
+    layer = Int8Linear.from_float(torch.randn(8, 16, generator=_gen()) * 0.0123, input_scale=0.0371)
+    scale, inp = layer.weight_scale.clone(), layer.input_scale.clone()
+    layer.to(torch.bfloat16)
+    assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, scale)
+    assert torch.equal(layer.input_scale, inp)
