@@ -50,6 +50,29 @@ def _from_dict(cls, d: dict, what: str):
     return cls(**d)
 
 
+def check_patterns(include: list[str], exclude: list[str]) -> None:
+    """One line for a module pattern that is not a valid regular expression."""
+    for pattern in [*include, *exclude]:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise LlmsqueezeError(f"module pattern {pattern!r} is not a valid regular expression ({e})") from None
+
+
+def check_smoothing(scheme) -> None:
+    """SmoothQuant's fields of a W8A8Scheme or FloatScheme (smooth_alpha, smooth_grid, smooth_refine,
+    smooth_pairs), each refusal one line."""
+    a = scheme.smooth_alpha
+    if not (a is None or a == "auto" or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1)):
+        raise LlmsqueezeError(f"smooth_alpha={a!r} is not valid: use a number in [0, 1], 'auto' or None (no smoothing)")
+    if not scheme.smooth_grid or not all(isinstance(g, (int, float)) and 0 <= g <= 1 for g in scheme.smooth_grid):
+        raise LlmsqueezeError(f"smooth_grid={scheme.smooth_grid!r} must be a non-empty list of numbers in [0, 1]")
+    if not all(isinstance(g, (int, float)) and 0 < g < 1 for g in scheme.smooth_refine):
+        raise LlmsqueezeError(f"smooth_refine={scheme.smooth_refine!r} must be a list of steps in (0, 1), e.g. [0.1, 0.05]")
+    if scheme.smooth_pairs not in SMOOTH_PAIRS:
+        raise LlmsqueezeError(f"smooth_pairs={scheme.smooth_pairs!r} is not valid: use one of {', '.join(SMOOTH_PAIRS)}")
+
+
 @dataclass
 class QuantScheme:
     """Block-wise weight quantization: `bits` per weight, one scale (and zero) per `group_size` inputs.
@@ -123,11 +146,7 @@ class QuantScheme:
                 raise LlmsqueezeError(f"sym=True applies to the uniform grid; grid={self.grid!r} has no zero point: drop sym")
             if self.clip_search:
                 raise LlmsqueezeError(f"clip_search applies to the uniform grid; with grid={self.grid!r} drop it")
-        for pattern in [*self.include, *self.exclude]:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise LlmsqueezeError(f"module pattern {pattern!r} is not a valid regular expression ({e})") from None
+        check_patterns(self.include, self.exclude)
 
     def with_clip_default(self, on: bool) -> "QuantScheme":
         """This scheme with clip_search "auto" (None) resolved: `on` (the method's default, from
@@ -199,20 +218,8 @@ class W8A8Scheme:
             raise LlmsqueezeError(f"act={self.act!r} is not valid: use dynamic (per token) or static (calibrated)")
         if self.static_clip not in STATIC_CLIPS:
             raise LlmsqueezeError(f"static_clip={self.static_clip!r} is not valid: use mse (searched) or max (max|x|)")
-        a = self.smooth_alpha
-        if not (a is None or a == "auto" or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1)):
-            raise LlmsqueezeError(f"smooth_alpha={a!r} is not valid: use a number in [0, 1], 'auto' or None (no smoothing)")
-        if not self.smooth_grid or not all(isinstance(g, (int, float)) and 0 <= g <= 1 for g in self.smooth_grid):
-            raise LlmsqueezeError(f"smooth_grid={self.smooth_grid!r} must be a non-empty list of numbers in [0, 1]")
-        if not all(isinstance(g, (int, float)) and 0 < g < 1 for g in self.smooth_refine):
-            raise LlmsqueezeError(f"smooth_refine={self.smooth_refine!r} must be a list of steps in (0, 1), e.g. [0.1, 0.05]")
-        if self.smooth_pairs not in SMOOTH_PAIRS:
-            raise LlmsqueezeError(f"smooth_pairs={self.smooth_pairs!r} is not valid: use one of {', '.join(SMOOTH_PAIRS)}")
-        for pattern in [*self.include, *self.exclude]:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise LlmsqueezeError(f"module pattern {pattern!r} is not a valid regular expression ({e})") from None
+        check_smoothing(self)
+        check_patterns(self.include, self.exclude)
 
     @property
     def needs_data(self) -> bool:
@@ -278,29 +285,17 @@ class FloatScheme:
                                   "drop --act static")
         if self.static_clip not in STATIC_CLIPS:
             raise LlmsqueezeError(f"static_clip={self.static_clip!r} is not valid: use mse (searched) or max (max|x|)")
-        a = self.smooth_alpha
-        if not (a is None or a == "auto" or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1)):
-            raise LlmsqueezeError(f"smooth_alpha={a!r} is not valid: use a number in [0, 1], 'auto' or None (no smoothing)")
-        if a is not None and FLOAT_ACT[self.format] is None:
+        check_smoothing(self)
+        if self.smooth_alpha is not None and FLOAT_ACT[self.format] is None:
             raise LlmsqueezeError(f"smooth_alpha balances quantized activations; format {self.format} keeps them in "
                                   "16 bits: drop --smooth-alpha")
-        if not self.smooth_grid or not all(isinstance(g, (int, float)) and 0 <= g <= 1 for g in self.smooth_grid):
-            raise LlmsqueezeError(f"smooth_grid={self.smooth_grid!r} must be a non-empty list of numbers in [0, 1]")
-        if not all(isinstance(g, (int, float)) and 0 < g < 1 for g in self.smooth_refine):
-            raise LlmsqueezeError(f"smooth_refine={self.smooth_refine!r} must be a list of steps in (0, 1), e.g. [0.1, 0.05]")
-        if self.smooth_pairs not in SMOOTH_PAIRS:
-            raise LlmsqueezeError(f"smooth_pairs={self.smooth_pairs!r} is not valid: use one of {', '.join(SMOOTH_PAIRS)}")
         if self.scale_search not in (None, True, False):
             raise LlmsqueezeError(f"scale_search={self.scale_search!r} must be true, false or null (auto)")
         if not (isinstance(self.scale_grid, int) and self.scale_grid >= 1):
             raise LlmsqueezeError(f"scale_grid={self.scale_grid!r} must be a positive integer, e.g. 20")
         if not (0.0 <= self.scale_max_shrink < 1.0):
             raise LlmsqueezeError(f"scale_max_shrink={self.scale_max_shrink!r} must lie in [0, 1), e.g. 0.3")
-        for pattern in [*self.include, *self.exclude]:
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise LlmsqueezeError(f"module pattern {pattern!r} is not a valid regular expression ({e})") from None
+        check_patterns(self.include, self.exclude)
 
     @property
     def quantizes_activations(self) -> bool:
