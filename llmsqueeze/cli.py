@@ -151,12 +151,12 @@ def _w8a8_scheme(args):
 
 def _float_scheme(args):
     """--scheme FORMAT with --act/--static-clip/--smooth-alpha/--scale-search/... as a FloatScheme."""
-    from .config import FLOAT_ACT, FloatScheme
+    from .config import FloatScheme
 
     search = {"auto": None, "on": True, "off": False}[args.scale_search]
-    smooth = _smooth_alpha(args, "auto") if FLOAT_ACT[args.scheme] is not None else "default"
-    if args.smooth_alpha is not None and FLOAT_ACT[args.scheme] is None:
-        smooth = _smooth_alpha(args, "off")  # refused by the scheme in one line
+    # unset: the scheme's default (auto where activations are quantized); set on a weight-only format:
+    # refused by the scheme in one line
+    smooth = "default" if args.smooth_alpha is None else _smooth_alpha(args, "off")
     return FloatScheme(format=args.scheme, act=args.act, static_clip=args.static_clip or "max",
                        smooth_alpha=smooth, scale_search=search,
                        include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head)

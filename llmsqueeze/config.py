@@ -270,7 +270,7 @@ class FloatScheme:
 
     def __post_init__(self) -> None:
         if self.smooth_alpha == "default":
-            self.smooth_alpha = "auto" if FLOAT_ACT.get(self.format) is not None else None
+            self.smooth_alpha = "auto" if self.quantizes_activations else None
         self.validate()
 
     def validate(self) -> None:
@@ -286,7 +286,7 @@ class FloatScheme:
         if self.static_clip not in STATIC_CLIPS:
             raise LlmsqueezeError(f"static_clip={self.static_clip!r} is not valid: use mse (searched) or max (max|x|)")
         check_smoothing(self)
-        if self.smooth_alpha is not None and FLOAT_ACT[self.format] is None:
+        if self.smooth_alpha is not None and not self.quantizes_activations:
             raise LlmsqueezeError(f"smooth_alpha balances quantized activations; format {self.format} keeps them in "
                                   "16 bits: drop --smooth-alpha")
         if self.scale_search not in (None, True, False):
@@ -299,7 +299,7 @@ class FloatScheme:
 
     @property
     def quantizes_activations(self) -> bool:
-        return FLOAT_ACT[self.format] is not None
+        return FLOAT_ACT.get(self.format) is not None  # (an unknown format is refused by validate)
 
     @property
     def needs_data(self) -> bool:

@@ -91,7 +91,6 @@ PRUNE_METHODS = tuple(PRUNE)
 GRID_METHODS = tuple(n for n, r in QUANTIZE.items() if len(r.grids) > 1)
 MIXED_METHODS = tuple(n for n, r in QUANTIZE.items() if r.mixed)
 W8A8_METHODS = tuple(n for n, r in QUANTIZE.items() if r.build_w8a8 is not None)
-FLOAT_METHODS = W8A8_METHODS  # the float formats run on W8A8's method: RTN, or GPTQ on the format's levels
 
 
 def describe(table: dict[str, MethodRow], oxford: bool = False) -> str:

@@ -117,13 +117,19 @@ def _new_job(model: nn.Module, scheme, names: list[str], options: CalibrationOpt
 def _check_scheme(model: nn.Module, scheme, method: str, avg_bits) -> tuple[MethodRow, object]:
     """The method's row and the scheme resolved for it, after the one-line checks."""
     row = quantize_method(method)
-    act = "w8a8" if isinstance(scheme, W8A8Scheme) else (scheme.format if isinstance(scheme, FloatScheme) else False)
-    check_quantize_options(row, getattr(scheme, "grid", "uniform"), avg_bits, act)
+    check_quantize_options(row, getattr(scheme, "grid", "uniform"), avg_bits, _act_scheme_name(scheme) or False)
     if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
         raise LlmsqueezeError("this model is already quantized: start from the dense model")
     if isinstance(scheme, FloatScheme):
         _check_float_shapes(model, scheme)
     return row, resolve_scheme(scheme, method)
+
+
+def _act_scheme_name(scheme) -> str | None:
+    """"w8a8" or the float format's name for a scheme W8A8's method runs; None for weight-only."""
+    if isinstance(scheme, W8A8Scheme):
+        return "w8a8"
+    return scheme.format if isinstance(scheme, FloatScheme) else None
 
 
 def _check_float_shapes(model: nn.Module, scheme: FloatScheme) -> None:
@@ -293,9 +299,8 @@ def quantize_lazy(
     from .streaming import PartialCheckpoint, model_files_key, parse_size, sigterm_as_interrupt, tensor_sha256
 
     row = quantize_method(method)
-    if isinstance(scheme, (W8A8Scheme, FloatScheme)):
-        what = "w8a8" if isinstance(scheme, W8A8Scheme) else scheme.format
-        raise LlmsqueezeError(f"{what} runs in memory, not lazily: use llmsqueeze.quantize (--no-lazy)")
+    if _act_scheme_name(scheme):
+        raise LlmsqueezeError(f"{_act_scheme_name(scheme)} runs in memory, not lazily: use llmsqueeze.quantize (--no-lazy)")
     if not row.lazy:  # awq's balancing and autoround's training run on a model in memory for now
         raise LlmsqueezeError(f"method {method!r} runs in memory, not lazily: use llmsqueeze.quantize (--no-lazy)")
     check_quantize_options(row, scheme.grid)

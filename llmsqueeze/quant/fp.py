@@ -25,7 +25,6 @@ The tensor names and conventions are compressed-tensors' (what vLLM reads), so e
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -159,13 +158,6 @@ class FloatFormat:
         r, c = self.group
         return (1 if r == -1 else -(-n // r)), (1 if c == -1 else -(-k // c))
 
-    def bits_per_weight(self, n: int, k: int) -> float:
-        """Storage per weight, scales (and the global scale) included."""
-        bits = 8 if self.element == "e4m3" else 4
-        sr, sc = self.n_scales(n, k)
-        scale_bits = 32 if self.scale == "fp32" else 8
-        return bits + (sr * sc * scale_bits + (32 if self.scale == "e4m3" else 0)) / (n * k)
-
 
 FORMATS = {f.name: f for f in (
     FloatFormat("fp8", "e4m3", (1, -1), "fp32", "token"),
@@ -177,14 +169,19 @@ FORMATS = {f.name: f for f in (
 )}
 
 
-def _group_amax(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """max|w| over blocks of rows x cols (the last ones may be shorter): [ceil(N/rows), ceil(K/cols)]."""
-    n, k = w.shape
-    a = w.float().abs()
+def _blocked(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """t [N, K] zero-padded to whole blocks of rows x cols -> a view [ceil(N/rows), rows, ceil(K/cols),
+    cols] (zero padding raises no max|.| and adds nothing to a sum)."""
+    n, k = t.shape
     pr, pc = -n % rows, -k % cols
     if pr or pc:
-        a = torch.nn.functional.pad(a, (0, pc, 0, pr))  # zeros never raise a max
-    return a.view(-(-n // rows), rows, -(-k // cols), cols).amax(dim=(1, 3))
+        t = torch.nn.functional.pad(t, (0, pc, 0, pr))
+    return t.view(-(-n // rows), rows, -(-k // cols), cols)
+
+
+def _group_amax(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """max|w| over blocks of rows x cols (the last ones may be shorter): [ceil(N/rows), ceil(K/cols)]."""
+    return _blocked(w.float().abs(), rows, cols).amax(dim=(1, 3))
 
 
 def expand_scales(s: torch.Tensor, n: int, k: int, rows: int, cols: int) -> torch.Tensor:
@@ -270,11 +267,7 @@ def decode(codes: torch.Tensor, step: torch.Tensor, fmt: FloatFormat) -> torch.T
 
 def _group_sum(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Sum over blocks of rows x cols (the last ones may be shorter): [ceil(N/rows), ceil(K/cols)]."""
-    n, k = t.shape
-    pr, pc = -n % rows, -k % cols
-    if pr or pc:
-        t = torch.nn.functional.pad(t, (0, pc, 0, pr))
-    return t.view(-(-n // rows), rows, -(-k // cols), cols).sum(dim=(1, 3))
+    return _blocked(t, rows, cols).sum(dim=(1, 3))
 
 
 def search_weight_scales(w: torch.Tensor, fmt: FloatFormat, grid: int = 20, max_shrink: float = 0.3,
@@ -310,6 +303,15 @@ def search_weight_scales(w: torch.Tensor, fmt: FloatFormat, grid: int = 20, max_
                 merged = torch.where(better, new, old)
                 best[name] = merged.view(FP8) if sc[name].dtype == FP8 else merged
     return best
+
+
+def layer_scales(w: torch.Tensor, fmt: FloatFormat, search: bool, grid: int = 20, max_shrink: float = 0.3,
+                 col_weight: torch.Tensor | None = None, global_amax: float | None = None) -> dict[str, torch.Tensor]:
+    """A layer's scale tensors: searched (search_weight_scales, errors weighted by `col_weight`) or
+    each group's max|w| (weight_scales); `global_amax` as there."""
+    if search:
+        return search_weight_scales(w, fmt, grid, max_shrink, col_weight, global_amax)
+    return weight_scales(w, fmt, global_amax=global_amax)
 
 
 def quantize_weight(w: torch.Tensor, fmt: FloatFormat, scales: dict[str, torch.Tensor] | None = None
@@ -400,9 +402,3 @@ def static_input_scale(fmt: FloatFormat, absmax: float) -> torch.Tensor:
         return global_scale_from_amax(absmax)
     return torch.tensor([max(absmax, 1e-12) / E4M3_MAX], dtype=torch.float32)
 
-
-def bits_per_weight(fmt_name: str, shapes: list[tuple[int, int]]) -> float:
-    """Mean storage bits per weight over layers of shapes (N, K)."""
-    fmt = FORMATS[fmt_name]
-    total = sum(n * k for n, k in shapes)
-    return sum(fmt.bits_per_weight(n, k) * n * k for n, k in shapes) / max(total, 1) if shapes else math.nan

@@ -233,9 +233,8 @@ class FloatGPTQ(GPTQ):
         problem = fp.non_finite(w, name, s.format)
         if problem:
             raise LlmsqueezeError(problem)
-        ga = self.global_amax.get(name)
-        scales = (fp.search_weight_scales(w, fmt, s.scale_grid, s.scale_max_shrink, torch.diag(h), ga)
-                  if s.scale_search else fp.weight_scales(w, fmt, global_amax=ga))
+        scales = fp.layer_scales(w, fmt, s.scale_search, s.scale_grid, s.scale_max_shrink, torch.diag(h),
+                                 self.global_amax.get(name))
         step = fp.scale_grid(scales, fmt, n, k)  # [N, ng]
         levels, codes = fmt.levels
         table = levels.to(w.device).view(1, 1, -1) * step.unsqueeze(2)  # [N, ng, L], sorted: steps are > 0

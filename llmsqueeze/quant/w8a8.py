@@ -54,11 +54,15 @@ class Int8Grid:
         """GPTQ's 8-bit per-channel QuantLinear -> the equal Int8Linear."""
         return int8_from_quant_linear(ql, input_scale)
 
-    def input_scale(self, absmax: float):
-        return static_scale(torch.as_tensor(absmax))
+    def input_scale(self, absmax: torch.Tensor, r: float = 1.0) -> float:
+        """The static scale for r x the calibrated max|x| (in double, as the clip search scored it)."""
+        return static_scale(absmax.double() * r)
 
     def clip_errors(self, x: torch.Tensor, w: torch.Tensor, absmax: float) -> dict[float, float]:
         return static_clip_errors(x, w, absmax)
+
+    def block_ready(self, prefix: str, block: nn.Module, smap: SmoothMap | None) -> None:
+        pass
 
 
 class FloatGrid:
@@ -69,8 +73,8 @@ class FloatGrid:
         self.fmt = fp.FORMATS[scheme.format]
         self.global_amax: dict[str, float] = {}  # nvfp4: max|w| shared by the Linears one norm feeds
 
-    def share_global_scales(self, prefix: str, block: nn.Module, smap: SmoothMap | None) -> None:
-        """nvfp4: the Linears that read one norm's output (q/k/v, gate/up), which vLLM fuses into one
+    def block_ready(self, prefix: str, block: nn.Module, smap: SmoothMap | None) -> None:
+        """Once the block is smoothed (or not), before its Linears are quantized. nvfp4: the Linears that read one norm's output (q/k/v, gate/up), which vLLM fuses into one
         GEMM with one global scale, get the global scale of their joint max|w| (as llm-compressor
         writes them); other Linears keep their own."""
         if self.fmt.scale != "e4m3" or smap is None:
@@ -89,9 +93,8 @@ class FloatGrid:
         if problem:
             raise LlmsqueezeError(problem)
         s = self.scheme
-        ga = self.global_amax.get(name)
-        scales = (fp.search_weight_scales(w, self.fmt, s.scale_grid, s.scale_max_shrink, global_amax=ga)
-                  if s.scale_search else fp.weight_scales(w, self.fmt, global_amax=ga))
+        scales = fp.layer_scales(w, self.fmt, s.scale_search, s.scale_grid, s.scale_max_shrink,
+                                 global_amax=self.global_amax.get(name))
         return FloatLinear.from_tensors(fp.quantize_weight(w, self.fmt, scales), s.format, getattr(layer, "bias", None),
                                         None if input_scale is None else torch.as_tensor(input_scale), w.shape[1])
 
@@ -101,8 +104,8 @@ class FloatGrid:
             layer.set_input_scale(input_scale)
         return layer
 
-    def input_scale(self, absmax: float):
-        return fp.static_input_scale(self.fmt, float(absmax))
+    def input_scale(self, absmax: torch.Tensor, r: float = 1.0) -> torch.Tensor:
+        return fp.static_input_scale(self.fmt, float(absmax) * r)
 
     def clip_errors(self, x: torch.Tensor, w: torch.Tensor, absmax: float) -> dict[float, float]:
         """fp8 static: the layer-output error of each fraction of max|x| as the scale's range."""
@@ -147,12 +150,14 @@ class W8A8:
     # -- before the block's Linears are calibrated: smooth the float block
     @torch.no_grad()
     def prepare_block(self, prefix: str, block: nn.Module, batches) -> None:
+        self.smooth(prefix, block, batches)
+        self.grid.block_ready(prefix, block, self.smap)
+
+    def smooth(self, prefix: str, block: nn.Module, batches) -> None:
         from ..engine import block_output
 
         s = self.scheme
         if s.smooth_alpha is None or self.smap is None:
-            if isinstance(self.grid, FloatGrid):
-                self.grid.share_global_scales(prefix, block, self.smap)
             return
         names = [n for n, m in block.named_modules() if is_linear(m) and prefix + n in self.wanted]
         inputs = list(batches())
@@ -185,8 +190,6 @@ class W8A8:
             alpha = float(s.smooth_alpha)
         smooth_block(block, self.smap, stats, alpha, pairs)
         self.alphas.append(alpha)
-        if isinstance(self.grid, FloatGrid):  # from the smoothed weights
-            self.grid.share_global_scales(prefix, block, self.smap)
 
     # -- per Linear
     def collect(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
@@ -204,14 +207,12 @@ class W8A8:
         absmax = self.absmax.pop(name)
         samples = self.samples.pop(name, None)
         if self.scheme.static_clip == "max" or not samples:
-            return self.grid.input_scale(float(absmax))
+            return self.grid.input_scale(absmax)
         errors = self.grid.clip_errors(torch.cat(samples), linear_weight(module).detach().float().cpu(), float(absmax))
         r = min(errors, key=errors.get)
         self.report.append({"layer": name, "static_clip": r, "error_max": errors[1.0], "error": errors[r]})
         log.debug("static scale %s: %.2f x max|x| (output error %.3g -> %.3g)", name, r, errors[1.0], errors[r])
-        if isinstance(self.grid, FloatGrid):
-            return self.grid.input_scale(float(absmax) * r)
-        return static_scale(absmax.double() * r)  # in double, as the search scored it
+        return self.grid.input_scale(absmax, r)
 
     def record(self) -> dict:
         """What the checkpoint's method_args say of the run, once it is done."""
