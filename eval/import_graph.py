@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def modules() -> dict[str, Path]:
-    """Module name -> file: llmsqueeze/**.py, and kernels/*.py installed as llmsqueeze.kernels."""
+    """Module name -> file: llmsqueeze/**.py."""
     out = {}
-    for pkg, base in (("llmsqueeze", ROOT / "llmsqueeze"), ("llmsqueeze.kernels", ROOT / "kernels")):
+    for pkg, base in (("llmsqueeze", ROOT / "llmsqueeze"),):
         for f in sorted(base.rglob("*.py")):
-            if f.is_symlink() or "kernels" in f.relative_to(base).parts[:1] and pkg == "llmsqueeze":
+            if f.is_symlink():
                 continue
             parts = list(f.relative_to(base).with_suffix("").parts)
             if parts[-1] == "__init__":

@@ -91,9 +91,9 @@ def peers(layer, w_dense, group: int) -> dict:
 def methods(layer, dtype, with_peers: bool) -> dict:
     """name -> (fn(x) -> y, bytes moved besides x and y, note)."""
     import torch.nn.functional as F
-    from llmsqueeze.kernels import quant_matmul as qm
 
     from llmsqueeze import nn_float, nn_int8, nn_kernels
+    from llmsqueeze.kernels import quant_matmul as qm
 
     w_dense = layer.dequantize_weight(dtype).contiguous()  # [N, K]
     packed = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.qzeros))

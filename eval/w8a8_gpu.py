@@ -9,14 +9,14 @@ Per shape and M, timed with triton.testing.do_bench (CUDA events, median of many
   W8A8 torch eager      quant.int8.w8a8_linear (Int8Linear's torch backend) on fp16 input: per-token
                         quantization + int8 GEMM + rescale, with no reuse of a previous call's quantized input
   W8A8 torch compiled   the same function through torch.compile (quantization and rescale fused by Inductor)
-  Triton quant          kernels/int8_matmul.py per-token quantization kernel alone (one pass per row)
+  Triton quant          llmsqueeze/kernels/int8_matmul.py per-token quantization kernel alone (one pass per row)
   Triton GEMM           the int8 GEMM with the rescale fused into its epilogue (fp16 out) alone
   Triton W8A8           quant kernel + fused GEMM: the whole W8A8 Linear
   Int8Linear triton     Int8Linear.forward on the Triton backend (the layer's Python around the two kernels)
 and, with CUDA graphs (triton.testing.do_bench_cudagraph: launch overhead removed, as in a captured
 decoder), fp16 cuBLAS and Triton W8A8 again. Speed-ups are fp16 time / W8A8 time (graph rows: vs the
 fp16 graph). The fused GEMM's tile config is picked by timing its candidates on the first call of
-each shape (kernels/int8_matmul.py: _choose); the pick is recorded per row.
+each shape (llmsqueeze/kernels/int8_matmul.py: _choose); the pick is recorded per row.
 
 Checks before any timing: every W8A8 output against the fp32 product of the dequantized operands
 (relative error < 5%), and the Triton path against the torch path, which the design makes bit-exact

@@ -8,11 +8,12 @@
     llmsqueeze.export("q4", "compressed-tensors", "q4-ct")   # for vLLM; also "gptq"; GPTQ/AWQ/CT dirs load too
 """
 from .api import load_dense, prune, quantize
-from .config import CheckpointError, FloatScheme, LlmsqueezeError, QuantScheme, W8A8Scheme
+from .config import CheckpointError, FloatScheme, GGUFScheme, LlmsqueezeError, QuantScheme, W8A8Scheme
 from .formats import check_checkpoint, export, from_pretrained, register_with_transformers
 from .formats.native import save_quantized
 from .nn import LUTLinear, QuantLinear
 from .nn_float import FloatLinear
+from .nn_gguf import GGUFLinear
 from .nn_int8 import Int8Linear
 from .pipeline import quantize_lazy
 
@@ -27,7 +28,9 @@ __all__ = [
     "W8A8Scheme",
     "Int8Linear",
     "FloatScheme",
+    "GGUFScheme",
     "FloatLinear",
+    "GGUFLinear",
     "LlmsqueezeError",
     "CheckpointError",
     "quantize",

@@ -56,9 +56,18 @@ def cmd_quantize(args) -> int:
 
     torch.manual_seed(args.seed)
     row = quantize_method(args.method)
-    w8a8 = args.scheme != "weight-only"  # int8 W8A8 or a float format: in memory, W8A8's method
+    gguf = _gguf_mix(args)
+    w8a8 = args.scheme != "weight-only"  # int8 W8A8, a float format or gguf: in memory
     mixed = args.avg_bits is not None
-    if w8a8:
+    if gguf is not None:
+        from .config import GGUFScheme
+
+        if mixed:
+            raise LlmsqueezeError("--avg-bits mixes integer bit widths; a gguf scheme takes llama.cpp's mix: drop --avg-bits")
+        scheme = GGUFScheme(mix=gguf, include=args.include or [], exclude=args.exclude or [], lm_head=args.lm_head)
+        args.scheme = "gguf"
+        calibrated = row.calibrated
+    elif w8a8:
         if args.grid != "uniform":
             raise LlmsqueezeError(f"--grid {args.grid} is an integer weight-only option; --scheme {args.scheme} has its "
                                   "own grid, drop --grid")
@@ -129,6 +138,22 @@ def cmd_quantize(args) -> int:
               f"{report['histogram']}; sensitivity in {out / 'sensitivity.json'}", file=sys.stderr)
     print(out)
     return 0
+
+
+def _gguf_mix(args) -> str | None:
+    """The llama.cpp mix or GGML type of --scheme gguf:MIX (or --grid gguf:TYPE), else None; any other
+    --scheme must be one of the named ones."""
+    from .config import GGUF_MIXES, GGUF_TYPES
+
+    for opt, value in (("--scheme", args.scheme), ("--grid", args.grid)):
+        if value.lower().startswith("gguf:"):
+            if opt == "--grid" and args.scheme != "weight-only":
+                raise LlmsqueezeError(f"--grid {value} and --scheme {args.scheme}: pass one of them")
+            return value.lower()
+    if args.scheme not in ("weight-only", "w8a8") + FLOAT_FORMATS:
+        raise LlmsqueezeError(f"--scheme {args.scheme!r} is not known: use weight-only, w8a8, {', '.join(FLOAT_FORMATS)} "
+                              f"or gguf:MIX with MIX one of {', '.join(GGUF_MIXES)} (or a GGML type: {', '.join(GGUF_TYPES)})")
+    return None
 
 
 def _smooth_alpha(args, default: str):
@@ -302,8 +327,11 @@ def cmd_info(args) -> int:
 def cmd_export(args) -> int:
     from .formats import export
 
+    if args.format != "gguf" and (args.type or args.dense_type):
+        raise LlmsqueezeError(f"--type and --dense-type apply to --format gguf, not {args.format}")
+    gguf = {"type": args.type, "dense_type": args.dense_type} if args.format == "gguf" else {}
     print(export(args.dir, args.format, args.out, overwrite=args.overwrite, checkpoint_format=args.gptq_format,
-                 scale_dtype=args.scale_dtype))
+                 scale_dtype=args.scale_dtype, **gguf))
     return 0
 
 
@@ -389,8 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bit-candidates", type=int, nargs="+", default=[2, 3, 4, 8], metavar="B",
                    help="with --avg-bits: the widths a layer may get (default 2 3 4 8)")
     q.add_argument("--method", default="rtn", help=describe(QUANTIZE))
-    q.add_argument("--scheme", choices=("weight-only", "w8a8") + FLOAT_FORMATS, default="weight-only",
-                   help="weight-only (default: integer --bits/--group-size), w8a8 (int8 weights and activations, "
+    q.add_argument("--scheme", default="weight-only",
+                   help="weight-only (default: integer --bits/--group-size), gguf:MIX (GGML's block formats as "
+                        "llama-quantize mixes them, e.g. gguf:q4_k_m, gguf:q3_k_m, gguf:q4_0; or one GGML type for all, "
+                        "e.g. gguf:q4_k; export with --format gguf), w8a8 (int8 weights and activations, "
                         "integer GEMM), or a floating-point format: fp8 (E4M3 weights per channel, fp8 activations per "
                         "token or static), fp8-block (128x128 weight blocks, 1x128 activation groups), fp8-weight, "
                         "nvfp4 (FP4 weights and activations in groups of 16, FP8 scales), nvfp4-a16 (weights only), "
@@ -439,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weigh each weight's error by |w|**this in the clip search (default 1; 0 = plain MSE)")
     q.add_argument("--grid", default="uniform",
                    help="levels: uniform (default, integer grid with scale and zero), nf (normal-float levels x group "
-                        "absmax, 2-4 bits) or kmeans (a fitted 2**bits-level codebook per group, 2-4 bits)")
+                        "absmax, 2-4 bits), kmeans (a fitted 2**bits-level codebook per group, 2-4 bits) or gguf:TYPE "
+                        "(the same as --scheme gguf:TYPE)")
     q.add_argument("--scale-dtype", default="float16", help="float16 (default), bfloat16 or float32")
     q.add_argument("--include", action="append", metavar="REGEX", help="quantize only layers matching (repeatable)")
     q.add_argument("--exclude", action="append", metavar="REGEX", help="keep layers matching in full precision")
@@ -504,13 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="write a llmsqueeze checkpoint in a format serving engines load")
     x.add_argument("dir", help="a llmsqueeze checkpoint directory")
-    x.add_argument("--format", required=True, help="compressed-tensors (pack-quantized, vLLM) or gptq (transformers, TGI, vLLM)")
+    x.add_argument("--format", required=True, help="compressed-tensors (pack-quantized, vLLM), gptq (transformers, TGI, "
+                   "vLLM) or gguf (one .gguf file for llama.cpp, Ollama, LM Studio)")
+    x.add_argument("--type", default=None, help="gguf: the GGML type or llama.cpp mix the checkpoint must map to "
+                   "(checked; a 4-bit sym checkpoint is q4_0, asym q4_1, 8-bit sym q8_0, a gguf:MIX one its MIX)")
+    x.add_argument("--dense-type", default=None, help="gguf: type of the embeddings and an untied dense head (default: "
+                   "llama-quantize's choice under the mix; f16, f32, bf16 or a GGML type such as q8_0)")
     x.add_argument("--gptq-format", default="gptq", choices=("gptq", "gptq_v2"),
                    help="gptq checkpoint_format: gptq (v1, zero - 1, read everywhere; default) or gptq_v2 (GPTQModel)")
     x.add_argument("--scale-dtype", choices=("float32",), default=None,
                    help="compressed-tensors: store scales in float32, so its loader's dense weights equal ours exactly "
                         "(it dequantizes in the scales' dtype; default: the checkpoint's own scale dtype)")
-    x.add_argument("--out", required=True, help="output directory (must be empty or absent)")
+    x.add_argument("--out", required=True, help="output directory (must be empty or absent); gguf: the .gguf file")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     x.set_defaults(func=cmd_export)
 

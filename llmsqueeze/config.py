@@ -323,7 +323,69 @@ class FloatScheme:
         return _from_dict(cls, d, "float scheme")
 
 
-SCHEME_TYPES = {"w8a8": W8A8Scheme, "float": FloatScheme}  # "type" in a scheme dict -> its class
+# GGUF (quant/ggml.py): llama.cpp's file types (llama-quantize's TYPE) and the GGML block types
+GGUF_MIXES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m",
+              "q5_k_s", "q5_k_m", "q6_k", "iq4_nl")
+GGUF_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl")
+
+
+@dataclass
+class GGUFScheme:
+    """Weights quantized into GGML's block formats, the tensor types of GGUF files (quant/ggml.py):
+    `mix` a llama.cpp file type (q4_k_m, q3_k_m, q4_0, ...: each tensor gets the type llama-quantize
+    gives it, by its role, its block and its width, with llama.cpp's fallbacks for widths a type's
+    block does not divide), or with `pure` the mix's one type for every tensor (llama-quantize --pure),
+    or `mix` a GGML type (q4_k, ...) alone, which means pure. GPTQ, or RTN, chooses the codes inside
+    each format's own block structure (the sub-block scales and mins on their 4/6/8-bit grids), so an
+    export writes exactly what was optimized. `layer_types` ({Linear name: GGML type}) is filled when
+    the model is known (llmsqueeze.pipeline) and saved with the checkpoint. include/exclude/lm_head
+    pick layers as in QuantScheme; the embeddings (and a tied head) take the mix's type on export."""
+
+    mix: str = "q4_k_m"
+    pure: bool = False
+    imatrix_rules: bool = False  # the mix as llama-quantize builds it with an importance matrix
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    lm_head: bool = False
+    layer_types: dict[str, str] = field(default_factory=dict)
+    type: str = "gguf"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mix, str):
+            self.mix = self.mix.lower().removeprefix("gguf:")
+            if self.mix not in GGUF_MIXES and self.mix in GGUF_TYPES:
+                self.mix, self.pure = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}[self.mix], True
+        self.validate()
+
+    def validate(self) -> None:
+        if self.type != "gguf":
+            raise LlmsqueezeError(f"scheme type {self.type!r} is not 'gguf'")
+        if self.mix not in GGUF_MIXES:
+            raise LlmsqueezeError(f"gguf type {self.mix!r} is not known: use a llama.cpp file type "
+                                  f"({', '.join(GGUF_MIXES)}) or a GGML type ({', '.join(GGUF_TYPES)})")
+        if not isinstance(self.layer_types, dict) or not all(v in GGUF_TYPES for v in self.layer_types.values()):
+            bad = next((v for v in dict(self.layer_types or {}).values() if v not in GGUF_TYPES), self.layer_types)
+            raise LlmsqueezeError(f"layer_types holds {bad!r}, not a GGML type ({', '.join(GGUF_TYPES)})")
+        check_patterns(self.include, self.exclude)
+
+    @property
+    def default_type(self) -> str:
+        """The mix's main type (q4_k for q4_k_m)."""
+        return {"q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k", "q4_k_s": "q4_k", "q4_k_m": "q4_k",
+                "q5_k_s": "q5_k", "q5_k_m": "q5_k"}.get(self.mix, self.mix)
+
+    def with_layer_types(self, types: dict[str, str]) -> "GGUFScheme":
+        return replace(self, layer_types=dict(types))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GGUFScheme":
+        return _from_dict(cls, d, "gguf scheme")
+
+
+SCHEME_TYPES = {"w8a8": W8A8Scheme, "float": FloatScheme, "gguf": GGUFScheme}  # "type" in a scheme dict -> its class
 
 
 def scheme_from_dict(d: dict):

@@ -40,6 +40,8 @@ def checkpoint_info(path: str | Path) -> dict:
         n, k = linear_weight(model.get_submodule(name)).shape
         if fmt != "llmsqueeze":
             b = sum(nbytes(f"{name}.{s}") for s in LAYER_TENSORS[fmt])
+        elif f"{name}.blocks" in tensors:  # a GGML block format: the GGUF bytes
+            b = nbytes(f"{name}.blocks") + nbytes(f"{name}.bias")
         elif f"{name}.weight_scale" in tensors:  # w8a8 or a float format: weight + scales
             b = sum(nbytes(f"{name}.{s}") for s in ("weight", "weight_packed", "weight_scale", "weight_global_scale",
                                                       "input_scale", "input_global_scale"))
@@ -49,6 +51,8 @@ def checkpoint_info(path: str | Path) -> dict:
         layer = {"name": name, "in_features": k, "out_features": n, "bytes": b, "bits_per_weight": 8 * b / (k * n)}
         if layer_schemes:  # mixed precision: each layer's own width
             layer["bits"] = layer_schemes.get(name, {}).get("bits", scheme.bits)
+        if getattr(scheme, "type", None) == "gguf":
+            layer["ggml_type"] = scheme.layer_types.get(name)
         layers.append(layer)
         q_weights += k * n
         q_bytes += b
@@ -136,6 +140,13 @@ def format_info(info: dict) -> str:
     elif s is not None and s.get("type") == "float":
         lines.append(f"  scheme      {s['format']}: {_float_words(s)}, method {info['method']}"
                      f"{', scale search' if s.get('scale_search') else ''}")
+    elif s is not None and s.get("type") == "gguf":
+        counts: dict[str, int] = {}
+        for layer in info["layers"]:
+            counts[layer["ggml_type"]] = counts.get(layer["ggml_type"], 0) + 1
+        mix = s["mix"].upper() + (" (pure)" if s.get("pure") else "")
+        lines.append(f"  scheme      gguf {mix}: GGML block types "
+                     + ", ".join(f"{t.upper()} x{n}" for t, n in sorted(counts.items())) + f", method {info['method']}")
     elif s is not None:
         g = "per-channel" if s["group_size"] == -1 else f"group {s['group_size']}"
         grid = s.get("grid", "uniform")
@@ -162,7 +173,9 @@ def format_info(info: dict) -> str:
         lines.append(f"  sparsity    {what}, method {info['method']}, stored as {store}")
     w8 = s is not None and s.get("type") in ("w8a8", "float")
     included = "values, indices, scales and zeros" if sp is not None else ("scales" if w8 else "scales and zeros")
-    if s is not None and s.get("grid", "uniform") != "uniform":
+    if s is not None and s.get("type") == "gguf":
+        included = "block scales and mins"
+    elif s is not None and s.get("grid", "uniform") != "uniform":
         included = "scales" if s["grid"] == "nf" else "codebooks"
     lines += [
         f"  {'quantized ' if sp is None else 'compressed'}  {info['quantized_layers']} layers, "

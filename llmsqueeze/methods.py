@@ -39,6 +39,7 @@ class MethodRow:
     build_w8a8: Callable | None = None  # the entry point with a W8A8Scheme or a FloatScheme (None: weight-only only)
     inner_w8a8: Callable | None = None
     inner_float: Callable | None = None  # with a FloatScheme, when the method rounds the weights itself
+    build_gguf: Callable | None = None  # the entry point with a GGUFScheme (None: not available)
     calibrated: bool = True
     lazy: bool = False
     grids: tuple[str, ...] = ("uniform",)
@@ -61,10 +62,10 @@ class MethodRow:
 
 
 QUANTIZE = {row.name: row for row in (
-    MethodRow("rtn", "quantize", build=rtn.build, build_w8a8=w8a8.build, calibrated=False, lazy=True,
+    MethodRow("rtn", "quantize", build=rtn.build, build_w8a8=w8a8.build, build_gguf=rtn.build, calibrated=False, lazy=True,
               grids=("uniform", "nf", "kmeans"), mixed=True, help="default, no data"),
     MethodRow("gptq", "quantize", build=gptq.build, build_w8a8=w8a8.build, inner_w8a8=gptq.build_int8,
-              inner_float=gptq.build_float, lazy=True,
+              inner_float=gptq.build_float, build_gguf=gptq.build_gguf, lazy=True,
               grids=("uniform", "nf", "kmeans"), mixed=True, act_order=True, clip_search=True),
     MethodRow("awq", "quantize", build=awq.build, clip_search=True, help="AWQ then RTN"),
     MethodRow("awq-gptq", "quantize", build=awq.build, inner=gptq.build, act_order=True, clip_search=True,
@@ -91,6 +92,7 @@ PRUNE_METHODS = tuple(PRUNE)
 GRID_METHODS = tuple(n for n, r in QUANTIZE.items() if len(r.grids) > 1)
 MIXED_METHODS = tuple(n for n, r in QUANTIZE.items() if r.mixed)
 W8A8_METHODS = tuple(n for n, r in QUANTIZE.items() if r.build_w8a8 is not None)
+GGUF_METHODS = tuple(n for n, r in QUANTIZE.items() if r.build_gguf is not None)
 
 
 def describe(table: dict[str, MethodRow], oxford: bool = False) -> str:
@@ -136,6 +138,12 @@ def check_quantize_options(row: MethodRow, grid: str = "uniform", avg_bits: floa
                            w8a8: bool | str = False) -> None:
     """One-line errors for a method, a grid, mixed precision and W8A8 (or a float format: w8a8 is then
     its name) that do not work together."""
+    if w8a8 == "gguf":
+        if avg_bits is not None:
+            raise LlmsqueezeError("avg_bits mixes integer bit widths; a gguf scheme takes llama.cpp's mix: drop avg_bits")
+        if row.build_gguf is None:
+            raise LlmsqueezeError(f"method {row.name!r} is not available for gguf: use {' or '.join(GGUF_METHODS)}")
+        return
     if w8a8:
         what = w8a8 if isinstance(w8a8, str) else "w8a8"
         if avg_bits is not None:

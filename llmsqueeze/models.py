@@ -142,6 +142,64 @@ def selected_layers(model: nn.Module, scheme) -> tuple[list[str], str | None]:
     return names, head_name
 
 
+# HF module (relative to a decoder block) -> llama.cpp's tensor base name (convert_hf_to_gguf's
+# blk.{i}.<name>.weight), for the families whose blocks use these names
+GGUF_BLOCK_TENSORS = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.qkv_proj": "attn_qkv",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "mlp.gate_up_proj": "ffn_up",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def gguf_role(model: nn.Module, name: str) -> tuple[str, int] | None:
+    """(llama.cpp base name, block index) of a module inside the decoder blocks, or None when the
+    module is not one llama.cpp names (gemma2/3's post_attention_layernorm is its post_attention_norm)."""
+    arch = get_arch(model)
+    prefix = arch.blocks + "."
+    if not name.startswith(prefix):
+        return None
+    idx, _, rest = name[len(prefix):].partition(".")
+    base = GGUF_BLOCK_TENSORS.get(rest)
+    if base is None or not idx.isdigit():
+        return None
+    if rest == "post_attention_layernorm" and getattr(model.config, "model_type", "").startswith("gemma"):
+        base = "post_attention_norm"
+    return base, int(idx)
+
+
+def gguf_layer_types(model: nn.Module, names: list[str], scheme) -> dict[str, str]:
+    """The GGML type of each selected Linear under a GGUFScheme: llama-quantize's choice for its role,
+    block and width (quant/ggml.mix_type), or with scheme.pure the mix's type for all (with its fallback),
+as llama-quantize --pure."""
+    from .quant.ggml import mix_type
+
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_layers = len(model.get_submodule(get_arch(model).blocks))
+    heads = getattr(cfg, "num_attention_heads", 1) or 1
+    n_gqa = heads // (getattr(cfg, "num_key_value_heads", None) or heads)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = {}
+    for n in names:
+        module = model.get_submodule(n)
+        ncols = module.weight.shape[1] if hasattr(module, "weight") and module.weight.dim() == 2 else module.in_features
+        role = gguf_role(model, n)
+        if module is head:
+            role = ("output", 0)
+        elif role is None:
+            raise LlmsqueezeError(f"gguf: {n} is not a tensor llama.cpp names (attn_q, ffn_down, ...); exclude it "
+                                  "(--exclude) or quantize with another scheme")
+        out[n] = mix_type(scheme.mix, "other" if scheme.pure else role[0], role[1], n_layers,
+                          ncols, n_gqa, tied, scheme.imatrix_rules)
+        if out[n] == "f16":
+            raise LlmsqueezeError(f"gguf: {n} has {ncols} inputs, which no GGML block type divides; exclude it (--exclude)")
+    return out
+
+
 def all_linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if is_linear(m)]
 

@@ -13,7 +13,7 @@ Backends, chosen per call (LLMSQUEEZE_INT8_BACKEND, or set `BACKEND` in this mod
   * "torch" everywhere else: quant.int8's functions, torch._int_mm and a separate float rescale.
 Under torch.compile (a whole model, fullgraph or not) the layer traces as plain "torch" ops with no
 input cache, so Inductor fuses the quantization and the rescale itself, on any device.
-All three compute the same numbers bit for bit (kernels/int8_matmul.py; tests/test_int8_kernels.py,
+All three compute the same numbers bit for bit (llmsqueeze/kernels/int8_matmul.py; tests/test_int8_kernels.py,
 tests/test_w8a8.py); "triton" on CPU tensors runs only under TRITON_INTERPRET=1 (the tests).
 
 Buffers (the names and layout of compressed-tensors' int-quantized format, so export renames nothing):

@@ -1,6 +1,6 @@
 """The nn side of the Triton kernels: what turns a layer into the tensors `llmsqueeze.kernels` takes.
 
-`kernels/` (installed as `llmsqueeze.kernels`) takes tensors and plain values only and imports
+`llmsqueeze/kernels/` takes tensors and plain values only and imports
 nothing from this package; the module-aware glue lives here, and nn.py calls it:
 
     quant_linear(x2, module)   QuantLinear.forward's kernel path: x2 [M, K] -> [M, N] (bias added), or None

@@ -23,6 +23,7 @@ from torch import nn
 from .config import (
     CalibrationOptions,
     FloatScheme,
+    GGUFScheme,
     LlmsqueezeError,
     QuantScheme,
     SparsityScheme,
@@ -30,7 +31,7 @@ from .config import (
 )
 from .engine import EngineStats, Job, calibration_ids, check_devices, peak_rss_mib, run_sequential
 from .methods import MethodRow, check_quantize_options, prune_method, quantize_method, resolve_scheme
-from .models import all_linear_names, get_arch, quantizable_modules, selected_layers, untie_lm_head
+from .models import all_linear_names, get_arch, gguf_layer_types, quantizable_modules, selected_layers, untie_lm_head
 from .nn import linear_weight, set_module
 
 log = logging.getLogger("llmsqueeze")
@@ -42,7 +43,9 @@ def _build(job: Job, row: MethodRow):
     job.method_args with what is known before the run. None for a whole-model method."""
     if row.run is not None:
         return None
-    if isinstance(job.scheme, FloatScheme):
+    if isinstance(job.scheme, GGUFScheme):
+        build, inner = row.build_gguf, None
+    elif isinstance(job.scheme, FloatScheme):
         build, inner = row.build_w8a8, row.inner_float
     elif isinstance(job.scheme, W8A8Scheme):
         build, inner = row.build_w8a8, row.inner_w8a8
@@ -122,13 +125,18 @@ def _check_scheme(model: nn.Module, scheme, method: str, avg_bits) -> tuple[Meth
         raise LlmsqueezeError("this model is already quantized: start from the dense model")
     if isinstance(scheme, FloatScheme):
         _check_float_shapes(model, scheme)
+    if isinstance(scheme, GGUFScheme):  # each selected Linear's GGML type, saved with the scheme
+        scheme = scheme.with_layer_types(gguf_layer_types(model, selected_layers(model, scheme)[0], scheme))
     return row, resolve_scheme(scheme, method)
 
 
 def _act_scheme_name(scheme) -> str | None:
-    """"w8a8" or the float format's name for a scheme W8A8's method runs; None for weight-only."""
+    """"w8a8" or the float format's name for a scheme W8A8's method runs, "gguf" for GGML's block
+    formats; None for weight-only."""
     if isinstance(scheme, W8A8Scheme):
         return "w8a8"
+    if isinstance(scheme, GGUFScheme):
+        return "gguf"
     return scheme.format if isinstance(scheme, FloatScheme) else None
 
 

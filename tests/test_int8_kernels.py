@@ -1,4 +1,4 @@
-"""The W8A8 Triton kernels (kernels/int8_matmul.py) against quant.int8, on CPU tensors under
+"""The W8A8 Triton kernels (llmsqueeze/kernels/int8_matmul.py) against quant.int8, on CPU tensors under
 TRITON_INTERPRET=1 (conftest).
 
 Exactness. The quantization kernel must give quantize_per_token's / quantize_static's bits. The GEMM's
@@ -15,10 +15,9 @@ import torch
 
 triton = pytest.importorskip("triton")  # the only acceptable skip: no Triton at all
 
-from llmsqueeze.kernels import int8_matmul as im  # noqa: E402
-
 import llmsqueeze.nn_int8 as nn_int8  # noqa: E402
 from llmsqueeze import Int8Linear, kernels  # noqa: E402
+from llmsqueeze.kernels import int8_matmul as im  # noqa: E402
 from llmsqueeze.quant.int8 import int8_mm, quantize_per_token, quantize_static, rescale  # noqa: E402
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]

@@ -18,11 +18,10 @@ import torch
 
 triton = pytest.importorskip("triton")  # the only acceptable skip: no Triton at all
 
-from llmsqueeze.kernels import dispatch  # noqa: E402
-from llmsqueeze.kernels import quant_matmul as qm  # noqa: E402
-
 from llmsqueeze import QuantScheme, nn_kernels  # noqa: E402
 from llmsqueeze import nn as qnn  # noqa: E402
+from llmsqueeze.kernels import dispatch  # noqa: E402
+from llmsqueeze.kernels import quant_matmul as qm  # noqa: E402
 from llmsqueeze.nn import QuantLinear  # noqa: E402
 from llmsqueeze.quant import grid  # noqa: E402
 from llmsqueeze.quant.rtn import rtn_quantize  # noqa: E402

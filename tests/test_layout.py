@@ -1,9 +1,8 @@
 """The layers of the package hold (README, "How the code is laid out").
 
-`lint-imports` (import-linter) checks the contracts of pyproject.toml on the package as installed,
-kernels/ inside it as llmsqueeze.kernels: each module imports only from the layers below its own,
+`lint-imports` (import-linter) checks the contracts of pyproject.toml on the package: each module imports only from the layers below its own,
 no import cycle, no private name imported across modules, all counting imports inside functions.
-And kernels/ (installed as llmsqueeze.kernels) sits below everything: no file of it may import from
+And llmsqueeze/kernels/ sits below everything: no file of it may import from
 `llmsqueeze`, absolutely, by a relative import that climbs out of the kernels package, or through
 importlib (parsed, not imported: no Triton needed); what turns a layer into the kernels' tensors
 lives on the nn side (llmsqueeze/nn_kernels.py, nn.prepare_model).
@@ -18,14 +17,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ROOT / "kernels"
+KERNELS = ROOT / "llmsqueeze" / "kernels"
 
 
 def test_import_contracts(tmp_path):
     pkg = tmp_path / "pkg"
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(ROOT / "llmsqueeze", pkg / "llmsqueeze", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "kernels"))
-    shutil.copytree(ROOT / "kernels", pkg / "llmsqueeze" / "kernels", ignore=skip)
+    shutil.copytree(ROOT / "llmsqueeze", pkg / "llmsqueeze", ignore=skip)
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pkg), str(ROOT / "tests")])}
     p = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
@@ -65,7 +63,7 @@ def test_kernels_import_nothing_from_llmsqueeze():
     files = sorted(KERNELS.rglob("*.py"))
     assert KERNELS / "__init__.py" in files and len(files) >= 5  # the check looked at the real folder
     bad = {str(f.relative_to(KERNELS.parent)): b for f in files if (b := upward_imports(f))}
-    assert not bad, f"kernels/ must not import llmsqueeze (the module glue belongs in llmsqueeze/nn_kernels.py): {bad}"
+    assert not bad, f"llmsqueeze/kernels/ must not import llmsqueeze (the module glue belongs in llmsqueeze/nn_kernels.py): {bad}"
 
 
 def test_the_check_sees_nested_and_relative_imports(tmp_path):

@@ -17,10 +17,12 @@ from .writer import ExportJob, atomic_output_dir, copy_side_files, prepare_outpu
 
 
 def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrite: bool = False,
-           checkpoint_format: str = "gptq", scale_dtype: str | None = None) -> Path:
+           checkpoint_format: str = "gptq", scale_dtype: str | None = None, **gguf) -> Path:
     """Write the llmsqueeze checkpoint `src` as a `format` checkpoint in `out` (temp dir renamed at
     the end). format: "compressed-tensors" (pack-quantized) or "gptq" (checkpoint_format "gptq" = v1,
     or "gptq_v2"). A scheme the format cannot express is refused before anything is written.
+
+    format "gguf" writes one .gguf file `out` (formats/gguf.py; `gguf` takes its type= and dense_type=).
 
     scale_dtype="float32" (compressed-tensors only) widens the stored scales: compressed-tensors
     dequantizes in the scales' dtype, so float16 scales give fp16((q - zero) * scale), rounded,
@@ -28,6 +30,14 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
     from safetensors import safe_open
 
 
+    if format == "gguf":
+        if scale_dtype is not None:
+            raise LlmsqueezeError("--scale-dtype applies to compressed-tensors; GGUF stores fp16 block scales")
+        from .gguf import export as export_gguf
+
+        return export_gguf(src, out, overwrite, **gguf)
+    if gguf:
+        raise LlmsqueezeError(f"{', '.join(gguf)} apply to format gguf, not {format}")
     if format not in EXPORT_FORMATS:
         raise LlmsqueezeError(f"--format {format!r} is not an export format: use one of {', '.join(EXPORT_FORMATS)}")
     if scale_dtype not in (None, "float32") or (scale_dtype and format != "compressed-tensors"):

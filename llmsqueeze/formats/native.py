@@ -6,7 +6,8 @@ and building the empty layers transformers' loader fills (`replace_with_quant_li
 HfQuantizer of formats/loader.py) and checking them once filled (`verify_sparse_layers`).
 
 Per quantized Linear (uniform grid): qweight, scales, qzeros (+ g_idx with dynamic act-order);
-non-uniform grids: qweight + scales (nf) or codebook (kmeans); W8A8: int8 weight + weight_scale
+non-uniform grids: qweight + scales (nf) or codebook (kmeans); GGML block formats: blocks (the GGUF
+bytes, nn_gguf.GGUFLinear; scheme.layer_types names each layer's type); W8A8: int8 weight + weight_scale
 (+ input_scale when static); float formats: FloatLinear's buffers (float_suffixes); pruned layers: values (or qvalues.*) + indices (N:M) or bitmask.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from ..config import (
     CheckpointError,
     FloatScheme,
+    GGUFScheme,
     LlmsqueezeError,
     NMPattern,
     QuantScheme,
@@ -162,12 +164,16 @@ def check_native(path: Path, qc: dict) -> dict:
             marker, suffixes = "weight_scale", W8A8_SUFFIXES + (("input_scale",) if scheme.act == "static" else ())
         if isinstance(scheme, FloatScheme):
             marker, suffixes = "weight_scale", float_suffixes(scheme)
+        if isinstance(scheme, GGUFScheme):
+            marker, suffixes = "blocks", ("blocks",)
         prefixes = {k.rsplit(".", 1)[0] for k in keys if k.endswith("." + marker)}
     lut = fmt not in ("nm", "bitmask") and getattr(scheme, "grid", "uniform") != "uniform"
     if lut:  # non-uniform grid: indices + nf scales or k-means codebook, no zero points
         suffixes = ("qweight", "scales" if scheme.grid == "nf" else "codebook")
     if not prefixes:
         raise CheckpointError(f"{path} holds no quantized or sparse weights (no *.{marker}); re-create the checkpoint")
+    if isinstance(scheme, GGUFScheme):
+        _check_gguf_layers(path, scheme, header, prefixes)
     for p in sorted(prefixes):
         if isinstance(scheme, FloatScheme):
             problem = _float_dtype_problem(header, p, scheme)
@@ -216,6 +222,23 @@ def _float_dtype_problem(header: dict, p: str, scheme: FloatScheme) -> str | Non
         if got is not None and got != want[s]:
             return f"stores {s} as {got}, {scheme.format} stores {want[s]}"
     return None
+
+
+def _check_gguf_layers(path: Path, scheme: GGUFScheme, header: dict, prefixes: set[str]) -> None:
+    """Every layer named in layer_types stored, and each one's bytes [N, K/block*nbytes] uint8 a
+    whole number of its type's blocks."""
+    from ..quant.ggml import get_type
+
+    missing = sorted(set(scheme.layer_types) ^ prefixes)
+    if missing:
+        raise CheckpointError(f"{path}: layer {missing[0]} is in {'the scheme' if missing[0] in scheme.layer_types else 'the weights'} "
+                              "but not in the other; the checkpoint is corrupt, re-create it")
+    for p in sorted(prefixes):
+        h = header[f"{p}.blocks"]
+        t = get_type(scheme.layer_types[p])
+        if h["dtype"] != "U8" or len(h["shape"]) != 2 or h["shape"][1] % t.nbytes:
+            raise CheckpointError(f"{path}: layer {p} stores {h['dtype']} {h['shape']}, not {t.name} blocks of "
+                                  f"{t.nbytes} bytes; the checkpoint is corrupt, re-create it")
 
 
 def _lut_shape_problem(tensors: dict[str, dict], scheme) -> str | None:
@@ -311,6 +334,14 @@ def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
             from ..nn_int8 import Int8Linear
 
             set_module(model, name, Int8Linear(k, n_out, bias=layer.bias is not None, static=scheme.act == "static",
+                                               bias_dtype=w.dtype, device=w.device))
+            continue
+        if isinstance(scheme, GGUFScheme):
+            from ..nn_gguf import GGUFLinear
+
+            if name not in scheme.layer_types:
+                continue
+            set_module(model, name, GGUFLinear(k, n_out, scheme.layer_types[name], bias=layer.bias is not None,
                                                bias_dtype=w.dtype, device=w.device))
             continue
         if isinstance(scheme, FloatScheme):

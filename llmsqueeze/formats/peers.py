@@ -15,7 +15,7 @@ from .native import FORMAT_VERSION, QUANT_METHOD, describe
 
 FORMATS = {"gptq": gptq, "awq": awq, "compressed-tensors": compressed_tensors}  # quant_method -> module
 IMPORT_METHODS = tuple(FORMATS)
-EXPORT_FORMATS = ("compressed-tensors", "gptq")
+EXPORT_FORMATS = ("compressed-tensors", "gptq", "gguf")  # gguf: formats/gguf.py, a file, not a peer dir
 LAYER_TENSORS = {name: fmt.LAYER_TENSORS for name, fmt in FORMATS.items()}  # (for `llmsqueeze info`)
 
 

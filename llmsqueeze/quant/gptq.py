@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import LlmsqueezeError, QuantScheme, scheme_for
-from . import fp
+from . import fp, ggml
 from .grid import rtn_qparams
 from .hessian import HessianStore, accumulate_hessian, inverse_hessian_cholesky, zero_dead_inputs  # noqa: F401
 
@@ -250,6 +250,34 @@ class FloatGPTQ(GPTQ):
         return FloatLinear.from_tensors({**stored, **scales}, s.format, module.bias, in_features=k)
 
 
+class GGUFGPTQ(GPTQ):
+    """GPTQ into a GGML block format (GGUFScheme, quant/ggml.py): each sub-block's scale (and min) is
+    fitted first, weighted by the Hessian diagonal, and quantized on the format's own super-block grid;
+    the sweep then rounds every column to the nearest value its sub-block can hold and spreads the
+    error as GPTQ does. Returns a GGUFLinear holding the file's bytes."""
+
+    def apply(self, name: str, module):
+        from ..nn import linear_weight
+        from ..nn_gguf import GGUFLinear
+
+        held = list(self.store.pop(name, exclusive=True))
+        n_tokens = held[1]
+        h = held.pop(0)
+        w = linear_weight(module).detach().float()
+        t = ggml.get_type(self.scheme.layer_types[name])
+        params = ggml.fit(w, t, torch.diag(h) if self.act_aware_clip else None)
+        table, flip = ggml.levels(t, params)
+        try:
+            res = gptq_quantize(w, h, None, self.damp, self.block_size, self.act_order, True, False,
+                                consume_h=True, table=table, group_size=t.sub)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"GPTQ failed on {name}: {e}") from None
+        self.report.append({"layer": name, "loss": res.loss, "damp": res.damp, "samples": n_tokens, "type": t.name})
+        log.info("GPTQ %s (%s): loss %.4g (damp %.3g, %d tokens)", name, t.name, res.loss, res.damp, n_tokens)
+        q = ggml.codes_from_index(res.q.long(), flip, t)
+        return GGUFLinear.from_codes(q, params, t.name, bias=module.bias)
+
+
 def build(job) -> GPTQ:
     """The engine method for llmsqueeze.engine.Job `job` (the method table's entry point); records
     GPTQ's options in job.method_args."""
@@ -264,6 +292,14 @@ def build(job) -> GPTQ:
     job.method_args = {"act_order": o.act_order, "static_groups": o.static_groups, "damp": o.damp,
                        "block_size": o.block_size, "true_sequential": o.true_sequential, **job.data_args}
     return method
+
+
+def build_gguf(job) -> GGUFGPTQ:
+    """GPTQ into the GGML types of a GGUFScheme (static groups: each block's scales are fitted first)."""
+    o = job.options
+    job.method_args = {**job.data_args, "act_order": o.act_order, "damp": o.damp, "block_size": o.block_size,
+                       "true_sequential": o.true_sequential}
+    return GGUFGPTQ(job.scheme, damp=o.damp, block_size=o.block_size, act_order=o.act_order, static_groups=True)
 
 
 def build_float(job) -> FloatGPTQ:

@@ -1,10 +1,11 @@
 """Round-to-nearest (RTN): each group's scale/zero from its own range (optionally clip-searched);
-no calibration data."""
+no calibration data. Under a GGUFScheme, each GGML block's scales are fitted by quant/ggml.fit."""
 from __future__ import annotations
 
 import torch
 
-from ..config import QuantScheme, scheme_for
+from ..config import GGUFScheme, QuantScheme, scheme_for
+from . import ggml
 from .grid import rtn_qparams, rtn_quantize  # noqa: F401 (the RTN math lives in grid.py)
 
 
@@ -26,8 +27,14 @@ class RTN:
     def apply(self, name: str, module):
         from ..nn import LUTLinear, QuantLinear, linear_weight
 
-        s = scheme_for(self.scheme, self.layer_schemes, name)
         w = linear_weight(module).detach()
+        if isinstance(self.scheme, GGUFScheme):  # GGML's block formats: quant/ggml.py
+            from ..nn_gguf import GGUFLinear
+
+            t = self.scheme.layer_types[name]
+            q, params = ggml.quantize(w, ggml.get_type(t))
+            return GGUFLinear.from_codes(q, params, t, bias=module.bias)
+        s = scheme_for(self.scheme, self.layer_schemes, name)
         if s.grid != "uniform":  # non-uniform levels: quant/lut.py
             from .lut import rtn_lut_quantize
 

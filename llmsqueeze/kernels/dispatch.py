@@ -110,7 +110,7 @@ def _(x, qweight, scales, qzeros, g_idx, bits, group_size, in_features):
     return x.new_empty(x.shape[0], qweight.shape[1])
 
 
-# -- lookup-table grids (LUTLinear, kernels/lookup.py): one tile kernel, its tiles chosen by M -------
+# -- lookup-table grids (LUTLinear, llmsqueeze/kernels/lookup.py): one tile kernel, its tiles chosen by M -------
 # (block_m, block_n, block_k, num_warps, num_stages); no autotune yet: not timed on a GPU
 LUT_CONFIGS = ((16, (16, 64, 64, 4, 2)), (64, (64, 64, 64, 4, 3)), (None, (128, 128, 64, 8, 3)))
 INTERPRET_LUT = (16, 64, 32, 4, 1)

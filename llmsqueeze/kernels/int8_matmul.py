@@ -20,7 +20,7 @@ Two GEMM kernels share the epilogue:
   * `_scaled_mm_tma_kernel`  TMA descriptors (Hopper and later, K % 16 == 0): the copy engine loads the
                              tiles and zero-fills past M, N and K.
 `scaled_mm` picks the tile config per (M bucket, N, K, dtype) by timing the candidates once on the GPU
-(`_choose`, as kernels/dispatch.py does for the 4-bit kernels); under the interpreter it runs one
+(`_choose`, as llmsqueeze/kernels/dispatch.py does for the 4-bit kernels); under the interpreter it runs one
 small fixed config.
 """
 from __future__ import annotations

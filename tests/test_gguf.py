@@ -1,0 +1,341 @@
+"""GGUF: GGML's block formats (quant/ggml.py) against the gguf package's reference dequantization,
+llama.cpp's type mixes, GGUFScheme through RTN and GPTQ, checkpoints and both loaders, and the .gguf
+export read back by the gguf package and by transformers (gguf_file=)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEXT, tiny_llama
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+import llmsqueeze
+from llmsqueeze import GGUFLinear, GGUFScheme, LlmsqueezeError, QuantScheme
+from llmsqueeze.formats.gguf import permute_rows
+from llmsqueeze.quant import ggml
+
+gguf = pytest.importorskip("gguf")
+from gguf import quants  # noqa: E402
+
+
+def random_params(t: ggml.GGMLType, n: int, k: int, g: torch.Generator) -> tuple[torch.Tensor, ggml.Params]:
+    """Codes and block parameters over the format's whole ranges (signed scales, every code)."""
+    q = torch.randint(0, t.levels, (n, k), generator=g)
+    if not t.super:
+        p = {"d": ggml.fp16(torch.randn(n, k // t.block, generator=g) * 0.01)}
+        if t.kind == "affine":
+            p["m"] = ggml.fp16(-torch.rand(n, k // t.block, generator=g) * 0.1)
+        return q, p
+    nsb, nsub = k // t.block, t.block // t.sub
+    p = {"d": ggml.fp16(torch.rand(n, nsb, generator=g) * 0.01)}
+    if t.kind == "sym":
+        lo = -(2 ** (t.scale_bits - 1))
+        p["sc"] = torch.randint(lo, -lo, (n, nsb, nsub), generator=g)
+    else:
+        top = 2**t.scale_bits
+        p["sc"] = torch.randint(0, top, (n, nsb, nsub), generator=g)
+        p["dmin"] = ggml.fp16(torch.rand(n, nsb, generator=g) * 0.01)
+        p["mn"] = torch.randint(0, top, (n, nsb, nsub), generator=g)
+    return q, p
+
+
+# ------------------------------------------------------------------ the block formats
+@pytest.mark.parametrize("name", list(ggml.TYPES))
+def test_pack_matches_gguf_reference_bit_for_bit(name):
+    t = ggml.TYPES[name]
+    g = torch.Generator().manual_seed(1)
+    q, p = random_params(t, 6, 2 * ggml.QK_K, g)
+    blocks = ggml.pack(q, t, p)
+    assert blocks.shape == (6, t.row_bytes(2 * ggml.QK_K)) and blocks.dtype == torch.uint8
+    ref = quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(t.id))
+    ours = ggml.dequantize(q, t, p)
+    assert np.array_equal(ref.view(np.uint32), ours.numpy().view(np.uint32))
+    q2, p2 = ggml.unpack(blocks, t, 2 * ggml.QK_K)
+    assert torch.equal(q2, q)
+    for key in p:
+        assert torch.equal(p2[key].float(), p[key].float()), key
+
+
+@pytest.mark.parametrize("name", list(ggml.TYPES))
+def test_fitted_rtn_is_exact_in_the_reader_and_levels_hold_every_weight(name):
+    t = ggml.TYPES[name]
+    torch.manual_seed(0)
+    w = torch.randn(16, 512) * torch.rand(16, 1)
+    w[0, :64] = 0  # an all-zero block
+    q, p = ggml.quantize(w, t)
+    assert q.min() >= 0 and q.max() < t.levels
+    blocks = ggml.pack(q, t, p)
+    ref = torch.from_numpy(quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType(t.id)))
+    assert torch.equal(ref, ggml.dequantize(q, t, p))
+    assert torch.isfinite(ref).all() and (ref[0, :64] == 0).all()
+    # the table of each sub-block holds exactly the values its codes give, sorted
+    table, flip = ggml.levels(t, p)
+    assert (table[..., 1:] >= table[..., :-1]).all()
+    idx = torch.where(flip.repeat_interleave(t.sub, 1), t.levels - 1 - q, q)
+    vals = table.repeat_interleave(t.sub, 1).gather(2, idx.unsqueeze(2)).squeeze(2)
+    assert torch.equal(vals, ref)
+    rel = ((ref - w) ** 2).mean() / (w**2).mean()
+    assert rel < {2: 0.12, 3: 0.04, 4: 0.012, 5: 0.003, 6: 0.001, 8: 1e-4}[t.bits]
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
+def test_fit_beats_the_gguf_packages_quantizer(name):
+    """The weighted least-squares fit has a lower error than gguf's reference (llama.cpp's plain) one."""
+    t = ggml.TYPES[name]
+    torch.manual_seed(0)
+    w = torch.randn(64, 1024)
+    q, p = ggml.quantize(w, t)
+    ours = ggml.dequantize(q, t, p)
+    qt = gguf.GGMLQuantizationType(t.id)
+    ref = torch.from_numpy(quants.dequantize(quants.quantize(w.numpy(), qt), qt))
+    assert ((ours - w) ** 2).mean() < 0.95 * ((ref - w) ** 2).mean()
+
+
+def test_importance_weights_the_error():
+    t = ggml.TYPES["q4_k"]
+    torch.manual_seed(0)
+    w = torch.randn(32, 512)
+    imp = torch.ones(512)
+    imp[::4] = 100.0
+    for weights, better in ((imp, True), (None, False)):
+        q, p = ggml.quantize(w, t, weights)
+        err = ((ggml.dequantize(q, t, p) - w) ** 2 * imp).sum()
+        if better:
+            weighted = err
+        else:
+            plain = err
+    assert weighted < plain
+
+
+def test_llama_cpp_mix_rules():
+    """llama-quant.cpp's choices on SmolLM2's shapes (30 layers, widths 576 and 1536, tied embeddings)."""
+    mt = ggml.mix_type
+    # Q4_K_M: width 576 is no multiple of 256, so Q4_K falls back to Q5_0 and Q6_K to Q8_0
+    assert mt("q4_k_m", "attn_q", 5, 30, 576) == "q5_0"
+    assert mt("q4_k_m", "attn_v", 0, 30, 576) == "q8_0"  # use_more_bits -> Q6_K -> fallback
+    assert mt("q4_k_m", "attn_v", 4, 30, 576) == "q5_0"
+    assert mt("q4_k_m", "ffn_down", 0, 30, 1536) == "q6_k"
+    assert mt("q4_k_m", "ffn_down", 4, 30, 1536) == "q4_k"
+    assert mt("q4_k_m", "ffn_down", 5, 30, 1536) == "q6_k"  # (5 - 3) % 3 == 2
+    assert mt("q4_k_m", "token_embd", 0, 30, 576, tied=True) == "q8_0"
+    assert mt("q4_k_m", "token_embd", 0, 30, 4096, tied=True) == "q6_k"
+    assert mt("q4_k_m", "token_embd", 0, 30, 4096, tied=False) == "q4_k"
+    assert mt("q3_k_m", "attn_q", 3, 30, 576) == "q4_0"
+    assert mt("q3_k_m", "attn_v", 1, 30, 4096) == "q5_k"
+    assert mt("q3_k_m", "attn_output", 1, 30, 4096) == "q4_k"
+    assert mt("q3_k_m", "ffn_down", 0, 32, 11008) == "q5_k"
+    assert mt("q3_k_m", "ffn_down", 9, 32, 11008) == "q4_k"
+    assert mt("q4_0", "ffn_down", 0, 30, 1536) == "q4_0"
+    assert mt("q4_0", "ffn_down", 0, 30, 1536, imatrix=True) == "q4_1"
+    assert mt("q2_k", "attn_v", 0, 30, 4096, n_gqa=4) == "q4_k"
+    assert mt("q4_k_m", "attn_q", 0, 30, 40) == "f16"  # no 32-block divides it
+
+
+# ------------------------------------------------------------------ a tiny model with a BPE tokenizer
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<s>", "</s>"], show_progress=False)
+    tk.train_from_iterator([TEXT], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<|endoftext|>", bos_token="<s>", eos_token="</s>")
+
+
+def gguf_llama(hidden: int = 256, inter: int = 512):
+    tok = bpe_tokenizer()
+    model = tiny_llama(hidden=hidden, intermediate_size=inter, vocab=len(tok), layers=2)
+    return model, tok
+
+
+def calib(tok, n: int = 8, t: int = 64) -> torch.Tensor:
+    ids = torch.tensor(tok(TEXT)["input_ids"])
+    return torch.stack([ids[i * t:(i + 1) * t] for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def q4km(tmp_path_factory):
+    """A tiny Llama quantized to GGUF Q4_K_M by GPTQ and saved: (dir, in-memory model, tokenizer)."""
+    model, tok = gguf_llama()
+    llmsqueeze.quantize(model, GGUFScheme(mix="q4_k_m"), data=calib(tok), method="gptq", progress=False)
+    d = tmp_path_factory.mktemp("gguf") / "q4km"
+    llmsqueeze.save_quantized(model, d, tokenizer=tok)
+    return d, model, tok
+
+
+def test_every_selected_linear_gets_llama_cpps_type(q4km):
+    _, model, _ = q4km
+    types = model.config.quantization_config["scheme"]["layer_types"]
+    assert len(types) == 14 and all(isinstance(model.get_submodule(n), GGUFLinear) for n in types)
+    # use_more_bits(i, 2) holds for the last layer only (i >= 7*2//8)
+    assert types["model.layers.0.mlp.down_proj"] == "q4_k" and types["model.layers.1.mlp.down_proj"] == "q6_k"
+    assert types["model.layers.0.self_attn.v_proj"] == "q4_k" and types["model.layers.1.self_attn.v_proj"] == "q6_k"
+    assert types["model.layers.0.self_attn.q_proj"] == "q4_k"
+
+
+def test_gptq_beats_rtn_in_the_same_format():
+    model, tok = gguf_llama()
+    ids = calib(tok)
+    x = ids[:2]
+    with torch.no_grad():
+        ref = model(x).logits
+    errs = {}
+    for method in ("rtn", "gptq"):
+        m, _ = gguf_llama()
+        llmsqueeze.quantize(m, GGUFScheme(mix="q3_k_m"), data=ids if method == "gptq" else None, method=method,
+                            progress=False)
+        with torch.no_grad():
+            errs[method] = ((m(x).logits - ref) ** 2).mean().item()
+    assert errs["gptq"] < 0.8 * errs["rtn"]
+
+
+def test_checkpoint_loads_back_through_both_loaders(q4km):
+    d, model, _ = q4km
+    x = torch.randint(3, 200, (1, 24))
+    with torch.no_grad():
+        want = model(x).logits
+        back = llmsqueeze.from_pretrained(d)
+        assert isinstance(back.model.layers[1].mlp.down_proj, GGUFLinear)
+        assert torch.equal(back(x).logits, want)
+        hf = AutoModelForCausalLM.from_pretrained(d)
+        assert torch.equal(hf(x).logits, want)
+    from llmsqueeze.info import checkpoint_info, format_info
+
+    info = checkpoint_info(d)
+    assert info["quantized_layers"] == 14
+    assert "gguf Q4_K_M" in format_info(info) and "Q6_K x" in format_info(info)
+
+
+def test_corrupt_layer_types_are_one_line(q4km, tmp_path):
+    import json
+    import shutil
+
+    d, _, _ = q4km
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["scheme"]["layer_types"]["model.layers.0.mlp.up_proj"] = "q8_0"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(llmsqueeze.CheckpointError, match="up_proj stores U8"):
+        llmsqueeze.from_pretrained(bad)
+
+
+# ------------------------------------------------------------------ the .gguf file
+def read_tensors(path) -> dict[str, tuple[str, np.ndarray]]:
+    r = gguf.GGUFReader(str(path))
+    return {t.name: (t.tensor_type.name, quants.dequantize(t.data, t.tensor_type)) for t in r.tensors}
+
+
+def test_export_writes_exactly_the_optimized_blocks(q4km, tmp_path):
+    d, model, tok = q4km
+    out = llmsqueeze.export(d, "gguf", tmp_path / "m.gguf", progress=False)
+    r = gguf.GGUFReader(str(out))
+    fields = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
+    assert fields["general.file_type"] == 15  # MOSTLY_Q4_K_M
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert len(fields["tokenizer.ggml.tokens"]) == len(tok) and fields["tokenizer.ggml.bos_token_id"] == tok.bos_token_id
+    assert len(fields["tokenizer.ggml.merges"]) > 0
+    tensors = read_tensors(out)
+    types = model.config.quantization_config["scheme"]["layer_types"]
+    heads = {"attn_q": 4, "attn_k": 2}
+    for name, t in types.items():
+        i = name.split(".")[2]
+        base = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[name.rsplit(".", 1)[1]]
+        got_type, got = tensors[f"blk.{i}.{base}.weight"]
+        assert got_type == t.upper()
+        want = model.get_submodule(name).dequantize()
+        if base in heads:  # llama's q/k rows permuted for ggml's rope: whole rows, exact
+            want = want[permute_rows(want.shape[0], heads[base])]
+        assert np.array_equal(got, want.numpy()), name
+    # untied: the embeddings take the mix's type, the dense head llama.cpp's Q6_K for outputs
+    assert tensors["token_embd.weight"][0] == "Q4_K" and tensors["output.weight"][0] == "Q6_K"
+    assert tensors["output_norm.weight"][0] == "F32"
+    emb = model.model.embed_tokens.weight.detach()
+    assert ((torch.from_numpy(tensors["token_embd.weight"][1]) - emb) ** 2).mean() < 0.02 * (emb**2).mean()
+
+
+def test_transformers_reads_the_export(q4km, tmp_path):
+    """transformers' GGUF loader (gguf_file=) dequantizes our file into the same model."""
+    d, model, _ = q4km
+    out = llmsqueeze.export(d, "gguf", tmp_path / "m.gguf", dense_type="f32", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    x = torch.randint(3, 200, (1, 24))
+    with torch.no_grad():
+        a, b = hf(x).logits, model(x).logits
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sym,bits,group,want", [(True, 4, 32, "Q4_0"), (True, 4, 64, "Q4_0"), (False, 4, 32, "Q4_1"),
+                                                 (True, 8, -1, "Q8_0")])
+def test_uniform_checkpoints_map_exactly(tmp_path, sym, bits, group, want):
+    model, tok = gguf_llama(hidden=96, inter=160)
+    llmsqueeze.quantize(model, QuantScheme(bits=bits, group_size=group, sym=sym), progress=False)
+    d = llmsqueeze.save_quantized(model, tmp_path / "q", tokenizer=tok)
+    tensors = read_tensors(llmsqueeze.export(d, "gguf", tmp_path / "q.gguf", progress=False))
+    for i in range(2):
+        got_type, got = tensors[f"blk.{i}.ffn_down.weight"]
+        w = model.model.layers[i].mlp.down_proj.dequantize_weight()
+        assert got_type == want
+        if sym:
+            assert torch.equal(torch.from_numpy(got), w)
+        else:  # Q4_1 stores the min -scale*zero in fp16: one rounding per block
+            assert torch.allclose(torch.from_numpy(got), w, atol=float(w.abs().max()) * 2e-3)
+    got_type, got = tensors["blk.0.attn_q.weight"]
+    want_q = model.model.layers[0].self_attn.q_proj.dequantize_weight()[permute_rows(96, 4)]
+    assert got_type == want and (torch.equal(torch.from_numpy(got), want_q) or not sym)
+
+
+@pytest.mark.parametrize("scheme,match", [
+    (QuantScheme(bits=3, group_size=32), "bits=3"),
+    (QuantScheme(bits=4, group_size=48), "group_size=48"),
+    (QuantScheme(bits=8, group_size=32), "bits=8 asym"),
+    (QuantScheme(bits=4, group_size=32, grid="nf"), "grid='nf'"),
+])
+def test_inexpressible_checkpoints_are_refused(tmp_path, scheme, match):
+    model, tok = gguf_llama(hidden=96, inter=160)
+    llmsqueeze.quantize(model, scheme, progress=False)
+    d = llmsqueeze.save_quantized(model, tmp_path / "q", tokenizer=tok)
+    with pytest.raises(LlmsqueezeError, match=match):
+        llmsqueeze.export(d, "gguf", tmp_path / "q.gguf")
+    assert not (tmp_path / "q.gguf").exists() and not list(tmp_path.glob(".q.gguf*"))
+
+
+def test_fallback_types_on_widths_256_does_not_divide(tmp_path):
+    model, tok = gguf_llama(hidden=96, inter=160)
+    llmsqueeze.quantize(model, GGUFScheme(mix="q4_k_m"), progress=False)
+    types = model.config.quantization_config["scheme"]["layer_types"]
+    assert types["model.layers.0.self_attn.q_proj"] == "q5_0" and types["model.layers.1.mlp.down_proj"] == "q8_0"
+    pure = tiny_llama(hidden=96, intermediate_size=160, vocab=len(tok), layers=2)
+    llmsqueeze.quantize(pure, GGUFScheme(mix="q4_k"), progress=False)  # a type alone: every tensor in it (pure)
+    assert set(pure.config.quantization_config["scheme"]["layer_types"].values()) == {"q5_0"}
+
+
+def test_cli_quantize_export_and_one_line_errors(tmp_path, capsys):
+    from llmsqueeze.cli import main
+
+    model, tok = gguf_llama()
+    src = tmp_path / "dense"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    assert main(["quantize", str(src), "--scheme", "gguf:q4_0", "--out", str(tmp_path / "q")]) == 0
+    assert main(["export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "q.gguf")]) == 0
+    assert read_tensors(tmp_path / "q.gguf")["blk.0.attn_v.weight"][0] == "Q4_0"
+    capsys.readouterr()
+    for argv, msg in (
+        (["quantize", str(src), "--scheme", "gguf:q9_k", "--out", str(tmp_path / "x")], "gguf type 'q9_k' is not known"),
+        (["quantize", str(src), "--scheme", "fp9", "--out", str(tmp_path / "x")], "--scheme 'fp9' is not known"),
+        (["quantize", str(src), "--scheme", "gguf:q4_k_m", "--method", "awq", "--out", str(tmp_path / "x")],
+         "not available for gguf"),
+        (["export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "q.bin")], "ends in .gguf"),
+        (["export", str(tmp_path / "q"), "--format", "gguf", "--type", "q8_0", "--out", str(tmp_path / "y.gguf")],
+         "was quantized as q4_0"),
+        (["export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "q.gguf")], "exists"),
+        (["export", str(tmp_path / "q"), "--format", "gptq", "--type", "q4_0", "--out", str(tmp_path / "z")],
+         "apply to --format gguf"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
