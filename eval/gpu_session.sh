@@ -22,8 +22,8 @@ python3 -c "import torch, triton, transformers; print(torch.__version__, triton.
 step 60 python3 eval/sparse_gpu.py --out "$OUT/sparse24_gpu.json"
 step 240 python3 eval/w8a8_gpu.py --out "$OUT/w8a8_gpu.json"  # + Triton W8A8: compiles and times ~10 tile configs
 step ${GPTQ_S:-330} python3 eval/gptq_7b.py --device cuda --out "$OUT/gptq_7b.json"
-step 150 python3 eval/kernels.py --m 1 4 16 64 256 2048 --out "$OUT/kernels.json"
+step 150 python3 eval/kernel_bench.py --m 1 4 16 64 256 2048 --out "$OUT/kernels.json"
 # FP8 W8A8 (issue 24) against fp16 cuBLAS at prefill sizes, graph-timed: target >= 1.6x at M >= 512
-step 150 python3 eval/kernels.py --cudagraph --no-peers --m 512 1024 2048 --out "$OUT/kernels_fp8_cudagraph.json"
+step 150 python3 eval/kernel_bench.py --cudagraph --no-peers --m 512 1024 2048 --out "$OUT/kernels_fp8_cudagraph.json"
 step 120 python3 eval/latency.py --device cuda --no-real --fits-only --out "$OUT/latency_fits.json"
 step 600 python3 eval/latency.py --device cuda --no-real --batch 1 --new-tokens 128 --out "$OUT/latency_7b_b1.json"

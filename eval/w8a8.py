@@ -10,7 +10,7 @@ speed of the int8 GEMM against fp32/bf16 matmul at 2048 tokens.
 Perplexity follows the protocol of shared/README.md (2048-token windows of WikiText-2 test, float32
 on the CPU; calibration 128 x 512 tokens of valid.txt, seed 0). Each configuration starts from a
 fresh dense model. Prints markdown tables; writes eval/results/w8a8.json and, for --gemm,
-eval/results/w8a8_gemm_cpu.json (the GPU's W8A8 row is in eval/kernels.py and eval/w8a8_gpu.py).
+eval/results/w8a8_gemm_cpu.json (the GPU's W8A8 row is in eval/kernel_bench.py and eval/w8a8_gpu.py).
 """
 from __future__ import annotations
 

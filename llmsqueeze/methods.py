@@ -40,6 +40,7 @@ class MethodRow:
     inner_w8a8: Callable | None = None
     inner_float: Callable | None = None  # with a FloatScheme, when the method rounds the weights itself
     build_gguf: Callable | None = None  # the entry point with a GGUFScheme (None: not available)
+    inner_gguf: Callable | None = None
     calibrated: bool = True
     lazy: bool = False
     grids: tuple[str, ...] = ("uniform",)
@@ -67,8 +68,9 @@ QUANTIZE = {row.name: row for row in (
     MethodRow("gptq", "quantize", build=gptq.build, build_w8a8=w8a8.build, inner_w8a8=gptq.build_int8,
               inner_float=gptq.build_float, build_gguf=gptq.build_gguf, lazy=True,
               grids=("uniform", "nf", "kmeans"), mixed=True, act_order=True, clip_search=True),
-    MethodRow("awq", "quantize", build=awq.build, clip_search=True, help="AWQ then RTN"),
-    MethodRow("awq-gptq", "quantize", build=awq.build, inner=gptq.build, act_order=True, clip_search=True,
+    MethodRow("awq", "quantize", build=awq.build, build_gguf=awq.build, clip_search=True, help="AWQ then RTN"),
+    MethodRow("awq-gptq", "quantize", build=awq.build, inner=gptq.build, build_gguf=awq.build,
+              inner_gguf=gptq.build_gguf, act_order=True, clip_search=True,
               recorded_as="awq", help="AWQ then GPTQ"),
     MethodRow("autoround", "quantize", build=autoround.build, sample_batches=True, help="learned rounding"),
 )}

@@ -44,7 +44,7 @@ def _build(job: Job, row: MethodRow):
     if row.run is not None:
         return None
     if isinstance(job.scheme, GGUFScheme):
-        build, inner = row.build_gguf, None
+        build, inner = row.build_gguf, row.inner_gguf
     elif isinstance(job.scheme, FloatScheme):
         build, inner = row.build_w8a8, row.inner_float
     elif isinstance(job.scheme, W8A8Scheme):

@@ -190,6 +190,26 @@ def test_gptq_beats_rtn_in_the_same_format():
     assert errs["gptq"] < 0.8 * errs["rtn"]
 
 
+@pytest.mark.parametrize("method", ["awq", "awq-gptq"])
+def test_awq_balances_then_rounds_into_the_ggml_types(method, tmp_path):
+    model, tok = gguf_llama()
+    ids = calib(tok)
+    x = ids[:2]
+    with torch.no_grad():
+        ref = model(x).logits
+    llmsqueeze.quantize(model, GGUFScheme(mix="q3_k_m"), data=ids, method=method, progress=False)
+    qc = model.config.quantization_config
+    assert qc["method"] == "awq" and qc["method_args"]["awq"]["then"] == ("gptq" if method == "awq-gptq" else "rtn")
+    assert all(isinstance(model.get_submodule(n), GGUFLinear) and model.get_submodule(n).ggml_type == t
+               for n, t in qc["scheme"]["layer_types"].items())
+    with torch.no_grad():
+        out = model(x).logits
+    assert ((out - ref) ** 2).mean() < 0.1 * (ref**2).mean()
+    d = llmsqueeze.save_quantized(model, tmp_path / "q", tokenizer=tok)
+    with torch.no_grad():
+        assert torch.equal(llmsqueeze.from_pretrained(d)(x).logits, out)
+
+
 def test_checkpoint_loads_back_through_both_loaders(q4km):
     d, model, _ = q4km
     x = torch.randint(3, 200, (1, 24))
@@ -327,7 +347,7 @@ def test_cli_quantize_export_and_one_line_errors(tmp_path, capsys):
     for argv, msg in (
         (["quantize", str(src), "--scheme", "gguf:q9_k", "--out", str(tmp_path / "x")], "gguf type 'q9_k' is not known"),
         (["quantize", str(src), "--scheme", "fp9", "--out", str(tmp_path / "x")], "--scheme 'fp9' is not known"),
-        (["quantize", str(src), "--scheme", "gguf:q4_k_m", "--method", "awq", "--out", str(tmp_path / "x")],
+        (["quantize", str(src), "--scheme", "gguf:q4_k_m", "--method", "autoround", "--out", str(tmp_path / "x")],
          "not available for gguf"),
         (["export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "q.bin")], "ends in .gguf"),
         (["export", str(tmp_path / "q"), "--format", "gguf", "--type", "q8_0", "--out", str(tmp_path / "y.gguf")],
@@ -339,3 +359,55 @@ def test_cli_quantize_export_and_one_line_errors(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert msg in err and len(err.splitlines()) == 1, err
+
+
+def test_a_gguf_file_loads_into_gguf_linears_and_saves_back(q4km, tmp_path):
+    """from_pretrained(file.gguf) keeps the blocks (no dequantization), un-permutes q/k, and a save +
+    export writes the same tensors again."""
+    d, model, tok = q4km
+    f = llmsqueeze.export(d, "gguf", tmp_path / "m.gguf", dense_type="f32", progress=False)
+    back = llmsqueeze.from_pretrained(f)
+    for name, layer in model.named_modules():
+        if isinstance(layer, GGUFLinear):
+            got = back.get_submodule(name)
+            assert isinstance(got, GGUFLinear) and got.ggml_type == layer.ggml_type
+            assert torch.equal(got.blocks, layer.blocks), name
+    x = torch.randint(3, 200, (1, 24))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, model(x).logits)
+    again = llmsqueeze.save_quantized(back, tmp_path / "again", tokenizer=tok)
+    f2 = llmsqueeze.export(again, "gguf", tmp_path / "again.gguf", dense_type="f32", progress=False)
+    a, b = read_tensors(f), read_tensors(f2)
+    assert a.keys() == b.keys() and all(a[k][0] == b[k][0] and np.array_equal(a[k][1], b[k][1]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_other_families_export_and_transformers_reads_them(family, tmp_path):
+    """Each family's metadata and tensor names as llama.cpp's converter writes them: transformers'
+    GGUF loader rebuilds the same model (qwen2's q/k/v biases, qwen3's q/k norms; no permutation)."""
+    import transformers as tf
+
+    tok = bpe_tokenizer()
+    kw = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    cfg = {"mistral": lambda: tf.MistralConfig(**kw, sliding_window=None), "qwen2": lambda: tf.Qwen2Config(**kw),
+           # transformers' GGUF reader takes no head_dim for qwen3 (its default 128 is the real models')
+           "qwen3": lambda: tf.Qwen3Config(**kw, head_dim=128)}[family]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    if family == "qwen2":  # non-zero biases, so that a lost bias shows
+        for layer in model.model.layers:
+            for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                p.bias.data.normal_(0, 0.5)
+    ids = calib(tok)
+    llmsqueeze.quantize(model, GGUFScheme(mix="q4_k_m"), data=ids, method="gptq", progress=False)
+    d = llmsqueeze.save_quantized(model, tmp_path / "q", tokenizer=tok)
+    out = llmsqueeze.export(d, "gguf", tmp_path / "m.gguf", dense_type="f32", progress=False)
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(out)).fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.architecture"] == {"mistral": "llama"}.get(family, family)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    x = ids[:1, :24]
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, model(x).logits, atol=1e-4, rtol=1e-4)
+        back = llmsqueeze.from_pretrained(out)
+        assert torch.equal(back(x).logits, model(x).logits)

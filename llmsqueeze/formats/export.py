@@ -33,7 +33,7 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
     if format == "gguf":
         if scale_dtype is not None:
             raise LlmsqueezeError("--scale-dtype applies to compressed-tensors; GGUF stores fp16 block scales")
-        from .gguf import export as export_gguf
+        from .gguf_export import export as export_gguf
 
         return export_gguf(src, out, overwrite, **gguf)
     if gguf:

@@ -1,187 +1,24 @@
-"""GGUF files (llama.cpp, Ollama, LM Studio): a llmsqueeze checkpoint written as one .gguf file with
-the `gguf` package (llama.cpp's own Python library), following llama.cpp's converter's conventions.
-
-  what is written          from a GGUFScheme checkpoint: each layer's bytes as they are (GPTQ's codes
-                           and the block scales it was optimized under); from a uniform checkpoint, the
-                           exact mappings: symmetric 4-bit -> Q4_0, asymmetric 4-bit -> Q4_1 (the min
-                           -scale*zero rounded to fp16), symmetric 8-bit -> Q8_0, groups a multiple of 32
-                           (each 32-block takes its group's scale; float16 and bfloat16 scales are exact
-                           in fp16, float32 ones are rounded); anything else is refused in one line.
-  dense tensors            norms F32; the token embeddings (and an untied dense output head) in the
-                           type llama-quantize gives them under the mix (quant/ggml.mix_type, fitted
-                           by quant/ggml's RTN), or `dense_type` (f16, f32, bf16 or a GGML type).
-  layout                   GGUF rows are our weight rows ([N, K] -> ne = [K, N]); llama's q and k
-                           rows are permuted for ggml's rotary embedding (convert_hf_to_gguf's
-                           permute), which moves whole quantized rows and so is exact.
-  metadata                 the family's hyper-parameters under `{arch}.*`, general.file_type, and the
-                           tokenizer: BPE vocabularies as "gpt2" (tokens, types, merges, special
-                           token ids, chat template) with llama.cpp's pre-tokenizer recognised from
-                           tokenizer.json's pre_tokenizer.
-
-Families written: llama (and mistral, as llama), qwen2, qwen3. gemma2/3 and phi3 are refused in one
-line until written (their norms, embedding scale and fused projections need their own rules).
-"""
+"""GGUF files (llama.cpp, Ollama, LM Studio): what both directions share (the families written and
+read, llama.cpp's tensor names, llama's q/k row order) and the import: a .gguf file loaded with its
+quantized Linears kept as GGUFLinear blocks (`load`). The export is formats/gguf_export.py."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import LlmsqueezeError, QuantScheme, scheme_from_dict
+from ..config import LlmsqueezeError
 from ..quant import ggml
 
 # model_type -> (GGUF architecture, permute q/k rows for ggml's rope)
 ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
 NOT_YET = ("gemma", "gemma2", "gemma3_text", "phi3")
-TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_CONTROL, TOKEN_USER = 1, 5, 3, 4
 
 # model-level tensors (HF name without the leading "model.") -> GGUF name
 GLOBAL_TENSORS = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
                   "lm_head.weight": "output.weight"}
-
-
-# ------------------------------------------------------------------------------- what may be exported
-def uniform_type(scheme: QuantScheme, method_args: dict) -> str:
-    """The GGML type a uniform checkpoint maps onto exactly, or a one-line refusal naming the field."""
-    if scheme.grid != "uniform":
-        raise LlmsqueezeError(f"cannot export to gguf: grid={scheme.grid!r} has no GGML type; quantize with "
-                              "--scheme gguf:<type> (e.g. gguf:iq4_nl or gguf:q4_k_m)")
-    if scheme.bits not in (4, 8) or (scheme.bits == 8 and not scheme.sym):
-        raise LlmsqueezeError(f"cannot export to gguf: bits={scheme.bits}{'' if scheme.sym else ' asym'} has no exact GGML "
-                              "type (4-bit -> Q4_0/Q4_1, symmetric 8-bit -> Q8_0); quantize with --scheme gguf:<type>, "
-                              "e.g. gguf:q3_k_m or gguf:q2_k")
-    if scheme.group_size != -1 and scheme.group_size % 32:
-        raise LlmsqueezeError(f"cannot export to gguf: group_size={scheme.group_size} is not a multiple of 32, GGML's "
-                              "block; re-quantize with --group-size 32, 64 or 128")
-    if method_args.get("act_order") and not method_args.get("static_groups"):
-        raise LlmsqueezeError("cannot export to gguf: act_order with dynamic groups stores g_idx, which GGML blocks "
-                              "cannot; re-quantize with --act-order static")
-    return {(4, True): "q4_0", (4, False): "q4_1", (8, True): "q8_0"}[(scheme.bits, scheme.sym)]
-
-
-def from_uniform(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int, t: str) -> ggml.Params:
-    """Our codes q [N, K], scale/zero [N, ng] -> (codes, params) of GGML type t (q4_0, q4_1, q8_0):
-    the same weights, each 32-block with its group's scale."""
-    n, k = q.shape
-    per_block = (torch.arange(k // 32) * 32 // group).long()
-    s, z = scale.float()[:, per_block], zero.float()[:, per_block]
-    if t == "q4_0":
-        return q.long(), {"d": ggml.fp16(s)}
-    if t == "q4_1":
-        return q.long(), {"d": ggml.fp16(s), "m": ggml.fp16(-s * z)}
-    return q.long() - 1, {"d": ggml.fp16(s)}  # q8_0: code = int8 + 127, our int8 = q - 128
-
-
-def check_exact(t: str, scale: torch.Tensor) -> None:
-    """Scales beyond fp16's range cannot be stored."""
-    if not torch.isfinite(scale.to(torch.float16)).all():
-        raise LlmsqueezeError(f"cannot export to gguf: a group scale exceeds fp16's range, which {t} stores")
-
-
-# ------------------------------------------------------------------------------- metadata
-def hparams(config: dict) -> dict:
-    text = config.get("text_config") or config
-    rope = text.get("rope_parameters") or {}
-    heads = text["num_attention_heads"]
-    head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    return {
-        "context_length": text.get("max_position_embeddings", 2048),
-        "embedding_length": text["hidden_size"],
-        "block_count": text["num_hidden_layers"],
-        "feed_forward_length": text["intermediate_size"],
-        "head_count": heads,
-        "head_count_kv": text.get("num_key_value_heads") or heads,
-        "rope_theta": rope.get("rope_theta", text.get("rope_theta", 10000.0)),
-        "rms_eps": text.get("rms_norm_eps", 1e-6),
-        "head_dim": head_dim,
-        "vocab_size": text["vocab_size"],
-        "tied": bool(text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))),
-    }
-
-
-def write_hparams(w, arch: str, hp: dict) -> None:
-    w.add_context_length(hp["context_length"])
-    w.add_embedding_length(hp["embedding_length"])
-    w.add_block_count(hp["block_count"])
-    w.add_feed_forward_length(hp["feed_forward_length"])
-    w.add_head_count(hp["head_count"])
-    w.add_head_count_kv(hp["head_count_kv"])
-    w.add_rope_freq_base(float(hp["rope_theta"]))
-    w.add_layer_norm_rms_eps(float(hp["rms_eps"]))
-    w.add_vocab_size(hp["vocab_size"])
-    w.add_rope_dimension_count(hp["head_dim"])
-    w.add_key_length(hp["head_dim"])
-    w.add_value_length(hp["head_dim"])
-
-
-def pre_tokenizer(tok_json: dict) -> str:
-    """llama.cpp's name for the BPE pre-tokenizer described by tokenizer.json's pre_tokenizer (its
-    converter hashes a tokenization instead; this reads the structure, so a retrained vocabulary with the
-    same splitting is recognised too). Unknown: a one-line refusal."""
-    pre = tok_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in parts]
-    patterns = [((p.get("pattern") or {}).get("Regex") or "") for p in parts if p.get("type") == "Split"]
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
-        return "smollm"
-    if patterns and "\\p{N}{1,3}" in patterns[0] and "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in patterns[0]:
-        return "llama-bpe"
-    if patterns and "\\p{N}|" in patterns[0] and "(?i:'s|'t|'re|'ve|'m|'ll|'d)" in patterns[0]:
-        return "qwen2"
-    raise LlmsqueezeError(f"gguf: the tokenizer's pre-tokenizer ({'+'.join(map(str, kinds)) or 'none'}) is not one "
-                          "this exporter recognises (gpt-2, smollm, llama-bpe, qwen2); pass pre_tokenizer= with "
-                          "llama.cpp's name for it")
-
-
-def write_tokenizer(w, src: Path, vocab_size: int, pre: str | None = None) -> None:
-    """A BPE tokenizer (tokenizer.json) as llama.cpp's "gpt2" model: tokens by id (gaps up to the
-    model's vocab_size as unused [PAD{i}]), their types (control for special added tokens, user-defined
-    for other added ones), merges, special token ids, add_bos/eos and the chat template."""
-    import gguf
-
-    path = src / "tokenizer.json"
-    if not path.is_file():
-        raise LlmsqueezeError(f"gguf: {src} has no tokenizer.json; save the tokenizer with the checkpoint "
-                              "(save_quantized(model, out, tokenizer))")
-    tj = json.loads(path.read_text())
-    model = tj.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise LlmsqueezeError(f"gguf: the tokenizer is {model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}; "
-                              "this exporter writes byte-level BPE tokenizers (llama.cpp's gpt2 model) so far")
-    added = {a["id"]: a for a in tj.get("added_tokens", [])}
-    by_id = {i: t for t, i in model["vocab"].items()}
-    by_id.update({i: a["content"] for i, a in added.items()})
-    n = max(vocab_size, max(by_id) + 1)
-    tokens, types = [], []
-    for i in range(n):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(TOKEN_UNUSED)
-        else:
-            tokens.append(by_id[i])
-            types.append((TOKEN_CONTROL if added[i].get("special") else TOKEN_USER) if i in added else TOKEN_NORMAL)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre or pre_tokenizer(tj))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    special = gguf.SpecialVocab(src, load_merges=True, n_vocab=n)
-    special.add_to_gguf(w, quiet=True)
-    if "bos" not in special.add_special_token:  # what the HF tokenizer does: a BOS first, or not
-        w.add_add_bos_token(_adds_bos(src, special.special_token_ids.get("bos")))
-
-
-def _adds_bos(src: Path, bos: int | None) -> bool:
-    from transformers import AutoTokenizer
-
-    if bos is None:
-        return False
-    ids = AutoTokenizer.from_pretrained(str(src)).encode("a")
-    return bool(ids) and ids[0] == bos
 
 
 # ------------------------------------------------------------------------------- tensors
@@ -204,178 +41,100 @@ def gguf_name(hf: str, block_path: str, block_tensors: dict[str, str]) -> str | 
     return GLOBAL_TENSORS.get(short)
 
 
-def export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False, dense_type: str | None = None,
-           type: str | None = None, pre_tokenizer_name: str | None = None, progress: bool = True) -> Path:
-    """Write the llmsqueeze checkpoint `src` as the GGUF file `out` (a temp file renamed at the end).
-    `type`: the GGML type or mix the caller expects (refused in one line if the checkpoint holds
-    another); `dense_type`: the embeddings' and an untied head's type instead of the mix's."""
+# ------------------------------------------------------------------------------- import
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """A .gguf file -> a causal LM whose block Linears are GGUFLinear layers holding the file's bytes
+    (not dequantized: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, IQ4_NL; llama's q/k rows un-permuted,
+    whole rows); F32/F16/BF16 Linears, the embeddings, norms and head are read dense in `dtype`. The
+    config comes from transformers' GGUF reader (families: llama, qwen2, qwen3). save_quantized
+    writes it as a GGUFScheme checkpoint, and export --format gguf writes the same tensors back."""
     import gguf
-    from safetensors import safe_open
-    from tqdm import tqdm
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    from ..config import CheckpointError, GGUFScheme
     from ..models import GGUF_BLOCK_TENSORS, get_arch
-    from .files import linear_shapes, read_config, skeleton, tensor_index
-    from .loader import check_checkpoint
+    from ..nn import set_module
+    from ..nn_gguf import GGUFLinear
+    from .native import quantization_config
 
-    src = Path(src).expanduser()
-    out = Path(out).expanduser().absolute()
-    if out.exists() and (out.is_dir() or not overwrite):
-        raise LlmsqueezeError(f"--out {out} {'is a directory' if out.is_dir() else 'exists'}; pass a new .gguf file "
-                              f"path{'' if out.is_dir() else ' or --overwrite'}")
-    if out.suffix != ".gguf":
-        raise LlmsqueezeError(f"--out {out}: a GGUF file's name ends in .gguf")
-    qc = check_checkpoint(src)
-    if qc.get("source"):
-        raise LlmsqueezeError(f"{src} is a {qc['source']['format']} checkpoint; export reads llmsqueeze checkpoints")
-    if qc.get("sparsity") is not None or qc.get("layer_schemes"):
-        raise LlmsqueezeError(f"cannot export {src} to gguf: it is {'pruned' if qc.get('sparsity') else 'mixed precision'}, "
-                              "which GGUF's types do not store; quantize with --scheme gguf:<mix> instead")
-    config = read_config(src)
-    model_type = config.get("model_type")
-    if model_type in NOT_YET or model_type not in ARCHS:
-        raise LlmsqueezeError(f"cannot export {src} to gguf: model_type {model_type!r} is not written yet (written: "
-                              f"{', '.join(ARCHS)})")
-    arch, permute = ARCHS[model_type]
-    scheme = scheme_from_dict(qc["scheme"])
-    kind = getattr(scheme, "type", "weight-only")
-    if kind == "gguf":
-        mix, layer_types = scheme.mix, dict(scheme.layer_types)
-        if type is not None and type.lower() not in (scheme.mix, *set(layer_types.values())):
-            raise LlmsqueezeError(f"--type {type}: {src} was quantized as {scheme.mix}; drop --type, or quantize "
-                                  f"again with --scheme gguf:{type.lower()}")
-    elif kind == "weight-only":
-        mix = uniform_type(scheme, qc.get("method_args") or {})
-        if type is not None and type.lower() != mix:
-            raise LlmsqueezeError(f"--type {type}: {src} holds {scheme.bits}-bit {'sym' if scheme.sym else 'asym'} "
-                                  f"weights, which are exactly {mix.upper()}; drop --type or quantize with --scheme gguf:{type.lower()}")
-        layer_types = {}
-    else:
-        raise LlmsqueezeError(f"cannot export {src} to gguf: it holds {kind} weights ({scheme.to_dict().get('format', kind)}), "
-                              "which GGUF's types do not store; quantize with --scheme gguf:<mix>")
-    if dense_type is not None and dense_type not in ggml.TYPES and dense_type not in ggml.DENSE_TYPES:
-        raise LlmsqueezeError(f"--dense-type {dense_type!r}: use one of {', '.join([*ggml.DENSE_TYPES, *ggml.TYPES])}")
-    hp = hparams(config)
-    keys = tensor_index(src)
-    model, _ = skeleton(src)
-    block_path = get_arch(model).blocks
-    shapes = linear_shapes(model)
-    n_layers = hp["block_count"]
-    n_gqa = hp["head_count"] // hp["head_count_kv"]
-    file_type = ggml.MIXES[mix].file_type
-    opened: dict[Path, object] = {}
-
-    def get(name: str) -> torch.Tensor:
-        f = keys[name][0]
-        if f not in opened:
-            opened[f] = safe_open(f, "pt")
-        return opened[f].get_tensor(name)
-
-    prefixes = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith((".blocks", ".qweight"))})
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(tmp), arch, use_temp_file=True)
+    path = Path(path).expanduser()
     try:
-        w.add_type("model")
-        w.add_name(config.get("_name_or_path") or config.get("_model_name_or_path") or src.name)
-        write_hparams(w, arch, hp)
-        w.add_file_type(file_type)
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_tokenizer(w, src, hp["vocab_size"], pre_tokenizer_name)
-        names = [k for k in keys if not k.endswith(_LAYER_SUFFIXES) or k.rsplit(".", 1)[0] not in prefixes]
-        for p in prefixes:
-            names.append(p + ".weight")  # the quantized layer, written as its GGUF weight
-        ordered = sorted(set(names), key=_file_order)
-        for hf in tqdm(ordered, desc="gguf tensors", disable=not progress):
-            g = gguf_name(hf, block_path, GGUF_BLOCK_TENSORS)
-            if g is None:
-                if hf.endswith("rotary_emb.inv_freq"):
-                    continue
-                raise LlmsqueezeError(f"cannot export {src} to gguf: {hf} has no GGUF name in the {arch} layout")
-            base = g.split(".")[-2] if g.startswith("blk.") else g.split(".")[0]
-            perm = None
-            if permute and base in ("attn_q", "attn_k") and g.endswith((".weight", ".bias")):
-                heads = hp["head_count"] if base == "attn_q" else hp["head_count_kv"]
-                perm = permute_rows(hp["head_dim"] * heads, heads)
-            p = hf.rsplit(".", 1)[0]
-            if p in prefixes and hf.endswith(".weight"):
-                data, t = _quantized_rows(p, get, shapes[p][1], layer_types, scheme if kind == "weight-only" else None,
-                                          mix)
-                if perm is not None:
-                    data = data[perm]
-                w.add_tensor(g, data.numpy(), raw_dtype=gguf.GGMLQuantizationType(t.id))
+        reader = gguf.GGUFReader(str(path))
+        parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot read {path} as GGUF ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                              "pass a .gguf file llama.cpp writes") from None
+    cfg = dict(parsed["config"])
+    model_type = cfg.pop("model_type", None)
+    if model_type not in ARCHS:
+        raise LlmsqueezeError(f"{path}: GGUF architecture {model_type!r} is not read yet (read: {', '.join(ARCHS)})")
+    config = AutoConfig.for_model(model_type, **cfg)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    by_gguf = {}
+    block_path = get_arch(model).blocks
+    for name, _ in model.named_parameters():
+        g = gguf_name(name, block_path, GGUF_BLOCK_TENSORS)
+        if g is not None:
+            by_gguf[g] = name
+    permute = ARCHS[model_type][1]
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads or config.num_attention_heads}
+    layer_types, state = {}, {}
+    quant_ids = {t.id: t for t in ggml.TYPES.values()}
+    for t in reader.tensors:
+        hf = by_gguf.get(t.name)
+        if hf is None:
+            if t.name == "output.weight" and getattr(config, "tie_word_embeddings", False):
                 continue
-            x = get(hf).float()
+            raise LlmsqueezeError(f"{path}: tensor {t.name} has no place in {type(model).__name__}")
+        base = t.name.split(".")[-2]
+        perm = None
+        if permute and base in heads:
+            n_rows = int(t.shape[-1]) if len(t.shape) > 1 else int(t.shape[0])
+            perm = torch.argsort(permute_rows(n_rows, heads[base]))  # the inverse of the export's order
+        qt = quant_ids.get(int(t.tensor_type))
+        module_name = hf.rsplit(".", 1)[0]
+        if qt is not None and hf.endswith(".weight") and module_name.startswith(block_path + "."):
+            rows = torch.from_numpy(np.array(t.data, dtype=np.uint8, copy=True))  # [N, row_bytes]
             if perm is not None:
-                x = x[perm]
-            if x.dim() == 1 or base not in ("token_embd", "output"):
-                w.add_tensor(g, x.numpy().astype(np.float32))  # norms, biases: F32 as llama.cpp keeps them
-                continue
-            role = base
-            t_name = dense_type or ggml.mix_type(mix, role, 0, n_layers, x.shape[1], n_gqa, hp["tied"])
-            _add_dense(w, g, x, t_name)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=False)
-        w.close()
-        if out.exists():
-            out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out
-
-
-_LAYER_SUFFIXES = (".blocks", ".qweight", ".qzeros", ".scales", ".g_idx")
-
-
-def _file_order(hf: str) -> tuple:
-    """llama.cpp's converter's order: token_embd first, then the blocks in order, then the rest."""
-    import re
-
-    m = re.search(r"\.(\d+)\.", hf)
-    if "embed_tokens" in hf:
-        return (0, 0, hf)
-    return (1, int(m.group(1)), hf) if m else (2, 0, hf)
-
-
-def _quantized_rows(p: str, get, k: int, layer_types: dict, uniform: QuantScheme | None, mix: str):
-    """The bytes [N, row_bytes] uint8 and the GGMLType of quantized layer p (K inputs)."""
-    if uniform is None:
-        t = ggml.get_type(layer_types[p])
-        return get(f"{p}.blocks"), t
-    from ..nn import QuantLinear
-
-    qweight, scales, qzeros = get(f"{p}.qweight"), get(f"{p}.scales"), get(f"{p}.qzeros")
-    n = scales.shape[1]
-    if k % 32:
-        raise LlmsqueezeError(f"cannot export to gguf: {p} has {k} inputs, not a multiple of GGML's block of 32")
-    g = k if uniform.group_size == -1 else uniform.group_size
-    layer = QuantLinear(k, n, uniform.bits, g, scale_dtype=scales.dtype, device="cpu")
-    layer.qweight, layer.qzeros, layer.scales = qweight, qzeros, scales
-    q, scale, zero = layer.unpack()
-    t = ggml.get_type(mix)
-    check_exact(t.name, scale)
-    codes, params = from_uniform(q, scale, zero, g, t.name)
-    return ggml.pack(codes, t, params), t
-
-
-def _add_dense(w, name: str, x: torch.Tensor, t_name: str) -> None:
-    import gguf
-
-    if t_name in ggml.DENSE_TYPES:
-        dtype = {"f32": np.float32, "f16": np.float16}.get(t_name)
-        if dtype is None:  # bf16
-            w.add_tensor(name, x.to(torch.bfloat16).view(torch.int16).numpy(), raw_shape=tuple(x.shape),
-                         raw_dtype=gguf.GGMLQuantizationType.BF16)
+                rows = rows[perm]
+            module = model.get_submodule(module_name)
+            layer = GGUFLinear(module.in_features, module.out_features, qt.name, bias=module.bias is not None,
+                               bias_dtype=dtype)
+            layer.blocks.copy_(rows)
+            set_module(model, module_name, layer)
+            layer_types[module_name] = qt.name
+            continue
+        w = torch.from_numpy(np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32).copy())
+        if perm is not None:
+            w = w[perm]
+        state[hf] = w.to(dtype)
+    if not layer_types:
+        raise LlmsqueezeError(f"{path} holds no quantized block Linear in a type llmsqueeze reads ({', '.join(ggml.TYPES)}); "
+                              "load it with transformers (gguf_file=) instead")
+    for name, w in state.items():
+        mod_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(mod_name)
+        if isinstance(module, GGUFLinear):  # its bias is a buffer (qwen2's q/k/v)
+            module.bias = w
         else:
-            w.add_tensor(name, x.numpy().astype(dtype))
-        return
-    t = ggml.get_type(t_name)
-    if x.shape[1] % t.block:
-        raise LlmsqueezeError(f"gguf: {name} has rows of {x.shape[1]}, which {t.name}'s blocks of {t.block} do not divide; "
-                              "pass --dense-type q8_0, f16 or f32")
-    q, params = ggml.quantize(x, t)
-    data = ggml.pack(q, t, params)
-    w.add_tensor(name, data.numpy(), raw_dtype=gguf.GGMLQuantizationType(t.id))
+            setattr(module, attr, torch.nn.Parameter(w, requires_grad=False))
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers()
+                                                                       if b.is_meta and "rotary" not in n]
+    if missing:
+        raise CheckpointError(f"{path}: no tensor for {missing[0]} in the file; it is incomplete")
+    for module in model.modules():  # rotary tables were built on meta: rebuild them on the CPU
+        if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
+            inv, scale = module.rope_init_fn(module.config, "cpu")
+            module.inv_freq, module.original_inv_freq, module.attention_scaling = inv, inv.clone(), scale
+    file_type = int(reader.fields["general.file_type"].contents()) if "general.file_type" in reader.fields else None
+    mix = next((m.name for m in ggml.MIXES.values() if m.file_type == file_type), None)
+    scheme = GGUFScheme(mix=mix or max(set(layer_types.values()), key=list(layer_types.values()).count),
+                        pure=mix is None, layer_types=layer_types)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    model.config.quantization_config = quantization_config(scheme, "gguf-file", names, {"file": str(path)})
+    return model.eval()

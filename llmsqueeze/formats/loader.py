@@ -148,11 +148,16 @@ def register_with_transformers() -> None:
 
 
 def from_pretrained(path: str | os.PathLike, device_map=None, dtype: torch.dtype | str = "auto", **kwargs) -> nn.Module:
-    """Load a llmsqueeze checkpoint (local dir, verified first; or a hub id) as a causal LM."""
+    """Load a llmsqueeze checkpoint (local dir, verified first; or a hub id) as a causal LM; a local
+    .gguf file loads with its quantized Linears kept in their GGML blocks (formats/gguf.load)."""
     from transformers import AutoModelForCausalLM
 
     register_with_transformers()
     local = Path(str(path)).expanduser()
+    if local.suffix == ".gguf" and local.is_file():
+        from .gguf import load
+
+        return load(local, torch.float32 if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     if local.exists() or str(path).startswith((".", "/", "~")):
         qc = check_checkpoint(local)
         path = str(local)

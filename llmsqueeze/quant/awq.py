@@ -24,7 +24,9 @@ group keeps the best. With GPTQ ("awq-gptq") the balanced block is handed to GPT
 its own clipping search.
 
 The output is the standard packed QuantLinear checkpoint; the norms and Linears hold the folded
-scales, so loading and export are unchanged.
+scales, so loading and export are unchanged. Under a GGUFScheme, each consumer's candidate is scored
+with its own GGML type's round-to-nearest (quant/ggml.py), and the layers become GGUFLinear: by
+ggml's fit weighted by diag H (then RTN), or by GPTQ into the type ("awq-gptq").
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import LlmsqueezeError, QuantScheme
+from ..config import GGUFScheme, LlmsqueezeError, QuantScheme
 from ..nn import is_linear, linear_weight
+from . import ggml
 from .grid import clip_search_qparams, fake_quantize, group_minmax, minmax_qparams, quantize
 from .smoothquant import (
     SmoothMap,
@@ -60,14 +63,22 @@ def awq_scales(act_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return m / (m.max() * m.min()).sqrt()
 
 
-def minmax_fake_quant(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """w [N, K] -> its round-to-nearest (min/max range) fake-quantized copy, float32 [N, K]."""
+def minmax_fake_quant(w: torch.Tensor, scheme: QuantScheme | str) -> torch.Tensor:
+    """w [N, K] -> its round-to-nearest (min/max range) fake-quantized copy, float32 [N, K]; scheme a
+    GGML type name: that type's round-to-nearest."""
+    if isinstance(scheme, str):
+        return _ggml_fake(w, ggml.get_type(scheme))
     g = scheme.group_size_for(w.shape[1])
     scale, zero = minmax_qparams(*group_minmax(w, g), scheme.bits, scheme.sym, scheme.torch_scale_dtype)
     return fake_quantize(w, scale, zero, scheme.bits, g)
 
 
-def balanced_fake_quant(w: torch.Tensor, s: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+def _ggml_fake(w: torch.Tensor, t: ggml.GGMLType) -> torch.Tensor:
+    q, p = ggml.quantize(w, t)
+    return ggml.dequantize(q, t, p)
+
+
+def balanced_fake_quant(w: torch.Tensor, s: torch.Tensor, scheme: QuantScheme | str) -> torch.Tensor:
     """w [N, K], s [K] -> Q(w * s) / s [N, K]: the weight the balanced layer effectively applies to x."""
     s = s.float()[None, :]
     return minmax_fake_quant(w.float() * s, scheme) / s
@@ -212,9 +223,10 @@ def balance_groups(block: nn.Module, smap: SmoothMap) -> list[BalanceGroup]:
 @torch.no_grad()
 def search_group_alpha(
     weights: list[torch.Tensor], h: torch.Tensor, act_mean: torch.Tensor, idx: torch.Tensor | None,
-    scheme: QuantScheme, grid: list[float],
+    scheme: QuantScheme | list[str], grid: list[float],
 ) -> tuple[float, torch.Tensor, dict[float, float]]:
     """weights: the quantized consumers' W_c [N_c, K]; h [K, K], act_mean [K] of their (shared) input;
+    scheme: the weight-only scheme, or each consumer's GGML type;
     idx [K] producer channel of each column (None: one to one). -> (alpha, s per producer channel,
     {alpha: output error}). Producer channels feeding several columns (GQA) take the mean of their
     columns' mean |x|."""
@@ -229,7 +241,8 @@ def search_group_alpha(
     for alpha in grid:
         s = awq_scales(m, alpha)
         cols = s if idx is None else s[idx]
-        err = sum(output_error(w.float() - balanced_fake_quant(w, cols, scheme), h) for w in weights)
+        schemes = scheme if isinstance(scheme, list) else [scheme] * len(weights)
+        err = sum(output_error(w.float() - balanced_fake_quant(w, cols, sc), h) for w, sc in zip(weights, schemes))
         errors[alpha] = err
         if best is None or err < errors[best[0]]:
             best = (alpha, s)
@@ -269,7 +282,9 @@ class AWQ:
             st = stats[grp.consumers[0]]  # a norm's consumers share their input
             idx = None if grp.idx is None else grp.idx.to(st.h.device)
             ws = [linear_weight(block.get_submodule(c)).detach() for c in quantized]
-            alpha, s, errors = search_group_alpha(ws, st.h, st.mean_abs, idx, self.scheme, self.alpha_grid)
+            scheme = ([self.scheme.layer_types[prefix + c] for c in quantized] if isinstance(self.scheme, GGUFScheme)
+                      else self.scheme)
+            alpha, s, errors = search_group_alpha(ws, st.h, st.mean_abs, idx, scheme, self.alpha_grid)
             key = prefix + grp.producer
             self.alphas[key] = alpha
             self.report.append({"group": key, "consumers": list(grp.consumers), "alpha": alpha,
@@ -289,6 +304,9 @@ class AWQ:
                 st_c.abs_sum /= cols
         if self.gptq is None:
             for n in names:
+                if isinstance(self.scheme, GGUFScheme):  # ggml's fit, weighted by the balanced inputs' diag H
+                    self.qparams[prefix + n] = torch.diagonal(stats[n].h).clone()
+                    continue
                 self.qparams[prefix + n] = self._clip(linear_weight(block.get_submodule(n)).detach(), stats[n].h)
         elif not self.collect_inputs:
             # GPTQ's Hessian 2/n sum x x^T of the balanced inputs is 2 * h: handed over, which saves
@@ -326,7 +344,7 @@ class AWQ:
         """What the checkpoint's method_args say of the run, once it is done."""
         log.info("AWQ (then %s): clip winners %s", "rtn" if self.gptq is None else "gptq", self.clip_wins)
         awq_args = {"then": "rtn" if self.gptq is None else "gptq", "grid": self.grid, "alphas": self.alphas}
-        if self.gptq is None and self.scheme.clip_search:
+        if self.gptq is None and getattr(self.scheme, "clip_search", False):
             awq_args.update(clip_grid=self.clip_grid, clip_max_shrink=self.clip_max_shrink, clip_wins=self.clip_wins)
         return {"awq": awq_args}
 
@@ -338,6 +356,12 @@ class AWQ:
             return self.gptq.apply(name, module)
         s = self.scheme
         w = linear_weight(module).detach()
+        if isinstance(s, GGUFScheme):
+            from ..nn_gguf import GGUFLinear
+
+            t = s.layer_types[name]
+            q, params = ggml.quantize(w, ggml.get_type(t), self.qparams.pop(name))
+            return GGUFLinear.from_codes(q, params, t, bias=module.bias)
         g = s.group_size_for(w.shape[1])
         scale, zero = self.qparams.pop(name)
         q = quantize(w, scale, zero, s.bits, g)

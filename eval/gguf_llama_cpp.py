@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
 """Our GGUF exports in llama.cpp itself, beside llama.cpp's own quantizer, on the real model.
 
-    python eval/gguf.py [--llama-cpp DIR] [--types q4_k_m q3_k_m q4_0] [--chunks 8] [--redo]
+    python eval/gguf_llama_cpp.py [--types q4_k_m q3_k_m q4_0] [--chunks 8] [--no-bench] [--redo]
 
 llama.cpp is built from the llama-cpp-python source distribution (PyPI; cmake on its vendor/llama.cpp,
-only the tools used here; about 20 minutes on 2 cores) into ~/.cache/llmsqueeze/llama.cpp unless
---llama-cpp points at a build's bin/ dir. Built for AVX2 + FMA + F16C (GGML_NATIVE=OFF): a native
+only the tools used here; about 20 minutes on 2 cores) into ~/.cache/llmsqueeze/llama.cpp. Built for AVX2 + FMA + F16C (GGML_NATIVE=OFF): a native
 build for a CPU whose cpuinfo lists AMX stopped with "Illegal instruction" in this sandbox.
 
 Rows per llama.cpp type T (a `llama-quantize` file type such as Q4_K_M):
-  llama.cpp             llama-quantize of the dense bf16 GGUF (made by llama.cpp's convert_hf_to_gguf.py)
+  llama.cpp             llama-quantize of the dense GGUF (llama.cpp's convert_hf_to_gguf.py, f32: the bf16
+                        weights exactly)
   llama.cpp + imatrix   the same with an importance matrix from llama-imatrix on our calibration text
   ours rtn              llmsqueeze quantize --scheme gguf:T (no data), exported with --format gguf
   ours gptq             llmsqueeze quantize --scheme gguf:T --method gptq on our calibration ids
@@ -139,6 +139,28 @@ def bench(bin_dir: Path, model: Path) -> dict:
     return {("pp" if r["n_prompt"] else "tg"): round(r["avg_ts"], 1) for r in rows}
 
 
+def transformers_check(t: str, method: str, windows: int = 8) -> dict:
+    """Our protocol's perplexity (../shared/README.md, `windows` x 2048 tokens of WikiText-2 test) of
+    our checkpoint through llmsqueeze and of its .gguf export through transformers' GGUF loader
+    (gguf_file=: it dequantizes every tensor, the Q8_0 embeddings included)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import llmsqueeze
+    from llmsqueeze.evaluate import perplexity as ppl
+    from llmsqueeze.evaluate import tokenize_text
+
+    f = WORK / f"{t}-{method}.gguf"
+    ids = tokenize_text(AutoTokenizer.from_pretrained(MODEL), (SHARED / "data/wikitext-2/test.txt").read_text())
+    ours_model = llmsqueeze.from_pretrained(f.with_suffix(""), dtype=torch.float32)
+    a = ppl(ours_model, ids, windows=windows, progress=False)["ppl"]
+    del ours_model
+    tf_model = AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, dtype=torch.float32).eval()
+    b = ppl(tf_model, ids, windows=windows, progress=False)["ppl"]
+    return {"llmsqueeze_checkpoint": round(a, 4), "transformers_gguf_file": round(b, 4),
+            "relative": round(b / a - 1, 5), "windows": windows}
+
+
 def ours(t: str, method: str, out_gguf: Path) -> dict:
     """llmsqueeze quantize (in a fresh process, timed) and export to out_gguf."""
     qdir = out_gguf.with_suffix("")
@@ -155,22 +177,26 @@ def ours(t: str, method: str, out_gguf: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--llama-cpp", type=Path, default=None, help="a llama.cpp build's bin/ dir (default: build one)")
     ap.add_argument("--types", nargs="+", default=["q4_k_m", "q3_k_m", "q4_0"])
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--methods", nargs="+", default=["llama.cpp", "llama.cpp+imatrix", "rtn", "gptq"])
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--bench-only", action="store_true", help="re-measure llama-bench of the rows already there "
+                    "(on a quiet machine) and nothing else")
     ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--transformers-check", nargs="*", default=None, metavar="TYPE",
+                    help="also load our gptq export of TYPE (default q4_k_m) with transformers' GGUF loader and compare "
+                         "our protocol's perplexity with the llmsqueeze checkpoint's")
     args = ap.parse_args()
 
-    bin_dir, src = build_llama_cpp() if args.llama_cpp is None else (args.llama_cpp, Path(args.llama_cpp).parents[1])
+    bin_dir, src = build_llama_cpp()
     WORK.mkdir(parents=True, exist_ok=True)
     texts = {"wikitext2": SHARED / "data/wikitext-2/test.txt", "python-docs": WORK / "python-docs.txt"}
     if not texts["python-docs"].exists():
         texts["python-docs"].write_text(second_text())
-    dense = WORK / "smollm2-bf16.gguf"
+    dense = WORK / "smollm2-f32.gguf"  # the bf16 weights exactly, in the type llama.cpp's CPU path runs fastest
     if not dense.exists():  # llama.cpp's own converter, from its source tree
-        sh([sys.executable, src / "convert_hf_to_gguf.py", MODEL, "--outtype", "bf16", "--outfile", dense],
+        sh([sys.executable, src / "convert_hf_to_gguf.py", MODEL, "--outtype", "f32", "--outfile", dense],
            env={**os.environ, "PYTHONPATH": str(src / "gguf-py")})
     imatrix = WORK / "imatrix.gguf"
     if not imatrix.exists() and "llama.cpp+imatrix" in args.methods:
@@ -181,8 +207,27 @@ def main() -> None:
     results = json.loads(OUT.read_text()) if OUT.exists() else {}
     results["meta"] = {"model": "SmolLM2-135M-Instruct (../shared/models/smollm2.py)", "llama_cpp": llama_cpp_version(src),
                        "cpu_flags": cpu_flags(), "threads": 2, "chunks": args.chunks, "ctx": 2048,
-                       "command": "python eval/gguf.py " + " ".join(sys.argv[1:])}
+                       "command": "python eval/gguf_llama_cpp.py " + " ".join(sys.argv[1:])}
     rows = results.setdefault("rows", {})
+    if args.transformers_check is not None:
+        for t in args.transformers_check or ["q4_k_m"]:
+            rows[f"{t} gptq"]["transformers_check"] = transformers_check(t, "gptq")
+            print(t, rows[f"{t} gptq"]["transformers_check"], file=sys.stderr)
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        return
+    if args.bench_only:
+        for key, row in rows.items():
+            f = dense if key == "dense" else WORK / f"{key.split()[0]}-{row['method'].replace('+', '-').replace('.', '')}.gguf"
+            row["bench_tokens_per_s"] = bench(bin_dir, f)
+            print(key, row["bench_tokens_per_s"], file=sys.stderr)
+        results["meta"]["bench_command"] = "python eval/gguf_llama_cpp.py --bench-only"
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        report(results)
+        return
+    if "dense" not in rows or args.redo:
+        rows["dense"] = {"type": "F32", "method": "dense", "file_bytes": dense.stat().st_size, "bits_per_weight": 32.0,
+                         **{name: perplexity(bin_dir, dense, text, args.chunks) for name, text in texts.items()}}
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
     for t in args.types:
         for method in args.methods:
             key = f"{t} {method}"

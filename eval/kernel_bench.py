@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """W4A16 kernel benchmark: Llama-2-7B layer shapes x batch rows M, our Triton kernels vs fp16 cuBLAS.
 
-    python eval/kernels.py                       # on a CUDA GPU: the full table, JSON + markdown + PNG
-    python eval/kernels.py --smoke               # anywhere: tiny shapes under TRITON_INTERPRET=1, checks only
+    python eval/kernel_bench.py                       # on a CUDA GPU: the full table, JSON + markdown + PNG
+    python eval/kernel_bench.py --smoke               # anywhere: tiny shapes under TRITON_INTERPRET=1, checks only
 
 Shapes are K x N (in x out features) of Llama-2-7B: q/k/v/o 4096x4096, gate/up 4096x11008,
 down 11008x4096, fused QKV 4096x12288; M in {1, 2, 4, ..., 2048}. Weights are random (speed does
@@ -247,7 +247,7 @@ def main() -> int:
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
-        print("eval/kernels.py measures GPU kernels and needs CUDA; run `python eval/kernels.py --smoke` to "
+        print("eval/kernel_bench.py measures GPU kernels and needs CUDA; run `python eval/kernel_bench.py --smoke` to "
               "exercise it on the CPU under the Triton interpreter", file=sys.stderr)
         return 2
     rows = run(args)
