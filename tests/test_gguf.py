@@ -381,7 +381,7 @@ def test_a_gguf_file_loads_into_gguf_linears_and_saves_back(q4km, tmp_path):
     assert a.keys() == b.keys() and all(a[k][0] == b[k][0] and np.array_equal(a[k][1], b[k][1]) for k in a)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"])
 def test_other_families_export_and_transformers_reads_them(family, tmp_path):
     """Each family's metadata and tensor names as llama.cpp's converter writes them: transformers'
     GGUF loader rebuilds the same model (qwen2's q/k/v biases, qwen3's q/k norms; no permutation)."""
@@ -389,10 +389,12 @@ def test_other_families_export_and_transformers_reads_them(family, tmp_path):
 
     tok = bpe_tokenizer()
     kw = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     cfg = {"mistral": lambda: tf.MistralConfig(**kw, sliding_window=None), "qwen2": lambda: tf.Qwen2Config(**kw),
            # transformers' GGUF reader takes no head_dim for qwen3 (its default 128 is the real models')
-           "qwen3": lambda: tf.Qwen3Config(**kw, head_dim=128)}[family]()
+           "qwen3": lambda: tf.Qwen3Config(**kw, head_dim=128),
+           "gemma2": lambda: tf.Gemma2Config(**kw, head_dim=64), "gemma3_text": lambda: tf.Gemma3TextConfig(**kw, head_dim=64),
+           "phi3": lambda: tf.Phi3Config(**kw)}[family]()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     if family == "qwen2":  # non-zero biases, so that a lost bias shows
@@ -404,10 +406,28 @@ def test_other_families_export_and_transformers_reads_them(family, tmp_path):
     d = llmsqueeze.save_quantized(model, tmp_path / "q", tokenizer=tok)
     out = llmsqueeze.export(d, "gguf", tmp_path / "m.gguf", dense_type="f32", progress=False)
     fields = {k: f.contents() for k, f in gguf.GGUFReader(str(out)).fields.items() if not k.startswith("GGUF.")}
-    assert fields["general.architecture"] == {"mistral": "llama"}.get(family, family)
+    assert fields["general.architecture"] == {"mistral": "llama", "gemma3_text": "gemma3"}.get(family, family)
+    if family.startswith("gemma"):  # llama.cpp stores gemma's norms as 1 + w
+        got = read_tensors(out)["blk.0.attn_norm.weight"][1]
+        assert np.allclose(got, 1 + model.model.layers[0].input_layernorm.weight.detach().numpy())
+        assert "blk.0.post_ffw_norm.weight" in read_tensors(out)
+    if family == "phi3":  # fused projections keep llama.cpp's names
+        assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= set(read_tensors(out))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
     x = ids[:1, :24]
     with torch.no_grad():
         assert torch.allclose(hf(x).logits, model(x).logits, atol=1e-4, rtol=1e-4)
-        back = llmsqueeze.from_pretrained(out)
-        assert torch.equal(back(x).logits, model(x).logits)
+        if family in ("mistral", "qwen2", "qwen3"):  # the families our importer reads
+            back = llmsqueeze.from_pretrained(out)
+            assert torch.equal(back(x).logits, model(x).logits)
+
+
+def test_a_quantized_head_is_the_output_tensor(tmp_path):
+    """--lm-head: the head is quantized as llama.cpp's `output` (Q6_K under Q4_K_M) and exported as is."""
+    model, tok = gguf_llama()
+    llmsqueeze.quantize(model, GGUFScheme(mix="q4_k_m", lm_head=True), progress=False)  # (rtn: the head is outside the blocks)
+    assert model.config.quantization_config["scheme"]["layer_types"]["lm_head"] == "q6_k"
+    d = llmsqueeze.save_quantized(model, tmp_path / "q", tokenizer=tok)
+    tensors = read_tensors(llmsqueeze.export(d, "gguf", tmp_path / "m.gguf", progress=False))
+    assert tensors["output.weight"][0] == "Q6_K"
+    assert np.array_equal(tensors["output.weight"][1], model.lm_head.dequantize().numpy())

@@ -4,6 +4,7 @@ quantized Linears kept as GGUFLinear blocks (`load`). The export is formats/gguf
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,29 @@ import torch
 from ..config import LlmsqueezeError
 from ..quant import ggml
 
-# model_type -> (GGUF architecture, permute q/k rows for ggml's rope)
-ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
-NOT_YET = ("gemma", "gemma2", "gemma3_text", "phi3")
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How llama.cpp's converter writes a family: its GGUF architecture name; whether q/k rows are
+    permuted for ggml's rope (llama); norm_shift added to every norm weight (gemma's norms compute
+    (1 + w), llama.cpp's w); `tensors`, overrides of models.GGUF_BLOCK_TENSORS."""
+
+    name: str
+    permute: bool = False
+    norm_shift: float = 0.0
+    tensors: dict[str, str] = field(default_factory=dict)
+
+
+_GEMMA_NORMS = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}
+ARCHS = {  # model_type -> GGUFArch
+    "llama": GGUFArch("llama", permute=True), "mistral": GGUFArch("llama", permute=True),
+    "qwen2": GGUFArch("qwen2"), "qwen3": GGUFArch("qwen3"),
+    "gemma2": GGUFArch("gemma2", norm_shift=1.0, tensors=_GEMMA_NORMS),
+    "gemma3_text": GGUFArch("gemma3", norm_shift=1.0, tensors=_GEMMA_NORMS),
+    "phi3": GGUFArch("phi3"),
+}
+NOT_YET = ("gemma",)
 
 # model-level tensors (HF name without the leading "model.") -> GGUF name
 GLOBAL_TENSORS = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
@@ -29,13 +50,13 @@ def permute_rows(n_rows: int, heads: int) -> torch.Tensor:
     return idx.transpose(1, 2).reshape(-1)
 
 
-def gguf_name(hf: str, block_path: str, block_tensors: dict[str, str]) -> str | None:
+def gguf_name(hf: str, block_path: str, block_tensors: dict[str, str], arch: GGUFArch | None = None) -> str | None:
     """HF tensor name -> GGUF tensor name (None: not written)."""
     prefix = block_path + "."
     if hf.startswith(prefix):
         idx, _, rest = hf[len(prefix):].partition(".")
         mod, _, kind = rest.rpartition(".")
-        base = block_tensors.get(mod)
+        base = (arch.tensors if arch is not None else {}).get(mod) or block_tensors.get(mod)
         return None if base is None else f"blk.{idx}.{base}.{kind}"
     short = hf.removeprefix("model.")
     return GLOBAL_TENSORS.get(short)
@@ -68,18 +89,19 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
                               "pass a .gguf file llama.cpp writes") from None
     cfg = dict(parsed["config"])
     model_type = cfg.pop("model_type", None)
-    if model_type not in ARCHS:
-        raise LlmsqueezeError(f"{path}: GGUF architecture {model_type!r} is not read yet (read: {', '.join(ARCHS)})")
+    if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+        raise LlmsqueezeError(f"{path}: GGUF architecture {model_type!r} is not read yet (read: llama, mistral, qwen2, "
+                              "qwen3); load it with transformers (gguf_file=)")
     config = AutoConfig.for_model(model_type, **cfg)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     by_gguf = {}
     block_path = get_arch(model).blocks
     for name, _ in model.named_parameters():
-        g = gguf_name(name, block_path, GGUF_BLOCK_TENSORS)
+        g = gguf_name(name, block_path, GGUF_BLOCK_TENSORS, ARCHS[model_type])
         if g is not None:
             by_gguf[g] = name
-    permute = ARCHS[model_type][1]
+    permute = ARCHS[model_type].permute
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads or config.num_attention_heads}
     layer_types, state = {}, {}
     quant_ids = {t.id: t for t in ggml.TYPES.values()}

@@ -18,8 +18,10 @@ the `gguf` package (llama.cpp's own Python library), following llama.cpp's conve
                            token ids, chat template) with llama.cpp's pre-tokenizer recognised from
                            tokenizer.json's pre_tokenizer.
 
-Families written: llama (and mistral, as llama), qwen2, qwen3. gemma2/3 and phi3 are refused in one
-line until written (their norms, embedding scale and fused projections need their own rules).
+Families written: llama (and mistral, as llama), qwen2, qwen3, gemma2, gemma3 (text; norms shifted by
++1 as llama.cpp stores them, its soft-capping and sliding-window keys) and phi3 (fused qkv and gate/up
+as attn_qkv and ffn_up; long-context rope factors are refused in one line). Tokenizers: byte-level BPE
+(tokenizer.json) as "gpt2", SentencePiece (tokenizer.model) as "llama".
 """
 from __future__ import annotations
 
@@ -79,9 +81,11 @@ def check_exact(t: str, scale: torch.Tensor) -> None:
 def hparams(config: dict) -> dict:
     text = config.get("text_config") or config
     rope = text.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)  # gemma3: the global layers' rope
     heads = text["num_attention_heads"]
     head_dim = text.get("head_dim") or text["hidden_size"] // heads
     return {
+        "rope_dims": int(rope.get("partial_rotary_factor", text.get("partial_rotary_factor", 1.0)) * head_dim),
         "context_length": text.get("max_position_embeddings", 2048),
         "embedding_length": text["hidden_size"],
         "block_count": text["num_hidden_layers"],
@@ -96,7 +100,9 @@ def hparams(config: dict) -> dict:
     }
 
 
-def write_hparams(w, arch: str, hp: dict) -> None:
+def write_hparams(w, arch: str, hp: dict, config: dict) -> None:
+    """The hyper-parameters llama.cpp reads for `arch` (its converter's keys for each family)."""
+    text = config.get("text_config") or config
     w.add_context_length(hp["context_length"])
     w.add_embedding_length(hp["embedding_length"])
     w.add_block_count(hp["block_count"])
@@ -106,9 +112,26 @@ def write_hparams(w, arch: str, hp: dict) -> None:
     w.add_rope_freq_base(float(hp["rope_theta"]))
     w.add_layer_norm_rms_eps(float(hp["rms_eps"]))
     w.add_vocab_size(hp["vocab_size"])
-    w.add_rope_dimension_count(hp["head_dim"])
+    w.add_rope_dimension_count(hp["rope_dims"])
     w.add_key_length(hp["head_dim"])
     w.add_value_length(hp["head_dim"])
+    rope = text.get("rope_parameters") or {}
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(float(text.get("attn_logit_softcapping") or 0.0))
+        w.add_final_logit_softcapping(float(text.get("final_logit_softcapping") or 0.0))
+        w.add_sliding_window(int(text.get("sliding_window") or 0))
+    elif arch == "gemma3":
+        if text.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(float(text["final_logit_softcapping"]))
+        if text.get("sliding_window_pattern") != 1 and text.get("sliding_window"):
+            w.add_sliding_window(int(text["sliding_window"]))
+    elif arch == "phi3":
+        if rope.get("long_factor") or rope.get("rope_type") in ("longrope", "su", "yarn"):
+            raise LlmsqueezeError("cannot export to gguf: this phi3 uses long-context rope scaling (rope_parameters "
+                                  f"{rope.get('rope_type')!r}), whose factor tensors the exporter does not write yet")
+        w.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings")
+                                            or text.get("original_max_position_embeddings") or hp["context_length"]))
+        w.add_sliding_window(int(text.get("sliding_window") or 0))
 
 
 def pre_tokenizer(tok_json: dict) -> str:
@@ -132,12 +155,16 @@ def pre_tokenizer(tok_json: dict) -> str:
                           "llama.cpp's name for it")
 
 
-def write_tokenizer(w, src: Path, vocab_size: int, pre: str | None = None) -> None:
-    """A BPE tokenizer (tokenizer.json) as llama.cpp's "gpt2" model: tokens by id (gaps up to the
-    model's vocab_size as unused [PAD{i}]), their types (control for special added tokens, user-defined
-    for other added ones), merges, special token ids, add_bos/eos and the chat template."""
+def write_tokenizer(w, src: Path, vocab_size: int, pre: str | None = None, space_prefix: bool = True) -> None:
+    """A byte-level BPE tokenizer (tokenizer.json) as llama.cpp's "gpt2" model: tokens by id (gaps up to
+    the model's vocab_size as unused [PAD{i}]), their types (control for special added tokens,
+    user-defined for other added ones), merges, special token ids, add_bos/eos and the chat template.
+    A SentencePiece model (tokenizer.model beside the weights: Llama 2, Gemma, Phi-3) as llama.cpp's
+    "llama" model, read by the gguf package's SentencePieceVocab (pieces, scores, types)."""
     import gguf
 
+    if (src / "tokenizer.model").is_file():
+        return _write_sentencepiece(w, src, vocab_size, space_prefix)
     path = src / "tokenizer.json"
     if not path.is_file():
         raise LlmsqueezeError(f"gguf: {src} has no tokenizer.json; save the tokenizer with the checkpoint "
@@ -145,8 +172,9 @@ def write_tokenizer(w, src: Path, vocab_size: int, pre: str | None = None) -> No
     tj = json.loads(path.read_text())
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise LlmsqueezeError(f"gguf: the tokenizer is {model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}; "
-                              "this exporter writes byte-level BPE tokenizers (llama.cpp's gpt2 model) so far")
+        raise LlmsqueezeError(f"gguf: the tokenizer is {model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}, "
+                              f"a SentencePiece one: copy the original model's tokenizer.model into {src} (llama.cpp "
+                              "reads its pieces and scores)")
     added = {a["id"]: a for a in tj.get("added_tokens", [])}
     by_id = {i: t for t, i in model["vocab"].items()}
     by_id.update({i: a["content"] for i, a in added.items()})
@@ -167,6 +195,32 @@ def write_tokenizer(w, src: Path, vocab_size: int, pre: str | None = None) -> No
     special.add_to_gguf(w, quiet=True)
     if "bos" not in special.add_special_token:  # what the HF tokenizer does: a BOS first, or not
         w.add_add_bos_token(_adds_bos(src, special.special_token_ids.get("bos")))
+
+
+def _write_sentencepiece(w, src: Path, vocab_size: int, space_prefix: bool) -> None:
+    import gguf
+
+    try:
+        vocab = gguf.SentencePieceVocab(src)
+    except ImportError:
+        raise LlmsqueezeError("gguf: reading tokenizer.model needs the sentencepiece package: pip install sentencepiece") from None
+    tokens, scores, types = [], [], []
+    for text, score, toktype in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(int(toktype))
+    for i in range(len(tokens), vocab_size):  # the model's rows past the tokenizer's pieces
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(TOKEN_UNUSED)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    if not space_prefix:
+        w.add_add_space_prefix(False)
+    gguf.SpecialVocab(src, load_merges=False, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
 
 
 def _adds_bos(src: Path, bos: int | None) -> bool:
@@ -209,7 +263,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = Fal
     if model_type in NOT_YET or model_type not in ARCHS:
         raise LlmsqueezeError(f"cannot export {src} to gguf: model_type {model_type!r} is not written yet (written: "
                               f"{', '.join(ARCHS)})")
-    arch, permute = ARCHS[model_type]
+    ga = ARCHS[model_type]
+    arch, permute = ga.name, ga.permute
     scheme = scheme_from_dict(qc["scheme"])
     kind = getattr(scheme, "type", "weight-only")
     if kind == "gguf":
@@ -251,16 +306,16 @@ def export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = Fal
     try:
         w.add_type("model")
         w.add_name(config.get("_name_or_path") or config.get("_model_name_or_path") or src.name)
-        write_hparams(w, arch, hp)
+        write_hparams(w, arch, hp, config)
         w.add_file_type(file_type)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        write_tokenizer(w, src, hp["vocab_size"], pre_tokenizer_name)
+        write_tokenizer(w, src, hp["vocab_size"], pre_tokenizer_name, space_prefix=not arch.startswith("gemma"))
         names = [k for k in keys if not k.endswith(_LAYER_SUFFIXES) or k.rsplit(".", 1)[0] not in prefixes]
         for p in prefixes:
             names.append(p + ".weight")  # the quantized layer, written as its GGUF weight
         ordered = sorted(set(names), key=_file_order)
         for hf in tqdm(ordered, desc="gguf tensors", disable=not progress):
-            g = gguf_name(hf, block_path, GGUF_BLOCK_TENSORS)
+            g = gguf_name(hf, block_path, GGUF_BLOCK_TENSORS, ga)
             if g is None:
                 if hf.endswith("rotary_emb.inv_freq"):
                     continue
@@ -281,6 +336,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = Fal
             x = get(hf).float()
             if perm is not None:
                 x = x[perm]
+            if ga.norm_shift and hf.endswith("norm.weight"):  # gemma: HF computes (1 + w), llama.cpp w
+                x = x + ga.norm_shift
             if x.dim() == 1 or base not in ("token_embd", "output"):
                 w.add_tensor(g, x.numpy().astype(np.float32))  # norms, biases: F32 as llama.cpp keeps them
                 continue
