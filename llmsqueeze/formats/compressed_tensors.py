@@ -223,9 +223,7 @@ def float_config(scheme: FloatScheme, ignore: list[str]) -> dict:
 def export_float(src, qc: dict, config: dict, keys: dict, out) -> "os.PathLike":
     """A llmsqueeze float-format checkpoint `src` (its quantization_config qc, config.json, tensor
     index) -> a compressed-tensors checkpoint in `out` (prepared): every tensor as stored, a new config."""
-    from safetensors import safe_open
-
-    from .files import linear_shapes, skeleton
+    from .files import linear_shapes, skeleton, tensor_getter
     from .writer import atomic_output_dir, copy_side_files, write_config, write_shards
 
     scheme = FloatScheme.from_dict(qc["scheme"])  # smoothing is already folded into the norms and weights
@@ -244,13 +242,10 @@ def export_float(src, qc: dict, config: dict, keys: dict, out) -> "os.PathLike":
                                   "128x128 blocks (compressed-tensors quantizes activations in groups of 128, and vLLM's "
                                   "block GEMM wants every output partition in whole blocks); serve it with llmsqueeze, or "
                                   "use --scheme fp8")
-    opened: dict = {}
+    get = tensor_getter(keys)
 
     def tensors_of(name: str) -> dict:
-        f = keys[name][0]
-        if f not in opened:
-            opened[f] = safe_open(f, "pt")
-        return {name: opened[f].get_tensor(name)}
+        return {name: get(name)}
 
     with atomic_output_dir(out) as tmp:
         write_shards(src, keys, tmp, tensors_of)

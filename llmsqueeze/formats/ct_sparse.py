@@ -123,10 +123,8 @@ def sparse_only_config(sparsity: dict) -> dict:
 def export(src, qc: dict, config: dict, keys: dict, out, scale_dtype: str | None, format: str):
     """Write the pruned llmsqueeze checkpoint `src` (quantization_config `qc`, tensor index `keys`)
     as compressed-tensors into `out` (prepared by the caller). See the module docstring."""
-    from safetensors import safe_open
-
     from ..config import QuantScheme
-    from .files import linear_shapes, skeleton
+    from .files import linear_shapes, skeleton, tensor_getter
     from .writer import ExportJob, atomic_output_dir, copy_side_files, write_config, write_shards
 
     sp = qc["sparsity"]
@@ -164,13 +162,7 @@ def export(src, qc: dict, config: dict, keys: dict, out, scale_dtype: str | None
         raise LlmsqueezeError(f"cannot export to compressed-tensors: Conv1D layers ({conv1d[0]}, ...; "
                               "its sparse formats target nn.Linear weights [N, K])")
 
-    opened: dict = {}
-
-    def get(name: str) -> torch.Tensor:
-        f = keys[name][0]
-        if f not in opened:
-            opened[f] = safe_open(f, "pt")
-        return opened[f].get_tensor(name)
+    get = tensor_getter(keys)
 
     def sparse_layer(p: str) -> SparseLinear:
         n_out, k = shapes[p][:2]

@@ -9,7 +9,7 @@ import torch
 
 from ..config import LlmsqueezeError, QuantScheme
 from ..nn import QuantLinear
-from .files import linear_shapes, read_config, skeleton, tensor_index
+from .files import linear_shapes, read_config, skeleton, tensor_getter, tensor_index
 from .loader import check_checkpoint
 from .native import LAYER_TENSORS as OURS
 from .peers import EXPORT_FORMATS, FORMATS
@@ -22,14 +22,12 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
     the end). format: "compressed-tensors" (pack-quantized) or "gptq" (checkpoint_format "gptq" = v1,
     or "gptq_v2"). A scheme the format cannot express is refused before anything is written.
 
-    format "gguf" writes one .gguf file `out` (formats/gguf.py; `gguf` takes its type= and dense_type=).
+    format "gguf" writes one .gguf file `out` (formats/gguf_export.py; `gguf` takes its type=, dense_type=
+    and progress=).
 
     scale_dtype="float32" (compressed-tensors only) widens the stored scales: compressed-tensors
     dequantizes in the scales' dtype, so float16 scales give fp16((q - zero) * scale), rounded,
     where ours is exact in float32; float32 scales make its dense weights equal ours bit for bit."""
-    from safetensors import safe_open
-
-
     if format == "gguf":
         if scale_dtype is not None:
             raise LlmsqueezeError("--scale-dtype applies to compressed-tensors; GGUF stores fp16 block scales")
@@ -98,13 +96,7 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
     writer.export_check(job)
     out = prepare_output_dir(out, overwrite)
 
-    opened: dict[Path, object] = {}
-
-    def get(name: str) -> torch.Tensor:
-        f = keys[name][0]
-        if f not in opened:
-            opened[f] = safe_open(f, "pt")
-        return opened[f].get_tensor(name)
+    get = tensor_getter(keys)
 
     def convert_layer(p: str) -> dict[str, torch.Tensor]:
         n, k = layers[p]

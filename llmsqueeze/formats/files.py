@@ -78,6 +78,21 @@ def tensor_index(path: Path) -> dict[str, tuple[Path, dict]]:
     return index
 
 
+def tensor_getter(keys: dict[str, tuple[Path, dict]]):
+    """name -> its tensor, read from the shard `keys` (tensor_index) names; each shard opened once."""
+    from safetensors import safe_open
+
+    opened: dict[Path, object] = {}
+
+    def get(name: str) -> torch.Tensor:
+        f = keys[name][0]
+        if f not in opened:
+            opened[f] = safe_open(f, "pt")
+        return opened[f].get_tensor(name)
+
+    return get
+
+
 def skeleton(path: Path, config: dict | None = None):
     """The model built on the meta device from config.json, without its quantization_config."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -238,11 +238,10 @@ def export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = Fal
     `type`: the GGML type or mix the caller expects (refused in one line if the checkpoint holds
     another); `dense_type`: the embeddings' and an untied head's type instead of the mix's."""
     import gguf
-    from safetensors import safe_open
     from tqdm import tqdm
 
     from ..models import GGUF_BLOCK_TENSORS, get_arch
-    from .files import linear_shapes, read_config, skeleton, tensor_index
+    from .files import linear_shapes, read_config, skeleton, tensor_getter, tensor_index
     from .loader import check_checkpoint
 
     src = Path(src).expanduser()
@@ -291,13 +290,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = Fal
     n_layers = hp["block_count"]
     n_gqa = hp["head_count"] // hp["head_count_kv"]
     file_type = ggml.MIXES[mix].file_type
-    opened: dict[Path, object] = {}
-
-    def get(name: str) -> torch.Tensor:
-        f = keys[name][0]
-        if f not in opened:
-            opened[f] = safe_open(f, "pt")
-        return opened[f].get_tensor(name)
+    get = tensor_getter(keys)
 
     prefixes = sorted({k.rsplit(".", 1)[0] for k in keys if k.endswith((".blocks", ".qweight"))})
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
