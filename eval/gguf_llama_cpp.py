@@ -16,7 +16,7 @@ Rows per llama.cpp type T (a `llama-quantize` file type such as Q4_K_M):
 Each file: its size, its tensor types (ours must equal llama.cpp's no-imatrix mix tensor for tensor),
 llama-perplexity on WikiText-2 test.txt and on Python's reference documentation (pydoc_data.topics: a
 second domain, never calibrated on) with -c 2048 over the first --chunks chunks (llama-perplexity
-scores the second half of each chunk), a greedy generation, and llama-bench (pp128, tg32, 2 threads).
+scores the second half of each chunk), a greedy generation, and llama-bench (pp128, tg64, 2 threads, 10 repetitions).
 
 Calibration (../shared/README.md): 128 x 512 tokens at random offsets (seed 0) of WikiText-2 valid.txt;
 for llama-imatrix the same 128 samples are decoded to text, one per line, and read with -c 512.
@@ -134,7 +134,7 @@ def generate(bin_dir: Path, model: Path) -> str:
 
 
 def bench(bin_dir: Path, model: Path) -> dict:
-    out = sh([bin_dir / "llama-bench", "-m", model, "-p", 128, "-n", 32, "-t", 2, "-r", 3, "-o", "json"])
+    out = sh([bin_dir / "llama-bench", "-m", model, "-p", 128, "-n", 64, "-t", 2, "-r", 10, "-o", "json"])
     rows = json.loads(out[out.find("["):])
     return {("pp" if r["n_prompt"] else "tg"): round(r["avg_ts"], 1) for r in rows}
 
