@@ -12,7 +12,8 @@ Rows per llama.cpp type T (a `llama-quantize` file type such as Q4_K_M):
                         weights exactly)
   llama.cpp + imatrix   the same with an importance matrix from llama-imatrix on our calibration text
   ours rtn              llmsqueeze quantize --scheme gguf:T (no data), exported with --format gguf
-  ours gptq             llmsqueeze quantize --scheme gguf:T --method gptq on our calibration ids
+  ours gptq             llmsqueeze quantize --scheme gguf:T --method gptq on our calibration ids (also
+                        awq-gptq with --methods: AWQ balancing, then GPTQ)
 Each file: its size, its tensor types (ours must equal llama.cpp's no-imatrix mix tensor for tensor),
 llama-perplexity on WikiText-2 test.txt and on Python's reference documentation (pydoc_data.topics: a
 second domain, never calibrated on) with -c 2048 over the first --chunks chunks (llama-perplexity
@@ -161,6 +162,46 @@ def transformers_check(t: str, method: str, windows: int = 8) -> dict:
             "relative": round(b / a - 1, 5), "windows": windows}
 
 
+def families(bin_dir: Path) -> dict:
+    """Each family the exporter writes, as a tiny random model (hidden 256, 2 layers, a byte-level BPE
+    tokenizer trained on WikiText-2 valid.txt) quantized to Q4_K_M and exported: llama.cpp loads it
+    and generates 8 tokens; its error and warning lines are kept (a tiny model's 128-token context
+    draws one warning about the context size)."""
+    import torch
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    import llmsqueeze
+    from llmsqueeze import GGUFScheme
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer, tk.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tk.train_from_iterator([(SHARED / "data/wikitext-2/valid.txt").read_text()[:200000]], trainers.BpeTrainer(
+        vocab_size=512, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        special_tokens=["<unk>", "<s>", "</s>", "<|endoftext|>"]))
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    kw = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    configs = {"llama": tf.LlamaConfig(**kw), "mistral": tf.MistralConfig(**kw, sliding_window=None),
+               "qwen2": tf.Qwen2Config(**kw), "qwen3": tf.Qwen3Config(**kw, head_dim=64),
+               "gemma2": tf.Gemma2Config(**kw, head_dim=64), "gemma3_text": tf.Gemma3TextConfig(**kw, head_dim=64),
+               "phi3": tf.Phi3Config(**kw)}
+    out = {}
+    for fam, cfg in configs.items():
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+        llmsqueeze.quantize(model, GGUFScheme(mix="q4_k_m"), progress=False)
+        d = llmsqueeze.save_quantized(model, WORK / f"tiny-{fam}", tokenizer=tok, overwrite=True)
+        f = llmsqueeze.export(d, "gguf", WORK / f"tiny-{fam}.gguf", overwrite=True, progress=False)
+        p = subprocess.run([str(bin_dir / "llama-completion"), "-m", str(f), "-p", "The", "-n", "8", "--temp", "0",
+                            "-no-cnv", "-t", "2"], capture_output=True, text=True, errors="replace")
+        log = p.stdout + p.stderr
+        out[fam] = {"rc": p.returncode, "arch": f.name, "problems": [x for x in log.splitlines()
+                                                                    if " E " in x or (" W " in x and "n_ctx" not in x)]}
+        print(fam, out[fam], file=sys.stderr)
+    return out
+
+
 def ours(t: str, method: str, out_gguf: Path) -> dict:
     """llmsqueeze quantize (in a fresh process, timed) and export to out_gguf."""
     qdir = out_gguf.with_suffix("")
@@ -181,6 +222,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--methods", nargs="+", default=["llama.cpp", "llama.cpp+imatrix", "rtn", "gptq"])
     ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--families", action="store_true", help="only: tiny models of every family written, loaded and "
+                    "run by llama.cpp")
     ap.add_argument("--bench-only", action="store_true", help="re-measure llama-bench of the rows already there "
                     "(on a quiet machine) and nothing else")
     ap.add_argument("--redo", action="store_true")
@@ -209,6 +252,10 @@ def main() -> None:
                        "cpu_flags": cpu_flags(), "threads": 2, "chunks": args.chunks, "ctx": 2048,
                        "command": "python eval/gguf_llama_cpp.py " + " ".join(sys.argv[1:])}
     rows = results.setdefault("rows", {})
+    if args.families:
+        results["families"] = families(bin_dir)
+        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        return
     if args.transformers_check is not None:
         for t in args.transformers_check or ["q4_k_m"]:
             rows[f"{t} gptq"]["transformers_check"] = transformers_check(t, "gptq")
@@ -281,7 +328,8 @@ def report(results: dict) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, text in zip(axes, ("wikitext2", "python-docs")):
-        for method, marker in (("llama.cpp", "s"), ("llama.cpp+imatrix", "D"), ("rtn", "o"), ("gptq", "*")):
+        for method, marker in (("llama.cpp", "s"), ("llama.cpp+imatrix", "D"), ("rtn", "o"), ("gptq", "*"),
+                               ("awq-gptq", "P")):
             pts = sorted((r["bits_per_weight"], r[text]["ppl"], r["type"]) for r in rows.values() if r["method"] == method)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=method if method.startswith("llama")

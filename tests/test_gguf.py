@@ -431,3 +431,24 @@ def test_a_quantized_head_is_the_output_tensor(tmp_path):
     tensors = read_tensors(llmsqueeze.export(d, "gguf", tmp_path / "m.gguf", progress=False))
     assert tensors["output.weight"][0] == "Q6_K"
     assert np.array_equal(tensors["output.weight"][1], model.lm_head.dequantize().numpy())
+
+
+def test_a_sentencepiece_tokenizer_is_written_as_llama_cpps_llama_model(q4km, tmp_path):
+    """tokenizer.model beside the weights (Llama 2, Gemma, Phi-3): pieces, scores and types as llama.cpp's
+    "llama" vocabulary, padded to the model's vocab_size."""
+    import shutil
+
+    spm = pytest.importorskip("sentencepiece")
+    d, model, _ = q4km
+    work = tmp_path / "ck"
+    shutil.copytree(d, work)
+    (tmp_path / "text.txt").write_text("\n".join(TEXT[i:i + 200] for i in range(0, len(TEXT), 200)))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "text.txt"), model_prefix=str(work / "tokenizer"),
+                                   vocab_size=28, hard_vocab_limit=False, model_type="bpe", minloglevel=2)
+    out = llmsqueeze.export(work, "gguf", tmp_path / "m.gguf", progress=False)
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(out)).fields.items() if not k.startswith("GGUF.")}
+    assert fields["tokenizer.ggml.model"] == "llama"
+    tokens, scores = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.scores"]
+    sp = spm.SentencePieceProcessor(model_file=str(work / "tokenizer.model"))
+    assert len(tokens) == model.config.vocab_size and tokens[5] == sp.id_to_piece(5)
+    assert scores[5] == pytest.approx(sp.get_score(5)) and tokens[-1].startswith("[PAD")
