@@ -368,12 +368,6 @@ class GGUFScheme:
             raise LlmsqueezeError(f"layer_types holds {bad!r}, not a GGML type ({', '.join(GGUF_TYPES)})")
         check_patterns(self.include, self.exclude)
 
-    @property
-    def default_type(self) -> str:
-        """The mix's main type (q4_k for q4_k_m)."""
-        return {"q3_k_s": "q3_k", "q3_k_m": "q3_k", "q3_k_l": "q3_k", "q4_k_s": "q4_k", "q4_k_m": "q4_k",
-                "q5_k_s": "q5_k", "q5_k_m": "q5_k"}.get(self.mix, self.mix)
-
     def with_layer_types(self, types: dict[str, str]) -> "GGUFScheme":
         return replace(self, layer_types=dict(types))
 

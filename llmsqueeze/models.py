@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import LlmsqueezeError, QuantScheme
-from .nn import is_linear
+from .nn import is_linear, linear_weight
 
 _LLAMA_ORDER = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -156,8 +156,9 @@ GGUF_BLOCK_TENSORS = {
 
 
 def gguf_role(model: nn.Module, name: str) -> tuple[str, int] | None:
-    """(llama.cpp base name, block index) of a module inside the decoder blocks, or None when the
-    module is not one llama.cpp names (gemma2/3's post_attention_layernorm is its post_attention_norm)."""
+    """(llama.cpp base name, block index) of a Linear inside the decoder blocks, or None when the
+    module is not one llama.cpp names. (Family-specific names of norms, e.g. gemma's post_attention_norm,
+    are the exporter's: formats/gguf.ARCHS.)"""
     arch = get_arch(model)
     prefix = arch.blocks + "."
     if not name.startswith(prefix):
@@ -166,8 +167,6 @@ def gguf_role(model: nn.Module, name: str) -> tuple[str, int] | None:
     base = GGUF_BLOCK_TENSORS.get(rest)
     if base is None or not idx.isdigit():
         return None
-    if rest == "post_attention_layernorm" and getattr(model.config, "model_type", "").startswith("gemma"):
-        base = "post_attention_norm"
     return base, int(idx)
 
 
@@ -186,7 +185,7 @@ as llama-quantize --pure."""
     out = {}
     for n in names:
         module = model.get_submodule(n)
-        ncols = module.weight.shape[1] if hasattr(module, "weight") and module.weight.dim() == 2 else module.in_features
+        ncols = linear_weight(module).shape[1]
         role = gguf_role(model, n)
         if module is head:
             role = ("output", 0)

@@ -35,7 +35,6 @@ ARCHS = {  # model_type -> GGUFArch
     "gemma3_text": GGUFArch("gemma3", norm_shift=1.0, tensors=_GEMMA_NORMS),
     "phi3": GGUFArch("phi3"),
 }
-NOT_YET = ("gemma",)
 
 # model-level tensors (HF name without the leading "model.") -> GGUF name
 GLOBAL_TENSORS = {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
@@ -75,7 +74,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     from ..config import CheckpointError, GGUFScheme
-    from ..models import GGUF_BLOCK_TENSORS, get_arch
+    from ..models import GGUF_BLOCK_TENSORS, all_linear_names, get_arch
     from ..nn import set_module
     from ..nn_gguf import GGUFLinear
     from .native import quantization_config
@@ -157,6 +156,6 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     mix = next((m.name for m in ggml.MIXES.values() if m.file_type == file_type), None)
     scheme = GGUFScheme(mix=mix or max(set(layer_types.values()), key=list(layer_types.values()).count),
                         pure=mix is None, layer_types=layer_types)
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    model.config.quantization_config = quantization_config(scheme, "gguf-file", names, {"file": str(path)})
+    model.config.quantization_config = quantization_config(scheme, "gguf-file", all_linear_names(model),
+                                                           {"file": str(path)})
     return model.eval()

@@ -34,7 +34,7 @@ import torch
 
 from ..config import LlmsqueezeError, QuantScheme, scheme_from_dict
 from ..quant import ggml
-from .gguf import ARCHS, NOT_YET, gguf_name, permute_rows
+from .gguf import ARCHS, gguf_name, permute_rows
 
 TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_CONTROL, TOKEN_USER = 1, 5, 3, 4
 
@@ -259,7 +259,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, overwrite: bool = Fal
                               "which GGUF's types do not store; quantize with --scheme gguf:<mix> instead")
     config = read_config(src)
     model_type = config.get("model_type")
-    if model_type in NOT_YET or model_type not in ARCHS:
+    if model_type not in ARCHS:
         raise LlmsqueezeError(f"cannot export {src} to gguf: model_type {model_type!r} is not written yet (written: "
                               f"{', '.join(ARCHS)})")
     ga = ARCHS[model_type]

@@ -58,10 +58,6 @@ class GGMLType:
     def bits(self) -> int:
         return math.ceil(math.log2(self.levels))
 
-    @property
-    def bits_per_weight(self) -> float:
-        return self.nbytes * 8 / self.block
-
     def row_bytes(self, k: int) -> int:
         return k // self.block * self.nbytes
 
@@ -269,12 +265,12 @@ def fit(w: torch.Tensor, t: GGMLType, importance: torch.Tensor | None = None, ro
     if k % t.block:
         raise ValueError(f"{t.name} needs rows that fill whole blocks of {t.block}, got {k}")
     out: dict[str, list[torch.Tensor]] = {}
+    col = torch.ones(k, device=w.device) if importance is None else importance.float().to(w.device).clamp_min(0)
     for r in range(0, n, rows):
         x = w[r:r + rows].float()
         m = x.shape[0]
         xs = x.reshape(-1, t.sub)  # [R, S] sub-blocks, row-major
-        imp = (torch.ones(k, device=x.device) if importance is None else importance.float().to(x.device))
-        imp = imp.clamp_min(0).view(1, k).expand(m, k).reshape(-1, t.sub)
+        imp = col.view(1, k).expand(m, k).reshape(-1, t.sub)
         imp = imp + 1e-12 * (imp.sum(1, keepdim=True) == 0)  # an all-zero importance: plain error there
         part: Params = {}
         if t.kind == "lut":
