@@ -47,10 +47,9 @@ DEFAULT_ROWS = [r for r in ROWS if not r.startswith("fp8-weight")]
 
 
 def second_text() -> str:
-    """Python's reference documentation (pydoc_data.topics, in every CPython): another domain."""
-    from pydoc_data.topics import topics
+    from llmsqueeze.evaluate import python_docs_text
 
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    return python_docs_text()
 
 
 def bits_per_weight(model) -> float:

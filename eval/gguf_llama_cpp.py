@@ -81,9 +81,9 @@ def llama_cpp_version(src: Path) -> str:
 
 
 def second_text() -> str:
-    from pydoc_data.topics import topics
+    from llmsqueeze.evaluate import python_docs_text
 
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    return python_docs_text()
 
 
 def cpu_flags() -> list[str]:

@@ -7,7 +7,7 @@
     model = llmsqueeze.from_pretrained("q4")   # or transformers.AutoModelForCausalLM.from_pretrained("q4")
     llmsqueeze.export("q4", "compressed-tensors", "q4-ct")   # for vLLM; also "gptq"; GPTQ/AWQ/CT dirs load too
 """
-from .api import load_dense, prune, quantize
+from .api import finetune, load_dense, prune, prune_during_finetune, quantize
 from .config import CheckpointError, FloatScheme, GGUFScheme, LlmsqueezeError, QuantScheme, W8A8Scheme
 from .formats import check_checkpoint, export, from_pretrained, register_with_transformers
 from .formats.native import save_quantized
@@ -35,6 +35,8 @@ __all__ = [
     "CheckpointError",
     "quantize",
     "prune",
+    "finetune",
+    "prune_during_finetune",
     "quantize_lazy",
     "load_dense",
     "save_quantized",

@@ -6,7 +6,7 @@ from torch import nn
 
 from .config import CalibrationOptions, FloatScheme, LlmsqueezeError, QuantScheme, SparsityScheme, W8A8Scheme
 from .lazy import load_dense  # noqa: F401 (one of the user's verbs, defined beside the dense-model source)
-from .pipeline import prune_model, quantize_model
+from .pipeline import finetune_pruned, prune_gradual, prune_model, quantize_model
 
 
 def quantize(
@@ -127,3 +127,68 @@ def prune(
         raise LlmsqueezeError("pass the pattern and scope inside the SparsityScheme, not beside it")
     return prune_model(model, method, sparsity, data, scheme, progress, include=include,
                        exclude=exclude, owl=owl, refit=refit, options=options)
+
+
+def _finetune_options(steps, lr, batch_size, seq_len, distill_weight, temperature, seed):
+    from .pruning.finetune import FinetuneOptions
+
+    return FinetuneOptions(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, distill_weight=distill_weight,
+                           temperature=temperature, seed=seed)
+
+
+def finetune(
+    model: nn.Module,
+    data,
+    steps: int = 100,
+    *,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    seq_len: int = 512,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 1.0,
+    temperature: float = 1.0,
+    pattern: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Recovery fine-tuning of a pruned model loaded with llmsqueeze.from_pretrained from a sparse float
+    checkpoint, in place: the kept weights train on `data` (token ids [T] of a text), the pruned ones
+    stay exactly zero, optionally distilling `teacher`'s (the dense model's) logits with `distill_weight`
+    of the loss (llmsqueeze.pruning.finetune). `pattern` ("2:4"), when given, must be the checkpoint's.
+    Save with save_quantized: the same pattern, checked again by the loaders. -> per-step records."""
+    options = _finetune_options(steps, lr, batch_size, seq_len, distill_weight, temperature, seed)
+    return finetune_pruned(model, data, options, teacher, pattern, progress)
+
+
+def prune_during_finetune(
+    model: nn.Module,
+    data,
+    sparsity: float | None = None,
+    pattern: str | None = None,
+    steps: int = 100,
+    *,
+    score: str = "magnitude",
+    end: float = 0.6,
+    every: int | None = None,
+    schedule: str = "cubic",
+    regrow: str = "shadow",
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    seq_len: int = 512,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 1.0,
+    temperature: float = 1.0,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Gradual pruning of a dense model while it fine-tunes on `data` (token ids [T]): from dense to
+    `sparsity` (each layer) or an N:M `pattern` along the cubic (or linear) `schedule` over the first
+    `end` of the `steps`, masks chosen again every `every` steps by `score` (magnitude, movement, wanda
+    or random), pruned weights kept in a shadow copy so they can come back (`regrow` "shadow") or
+    zeroed for good ("zero"); then trained with the mask held (llmsqueeze.pruning.schedule). The model
+    ends pruned; save it with save_quantized. -> per-step records."""
+    options = _finetune_options(steps, lr, batch_size, seq_len, distill_weight, temperature, seed)
+    return prune_gradual(model, data, SparsityScheme(sparsity, pattern), options, score, end, every, schedule, regrow,
+                         teacher, include, exclude, progress)

@@ -264,6 +264,11 @@ def cmd_prune(args) -> int:
     from .methods import prune_method
 
     torch.manual_seed(args.seed)
+    if args.schedule == "gradual":
+        return _prune_gradual(args)
+    if args.steps is not None or args.data is not None or args.distill is not None:
+        raise LlmsqueezeError("--steps, --data and --distill go with --schedule gradual (pruning while fine-tuning)")
+    args.batch_size = args.batch_size or 1
     structured = args.structured
     if structured:
         from transformers import AutoConfig
@@ -313,6 +318,96 @@ def cmd_prune(args) -> int:
               f"peak RSS {stats.peak_rss_mib:,.0f} MiB", file=sys.stderr)
     out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     print(out)
+    return 0
+
+
+def _training_run(args, model_dir: str):
+    """--data read and tokenized, the fine-tuning options checked, --out prepared, the teacher loaded:
+    -> (token ids [T], tokenizer, FinetuneOptions, teacher or None)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .evaluate import load_eval_text, tokenize_text
+    from .formats.writer import prepare_output_dir
+    from .pruning.finetune import FinetuneOptions, check_text_length
+
+    if args.data is None or args.steps is None:
+        raise LlmsqueezeError("give the training text and the number of steps: --data FILE --steps N")
+    options = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size or 4, seq_len=args.seq_len,
+                              distill_weight=args.distill_weight, temperature=args.temperature, seed=args.seed).check()
+    prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
+    text = load_eval_text(args.data)
+    try:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(model_dir))
+    except Exception:
+        raise LlmsqueezeError(f"{model_dir} has no tokenizer to read --data with; save one beside the model") from None
+    ids = tokenize_text(tok, text)
+    check_text_length(ids, options.batch_size, options.seq_len)
+    teacher = None
+    if args.distill:
+        from .api import load_dense
+
+        teacher = load_dense(args.distill, torch.float32).eval()
+    return ids, tok, options, teacher
+
+
+def _prune_gradual(args) -> int:
+    import torch
+
+    from .api import load_dense, prune_during_finetune
+    from .formats.native import save_quantized
+    from .pipeline import GRADUAL_SCORES
+
+    if args.structured or args.bits is not None or args.owl:
+        raise LlmsqueezeError("--schedule gradual prunes unstructured or N:M weights in float: drop --structured, --bits, --owl")
+    if (args.sparsity is None) == (args.pattern is None):
+        raise LlmsqueezeError("give exactly one of --sparsity S (e.g. 0.5) or --pattern N:M (e.g. 2:4)")
+    if args.method not in GRADUAL_SCORES:
+        raise LlmsqueezeError(f"--schedule gradual scores weights by --method {', '.join(GRADUAL_SCORES)}, not {args.method!r}")
+    ids, tok, options, teacher = _training_run(args, args.model)
+    model = load_dense(args.model, torch.float32)
+    prune_during_finetune(model, ids, args.sparsity, args.pattern, options.steps, score=args.method, end=args.prune_end,
+                          every=args.every, regrow=args.regrow, lr=options.lr, batch_size=options.batch_size,
+                          seq_len=options.seq_len, teacher=teacher, distill_weight=options.distill_weight,
+                          temperature=options.temperature, seed=args.seed, progress=not args.quiet)
+    print(save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    import torch
+
+    from .api import finetune
+    from .formats import check_checkpoint, from_pretrained
+    from .formats.native import save_quantized
+
+    torch.manual_seed(args.seed)
+    path = Path(args.model).expanduser()
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        raise LlmsqueezeError(f"{args.model} is not a checkpoint directory with a config.json: give a pruned "
+                              "llmsqueeze checkpoint (llmsqueeze prune --out DIR)") from None
+    if "quantization_config" not in config:
+        raise LlmsqueezeError(f"{args.model} is a dense model, so there is no mask to hold: prune it first "
+                              "(llmsqueeze prune), or prune while fine-tuning (llmsqueeze prune --schedule gradual)")
+    qc = check_checkpoint(path)
+    if qc.get("sparsity") is None:
+        raise LlmsqueezeError(f"{args.model} holds no pruned layers, so there is no mask to hold: prune it first "
+                              "(llmsqueeze prune), or prune while fine-tuning (llmsqueeze prune --schedule gradual)")
+    if qc.get("scheme") is not None:
+        raise LlmsqueezeError(f"{args.model} is pruned and quantized; fine-tuning trains float weights: fine-tune the "
+                              "pruned float checkpoint (llmsqueeze prune without --bits)")
+    if args.pattern is not None:
+        from .config import NMPattern
+
+        NMPattern.parse(args.pattern)
+    ids, tok, options, teacher = _training_run(args, args.model)
+    model = from_pretrained(path, dtype=torch.float32)
+    finetune(model, ids, options.steps, lr=options.lr, batch_size=options.batch_size, seq_len=options.seq_len,
+             teacher=teacher, distill_weight=options.distill_weight, temperature=options.temperature,
+             pattern=args.pattern, seed=args.seed, progress=not args.quiet)
+    print(save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size))
     return 0
 
 
@@ -396,6 +491,16 @@ def _shared(p: argparse.ArgumentParser, *flags: str, **help_for) -> None:
         if key in help_for:
             kw["help"] = help_for[key]
         p.add_argument(flag, **kw)
+
+
+def _training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None, help="training text: a .txt file (or wikitext2)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, warm-up then cosine; default 1e-4)")
+    p.add_argument("--distill", default=None, metavar="DENSE_DIR", help="distil the logits of this dense model")
+    p.add_argument("--distill-weight", type=float, default=1.0,
+                   help="with --distill: share of the loss that is distillation (default 1: KL only)")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --distill: softmax temperature (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -514,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(pr, "--calib", calib="calibration text: wikitext2, c4, pileval, or a .txt/.jsonl file or datasets dir")
     _shared(pr, "--n-samples")
     _shared(pr, "--seq-len")
-    _shared(pr, "--batch-size")
+    _shared(pr, "--batch-size", batch_size="calibration samples per forward (default 1); --schedule gradual: windows "
+            "per training step (default 4)")
     _shared(pr, "--true-sequential", true_sequential="calibrate each block's Linears in order")
     _shared(pr, "--damp", damp="sparsegpt damping, fraction of the mean Hessian diagonal")
     _shared(pr, "--block-size", block_size="sparsegpt columns per mask block (default 128)")
@@ -526,7 +632,31 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(pr, "--max-shard-size")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
     _shared(pr, "--seed")
-    pr.set_defaults(func=cmd_prune)
+    pr.add_argument("--schedule", choices=("oneshot", "gradual"), default="oneshot",
+                    help="gradual: prune while fine-tuning on --data for --steps (cubic schedule, masks chosen again "
+                         "every --every steps by --method magnitude, movement, wanda or random)")
+    pr.add_argument("--prune-end", type=float, default=0.6,
+                    help="--schedule gradual: fraction of the steps by which the final sparsity is reached (default 0.6)")
+    pr.add_argument("--every", type=int, default=None, help="--schedule gradual: steps between mask updates "
+                    "(default: 10 updates)")
+    pr.add_argument("--regrow", choices=("shadow", "zero"), default="shadow",
+                    help="--schedule gradual: pruned weights keep training in a shadow copy and may come back "
+                         "(shadow, default), or are zeroed for good (zero)")
+    _training_flags(pr)
+    pr.set_defaults(func=cmd_prune, batch_size=None)
+
+    ft = sub.add_parser("finetune", help="recovery fine-tuning of a pruned checkpoint, its mask held exactly")
+    ft.add_argument("model", help="a sparse llmsqueeze checkpoint (llmsqueeze prune, without --bits)")
+    ft.add_argument("--pattern", default=None, help="N:M the checkpoint must have (checked; fine-tuning never changes it)")
+    _training_flags(ft)
+    ft.add_argument("--batch-size", type=int, default=4, help="windows per step (default 4)")
+    ft.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    _shared(ft, "--out")
+    _shared(ft, "--overwrite")
+    _shared(ft, "--max-shard-size")
+    ft.add_argument("--quiet", action="store_true", help="no progress bars")
+    _shared(ft, "--seed")
+    ft.set_defaults(func=cmd_finetune)
 
     i = sub.add_parser("info", help="describe a llmsqueeze checkpoint")
     i.add_argument("dir")

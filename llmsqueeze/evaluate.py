@@ -26,11 +26,22 @@ DATASETS = {
 }
 
 
+def python_docs_text() -> str:
+    """A second domain that needs no download: the Python reference documentation that ships with
+    CPython (pydoc_data.topics), topics in sorted order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
 def load_eval_text(source: str) -> str:
-    """A local text file (.txt), or a dataset name (wikitext2) fetched through `datasets`."""
+    """A local text file (.txt), "python-docs" (python_docs_text), or a dataset name (wikitext2)
+    fetched through `datasets`."""
     path = Path(source).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")
+    if source == "python-docs":
+        return python_docs_text()
     if source in DATASETS:
         name, config, split, joiner = DATASETS[source]
         try:

@@ -84,6 +84,8 @@ PRUNE = {row.name: row for row in (
               refit_default="auto"),
     MethodRow("snip", "prune", run=partial(magnitude.run, scores=partial(saliency.layer_scores, criterion="snip")),
               scopes=("row", "layer", "global"), default_scope="row", help="gradient saliency"),
+    MethodRow("random", "prune", run=partial(magnitude.run, scores=saliency.random_layer_scores), calibrated=False,
+              scopes=("row", "layer", "global"), default_scope="layer", help="the baseline"),
     MethodRow("taylor", "prune", run=partial(magnitude.run, scores=partial(saliency.layer_scores, criterion="taylor")),
               scopes=("row", "layer", "global"), default_scope="row", help="gradient saliency"),
 )}

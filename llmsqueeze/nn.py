@@ -544,6 +544,15 @@ class SparseLinear(nn.Module):
             return "the bitmask marks inputs beyond the layer's width"
         return None
 
+    def keep_mask(self) -> torch.Tensor:
+        """[N, K] bool: the positions the stored pattern keeps (an N:M slot holding a zero included)."""
+        n_out, k = self.out_features, self.in_features
+        if self.fmt == "nm":
+            n, m = self.nm
+            keep = torch.zeros(n_out, k // m, m, dtype=torch.bool, device=self.indices.device)
+            return keep.scatter_(-1, self._positions(), True).view(n_out, k)
+        return unpack_bits(self.bitmask, k)
+
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [N, K]."""
         quant = hasattr(self, "qvalues")

@@ -262,15 +262,113 @@ def prune_model(model: nn.Module, method: str, sparsity: SparsityScheme, data=No
     if row.refit_default is not None:
         job.extra["refit"] = row.refit_default if refit is None else (refit if refit == "auto" else bool(refit))
     _compress(job, row)
-    kept = [n for n in all_linear_names(model) if n not in set(names)]
+    _mark_pruned(model, method, names, sparsity, scheme, job.method_args, job.layer_sparsity)
+    return model
+
+
+def _mark_pruned(model: nn.Module, method: str, names: list[str], sparsity: SparsityScheme,
+                 scheme: QuantScheme | None, method_args: dict, layer_sparsity: dict | None) -> None:
+    """model.config.quantization_config of a pruned model (format version 2: scheme may be null)."""
     from .formats.native import quantization_config, sparsity_config
 
-    qc = quantization_config(scheme or QuantScheme(), method, kept, job.method_args)
+    kept = [n for n in all_linear_names(model) if n not in set(names)]
+    qc = quantization_config(scheme or QuantScheme(), method, kept, method_args)
     qc["format_version"] = 2
     qc["scheme"] = None if scheme is None else scheme.to_dict()
-    qc["sparsity"] = sparsity_config(sparsity.sparsity, nm, names, scope, job.layer_sparsity)
+    qc["sparsity"] = sparsity_config(sparsity.sparsity, sparsity.pattern, names, sparsity.scope, layer_sparsity)
     model.config.quantization_config = qc
-    return model
+
+
+# ------------------------------------------------------------------------------- training
+GRADUAL_SCORES = ("magnitude", "movement", "wanda", "random")
+
+
+def finetune_pruned(model: nn.Module, ids: torch.Tensor, options, teacher: nn.Module | None = None,
+                    pattern=None, progress: bool = True) -> list[dict]:
+    """Recovery fine-tuning of a pruned model loaded from a sparse float checkpoint, in place: its
+    sparse layers become trainable Linears, train with their masks held exactly (pruning/finetune.py)
+    and are checked after; the model then saves as a sparse checkpoint of the same pattern.
+    `pattern` ("N:M" or None), when given, must be the checkpoint's. -> per-step records."""
+    from .formats.native import decompress_sparse_layers
+    from .pruning.finetune import check_text_length, finetune
+
+    options.check()
+    check_text_length(ids, options.batch_size, options.seq_len)
+    qc = model.config.quantization_config
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc or {})
+    stored = (qc.get("sparsity") or {}).get("nm_pattern")
+    wanted = SparsityScheme(None, pattern).pattern if pattern is not None else None
+    if wanted is not None and (stored is None or SparsityScheme(None, stored).pattern != wanted):
+        raise LlmsqueezeError(f"the checkpoint's pattern is {stored or 'unstructured'}, not {wanted[0]}:{wanted[1]}: "
+                              "fine-tuning holds the checkpoint's mask; prune again to change the pattern")
+    masks = decompress_sparse_layers(model)
+    history = finetune(model, ids, options, masks=masks, teacher=teacher, progress=progress)
+    _check_held(model, masks)
+    qc = model.config.quantization_config
+    qc["method_args"] = {**qc.get("method_args", {}), "finetune": _finetune_args(options, teacher, history)}
+    return history
+
+
+def prune_gradual(model: nn.Module, ids: torch.Tensor, sparsity: SparsityScheme, options, score: str = "magnitude",
+                  end: float = 0.6, every: int | None = None, schedule: str = "cubic", regrow: str = "shadow",
+                  teacher: nn.Module | None = None, include: list[str] | None = None,
+                  exclude: list[str] | None = None, progress: bool = True) -> list[dict]:
+    """Prune the decoder blocks' Linears of a dense `model` while it fine-tunes (pruning/schedule.py):
+    from dense to `sparsity` (unstructured, uniform per layer, or N:M) on the `schedule` over the first
+    `end` of the steps, masks chosen again every `every` steps (default: 10 updates) by `score`, then
+    trained with the mask held. -> per-step records; the model ends pruned, marked for saving."""
+    from .pruning.finetune import check_text_length, finetune
+    from .pruning.masks import check_nm_width
+    from .pruning.schedule import GradualPruner
+
+    options.check()
+    check_text_length(ids, options.batch_size, options.seq_len)
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        raise LlmsqueezeError("this model is already quantized or pruned: start from the dense model")
+    if score not in GRADUAL_SCORES:
+        raise LlmsqueezeError(f"gradual pruning scores weights by {', '.join(GRADUAL_SCORES)}, not {score!r}")
+    if not 0 < end <= 1:
+        raise LlmsqueezeError(f"end={end}: the schedule must end within the steps, in (0, 1]")
+    if sparsity.scope not in (None, "layer"):
+        raise LlmsqueezeError(f"gradual pruning prunes the same share of every layer; scope {sparsity.scope!r} is "
+                              "not available (the API's GradualPruner also ranks globally)")
+    names = quantizable_modules(model, QuantScheme(include=include or [], exclude=exclude or []))
+    if not names:
+        raise LlmsqueezeError(f"no layer of {type(model).__name__} matches include={include} exclude={exclude}: loosen the patterns")
+    if sparsity.pattern is not None:
+        for n in names:
+            check_nm_width(*sparsity.pattern, linear_weight(model.get_submodule(n)).shape[1], n)
+    stop = max(1, round(end * options.steps))
+    every = every or max(1, stop // 10)
+    params = {f"{n}.weight": model.get_submodule(n).weight for n in names}
+    pruner = GradualPruner(model, None if sparsity.pattern else sparsity.sparsity, pattern=sparsity.pattern, start=0,
+                           end=stop, every=every, schedule=schedule, score=score, regrow=regrow, params=params,
+                           seed=options.seed)
+    history = finetune(model, ids, options, pruner=pruner, teacher=teacher, progress=progress)
+    masks = pruner.finish()
+    if not pruner.frozen:
+        raise LlmsqueezeError(f"the schedule did not reach its end (step {stop} of {options.steps})")
+    layer_sparsity = {n.rpartition(".")[0]: 1 - int(m.sum()) / m.numel() for n, m in masks.items()}
+    method_args = {"scope": "layer", "schedule": {"kind": schedule, "score": score, "end_step": stop, "every": every,
+                                                  "regrow": regrow, "updates": pruner.history},
+                   "finetune": _finetune_args(options, teacher, history)}
+    _mark_pruned(model, f"gradual-{score}", names, SparsityScheme(sparsity.sparsity, sparsity.pattern, "layer"),
+                 None, method_args, layer_sparsity)
+    return history
+
+
+def _check_held(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for n, keep in masks.items():
+        if (params[n].detach()[~keep.to(params[n].device)] != 0).any():
+            raise LlmsqueezeError(f"{n} lost its pattern during fine-tuning (a bug): nothing was saved")
+
+
+def _finetune_args(options, teacher, history: list[dict]) -> dict:
+    return {"steps": options.steps, "lr": options.lr, "batch_size": options.batch_size, "seq_len": options.seq_len,
+            "tokens": options.steps * options.batch_size * options.seq_len, "seed": options.seed,
+            "distill_weight": options.distill_weight if teacher is not None else 0.0,
+            "temperature": options.temperature, "final_loss": history[-1]["loss"] if history else None}
 
 
 # ------------------------------------------------------------------------------ from disk

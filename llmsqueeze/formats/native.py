@@ -16,6 +16,7 @@ import logging
 import os
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..config import (
@@ -124,6 +125,39 @@ def compress_sparse_layers(model: nn.Module) -> None:
             set_module(model, name, layer)
         if nm is None:
             nnz[name] = layer.values.numel()
+
+
+def decompress_sparse_layers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse of compress_sparse_layers for a sparse float checkpoint, in place: each SparseLinear
+    back to a trainable nn.Linear (float32) holding its dense weight; the storage format is forgotten,
+    so saving compresses again. -> {"<layer>.weight": keep mask [N, K] bool}, the pattern to hold."""
+    from ..nn import SparseLinear, set_module
+
+    qc = model.config.quantization_config
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc or {})
+    sp = qc.get("sparsity")
+    if sp is None:
+        raise LlmsqueezeError("the checkpoint holds no pruned layers, so there is no mask to hold: prune it first "
+                              "(llmsqueeze prune), or prune while fine-tuning (llmsqueeze prune --schedule gradual)")
+    if qc.get("scheme") is not None:
+        raise LlmsqueezeError("the checkpoint is pruned and quantized; fine-tuning trains float weights: fine-tune the "
+                              "pruned float checkpoint (llmsqueeze prune without --bits), quantize afterwards")
+    masks = {}
+    for name in sp["layers"]:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, SparseLinear):
+            raise LlmsqueezeError(f"{name} is a {type(layer).__name__}, not a sparse layer: re-create the checkpoint")
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                          device=layer.values.device if hasattr(layer, "values") else None)
+        with torch.no_grad():
+            dense.weight.copy_(layer.to_dense(torch.float32))
+            if layer.bias is not None:
+                dense.bias.copy_(layer.bias.float())
+        masks[f"{name}.weight"] = layer.keep_mask()
+        set_module(model, name, dense)
+    sp = {k: v for k, v in sp.items() if k not in ("format", "nnz")}
+    model.config.quantization_config = {**qc, "sparsity": sp}
+    return masks
 
 
 # ---------------------------------------------------------------------------------------- verify

@@ -75,3 +75,15 @@ def layer_scores(job, criterion: str) -> dict[str, torch.Tensor]:
         scores = gradient_saliency(model, job.batches, params, criterion)
     model.train(was_training)
     return {n: (s if isinstance(model.get_submodule(n), nn.Linear) else s.t()) for n, s in scores.items()}
+
+
+def random_scores(shapes: dict[str, tuple[int, ...]], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """{name: uniform random score of that shape}: random pruning, the baseline every criterion must beat."""
+    return {n: torch.rand(shape, generator=generator) for n, shape in shapes.items()}
+
+
+def random_layer_scores(job) -> dict[str, torch.Tensor]:
+    """Random scores [N, K] of job.names, drawn from torch's default generator (the CLI seeds it)."""
+    from ..nn import linear_weight
+
+    return random_scores({n: tuple(linear_weight(job.model.get_submodule(n)).shape) for n in job.names})
