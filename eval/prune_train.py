@@ -47,6 +47,8 @@ LLM_ROWS = {
     "gradual wanda 50% (during ft)": ("dense", "gradual-wanda", 0.5, "steps50", False),
     "gradual magnitude 50% (during ft)": ("dense", "gradual-magnitude", 0.5, "steps50", False),
     "wanda 50% + ft": ("wanda", "ft", 0.5, "steps50", False),
+    "random 50%": ("random", None, 0.5, None, False),
+    "random 50% + ft": ("random", "ft", 0.5, "steps50", False),
 }
 
 
@@ -70,6 +72,7 @@ def pruned_dir(work: Path, method: str, target, tok) -> Path:
     calib = calibration_batches(tok, str(DATA / "valid.txt"), 128, 512, seed=0)
     kw = {"pattern": target} if isinstance(target, str) else {"sparsity": target}
     t0 = time.time()
+    torch.manual_seed(0)  # random pruning draws from torch's generator
     prune(model, method, data=calib, progress=False, **kw)
     print(f"{name}: pruned in {time.time() - t0:.0f} s")
     save_quantized(model, out, tokenizer=tok)
@@ -202,7 +205,8 @@ def run_char(args) -> None:
     from llmsqueeze.pruning.learned import LearnedSparsity
     from llmsqueeze.pruning.masks import global_masks
     from llmsqueeze.pruning.saliency import gradient_saliency, random_scores
-    from llmsqueeze.pruning.schedule import GradualPruner, sparsity_report
+    from llmsqueeze.pruning.schedule import GradualPruner
+    from llmsqueeze.pruning.training import sparsity_report
 
     torch.set_num_threads(args.threads)
     train, test, vocab = char_data(DATA)
@@ -273,7 +277,7 @@ def run_char(args) -> None:
 
     # ---- allocation: uniform vs global vs learned, gradual over the same steps, at 50/70/90 %
     for s in args.sparsities:
-        for alloc in ("uniform", "global", "learned"):
+        for alloc in ("uniform", "global", "uniform, regrow zero", "global, regrow zero", "learned"):
             model.load_state_dict(dense)
             reset_data(1)
             o = make_opt(model.parameters())
@@ -281,12 +285,14 @@ def run_char(args) -> None:
             if alloc == "learned":
                 pruner = LearnedSparsity(model, s, start=0, end=end, lr=args.learned_lr)
             else:
-                pruner = GradualPruner(model, s, start=0, end=end, every=max(1, end // 20), allocation=alloc)
+                pruner = GradualPruner(model, s, start=0, end=end, every=max(1, end // 20), allocation=alloc.split(",")[0],
+                                       regrow="zero" if "zero" in alloc else "shadow")
             pruner.attach(o)
             t0 = time.time()
             train_for(model, R, o)
             masks = pruner.finish()
-            rep = sparsity_report(masks)
+            rep = sparsity_report({n: p.detach() != 0 for n, p in prunable_params(model).items()})
+            assert rep["sparsity"] >= s - 1e-3 and set(masks) == set(rep["layers"])
             rows.append({"table": "allocation", "row": f"{alloc}", "sparsity": s, "achieved": round(rep["sparsity"], 5),
                          "layers": {k: round(v, 4) for k, v in rep["layers"].items()}, "test_loss": test_loss(model),
                          "steps": D + R, "seconds": round(time.time() - t0, 1),
@@ -350,16 +356,19 @@ def run_char(args) -> None:
         print(rows[-1], flush=True)
     imp = next(r for r in rows if r["row"].startswith("IMP"))
     # early bird: dense training from init until the mask settles, then the ticket trains
-    model.load_state_dict(init)
-    reset_data(0)
-    res = early_bird_ticket(model, train_step, make_opt, S, max_steps=D, ticket_steps=args.ticket_steps,
-                            every=args.eb_every, threshold=args.eb_threshold, window=args.eb_window)
-    rows.append({"table": "criteria", "row": f"early-bird ticket (found at step {res.found_at} of {D})", "sparsity": S,
-                 "test_loss": test_loss(model), "steps": res.steps, "found_at": res.found_at,
-                 "found_fraction": None if res.found_at is None else res.found_at / D,
-                 "distances": [[s, round(d, 5)] for s, d in res.distances],
-                 "vs_imp_loss": round(test_loss(model) / imp["test_loss"] - 1, 5), "vs_imp_steps": res.steps / imp["steps"]})
-    print({k: v for k, v in rows[-1].items() if k != "distances"}, flush=True)
+    for threshold in args.eb_thresholds:
+        model.load_state_dict(init)
+        reset_data(0)
+        res = early_bird_ticket(model, train_step, make_opt, S, max_steps=D, ticket_steps=args.ticket_steps,
+                                every=args.eb_every, threshold=threshold, window=args.eb_window)
+        loss = test_loss(model)
+        rows.append({"table": "criteria", "row": f"early-bird ticket (distance < {threshold} x {args.eb_window}: step "
+                                                 f"{res.found_at} of {D}) + {args.ticket_steps} steps",
+                     "sparsity": S, "test_loss": loss, "steps": res.steps, "found_at": res.found_at,
+                     "found_fraction": None if res.found_at is None else res.found_at / D, "threshold": threshold,
+                     "distances": [[s, round(d, 5)] for s, d in res.distances],
+                     "vs_imp_loss": round(loss / imp["test_loss"] - 1, 5), "vs_imp_steps": round(res.steps / imp["steps"], 4)})
+        print({k: v for k, v in rows[-1].items() if k != "distances"}, flush=True)
     doc = {"command": "python " + " ".join(sys.argv), "model": "2-layer char Llama (examples/tiny_char_lm.py)",
            "protocol": f"train on valid.txt, test loss (nats/char) on 256 windows of {seq} chars of test.txt; batch {bs}; "
                        f"AdamW 3e-3; dense {D} steps; recovery / schedule {R} steps",
@@ -389,7 +398,7 @@ def plot_char(doc) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for alloc in ("uniform", "global", "learned"):
+    for alloc in ("uniform", "global", "uniform, regrow zero", "global, regrow zero", "learned"):
         pts = [(r["sparsity"], r["test_loss"]) for r in doc["results"] if r["table"] == "allocation" and r["row"] == alloc]
         a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=alloc)
     a.set_xlabel("sparsity of the Linear weights")
@@ -425,16 +434,16 @@ def main() -> None:
     ap.add_argument("--prune-end", type=float, default=0.6, help="fraction of the steps the gradual schedule spans")
     ap.add_argument("--windows", type=int, default=8)
     # char
-    ap.add_argument("--dense-steps", type=int, default=1000)
+    ap.add_argument("--dense-steps", type=int, default=2000)
     ap.add_argument("--recovery-steps", type=int, default=300)
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--imp-steps", type=int, default=300, help="IMP: steps per round")
-    ap.add_argument("--rewind-step", type=int, default=100)
-    ap.add_argument("--ticket-steps", type=int, default=600)
+    ap.add_argument("--rewind-step", type=int, default=200)
+    ap.add_argument("--ticket-steps", type=int, default=900)
     ap.add_argument("--eb-every", type=int, default=25)
-    ap.add_argument("--eb-threshold", type=float, default=0.05)
+    ap.add_argument("--eb-thresholds", type=float, nargs="+", default=[0.05, 0.03])
     ap.add_argument("--eb-window", type=int, default=3)
     ap.add_argument("--learned-lr", type=float, default=0.005)
     ap.add_argument("--char-seq-len", type=int, default=128)

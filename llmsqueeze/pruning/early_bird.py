@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import LlmsqueezeError, check_sparsity
-from .iterative import MaskGuard, magnitude_masks, prunable_params
+from .training import MaskGuard, magnitude_masks, prunable_params
 
 log = logging.getLogger("llmsqueeze")
 

@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import LlmsqueezeError
-from .iterative import MaskGuard
+from .training import MaskGuard
 
 
 @dataclass
@@ -124,14 +124,14 @@ def finetune(model: nn.Module, ids: torch.Tensor, options: FinetuneOptions, *,
             logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # [B, T-1, V]
             flat = logits.reshape(-1, logits.shape[-1])
             ce = F.cross_entropy(flat.float(), x[:, 1:].reshape(-1))
-            rec = {"step": step + 1, "ce": float(ce)}
+            rec = {"step": step + 1, "ce": ce.item()}
             loss = ce
             if a > 0:
                 with torch.no_grad():
                     t_logits = teacher(input_ids=x, use_cache=False).logits[:, :-1]
                 kl = distill_loss(flat, t_logits.reshape(-1, t_logits.shape[-1]), options.temperature)
                 loss = (1 - a) * ce + a * kl
-                rec["kl"] = float(kl)
+                rec["kl"] = kl.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if options.grad_clip:
@@ -139,7 +139,7 @@ def finetune(model: nn.Module, ids: torch.Tensor, options: FinetuneOptions, *,
             rec["lr"] = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
-            rec.update(loss=float(loss), seconds=round(time.time() - t0, 2))
+            rec.update(loss=loss.item(), seconds=round(time.time() - t0, 2))
             if callback is not None:
                 rec.update(callback(step + 1, model) or {})
             history.append(rec)

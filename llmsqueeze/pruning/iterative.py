@@ -24,76 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .masks import check_sparsity, global_masks, n_pruned, prune_lowest
+from .masks import check_sparsity
+from .training import MaskGuard, magnitude_masks, prunable_params  # noqa: F401 (imported from here too)
 
 log = logging.getLogger("llmsqueeze")
-
-
-class MaskGuard:
-    """Keeps `params[name] * masks[name]` (True = keep) through training."""
-
-    def __init__(self, params: dict[str, nn.Parameter]):
-        self.params = params
-        self.masks: dict[str, torch.Tensor] = {}
-        self._handles: list = []
-
-    @torch.no_grad()
-    def set_masks(self, masks: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | None = None) -> None:
-        """New masks: weights and (when given) the optimizer's per-weight state zeroed where pruned."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self.masks = {n: m.to(self.params[n].device) for n, m in masks.items()}
-        for n, m in self.masks.items():
-            p = self.params[n]
-            p.mul_(m)
-            self._handles.append(p.register_hook(lambda g, m=m: g * m))
-        if optimizer is not None:
-            self.attach(optimizer)
-            for n, m in self.masks.items():
-                for v in optimizer.state.get(self.params[n], {}).values():
-                    if isinstance(v, torch.Tensor) and v.shape == m.shape:
-                        v.mul_(m)
-
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Re-apply the masks after each of this optimizer's steps."""
-        self._handles.append(optimizer.register_step_post_hook(lambda *a, **k: self.apply()))
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        for n, m in self.masks.items():
-            self.params[n].mul_(m)
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-
-def prunable_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The weight matrices of every Linear (GPT-2 Conv1D too), except the output head/embeddings."""
-    from ..nn import is_linear
-
-    skip = set()
-    for getter in ("get_output_embeddings", "get_input_embeddings"):
-        m = getattr(model, getter, lambda: None)()
-        if m is not None:
-            skip.add(id(m.weight))
-    return {f"{n}.weight": m.weight for n, m in model.named_modules() if is_linear(m) and id(m.weight) not in skip}
-
-
-def magnitude_masks(params: dict[str, nn.Parameter], sparsity: float, scope: str = "global",
-                    previous: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Masks at `sparsity` by |w|, the previously pruned weights pruned first (they stay pruned)."""
-    scores = {}
-    for n, p in params.items():
-        s = p.detach().float().abs()
-        if previous is not None:
-            s = torch.where(previous[n], s, torch.full_like(s, -1.0))
-        scores[n] = s
-    if scope == "global":
-        return global_masks(scores, sparsity)
-    return {n: prune_lowest(s.reshape(-1), n_pruned(s.numel(), sparsity)).view_as(s) for n, s in scores.items()}
 
 
 @dataclass

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import LlmsqueezeError, check_sparsity
 from .masks import n_pruned, prune_lowest
-from .schedule import SCHEDULES, MaskedTraining, sparsity_at, sparsity_report
+from .training import SCHEDULES, MaskedTraining, sparsity_at, sparsity_report
 
 
 class LearnedSparsity(MaskedTraining):
