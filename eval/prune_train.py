@@ -198,7 +198,7 @@ def plot_llm(doc) -> None:
 
 # ---------------------------------------------------------------------------------------- char
 def run_char(args) -> None:
-    from tiny_char_lm import char_data, tiny_llama
+    from tiny_char_lm import char_data, make_train_step, tiny_llama
 
     from llmsqueeze.pruning.early_bird import early_bird_ticket
     from llmsqueeze.pruning.iterative import MaskGuard, iterative_prune, magnitude_masks, prunable_params
@@ -216,14 +216,7 @@ def run_char(args) -> None:
     def reset_data(seed=0):
         g.manual_seed(seed)
 
-    def train_step(model, opt, step):
-        starts = torch.randint(0, train.numel() - seq, (bs,), generator=g)
-        ids = torch.stack([train[s : s + seq] for s in starts.tolist()])
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss.item()
+    train_step = make_train_step(train, seq, bs, g)
 
     def make_opt(params):
         return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)

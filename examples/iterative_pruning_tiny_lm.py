@@ -19,7 +19,7 @@ import copy
 import time
 
 import torch
-from tiny_char_lm import DATA, char_data, tiny_llama
+from tiny_char_lm import DATA, char_data, make_train_step, tiny_llama
 
 from llmsqueeze.pruning.iterative import MaskGuard, iterative_prune, magnitude_masks, prunable_params
 from llmsqueeze.pruning.masks import global_masks
@@ -44,14 +44,7 @@ def main() -> None:
     model = tiny_llama(vocab, args.seq_len)
     g = torch.Generator().manual_seed(0)
 
-    def train_step(model, opt, step):
-        starts = torch.randint(0, train.numel() - args.seq_len, (args.batch,), generator=g)
-        ids = torch.stack([train[s : s + args.seq_len] for s in starts.tolist()])
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss.item()
+    train_step = make_train_step(train, args.seq_len, args.batch, g)
 
     def make_opt(params):
         return torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)

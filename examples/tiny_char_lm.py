@@ -25,3 +25,19 @@ def tiny_llama(vocab: int, seq_len: int) -> LlamaForCausalLM:
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=seq_len)
     return LlamaForCausalLM(cfg)
+
+
+def make_train_step(train: torch.Tensor, seq_len: int, batch: int, generator: torch.Generator):
+    """-> train_step(model, optimizer, step) -> loss: one optimizer step of the next-character loss on
+    `batch` windows of `seq_len` characters of `train`, at random starts drawn from `generator`."""
+
+    def train_step(model, opt, step):
+        starts = torch.randint(0, train.numel() - seq_len, (batch,), generator=generator)
+        ids = torch.stack([train[s : s + seq_len] for s in starts.tolist()])
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return train_step

@@ -171,7 +171,7 @@ def prune_during_finetune(
     end: float = 0.6,
     every: int | None = None,
     schedule: str = "cubic",
-    regrow: str = "shadow",
+    regrow: str = "zero",
     lr: float = 1e-4,
     batch_size: int = 4,
     seq_len: int = 512,
@@ -186,8 +186,8 @@ def prune_during_finetune(
     """Gradual pruning of a dense model while it fine-tunes on `data` (token ids [T]): from dense to
     `sparsity` (each layer) or an N:M `pattern` along the cubic (or linear) `schedule` over the first
     `end` of the `steps`, masks chosen again every `every` steps by `score` (magnitude, movement, wanda
-    or random), pruned weights kept in a shadow copy so they can come back (`regrow` "shadow") or
-    zeroed for good ("zero"); then trained with the mask held (llmsqueeze.pruning.schedule). The model
+    or random), pruned weights zeroed (`regrow` "zero", default) or kept training in a shadow
+    copy so that they can come back with their own values ("shadow"); then trained with the mask held (llmsqueeze.pruning.schedule). The model
     ends pruned; save it with save_quantized. -> per-step records."""
     options = _finetune_options(steps, lr, batch_size, seq_len, distill_weight, temperature, seed)
     return prune_gradual(model, data, SparsityScheme(sparsity, pattern), options, score, end, every, schedule, regrow,

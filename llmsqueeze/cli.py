@@ -639,9 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--schedule gradual: fraction of the steps by which the final sparsity is reached (default 0.6)")
     pr.add_argument("--every", type=int, default=None, help="--schedule gradual: steps between mask updates "
                     "(default: 10 updates)")
-    pr.add_argument("--regrow", choices=("shadow", "zero"), default="shadow",
-                    help="--schedule gradual: pruned weights keep training in a shadow copy and may come back "
-                         "(shadow, default), or are zeroed for good (zero)")
+    pr.add_argument("--regrow", choices=("shadow", "zero"), default="zero",
+                    help="--schedule gradual: pruned weights are zeroed (zero, default) or keep training in a "
+                         "shadow copy and may come back with their own values (shadow)")
     _training_flags(pr)
     pr.set_defaults(func=cmd_prune, batch_size=None)
 

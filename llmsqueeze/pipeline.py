@@ -310,7 +310,7 @@ def finetune_pruned(model: nn.Module, ids: torch.Tensor, options, teacher: nn.Mo
 
 
 def prune_gradual(model: nn.Module, ids: torch.Tensor, sparsity: SparsityScheme, options, score: str = "magnitude",
-                  end: float = 0.6, every: int | None = None, schedule: str = "cubic", regrow: str = "shadow",
+                  end: float = 0.6, every: int | None = None, schedule: str = "cubic", regrow: str = "zero",
                   teacher: nn.Module | None = None, include: list[str] | None = None,
                   exclude: list[str] | None = None, progress: bool = True) -> list[dict]:
     """Prune the decoder blocks' Linears of a dense `model` while it fine-tunes (pruning/schedule.py):

@@ -100,7 +100,7 @@ def test_shadow_weights_keep_learning_and_can_come_back():
         lin.weight.copy_(torch.tensor([[0.1, 1.0, 1.0, 1.0]]))
     model = nn.Sequential(lin)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    pruner = GradualPruner(model, 0.25, initial=0.25, start=0, end=6, every=2).attach(opt)
+    pruner = GradualPruner(model, 0.25, initial=0.25, start=0, end=6, every=2, regrow="shadow").attach(opt)
     assert pruner.masks["0.weight"].tolist() == [[False, True, True, True]]
     for i in range(2):  # the gradient taken at the pruned point grows weight 0 and shrinks weight 3
         opt.zero_grad()

@@ -20,12 +20,14 @@ an N:M `pattern`, each group of M inputs keeps M - round((M - N) * s(t) / s_f) w
 3:4, 2:4 along the schedule). Allocation "learned" lives in pruning/learned.py (LearnedSparsity).
 
 Where a weight is pruned (`regrow`):
-    "shadow" (default): the forward pass uses w * mask, but the optimizer updates the dense weights
+    "zero" (default): a pruned weight is set to zero and gets no update (Zhu & Gupta); it can come back
+        only at zero, when its score (e.g. accumulated movement) overtakes a kept one at a later update.
+    "shadow": the forward pass uses w * mask, but the optimizer updates the dense weights
         (kept in a shadow copy) with the gradient taken at the pruned point, so a pruned weight keeps
         learning and comes back with its own value when its score rises again (dynamic pruning with
         feedback, Lin et al., 2020). After `end` the masks are fixed and pruned weights stay zero.
-    "zero": a pruned weight is set to zero and gets no update (Zhu & Gupta); it can come back only
-        at zero, when its score (e.g. accumulated movement) overtakes a kept one at a later update.
+        On the character-level model of eval/prune_train.py it lost to "zero" at every sparsity
+        (70 %: test loss 1.661 vs 1.550, uniform), hence the default.
 At every mask update the optimizer's per-weight state (momentum, Adam moments) of the weights that
 were just pruned is cleared.
 
@@ -76,7 +78,7 @@ class GradualPruner(MaskedTraining):
 
     def __init__(self, model: nn.Module, final_sparsity: float | None = None, *, pattern=None, start: int = 0,
                  end: int, every: int = 100, initial: float = 0.0, schedule: str = "cubic",
-                 score: str = "magnitude", allocation: str = "uniform", regrow: str = "shadow",
+                 score: str = "magnitude", allocation: str = "uniform", regrow: str = "zero",
                  params: dict[str, nn.Parameter] | None = None, seed: int = 0):
         super().__init__(model, params, regrow)
         self.nm = NMPattern.parse(pattern)
