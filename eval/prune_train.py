@@ -325,16 +325,17 @@ def run_char(args) -> None:
     reset_data(2)
     with_masks(global_masks(scores, S), R, "one-shot SNIP", "criteria", S, D)
     # during training: gradual magnitude (global ranking), movement
-    for score in ("magnitude", "movement"):
+    for score, regrow in (("magnitude", "zero"), ("magnitude", "shadow"), ("movement", "zero")):
         model.load_state_dict(dense)
         reset_data(2)
         o = make_opt(model.parameters())
         end = int(args.prune_end * R)
-        pruner = GradualPruner(model, S, start=0, end=end, every=max(1, end // 20), score=score, allocation="global")
+        pruner = GradualPruner(model, S, start=0, end=end, every=max(1, end // 20), score=score, allocation="global",
+                               regrow=regrow)
         pruner.attach(o)
         train_for(model, R, o)
         pruner.finish()
-        rows.append({"table": "criteria", "row": f"gradual {score} (global, cubic)", "sparsity": S,
+        rows.append({"table": "criteria", "row": f"gradual {score} (global, cubic, regrow {regrow})", "sparsity": S,
                      "test_loss": test_loss(model), "steps": D + R})
         print(rows[-1], flush=True)
     # iterative magnitude pruning and lottery tickets: rounds x (R / rounds)... and the full IMP budget
