@@ -6,6 +6,7 @@
     llmsqueeze.quantize_lazy("org/model-70b", "q4", scheme)   # one block in memory; resume=True after a stop
     model = llmsqueeze.from_pretrained("q4")   # or transformers.AutoModelForCausalLM.from_pretrained("q4")
     llmsqueeze.export("q4", "compressed-tensors", "q4-ct")   # for vLLM; also "gptq"; GPTQ/AWQ/CT dirs load too
+    llmsqueeze.finetune(llmsqueeze.from_pretrained("s24"), ids, steps=140)   # a pruned model, its mask held
 """
 from .api import finetune, load_dense, prune, prune_during_finetune, quantize
 from .config import CheckpointError, FloatScheme, GGUFScheme, LlmsqueezeError, QuantScheme, W8A8Scheme
