@@ -33,10 +33,16 @@ def _load_any(model: str, dtype: str, **kwargs):
     from .api import load_dense
     from .formats.files import read_config
     from .formats.loader import from_pretrained
+    from .nn import adapt_to_cpu
 
     path = Path(model).expanduser()
     quantized = path.is_dir() and (path / "config.json").is_file() and "quantization_config" in read_config(path)
-    m = from_pretrained(path, dtype=_torch_dtype(dtype), **kwargs) if quantized else load_dense(model, _torch_dtype(dtype), **kwargs)
+    if quantized:
+        m = from_pretrained(path, dtype=_torch_dtype(dtype), **kwargs)
+    else:
+        m = load_dense(model, _torch_dtype(dtype), **kwargs)
+        if dtype == "auto":  # as from_pretrained does for checkpoints: float32 compute where half is slow here
+            adapt_to_cpu(m)
     try:
         tok = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else model)
     except Exception:  # a model dir without a tokenizer
@@ -446,6 +452,44 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
+def _compute_dtype_line(model) -> str:
+    """What a loaded model computes in and why (the CPU's instruction sets), in one line."""
+    from .kernels import cpu
+    from .nn import HalfStorageLinear
+
+    info = cpu.cpu()
+    dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
+    half = any(isinstance(m, HalfStorageLinear) for m in model.modules())
+    kernels = "float32 C kernels on" if cpu.available() else "float32 C kernels off"
+    if half:
+        return f"float32 compute, dense weights kept in {dtype}, {kernels}; CPU {info.describe()}"
+    return f"{dtype} compute, {kernels}; CPU {info.describe()}"
+
+
+def cmd_env(args) -> int:
+    """This machine as llmsqueeze sees it: CPU instruction sets, the dtype and kernels it picks."""
+    import platform
+
+    import torch
+    import transformers
+
+    from .kernels import cpu
+
+    info = cpu.cpu()
+    lib = cpu.library()
+    print(f"llmsqueeze on {platform.machine()}, python {platform.python_version()}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, {torch.get_num_threads()} torch threads")
+    print(f"cpu         {info.describe()} (flags from {info.source})")
+    print(f"auto dtype  bfloat16 checkpoints compute in {str(cpu.auto_dtype(torch.bfloat16)).removeprefix('torch.')}, "
+          f"float16 in {str(cpu.auto_dtype(torch.float16)).removeprefix('torch.')}, on the CPU")
+    print("kernels     " + (f"float32 C kernels (AVX2+FMA+F16C) loaded from {lib._name}" if lib is not None else
+                            "float32 C kernels off: torch's paths (int4 kernel for bf16 decode, dequantize + matmul)"))
+    print("int8        " + ("torch._int_mm (native int8 dot products)" if info.native_int8 else
+                            "no native int8: W8A8 integer GEMMs run as exact float32 GEMMs"))
+    print(f"cuda        {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+    return 0
+
+
 def cmd_eval_latency(args) -> int:
     import torch
 
@@ -454,6 +498,8 @@ def cmd_eval_latency(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = _load_any(args.model, args.dtype)
+    if args.dtype == "auto":
+        print(f"dtype auto: {_compute_dtype_line(model)}")
     res = latency(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch)
     print(
         f"prefill {res['prefill_tok_s']:.1f} tok/s (ttft {res['ttft_s'] * 1000:.1f} ms)  "
@@ -658,6 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(ft, "--seed")
     ft.set_defaults(func=cmd_finetune)
 
+    en = sub.add_parser("env", help="this machine as llmsqueeze sees it: CPU instruction sets, chosen dtype and kernels")
+    en.set_defaults(func=cmd_env)
+
     i = sub.add_parser("info", help="describe a llmsqueeze checkpoint")
     i.add_argument("dir")
     i.add_argument("--json", action="store_true", help="print JSON")
@@ -693,7 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.set_defaults(func=cmd_eval_ppl)
     lat = esub.add_parser("latency", help="prefill and decode speed")
     lat.add_argument("model")
-    lat.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    lat.add_argument("--dtype", default="auto", choices=DTYPES,
+                     help="auto (default): the checkpoint's dtype, float32 compute where half precision is not "
+                          "native on this CPU (see `llmsqueeze env`)")
     lat.add_argument("--prompt-len", type=int, default=128)
     lat.add_argument("--new-tokens", type=int, default=32)
     lat.add_argument("--batch", type=int, default=1)

@@ -486,13 +486,21 @@ class SparsityScheme:
 
 
 # ------------------------------------------------------------------------------- options
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16", "model")
+
+
 @dataclass
 class CalibrationOptions:
     """How a calibrated method runs, the same for every method (the engine's and GPTQ's options):
     `device` where each block computes (default: CUDA when present, else CPU), `offload` where block
     activations wait between blocks, `true_sequential` calibrates a block's Linears in the
     architecture's order, GPTQ's `act_order` / `static_groups` / `damp` (a fraction of the mean
-    Hessian diagonal) / `block_size`, and `batch_size` calibration samples per forward."""
+    Hessian diagonal) / `block_size`, and `batch_size` calibration samples per forward.
+    `compute_dtype`: what each block computes in while it is calibrated ("auto": on a CPU the
+    model's dtype raised to float32 where half precision is not native, kernels.cpu.auto_dtype; on
+    a GPU the model's dtype; "model": the model's dtype everywhere); the block is stored back in the
+    model's dtype, so the checkpoint's dense tensors keep theirs."""
 
     device: str | None = None
     offload: str | None = None
@@ -502,9 +510,12 @@ class CalibrationOptions:
     damp: float = 0.01
     block_size: int = 128
     batch_size: int = 1
+    compute_dtype: str = "auto"  # what blocks compute in on a CPU: auto (kernels.cpu.auto_dtype), float32, bfloat16, model
 
     def validate(self) -> None:
         """One-line errors for values no method can use (checked when calibration data is used)."""
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise LlmsqueezeError(f"compute_dtype={self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
         if not (0 < self.damp < 1):
             raise LlmsqueezeError(f"damp={self.damp} must lie in (0, 1), e.g. 0.01 (1% of the mean Hessian diagonal)")
         if self.block_size < 1 or self.batch_size < 1:

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import CalibrationOptions, LlmsqueezeError
+from .kernels import cpu as cpu_kernels
 from .models import get_arch
 from .nn import is_linear, reuse_dequantized, set_module
 
@@ -130,17 +131,26 @@ class Job:
         return {} if self.ids is None else {"n_samples": int(self.ids.shape[0]), "seq_len": int(self.ids.shape[1])}
 
 
-def _to(obj, device):
-    """Move every tensor inside nested tuples/lists/dicts."""
+def _to(obj, device, dtype=None):
+    """Move every tensor inside nested tuples/lists/dicts (floating ones to `dtype` too, if given)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, dtype) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, dtype) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
     return obj
+
+
+def compute_dtype(stored: torch.dtype, device: torch.device, option: str = "auto") -> torch.dtype:
+    """What a block stored in `stored` computes in on `device` (CalibrationOptions.compute_dtype)."""
+    if option == "model" or not stored.is_floating_point:
+        return stored
+    if option != "auto":
+        return getattr(torch, option)
+    return cpu_kernels.auto_dtype(stored) if device.type == "cpu" else stored
 
 
 def _move_outside(model: nn.Module, blocks_path: str, device) -> None:
@@ -251,6 +261,7 @@ def run_sequential(
     start_block: int = 0,
     start_hidden: list[torch.Tensor] | None = None,
     on_captured: Callable[[], None] | None = None,
+    compute: str = "auto",
 ) -> EngineStats:
     """Calibrate `layer_names` (full module names, all inside the decoder blocks) block by block.
 
@@ -260,7 +271,9 @@ def run_sequential(
     `device` for block_done to free); block_done(i, block, hidden) runs once block i is compressed,
     with `hidden` the next block's inputs. start_block/start_hidden resume a run: blocks before
     start_block are skipped and start_hidden (as block_done saw it) replaces the captured inputs.
-    on_captured() runs once the block inputs are captured (a lazy model drops its embeddings there)."""
+    on_captured() runs once the block inputs are captured (a lazy model drops its embeddings there).
+    compute: CalibrationOptions.compute_dtype; each block is cast to it for its turn (activations
+    between blocks stay in it) and back to its own dtype before it is handed on."""
     device = torch.device(device)
     offload = torch.device(offload) if offload is not None else device
     arch = get_arch(model)
@@ -310,14 +323,22 @@ def run_sequential(
         if block_loader is not None:
             block_loader(i)
         block = blocks[i].to(device)
+        stored = next((p.dtype for p in block.parameters() if p.is_floating_point()), None)
+        work = compute_dtype(stored, device, compute) if stored is not None else None
+        if work is not None and work != stored:
+            if i == start_block:
+                log.info("blocks stored in %s compute in %s on this %s", stored, work, device.type)
+            block = block.to(work)
+        else:
+            work = None
         bprefix = f"{prefix}{i}."
         prepare = getattr(method, "prepare_block", None)
         fp_out = None
         if float_targets:  # the float block on the float stream: the targets, and that stream's next inputs
-            fp_out = [block_output(block(h.to(device), **_to(kw[i], device))).to(offload)
+            fp_out = [block_output(block(_to(h, device, work), **_to(kw[i], device, work))).to(offload)
                       for h, kw in zip(fp_hidden, kwargs)]
         if prepare is not None:
-            inputs = lambda: ((h.to(device), _to(kw[i], device)) for h, kw in zip(hidden, kwargs))  # noqa: E731
+            inputs = lambda: ((_to(h, device, work), _to(kw[i], device, work)) for h, kw in zip(hidden, kwargs))  # noqa: E731
             if float_targets:
                 prepare(bprefix, block, inputs, targets=lambda: (t.to(device) for t in fp_out))
             else:
@@ -338,7 +359,7 @@ def run_sequential(
                 try:
                     # a method that needs no inputs (e.g. W8A8 round-to-nearest) says so: skip the pass
                     for h, kw in zip(hidden, kwargs) if getattr(method, "collect_inputs", True) else ():
-                        block(h.to(device), **_to(kw[i], device))
+                        block(_to(h, device, work), **_to(kw[i], device, work))
                 finally:
                     for hd in handles:
                         hd.remove()
@@ -346,12 +367,14 @@ def run_sequential(
                     set_module(block, n, method.apply(bprefix + n, block.get_submodule(n)))
                     stats.layers += 1
             for j, (h, kw) in enumerate(zip(hidden, kwargs)):
-                out = block_output(block(h.to(device), **_to(kw[i], device)))
+                out = block_output(block(_to(h, device, work), **_to(kw[i], device, work)))
                 if not torch.isfinite(out).all():
                     raise FloatingPointError(f"block {i} produced NaN/Inf after calibration; check the model and the data")
                 hidden[j] = out.to(offload)
         if float_targets:
             fp_hidden = fp_out
+        if work is not None:  # back to the model's own dtype (packed layers keep what they store)
+            block = block.to(stored)
         if block_loader is None:
             blocks[i] = block.to(home)
         if block_done is not None:

@@ -2,9 +2,15 @@
 
 Forward paths, chosen per call from the input's device and dtype (deterministic, so a loaded model
 and the in-memory one run the same code):
-  * CPU, 4 bits, bf16/fp16 activations with at most INT4_CPU_MAX_M rows (decode), no act-order,
-    N % 16 == 0, a group size that is a multiple of 32 (or per-channel): PyTorch's int4 CPU kernel
-    (`aten._weight_int4pack_mm_for_cpu`), its packed weight built once on first use;
+  * CPU with AVX2+FMA+F16C (llmsqueeze.kernels.cpu), 2/4/8 bits, no act-order: the float32 C kernels
+    on the packed buffers in place (no second copy of the weights). Up to CPU_GEMV_MAX_M rows
+    (decode) a GEMV that unpacks in registers; more rows (prefill) dequantize the weight, in column
+    tiles of at most CPU_TILE_BYTES, into a reused scratch buffer for the BLAS GEMM. float32 inputs
+    always; bf16/fp16 inputs too (converted to float32 and back) where bf16 is not native, and for
+    decode where it is;
+  * CPU with native bf16, bf16 activations, CPU_GEMV_MAX_M < M <= INT4_CPU_MAX_M rows, 4 bits, no
+    act-order, N % 16 == 0, a group size that is a multiple of 32 (or per-channel): PyTorch's int4
+    CPU kernel (`aten._weight_int4pack_mm_for_cpu`), its packed weight built once on first use;
   * CUDA, fp16/bf16 activations: the Triton kernels of `llmsqueeze.kernels` through
     `nn_kernels.quant_linear`, which builds the kernels' view of the packed weights once
     (`_kernel_cache`, never saved; `prepare_model` builds them all up front);
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import nn_kernels  # light: Triton itself is imported on the first kernel call
+from .kernels import cpu as cpu_kernels
 from .quant.pack import pack_cols, pack_rows, padded, unpack_cols, unpack_rows
 
 INT4_CPU_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts
@@ -30,6 +37,11 @@ INT4_CPU_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel accepts
 # 2x slower at M=2048. In float32 it is 2-80x slower than dequantize+matmul at every M.
 INT4_CPU_DTYPES = (torch.bfloat16,)  # fp16 runs 25x slower than bf16 in this kernel on CPU
 INT4_CPU_MAX_M = 64
+# The float32 C kernels: the GEMV up to this many rows (measured on 2 cores, SmolLM2 and 7B widths:
+# it stays ahead of dequantize + BLAS up to ~16-32 rows, where it turns compute-bound); the prefill
+# path dequantizes at most this many bytes of float32 weight at a time (one reused buffer).
+CPU_GEMV_MAX_M = 16
+CPU_TILE_BYTES = 64 << 20
 BACKENDS = ("auto", "triton", "dequant")
 BACKEND = os.environ.get("LLMSQUEEZE_BACKEND", "auto")
 _DEQUANT_CACHING = 0  # > 0 inside reuse_dequantized(): the dequantize fallback keeps its weight
@@ -164,6 +176,8 @@ class QuantLinear(nn.Module):
         """The transposed weight [K, N], built straight from the K-major packed layout (no gather
         when groups are contiguous): the fast form for x @ W^T. Same values as `grid.dequantize`."""
         k, n, g = self.in_features, self.out_features, self.group_size
+        if self._cpu_kernels_take():  # the same expression in C, bit for bit, in one pass
+            return cpu_kernels.op("dequantize_q")(self.qweight, self.scales, self.qzeros, self.bits, g, k).to(dtype)
         q = unpack_rows(self.qweight, self.bits, k)  # [K, N]
         zero = unpack_cols(self.qzeros, self.bits, n).float()  # [ng, N]
         scale = self.scales.float()  # [ng, N]
@@ -207,6 +221,49 @@ class QuantLinear(nn.Module):
         self._int4_cache = (dtype, packed, table, kg, kk)
         return packed, table, kg, kk
 
+    def _cpu_kernels_take(self) -> bool:
+        """Whether the float32 C kernels run this layer (CPU buffers, layout and CPU they take)."""
+        return (self.g_idx is None and self.qweight.device.type == "cpu"
+                and cpu_kernels.takes_q(self.bits, self.group_size, self.scales) and cpu_kernels.available())
+
+    def cpu_path(self, x2: torch.Tensor) -> str:
+        """Which CPU path runs an input like x2 [M, K] (see the module docstring): "gemv" or "tiles"
+        (the float32 C kernels: decode, prefill), "int4" (torch's int4 kernel) or "dense" (dequantize
+        this layer's weight to x2's dtype and matmul)."""
+        m = x2.shape[0]
+        if _DEQUANT_CACHING or BACKEND != "auto" or m == 0:
+            return "dense"
+        native_half = x2.dtype != torch.float32 and cpu_kernels.cpu().native_bf16
+        if self._cpu_kernels_take() and (m <= CPU_GEMV_MAX_M or not native_half):
+            return "gemv" if m <= CPU_GEMV_MAX_M else "tiles"
+        if x2.dtype in INT4_CPU_DTYPES and m <= INT4_CPU_MAX_M and self._int4_cpu_group() is not None:
+            return "int4"
+        return "dense"
+
+    def _cpu_kernel_forward(self, x2: torch.Tensor, path: str) -> torch.Tensor:
+        """x2 [M, K] -> [M, N] in x2's dtype (bias added) by the float32 C kernels."""
+        xf = x2.float().contiguous()
+        k, n = self.in_features, self.out_features
+        args = (self.qweight, self.scales, self.qzeros, self.bits, self.group_size, k)
+        if torch.compiler.is_compiling():  # the kernels as custom ops: one opaque call each in the graph
+            if path == "gemv":
+                y = cpu_kernels.op("gemv_q")(xf, *args, self.bias)
+            else:
+                y = xf @ cpu_kernels.op("dequantize_q")(*args)
+                y = y if self.bias is None else y + self.bias.float()
+        elif path == "gemv":
+            y = cpu_kernels.gemv_q(xf, *args, bias=self.bias)
+        else:  # column tiles of W^T dequantized into one reused buffer, each into the BLAS GEMM
+            step = min(n, max(8, CPU_TILE_BYTES // (4 * k) // 8 * 8))
+            buf = cpu_kernels.scratch(k * step)
+            y = torch.empty(xf.shape[0], n, dtype=torch.float32)
+            for n0 in range(0, n, step):
+                n1 = min(n, n0 + step)
+                torch.mm(xf, cpu_kernels.dequantize_q(*args, out=buf, cols=(n0, n1)), out=y[:, n0:n1])
+            if self.bias is not None:
+                y += self.bias.float()
+        return y if x2.dtype == torch.float32 else y.to(x2.dtype)
+
     def _triton_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
         """x2 [M, K] -> [M, N] (bias added) by the Triton kernels, or None where they cannot run it."""
         return nn_kernels.quant_linear(x2, self)
@@ -218,13 +275,10 @@ class QuantLinear(nn.Module):
         caching = _DEQUANT_CACHING > 0  # many calls on one weight: a dense copy and cuBLAS/MKL beat the kernels
         if not caching and (BACKEND == "triton" or (BACKEND == "auto" and x.is_cuda)):
             y = self._triton_forward(x2)
-        if y is None and not caching and (
-            BACKEND == "auto"
-            and x.device.type == "cpu"
-            and x.dtype in INT4_CPU_DTYPES
-            and x2.shape[0] <= INT4_CPU_MAX_M
-            and self._int4_cpu_group() is not None
-        ):
+        path = self.cpu_path(x2) if y is None and x.device.type == "cpu" else "dense"
+        if path in ("gemv", "tiles"):
+            y = self._cpu_kernel_forward(x2, path)
+        elif path == "int4":
             packed, table, kg, kk = self._int4_cpu_weights(x.dtype)
             if kk != self.in_features:
                 x2 = F.pad(x2, (0, kk - self.in_features))
@@ -382,6 +436,88 @@ class LUTLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, grid={self.grid}, bias={self.bias is not None}")
+
+
+class HalfStorageLinear(nn.Linear):
+    """An nn.Linear that keeps its bf16/fp16 weight as stored and computes in float32.
+
+    For CPUs without native half precision (compute_in_float32): float32 activations are the fast
+    kind there, and a 16-bit weight read as such moves half the bytes of an upcast copy (SmolLM2's
+    tied head is 113 MiB in float32, 57 in bf16, read once per decoded token). Few rows: the C GEMV
+    on the 16-bit rows; more: column tiles of the weight converted into a reused float32 buffer
+    for the BLAS GEMM. The values are the checkpoint's exactly (bf16 -> float32 is exact)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype == w.dtype or x.device.type != "cpu":
+            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        shape = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        m, k, n = x2.shape[0], self.in_features, self.out_features
+        if m <= CPU_GEMV_MAX_M and w.dtype in cpu_kernels.W16_CODES and w.is_contiguous() and cpu_kernels.available():
+            y = cpu_kernels.op("gemv_w16")(x2, w, self.bias)
+        elif torch.compiler.is_compiling():
+            y = F.linear(x2, w.float(), None if self.bias is None else self.bias.float())
+        else:
+            step = min(n, max(1, CPU_TILE_BYTES // (4 * k)))
+            buf = cpu_kernels.scratch(k * step)
+            y = torch.empty(m, n, dtype=torch.float32)
+            for n0 in range(0, n, step):
+                n1 = min(n, n0 + step)
+                wt = buf[: (n1 - n0) * k].view(n1 - n0, k)
+                wt.copy_(w[n0:n1])
+                torch.mm(x2, wt.t(), out=y[:, n0:n1])
+            if self.bias is not None:
+                y += self.bias.float()
+        return y.to(x.dtype).reshape(*shape, n)
+
+
+class Float32Embedding(nn.Embedding):
+    """An nn.Embedding that keeps its 16-bit table as stored and returns float32 rows (the input
+    side of a tied HalfStorageLinear head)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids).float()
+
+
+def compute_in_float32(model: nn.Module) -> int:
+    """Make `model` compute in float32 while its dense Linear weights and embedding tables keep their
+    16-bit storage (bf16/fp16): they become HalfStorageLinear / Float32Embedding (same parameters,
+    so tied weights stay tied); every other floating tensor (norms, biases, rotary tables) and any
+    other module moves to float32; packed layers keep their buffers. Returns how many weights kept
+    16-bit storage. For CPUs without native bf16 (kernels.cpu.best_dtype() float32)."""
+    kept = {}
+    for mod in model.modules():
+        if type(mod) is nn.Linear and mod.weight.dtype in (torch.bfloat16, torch.float16):
+            mod.__class__ = HalfStorageLinear
+            kept[id(mod.weight)] = mod.weight.numel()
+        elif type(mod) is nn.Embedding and mod.weight.dtype in (torch.bfloat16, torch.float16):
+            mod.__class__ = Float32Embedding
+            kept[id(mod.weight)] = mod.weight.numel()
+    def up(t):
+        return t.float() if t.is_floating_point() and t.dtype != torch.float32 else t
+
+    for mod in model.modules():
+        if isinstance(mod, (HalfStorageLinear, Float32Embedding)):
+            if getattr(mod, "bias", None) is not None:
+                mod.bias = nn.Parameter(up(mod.bias.data), requires_grad=mod.bias.requires_grad)
+        else:  # packed layers' own _apply keeps what they store as is (QuantLinear: its scales)
+            mod._apply(up, recurse=False)
+    if hasattr(model, "config"):
+        model.config.dtype = torch.float32
+    return sum(kept.values())
+
+
+def adapt_to_cpu(model: nn.Module) -> torch.dtype:
+    """`--dtype auto` for a model loaded on the CPU in its checkpoint's dtype: where that dtype is
+    half precision and not native here (kernels.cpu.auto_dtype), make it compute in float32 with its
+    16-bit weights kept as stored (compute_in_float32). Returns the dtype it now computes in."""
+    stored = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    want = cpu_kernels.auto_dtype(stored) if on_cpu else stored
+    if want == torch.float32 and stored != torch.float32:
+        compute_in_float32(model)
+    return want
 
 
 def prepare_model(model: nn.Module) -> int:

@@ -67,7 +67,7 @@ def _compress(job: Job, row: MethodRow, method=None, hooks: dict | None = None) 
     block_names, outside = _split_blocks(model, job.names, bool(job.batches))
     stats = run_sequential(model, job.batches, method, block_names, device=job.device, offload=job.options.offload,
                            true_sequential=getattr(method, "true_sequential", job.options.true_sequential),
-                           progress=job.progress, **(hooks or {}))
+                           progress=job.progress, compute=job.options.compute_dtype, **(hooks or {}))
     with torch.no_grad():
         for n in outside:  # data-free (checked above): the head is in memory already
             set_module(model, n, method.apply(n, model.get_submodule(n)))

@@ -18,6 +18,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..config import CheckpointError, check_layer_schemes, first_line, scheme_from_dict
+from ..nn import adapt_to_cpu
 from .files import read_config, tensor_index
 from .native import FORMAT_VERSION, QUANT_METHOD, check_native, replace_with_quant_linear, verify_sparse_layers
 from .peers import IMPORT_METHODS, ignored_on_import, imported_config, weight_conversions
@@ -149,7 +150,12 @@ def register_with_transformers() -> None:
 
 def from_pretrained(path: str | os.PathLike, device_map=None, dtype: torch.dtype | str = "auto", **kwargs) -> nn.Module:
     """Load a llmsqueeze checkpoint (local dir, verified first; or a hub id) as a causal LM; a local
-    .gguf file loads with its quantized Linears kept in their GGML blocks (formats/gguf.load)."""
+    .gguf file loads with its quantized Linears kept in their GGML blocks (formats/gguf.load).
+
+    dtype "auto" (the default): the checkpoint's dtype, except on a CPU without native half
+    precision (AVX2 machines: bf16 GEMMs ~35x slower than float32 there), where the model computes
+    in float32 and keeps its dense 16-bit weights as stored (nn.adapt_to_cpu). A dtype given
+    explicitly is used as given."""
     from transformers import AutoModelForCausalLM
 
     register_with_transformers()
@@ -168,7 +174,10 @@ def from_pretrained(path: str | os.PathLike, device_map=None, dtype: torch.dtype
             config.quantization_config = qc
             kwargs["config"] = config
     try:
-        return AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype, **kwargs)
     except OSError as e:
         first = first_line(e)
         raise CheckpointError(f"cannot load {path}: {first}") from None
+    if dtype == "auto":  # the checkpoint's dtype, computed in float32 where half is slow on this CPU
+        adapt_to_cpu(model)
+    return model

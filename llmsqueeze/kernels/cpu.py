@@ -1,0 +1,332 @@
+"""What this CPU runs fast, and the C kernels for float32 activations (cpu_kernels.c).
+
+CPUs differ in what torch's half-precision and int8 paths cost. With AVX-512 BF16 / AMX the bf16
+GEMM is native and several times faster than float32; with AVX2 + FMA only (most laptops, AMD before
+Zen 4, many cloud VMs) a bf16 GEMM falls back to conversions and runs ~35x slower than float32 at
+M=512, and `torch._int_mm` ~22x. `cpu()` reads the instruction sets once; `best_dtype()` is the
+activation dtype every default follows (`--dtype auto`): bfloat16 where it is native, else float32.
+
+The float32 kernels read the checkpoint's packed layout in place (no repacked copy) and need AVX2,
+FMA and F16C. They are compiled on first use with the system C compiler (`CC`, default `cc`) into
+~/.cache/llmsqueeze/cpu-kernels (`LLMSQUEEZE_CACHE` moves it) and called through ctypes, which
+releases the GIL; their OpenMP threads are torch's (the same libgomp), `torch.get_num_threads()` of
+them. Without a compiler, or on another architecture, `library()` is None after one warning and the
+callers keep their torch paths. `LLMSQUEEZE_CPU_KERNELS=0` turns them off.
+
+    gemv_q(x, qweight, scales, qzeros, bits, group_size, in_features, bias)   x [M, K] fp32 -> [M, N]
+    dequantize_q(qweight, scales, qzeros, bits, group_size, in_features, out) -> W^T [K, N] fp32
+    gemv_w16(x, weight, bias)              x [M, K] fp32, weight [N, K] bf16/fp16 -> [M, N] fp32
+
+`LLMSQUEEZE_CPU_FLAGS=avx2,fma,f16c` (a comma list) makes `cpu()` report those flags instead of
+/proc/cpuinfo's (tests; a dry run of what an AVX2 machine would choose). `ATEN_CPU_CAPABILITY=avx2`
+is honoured too: torch then runs no AVX-512 code, so neither do the choices made here.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("llmsqueeze")
+
+FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx_vnni",
+         "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+WIDE = ("avx512", "amx")  # flag prefixes torch leaves unused when its capability is AVX2 or lower
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    machine: str  # platform.machine(): x86_64, aarch64, ...
+    flags: frozenset  # the FLAGS this CPU has (as torch may use them)
+    torch_capability: str  # torch.backends.cpu.get_cpu_capability(): AVX2, AVX512, DEFAULT, ...
+    source: str  # "/proc/cpuinfo", "LLMSQUEEZE_CPU_FLAGS" or "none"
+
+    @property
+    def x86_avx2(self) -> bool:
+        """AVX2 + FMA + F16C on x86-64: what the float32 C kernels need."""
+        return self.machine in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= self.flags
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 dot products in hardware (AVX-512 BF16 or AMX-BF16): bf16 GEMMs beat float32."""
+        return bool({"avx512_bf16", "amx_bf16"} & self.flags)
+
+    @property
+    def native_int8(self) -> bool:
+        """int8 dot products in hardware (VNNI or AMX-INT8): torch._int_mm beats float32."""
+        return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & self.flags)
+
+    @property
+    def best_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.native_bf16 else torch.float32
+
+    def describe(self) -> str:
+        """One line: the flags that matter and what they make llmsqueeze choose."""
+        shown = " ".join(f for f in FLAGS if f in self.flags) or "none of " + "/".join(FLAGS[:3])
+        bf16 = "native bf16" if self.native_bf16 else "no native bf16"
+        int8 = "native int8" if self.native_int8 else "no native int8"
+        return (f"{self.machine} {shown} ({bf16}, {int8}; torch {self.torch_capability}): "
+                f"{str(self.best_dtype).removeprefix('torch.')} activations by default")
+
+
+def _proc_flags() -> frozenset | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+_CPU: CpuInfo | None = None
+
+
+def cpu() -> CpuInfo:
+    """This CPU, read once (see the module docstring for the overrides); `forget()` reads it again.
+    A plain global once read, so torch.compile traces it as a constant."""
+    global _CPU
+    if _CPU is None:
+        _CPU = _detect()
+    return _CPU
+
+
+def forget() -> None:
+    """Read the CPU again on the next cpu() call (after changing LLMSQUEEZE_CPU_FLAGS, in tests)."""
+    global _CPU
+    _CPU = None
+
+
+def _detect() -> CpuInfo:
+    cap = torch.backends.cpu.get_cpu_capability()
+    env = os.environ.get("LLMSQUEEZE_CPU_FLAGS")
+    if env is not None:
+        flags, source = frozenset(f.strip() for f in env.split(",") if f.strip()), "LLMSQUEEZE_CPU_FLAGS"
+    else:
+        found = _proc_flags()
+        flags, source = (found, "/proc/cpuinfo") if found is not None else (frozenset(), "none")
+    if cap in ("AVX2", "DEFAULT", "NO_AVX"):  # torch was told (or found) to run no wider code
+        flags = frozenset(f for f in flags if not f.startswith(WIDE))
+    return CpuInfo(platform.machine(), frozenset(f for f in flags if f in FLAGS), cap, source)
+
+
+def best_dtype() -> torch.dtype:
+    """The activation dtype for CPU work here: bfloat16 where it is native, else float32."""
+    return cpu().best_dtype
+
+
+def auto_dtype(stored: torch.dtype) -> torch.dtype:
+    """What `--dtype auto` computes a model stored in `stored` in, on this CPU: the stored dtype,
+    raised to float32 where half precision is not native here (bf16 without AVX-512 BF16/AMX; fp16
+    always: torch's CPU fp16 GEMM is many times slower than float32). Never below the stored dtype."""
+    if stored == torch.bfloat16 and cpu().native_bf16:
+        return stored
+    return torch.float32 if stored in (torch.bfloat16, torch.float16) else stored
+
+
+# ------------------------------------------------------------------------------------------------
+# the C library
+
+_LOCK = threading.Lock()
+_LIB: ctypes.CDLL | None | bool = False  # False: not tried yet
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+VERSION = 1  # lsq_version() of cpu_kernels.c
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LLMSQUEEZE_CACHE")
+    return Path(root).expanduser() if root else Path("~/.cache/llmsqueeze").expanduser() / "cpu-kernels"
+
+
+def _build() -> Path:
+    """Compile cpu_kernels.c once per source, compiler and flags; -> the shared library's path."""
+    cc = os.environ.get("CC", "cc")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *CFLAGS]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"lsq_cpu_{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError((r.stderr or r.stdout).strip().splitlines()[-1][:300])
+        os.replace(tmp, out)  # atomic: another process building the same key gets a whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they cannot run here (one warning says why)."""
+    global _LIB
+    if _LIB is not False:
+        return _LIB
+    with _LOCK:
+        if _LIB is not False:
+            return _LIB
+        lib = None
+        why = None
+        if os.environ.get("LLMSQUEEZE_CPU_KERNELS", "1") == "0":
+            why = None  # turned off on purpose: no warning
+        elif not cpu().x86_avx2:
+            why = f"this CPU ({cpu().machine}, flags {' '.join(sorted(cpu().flags)) or 'none'}) lacks AVX2+FMA+F16C"
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                if lib.lsq_version() != VERSION:
+                    raise RuntimeError(f"built library reports version {lib.lsq_version()}, expected {VERSION}")
+                _declare(lib)
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                lib, why = None, f"could not build them ({e})"
+        if why:
+            log.warning("llmsqueeze: the float32 CPU kernels are off: %s; using torch's paths", why)
+        _LIB = lib
+        return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.lsq_gemv_q.argtypes = [p, i64, i64, p, p, i32, p, i64, p, p, i64, i64, i32, i32]
+    lib.lsq_dequant_q.argtypes = [p, p, i32, p, i64, p, i64, i64, i64, i32, i64, i64, i32]
+    lib.lsq_gemv_w16.argtypes = [p, i64, i64, p, i32, p, p, i64, i32]
+    for f in (lib.lsq_gemv_q, lib.lsq_dequant_q, lib.lsq_gemv_w16):
+        f.restype = i32
+
+
+def available() -> bool:
+    """Whether the float32 kernels run here (built and loaded on the first call)."""
+    if _LIB is not False:  # resolved: a plain global read, which torch.compile traces as a constant
+        return _LIB is not None
+    return library() is not None
+
+
+SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+W16_CODES = {torch.float16: 1, torch.bfloat16: 2}
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise ValueError(f"llmsqueeze CPU kernel {what} refused its arguments (code {rc})")
+
+
+def takes_q(bits: int, group_size: int, scales: torch.Tensor) -> bool:
+    """Whether gemv_q/dequantize_q run this layout: 2/4/8 bits, groups of whole words."""
+    return bits in (2, 4, 8) and group_size % (32 // bits) == 0 and scales.dtype in SCALE_CODES
+
+
+def gemv_q(x: torch.Tensor, qweight, scales, qzeros, bits: int, group_size: int, in_features: int,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32 -> x @ W^T + bias [M, N] float32 from the packed layout (module docstring)."""
+    lib = library()
+    m, n = x.shape[0], qweight.shape[1]
+    out = torch.empty(m, n, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    _check(lib.lsq_gemv_q(x.data_ptr(), m, in_features, qweight.data_ptr(), scales.data_ptr(), SCALE_CODES[scales.dtype],
+                          qzeros.data_ptr(), qzeros.shape[1], _ptr(b), out.data_ptr(), n, group_size, bits,
+                          torch.get_num_threads()), "gemv_q")
+    return out
+
+
+def dequantize_q(qweight, scales, qzeros, bits: int, group_size: int, in_features: int,
+                 out: torch.Tensor | None = None, cols: tuple[int, int] | None = None) -> torch.Tensor:
+    """-> W^T[:, n0:n1] float32 [K, n1 - n0] = (q - zero) * scale (all N columns unless `cols`), written
+    into `out` (a float32 buffer of at least that many elements) when given."""
+    lib = library()
+    k, n = in_features, qweight.shape[1]
+    n0, n1 = cols or (0, n)
+    w = torch.empty(k * (n1 - n0), dtype=torch.float32) if out is None else out[: k * (n1 - n0)]
+    _check(lib.lsq_dequant_q(qweight.data_ptr(), scales.data_ptr(), SCALE_CODES[scales.dtype], qzeros.data_ptr(),
+                             qzeros.shape[1], w.data_ptr(), k, n, group_size, bits, n0, n1, torch.get_num_threads()),
+           "dequantize_q")
+    return w.view(k, n1 - n0)
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(numel: int) -> torch.Tensor:
+    """A float32 buffer of at least `numel` elements, reused by this thread's later calls (the
+    dequantized tiles of prefill), so no call allocates and faults in a layer-sized tensor."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH.buf = torch.empty(numel, dtype=torch.float32)
+    return buf
+
+
+def gemv_w16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] float32, weight [N, K] bfloat16/float16 -> x @ weight^T + bias [M, N] float32."""
+    lib = library()
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    b = None if bias is None else bias.float().contiguous()
+    _check(lib.lsq_gemv_w16(x.data_ptr(), m, k, weight.data_ptr(), W16_CODES[weight.dtype], _ptr(b), out.data_ptr(),
+                            n, torch.get_num_threads()), "gemv_w16")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the same kernels as torch custom ops, for torch.compile (one opaque call in the graph; eager code
+# calls the functions above directly: a custom op's dispatch costs microseconds per call)
+
+@torch.library.custom_op("llmsqueeze::cpu_gemv_q", mutates_args=())
+def _gemv_q_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, bits: int,
+               group_size: int, in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    return gemv_q(x.contiguous(), qweight, scales, qzeros, bits, group_size, in_features, bias)
+
+
+@_gemv_q_op.register_fake
+def _(x, qweight, scales, qzeros, bits, group_size, in_features, bias):
+    return x.new_empty(x.shape[0], qweight.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("llmsqueeze::cpu_dequantize_q", mutates_args=())
+def _dequantize_q_op(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, bits: int, group_size: int,
+                     in_features: int) -> torch.Tensor:
+    return dequantize_q(qweight, scales, qzeros, bits, group_size, in_features)
+
+
+@_dequantize_q_op.register_fake
+def _(qweight, scales, qzeros, bits, group_size, in_features):
+    return qweight.new_empty(in_features, qweight.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("llmsqueeze::cpu_gemv_w16", mutates_args=())
+def _gemv_w16_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return gemv_w16(x.contiguous(), weight, bias)
+
+
+@_gemv_w16_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+_OPS = {"gemv_q": _gemv_q_op, "dequantize_q": _dequantize_q_op, "gemv_w16": _gemv_w16_op}
+
+
+def op(name: str):
+    """The function to call for kernel `name` ("gemv_q", "dequantize_q", "gemv_w16"): the custom op
+    while torch.compile traces, the plain function otherwise."""
+    return _OPS[name] if torch.compiler.is_compiling() else _PLAIN[name]
+
+
+_PLAIN = {"gemv_q": gemv_q, "dequantize_q": dequantize_q, "gemv_w16": gemv_w16}

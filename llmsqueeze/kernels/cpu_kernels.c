@@ -1,0 +1,354 @@
+/* CPU kernels for packed weights with float32 activations (AVX2 + FMA + F16C; no AVX-512, no
+ * native bf16/int8 dot products needed). Built on first use by llmsqueeze/kernels/cpu.py with the
+ * system C compiler and called through ctypes; OpenMP regions run on torch's own OpenMP runtime
+ * (the library is loaded after torch, whose libgomp.so.1 then satisfies ours).
+ *
+ * Layouts are the checkpoint's (GPTQ, true zero points), read in place, never repacked:
+ *   qweight int32 [K_pad * bits / 32, N]   32/bits values of consecutive k per word, first in the low bits
+ *   scales  [ng, N]                        float32, float16 or bfloat16 (scode 0 / 1 / 2)
+ *   qzeros  int32 [ng, zstride]            packed along N the same way
+ *   group g covers k in [g*G, min(g*G + G, K)); K_pad = K rounded up to 32, padded values are 0.
+ *
+ * lsq_gemv_q:   y[m, n] = bias[n] + sum_g s[g,n] * (sum_{k in g} x[m,k] q[k,n] - z[g,n] sum_{k in g} x[m,k])
+ *               the inner sums in float32 FMAs on the unpacked codes. A code j of a word is taken as
+ *               (word & (mask << bits*j)), i.e. q * 2^(bits*j), converted exactly to float, against x
+ *               pre-multiplied by 2^-(bits*j) (exact: a power of two): one AND + one convert per 8
+ *               codes instead of shift + AND + convert. The same products as x * q, bit for bit.
+ * lsq_dequant_q: columns [n0, n1) of W^T [K, N] as float32 [K, n1 - n0] = (q - z) * s, the same
+ *               expression (and bits) as QuantLinear.dequantize_weight_t; for prefill, where W^T
+ *               then goes to the BLAS GEMM (column chunks bound the scratch buffer).
+ * lsq_gemv_w16: y[m, n] = bias[n] + sum_k x[m, k] w[n, k] with w [N, K] in bfloat16 / float16
+ *               (a dense Linear kept in its 16-bit storage, computed in float32).
+ * Return 0, or a negative code for arguments the kernel does not take (the caller falls back).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define LSQ_VERSION 1
+
+int lsq_version(void) { return LSQ_VERSION; }
+
+/* ---------------------------------------------------------------------------------------------- */
+/* 8 consecutive scales as float32                                                                  */
+
+static inline __m256 load8_scales(const void *s, int64_t idx, int scode) {
+    if (scode == 0) return _mm256_loadu_ps((const float *)s + idx);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)s + idx));
+    if (scode == 1) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline float load1_scale(const void *s, int64_t idx, int scode) {
+    if (scode == 0) return ((const float *)s)[idx];
+    uint16_t h = ((const uint16_t *)s)[idx];
+    if (scode == 1) return _cvtsh_ss(h);
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* the zero point of column n in group row zrow (packed along N like qweight along K) */
+static inline int zero1(const int32_t *zrow, int64_t n, int bits) {
+    int64_t bit = n * bits;
+    return (int)(((uint32_t)zrow[bit >> 5] >> (bit & 31)) & ((1u << bits) - 1));
+}
+
+/* zeros of columns n..n+7 (n a multiple of 8) as float32 */
+static inline __m256 load8_zeros(const int32_t *zrow, int64_t n, int bits) {
+    if (bits == 4) {
+        __m256i w = _mm256_set1_epi32(zrow[n >> 3]);
+        __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(w, sh), _mm256_set1_epi32(15)));
+    }
+    return _mm256_setr_ps((float)zero1(zrow, n, bits), (float)zero1(zrow, n + 1, bits),
+                          (float)zero1(zrow, n + 2, bits), (float)zero1(zrow, n + 3, bits),
+                          (float)zero1(zrow, n + 4, bits), (float)zero1(zrow, n + 5, bits),
+                          (float)zero1(zrow, n + 6, bits), (float)zero1(zrow, n + 7, bits));
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* packed GEMV                                                                                      */
+
+typedef struct {
+    const float *xs;      /* [M, Kp] x pre-scaled by 2^-(bits * (k % per)) except the top code; 0 past K */
+    const float *x;       /* [M, K] the input as given (tail columns) */
+    const float *xsum;    /* [M, ng] sum of x over each group */
+    const int32_t *qweight;
+    const void *scales;
+    const int32_t *qzeros;
+    float *out;           /* [M, N] */
+    int64_t M, K, Kp, N, G, ng, zstride;
+    int scode, bits;
+} GemvArgs;
+
+/* columns [n0, n0 + 8*NV) of rows [m0, m0 + MT), group g: out += s * (x.q - z * sum x) */
+static inline __attribute__((always_inline)) void gemv_tile(const GemvArgs *a, int64_t m0, int64_t n0, int64_t g,
+                                                            const int bits, const int MT, const int NV) {
+    const int per = 32 / bits;
+    const int64_t N = a->N, Kp = a->Kp;
+    const int64_t r0 = g * a->G / per;
+    const int64_t r1 = (g == a->ng - 1) ? Kp / per : (g + 1) * a->G / per;
+    const __m128i top = _mm_cvtsi32_si128(bits * (per - 1));
+    __m256 acc[4][8];
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+    for (int64_t r = r0; r < r1; ++r) {
+        const int32_t *wp = a->qweight + r * N + n0;
+        __m256i w[8];
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_si256((const __m256i *)(wp + 8 * v));
+        const float *xr = a->xs + m0 * Kp + r * per;
+#pragma GCC unroll 16
+        for (int j = 0; j < per; ++j) {
+            const __m256i mask = _mm256_set1_epi32((int)(((1u << bits) - 1) << (bits * j)));
+            __m256 xb[4];
+#pragma GCC unroll 4
+            for (int m = 0; m < MT; ++m) xb[m] = _mm256_broadcast_ss(xr + m * Kp + j);
+#pragma GCC unroll 8
+            for (int v = 0; v < NV; ++v) {
+                __m256i c = (j < per - 1) ? _mm256_and_si256(w[v], mask) : _mm256_srl_epi32(w[v], top);
+                __m256 f = _mm256_cvtepi32_ps(c);
+#pragma GCC unroll 4
+                for (int m = 0; m < MT; ++m) acc[m][v] = _mm256_fmadd_ps(f, xb[m], acc[m][v]);
+            }
+        }
+    }
+    const int32_t *zrow = a->qzeros + g * a->zstride;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+        const int64_t n = n0 + 8 * v;
+        __m256 s = load8_scales(a->scales, g * N + n, a->scode);
+        __m256 z = load8_zeros(zrow, n, bits);
+#pragma GCC unroll 4
+        for (int m = 0; m < MT; ++m) {
+            float *yp = a->out + (m0 + m) * N + n;
+            __m256 t = _mm256_fnmadd_ps(z, _mm256_set1_ps(a->xsum[(m0 + m) * a->ng + g]), acc[m][v]);
+            _mm256_storeu_ps(yp, _mm256_fmadd_ps(s, t, _mm256_loadu_ps(yp)));
+        }
+    }
+}
+
+/* one column n (the N % 8 tail), rows [m0, m0 + mt), group g, scalar */
+static void gemv_col(const GemvArgs *a, int64_t m0, int64_t mt, int64_t n, int64_t g) {
+    const int bits = a->bits, per = 32 / bits;
+    const uint32_t mask = (1u << bits) - 1;
+    const int64_t k0 = g * a->G, k1 = k0 + a->G < a->K ? k0 + a->G : a->K;
+    const float s = load1_scale(a->scales, g * a->N + n, a->scode);
+    const float z = (float)zero1(a->qzeros + g * a->zstride, n, bits);
+    for (int64_t m = m0; m < m0 + mt; ++m) {
+        const float *x = a->x + m * a->K;
+        float acc = 0.f;
+        for (int64_t k = k0; k < k1; ++k) {
+            uint32_t word = (uint32_t)a->qweight[(k / per) * a->N + n];
+            acc += x[k] * (float)((word >> (bits * (k % per))) & mask);
+        }
+        a->out[m * a->N + n] += s * (acc - z * a->xsum[m * a->ng + g]);
+    }
+}
+
+#define TILE_CASE(B, MT, NV) \
+    case (B) * 100 + (MT) * 10 + (NV): gemv_tile(a, m0, n0, g, B, MT, NV); break;
+
+static void gemv_dispatch(const GemvArgs *a, int64_t m0, int mt, int64_t n0, int64_t g, int nv) {
+    switch (a->bits * 100 + mt * 10 + nv) {
+        TILE_CASE(4, 1, 4) TILE_CASE(4, 1, 2) TILE_CASE(4, 1, 1)
+        TILE_CASE(4, 2, 4) TILE_CASE(4, 2, 2) TILE_CASE(4, 2, 1)
+        TILE_CASE(4, 3, 2) TILE_CASE(4, 3, 1) TILE_CASE(4, 4, 2) TILE_CASE(4, 4, 1)
+        TILE_CASE(8, 1, 4) TILE_CASE(8, 1, 2) TILE_CASE(8, 1, 1)
+        TILE_CASE(8, 2, 4) TILE_CASE(8, 2, 2) TILE_CASE(8, 2, 1)
+        TILE_CASE(8, 3, 2) TILE_CASE(8, 3, 1) TILE_CASE(8, 4, 2) TILE_CASE(8, 4, 1)
+        TILE_CASE(2, 1, 4) TILE_CASE(2, 1, 2) TILE_CASE(2, 1, 1)
+        TILE_CASE(2, 2, 4) TILE_CASE(2, 2, 2) TILE_CASE(2, 2, 1)
+        TILE_CASE(2, 3, 2) TILE_CASE(2, 3, 1) TILE_CASE(2, 4, 2) TILE_CASE(2, 4, 1)
+        default: break;
+    }
+}
+
+static int nv_for(int mt) { return mt <= 2 ? 4 : 2; }
+
+int lsq_gemv_q(const float *x, int64_t M, int64_t K, const int32_t *qweight, const void *scales, int scode,
+               const int32_t *qzeros, int64_t zstride, const float *bias, float *out, int64_t N, int64_t G,
+               int bits, int nthreads) {
+    if (bits != 2 && bits != 4 && bits != 8) return -1;
+    const int per = 32 / bits;
+    if (G <= 0 || G % per || M <= 0 || K <= 0 || N <= 0 || scode < 0 || scode > 2) return -2;
+    const int64_t Kp = (K + 31) / 32 * 32, ng = (K + G - 1) / G;
+    float *xs = (float *)malloc(sizeof(float) * (size_t)(M * Kp + M * ng));
+    if (!xs) return -3;
+    float *xsum = xs + M * Kp;
+    for (int64_t m = 0; m < M; ++m) {
+        const float *xm = x + m * K;
+        float *xsm = xs + m * Kp;
+        for (int64_t k = 0; k < Kp; ++k) {
+            int j = (int)(k % per);
+            float v = k < K ? xm[k] : 0.f;
+            xsm[k] = j == per - 1 ? v : v * (1.0f / (float)(1u << (bits * j)));
+        }
+        for (int64_t g = 0; g < ng; ++g) {
+            float s = 0.f;
+            int64_t k1 = (g + 1) * G < K ? (g + 1) * G : K;
+            for (int64_t k = g * G; k < k1; ++k) s += xm[k];
+            xsum[m * ng + g] = s;
+        }
+    }
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) out[m * N + n] = bias ? bias[n] : 0.f;
+    GemvArgs a = {xs, x, xsum, qweight, scales, qzeros, out, M, K, Kp, N, G, ng, zstride, scode, bits};
+    const int64_t n8 = N / 8 * 8;
+    /* rows in tiles of up to 4; columns in strips of 8*NV, each thread a contiguous range of strips;
+     * groups outermost inside a thread, so a group's rows stream as parallel sequential runs */
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mt = (int)(M - m0 < 4 ? M - m0 : 4);
+        int nv = nv_for(mt);
+        while (nv > 1 && n8 / (8 * nv) < 2 * nthreads) nv /= 2;
+        const int64_t width = 8 * nv, nstrips = n8 / width, rest = n8 - nstrips * width;
+#pragma omp parallel num_threads(nthreads)
+        {
+            int t = 0, nt = 1;
+#ifdef _OPENMP
+            t = omp_get_thread_num();
+            nt = omp_get_num_threads();
+#endif
+            const int64_t s0 = nstrips * t / nt, s1 = nstrips * (t + 1) / nt;
+            for (int64_t g = 0; g < ng; ++g) {
+                for (int64_t s = s0; s < s1; ++s) gemv_dispatch(&a, m0, mt, s * width, g, nv);
+                if (t == nt - 1) {  /* what the strips leave: 8-column vectors, then single columns */
+                    for (int64_t n = nstrips * width; n < nstrips * width + rest; n += 8)
+                        gemv_dispatch(&a, m0, mt, n, g, 1);
+                    for (int64_t n = n8; n < N; ++n) gemv_col(&a, m0, mt, n, g);
+                }
+            }
+        }
+    }
+    free(xs);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* dequantize to W^T [K, N] float32                                                                  */
+
+int lsq_dequant_q(const int32_t *qweight, const void *scales, int scode, const int32_t *qzeros, int64_t zstride,
+                  float *out, int64_t K, int64_t N, int64_t G, int bits, int64_t n0, int64_t n1, int nthreads) {
+    if (bits != 2 && bits != 4 && bits != 8) return -1;
+    const int per = 32 / bits;
+    if (G <= 0 || K <= 0 || N <= 0 || scode < 0 || scode > 2 || n0 < 0 || n1 > N || n0 >= n1) return -2;
+    enum { CHUNK = 512 };  /* columns per task: its scales and zeros sit in two small float rows */
+    const int64_t ng = (K + G - 1) / G, nchunks = (n1 - n0 + CHUNK - 1) / CHUNK, ldo = n1 - n0;
+    const uint32_t mask = (1u << bits) - 1;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nthreads)
+    for (int64_t g = 0; g < ng; ++g) {
+        for (int64_t c = 0; c < nchunks; ++c) {
+            float sf[CHUNK], zf[CHUNK];
+            const int64_t k0 = g * G, k1 = k0 + G < K ? k0 + G : K;
+            const int64_t c0 = n0 + c * CHUNK, c1 = c0 + CHUNK < n1 ? c0 + CHUNK : n1;
+            const int64_t v1 = c0 + (c1 - c0) / 8 * 8;
+            const int32_t *zrow = qzeros + g * zstride;
+            for (int64_t n = c0; n < c1; ++n) {
+                sf[n - c0] = load1_scale(scales, g * N + n, scode);
+                zf[n - c0] = (float)zero1(zrow, n, bits);
+            }
+            const __m256i m = _mm256_set1_epi32((int)mask);
+            for (int64_t k = k0; k < k1; ++k) {  /* one row of W^T at a time: contiguous stores */
+                const int32_t *wrow = qweight + (k / per) * N;
+                const __m128i sh = _mm_cvtsi32_si128(bits * (int)(k % per));
+                float *orow = out + k * ldo - n0;  /* columns [n0, n1) of row k */
+                for (int64_t n = c0; n < v1; n += 8) {
+                    __m256i c8 = _mm256_and_si256(_mm256_srl_epi32(_mm256_loadu_si256((const __m256i *)(wrow + n)), sh), m);
+                    __m256 q = _mm256_cvtepi32_ps(c8);
+                    _mm256_storeu_ps(orow + n, _mm256_mul_ps(_mm256_sub_ps(q, _mm256_loadu_ps(zf + n - c0)),
+                                                             _mm256_loadu_ps(sf + n - c0)));
+                }
+                for (int64_t n = v1; n < c1; ++n)
+                    orow[n] = ((float)(((uint32_t)wrow[n] >> (bits * (k % per))) & mask) - zf[n - c0]) * sf[n - c0];
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* 16-bit weights, float32 activations                                                               */
+
+static inline __m256 load8_w16(const uint16_t *p, int wcode) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (wcode == 1) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* rows [n0, n0 + NR) of w against rows [m0, m0 + MT) of x */
+static inline __attribute__((always_inline)) void w16_tile(const float *x, const uint16_t *w, int wcode,
+                                                           const float *bias, float *out, int64_t K, int64_t N,
+                                                           int64_t m0, int64_t n0, const int MT, const int NR) {
+    __m256 acc[4][4];
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_ps();
+    const int64_t k8 = K / 8 * 8;
+    for (int64_t k = 0; k < k8; k += 8) {
+        __m256 xv[4];
+#pragma GCC unroll 4
+        for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(x + (m0 + m) * K + k);
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; ++r) {
+            __m256 f = load8_w16(w + (n0 + r) * K + k, wcode);
+#pragma GCC unroll 4
+            for (int m = 0; m < MT; ++m) acc[m][r] = _mm256_fmadd_ps(f, xv[m], acc[m][r]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+        for (int r = 0; r < NR; ++r) {
+            float s = hsum8(acc[m][r]);
+            for (int64_t k = k8; k < K; ++k) {
+                uint16_t h = w[(n0 + r) * K + k];
+                float f;
+                if (wcode == 1) f = _cvtsh_ss(h);
+                else { uint32_t u = (uint32_t)h << 16; memcpy(&f, &u, 4); }
+                s += f * x[(m0 + m) * K + k];
+            }
+            out[(m0 + m) * N + n0 + r] = s + (bias ? bias[n0 + r] : 0.f);
+        }
+}
+
+int lsq_gemv_w16(const float *x, int64_t M, int64_t K, const uint16_t *w, int wcode, const float *bias,
+                 float *out, int64_t N, int nthreads) {
+    if ((wcode != 1 && wcode != 2) || M <= 0 || K <= 0 || N <= 0) return -2;
+    const int64_t n4 = N / 4 * 4;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mt = (int)(M - m0 < 4 ? M - m0 : 4);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int64_t n0 = 0; n0 < N; n0 += 4) {
+            if (n0 < n4) {
+                switch (mt) {
+                    case 1: w16_tile(x, w, wcode, bias, out, K, N, m0, n0, 1, 4); break;
+                    case 2: w16_tile(x, w, wcode, bias, out, K, N, m0, n0, 2, 4); break;
+                    case 3: w16_tile(x, w, wcode, bias, out, K, N, m0, n0, 3, 4); break;
+                    default: w16_tile(x, w, wcode, bias, out, K, N, m0, n0, 4, 4); break;
+                }
+            } else {
+                for (int64_t n = n0; n < N; ++n) w16_tile(x, w, wcode, bias, out, K, N, m0, n, 1, 1);
+            }
+        }
+        if (mt > 1)  /* the tail rows above ran for row m0 only */
+            for (int64_t m = m0 + 1; m < m0 + mt; ++m)
+                for (int64_t n = n4; n < N; ++n) w16_tile(x, w, wcode, bias, out, K, N, m, n, 1, 1);
+    }
+    return 0;
+}
