@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -42,14 +43,20 @@ import time
 from pathlib import Path
 
 CPU_CONFIGS = [
-    # label, which model, dtype
+    # label, which model, dtype ("auto": what --dtype auto picks on this CPU, kernels/cpu.py)
     ("dense fp32", "dense", "float32"),
     ("dense bf16", "dense", "bfloat16"),
     ("rtn w4 g128, bf16 activations", "q4", "bfloat16"),
     ("rtn w4 g128, fp32 activations", "q4", "float32"),
     ("w8a8 dynamic (int8 GEMM), fp32 activations", "w8a8", "float32"),
     ("w8a8 dynamic (int8 GEMM), bf16 activations", "w8a8", "bfloat16"),
+    ("dense auto", "dense", "auto"),
+    ("rtn w4 g128, auto", "q4", "auto"),
 ]
+# llama.cpp's llama-bench on the same model as GGUF (its own converter and quantizer), same threads
+LLAMA_CPP_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "LLMSQUEEZE_CPU_FLAGS": "avx2,fma,f16c"}
 SYNTHETIC = {  # Llama configs by shape; vocab 32000, untied head, as Llama-2
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32),
@@ -214,6 +221,9 @@ def measure_one(spec: dict) -> dict:
         res["generated"] = True
     except torch.OutOfMemoryError as e:
         res.update(generated=False, error=f"OutOfMemoryError: {str(e).splitlines()[0][:200]}")
+    from llmsqueeze.evaluate import compute_summary
+
+    res["compute"] = compute_summary(model)
     # the CPU int4 kernel's own packed copy of each 4-bit layer, built on first decode step
     caches = [m._int4_cache for m in model.modules() if getattr(m, "_int4_cache", None) is not None]
     res["int4_kernel_copy_mib"] = sum(c[1].numel() * c[1].element_size() + c[2].numel() * c[2].element_size()
@@ -221,9 +231,9 @@ def measure_one(spec: dict) -> dict:
     return res
 
 
-def run_child(spec: dict, timeout: float | None = None) -> dict:
+def run_child(spec: dict, timeout: float | None = None, env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--one", json.dumps(spec)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if p.returncode != 0:
         tail = (p.stderr.strip().splitlines() or ["?"])[-1]
         return {"loaded": False, "error": f"exit {p.returncode}: {tail[:300]}"}
@@ -243,6 +253,56 @@ def quantize_w8a8_dir(model: str, tmp: str) -> str:
     subprocess.run([sys.executable, "-m", "llmsqueeze.cli", "quantize", model, "--scheme", "w8a8", "--smooth-alpha",
                     "off", "--out", out], check=True, stdout=subprocess.DEVNULL)
     return out
+
+
+def bandwidth_gbs(threads: int) -> float:
+    """Read bandwidth: the best of 5 sums over 1 GiB of float32 with `threads` threads (a GEMV reads)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.ones(1 << 28)
+    a.sum()
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        best = max(best, a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def llama_cpp_rows(args) -> list[dict]:
+    """llama-bench on the model as GGUF (llama.cpp's convert_hf_to_gguf.py, then llama-quantize from the
+    exact bf16 file), each type in LLAMA_CPP_TYPES: pp = prompt of --prompt-len, tg = --new-tokens steps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gguf_llama_cpp as g
+
+    bin_dir, src = g.build_llama_cpp()
+    work = Path("~/.cache/llmsqueeze/latency-gguf").expanduser() / Path(args.model).name
+    work.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for outtype in ("bf16", "f16"):
+        f = work / f"{outtype}.gguf"
+        if not f.exists():
+            g.sh([sys.executable, src / "convert_hf_to_gguf.py", args.model, "--outtype", outtype, "--outfile", f])
+        files[outtype.upper()] = f
+    rows = []
+    for t in LLAMA_CPP_TYPES:
+        f = files.get(t) or work / f"{t.lower()}.gguf"
+        if not f.exists():
+            g.sh([bin_dir / "llama-quantize", files["BF16"], f, t])
+        out = g.sh([bin_dir / "llama-bench", "-m", f, "-p", args.prompt_len, "-n", args.new_tokens, "-t", args.threads,
+                    "-r", max(args.repeats, 3), "-o", "json"])
+        bench = json.loads(out[out.find("["):])
+        pp = next(r for r in bench if r["n_prompt"])
+        tg = next(r for r in bench if r["n_gen"])
+        rows.append({"config": f"llama.cpp {t}", "engine": "llama.cpp", "generated": True, "gguf": str(f),
+                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": args.threads,
+                     "prefill_tok_s": pp["avg_ts"], "decode_tok_s": tg["avg_ts"], "decode_tok_s_stdev": tg["stdev_ts"],
+                     "weights_mib": f.stat().st_size / 2**20, "llama_cpp": g.llama_cpp_version(src),
+                     "build": "GGML_NATIVE=OFF, AVX2 + FMA + F16C"})
+        print(f"{rows[-1]['config']:44s} prefill {pp['avg_ts']:8.1f} tok/s  decode {tg['avg_ts']:8.2f} tok/s  "
+              f"file {rows[-1]['weights_mib']:7.1f} MiB", flush=True)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,6 +374,12 @@ def main() -> None:
     ap.add_argument("--fits-only", action="store_true", help="cuda: only the 8 GiB demo")
     ap.add_argument("--cap-gib", type=float, default=8.0)
     ap.add_argument("--configs", nargs="*", type=int, help="CPU real-model mode: indices into its configuration list")
+    ap.add_argument("--llama-cpp", action="store_true", help="CPU: also llama.cpp's llama-bench on the model as GGUF "
+                    f"({', '.join(LLAMA_CPP_TYPES)}; builds llama.cpp once, about 20 minutes on 2 cores)")
+    ap.add_argument("--as-avx2", action="store_true", help="CPU: every configuration runs as on an AVX2-only CPU "
+                    "(ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 "
+                    "LLMSQUEEZE_CPU_FLAGS=avx2,fma,f16c); dense bf16 rows are then skipped (oneDNN's AVX2 fallback "
+                    "is slower than a real AVX2 CPU's bf16 path; the bandwidth ceiling bounds it instead)")
     ap.add_argument("--out", help="JSON path (default eval/results/latency_{device}.json)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -356,8 +422,11 @@ def main() -> None:
                     "model": "synthetic:llama2-7b", "weights": weights, "dtype": "float16", "device": "cuda",
                     "cap_gib": args.cap_gib, "batch": 1, "prompt_len": args.prompt_len, "new_tokens": 32,
                     "repeats": 1, "compile": False}))
+        env = AVX2_ENV if args.as_avx2 else None
+        if args.as_avx2:
+            plan = [(label, spec) for label, spec in plan if spec["dtype"] != "bfloat16"]
         for label, spec in plan:
-            res = run_child(spec)
+            res = run_child(spec, env=env)
             row = {"config": label, **spec, **res}
             rows.append(row)
             if res.get("generated"):
@@ -366,16 +435,31 @@ def main() -> None:
             else:
                 print(f"{label:44s} {res.get('error', 'failed')}", flush=True)
 
+        if args.llama_cpp and not cuda:
+            rows += llama_cpp_rows(args)
+
     print()
-    if not cuda and not args.synthetic:  # the historical CPU table
-        print(f"| model | prefill tok/s ({args.prompt_len} tokens) | decode tok/s | weights in memory | peak RSS |")
-        print("|---|---|---|---|---|")
+    extra = {}
+    if not cuda and not args.synthetic:  # the CPU table, with each row's ceiling: its weights read once per token
+        bw = bandwidth_gbs(args.threads)
+        extra = {"bandwidth_gbs": bw, "as_avx2": args.as_avx2, "env": AVX2_ENV if args.as_avx2 else {}}
+        print(f"| model | prefill tok/s ({args.prompt_len} tokens) | decode tok/s | decode ceiling at {bw:.1f} GB/s "
+              "| weights in memory | peak RSS |")
+        print("|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['config']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['weights_mib']:.0f} MiB "
-                  f"| {r['peak_rss_mib']:.0f} MiB |")
+            if not r.get("generated"):
+                print(f"| {r['config']} | {r.get('error', 'failed')} | | | | |")
+                continue
+            r["decode_ceiling_tok_s"] = bw * 1e9 / (r["weights_mib"] * 2**20)
+            rss = f"{r['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r else ""
+            print(f"| {r['config']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['decode_ceiling_tok_s']:.0f} "
+                  f"| {r['weights_mib']:.0f} MiB | {rss} |")
+        for r in rows:
+            if r.get("compute"):
+                print(f"  {r['config']}: {r['compute']}")
     else:
         print(table(rows))
-    write_results(args.out, rows, model=args.model, device=args.device)
+    write_results(args.out, rows, model=args.model, device=args.device, **extra)
 
 
 if __name__ == "__main__":

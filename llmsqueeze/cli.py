@@ -452,20 +452,6 @@ def cmd_eval_ppl(args) -> int:
     return 0
 
 
-def _compute_dtype_line(model) -> str:
-    """What a loaded model computes in and why (the CPU's instruction sets), in one line."""
-    from .kernels import cpu
-    from .nn import HalfStorageLinear
-
-    info = cpu.cpu()
-    dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
-    half = any(isinstance(m, HalfStorageLinear) for m in model.modules())
-    kernels = "float32 C kernels on" if cpu.available() else "float32 C kernels off"
-    if half:
-        return f"float32 compute, dense weights kept in {dtype}, {kernels}; CPU {info.describe()}"
-    return f"{dtype} compute, {kernels}; CPU {info.describe()}"
-
-
 def cmd_env(args) -> int:
     """This machine as llmsqueeze sees it: CPU instruction sets, the dtype and kernels it picks."""
     import platform
@@ -493,13 +479,13 @@ def cmd_env(args) -> int:
 def cmd_eval_latency(args) -> int:
     import torch
 
-    from .evaluate import latency
+    from .evaluate import compute_summary, latency
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, _ = _load_any(args.model, args.dtype)
     if args.dtype == "auto":
-        print(f"dtype auto: {_compute_dtype_line(model)}")
+        print(f"dtype auto: {compute_summary(model)}")
     res = latency(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch)
     print(
         f"prefill {res['prefill_tok_s']:.1f} tok/s (ttft {res['ttft_s'] * 1000:.1f} ms)  "

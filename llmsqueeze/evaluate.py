@@ -220,3 +220,16 @@ def write_results(path: str | Path, results: list, **fields) -> Path:
     path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nwrote {path}")
     return path
+
+
+def compute_summary(model) -> str:
+    """What a loaded model computes in on this machine and why (the CPU's instruction sets), one line."""
+    from .kernels import cpu
+    from .nn import HalfStorageLinear
+
+    dtype = str(next(p.dtype for p in model.parameters() if p.is_floating_point())).removeprefix("torch.")
+    kernels = "float32 C kernels on" if cpu.available() else "float32 C kernels off"
+    if any(isinstance(m, HalfStorageLinear) for m in model.modules()):
+        return f"float32 compute, dense weights kept in {dtype}, {kernels}; CPU {cpu.cpu().describe()}"
+    return f"{dtype} compute, {kernels}; CPU {cpu.cpu().describe()}"
+

@@ -129,6 +129,7 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self._int4_cache: tuple | None = None
+        self._cpu_plan = None  # kernels.cpu.QPlan: the C kernels' arguments, built on first use
         self._kernel_cache = None  # nn_kernels.KernelWeights, built on first use
         self._dense_cache: tuple | None = None  # (dtype, device, weight) inside reuse_dequantized()
 
@@ -252,7 +253,12 @@ class QuantLinear(nn.Module):
                 y = xf @ cpu_kernels.op("dequantize_q")(*args)
                 y = y if self.bias is None else y + self.bias.float()
         elif path == "gemv":
-            y = cpu_kernels.gemv_q(xf, *args, bias=self.bias)
+            plan = self._cpu_plan
+            t = plan.tensors if plan is not None else ()
+            if not t or t[0] is not self.qweight or t[1] is not self.scales or t[2] is not self.qzeros or (
+                    (t[3] is None) != (self.bias is None)):  # built for other buffers: build it again
+                plan = self._cpu_plan = cpu_kernels.q_plan(*args, bias=self.bias)
+            y = cpu_kernels.gemv_planned(xf, plan)
         else:  # column tiles of W^T dequantized into one reused buffer, each into the BLAS GEMM
             step = min(n, max(8, CPU_TILE_BYTES // (4 * k) // 8 * 8))
             buf = cpu_kernels.scratch(k * step)
@@ -305,6 +311,7 @@ class QuantLinear(nn.Module):
         # model.to(dtype) / .half() must not re-round the scales: they keep their storage dtype
         # (as the loader keeps them), so a cast model and a loaded one compute the same numbers.
         self._int4_cache = None  # device/dtype moves invalidate the kernels' copies
+        self._cpu_plan = None
         self._kernel_cache = None
         self._dense_cache = None
         scales = self.scales
@@ -316,6 +323,7 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         # new packed values: the kernels' copies built from the old ones are stale
         self._int4_cache = None
+        self._cpu_plan = None
         self._kernel_cache = None
         self._dense_cache = None
         return super()._load_from_state_dict(*args, **kwargs)

@@ -246,6 +246,35 @@ def gemv_q(x: torch.Tensor, qweight, scales, qzeros, bits: int, group_size: int,
     return out
 
 
+@dataclass(frozen=True)
+class QPlan:
+    """A packed layer's arguments to the kernels, built once (plain ints beside the tensors they point
+    into, which it keeps alive), so a decode call converts only x and the output."""
+
+    tensors: tuple  # qweight, scales, qzeros, bias float32 or None: kept referenced
+    head: tuple  # (qweight*, scales*, scode, qzeros*, zstride)
+    tail: tuple  # (bias* or None, N, G, bits)
+    in_features: int
+    out_features: int
+
+
+def q_plan(qweight, scales, qzeros, bits: int, group_size: int, in_features: int, bias=None) -> QPlan:
+    b = None if bias is None else bias.detach().float().contiguous()
+    return QPlan((qweight, scales, qzeros, b),
+                 (qweight.data_ptr(), scales.data_ptr(), SCALE_CODES[scales.dtype], qzeros.data_ptr(), qzeros.shape[1]),
+                 (_ptr(b), qweight.shape[1], group_size, bits), in_features, qweight.shape[1])
+
+
+def gemv_planned(x: torch.Tensor, plan: QPlan) -> torch.Tensor:
+    """gemv_q with the layer's arguments from q_plan: x [M, K] float32 contiguous -> [M, N] float32."""
+    out = torch.empty(x.shape[0], plan.out_features)
+    rc = _LIB.lsq_gemv_q(x.data_ptr(), x.shape[0], plan.in_features, *plan.head, plan.tail[0], out.data_ptr(),
+                         *plan.tail[1:], torch.get_num_threads())
+    if rc:
+        _check(rc, "gemv_q")
+    return out
+
+
 def dequantize_q(qweight, scales, qzeros, bits: int, group_size: int, in_features: int,
                  out: torch.Tensor | None = None, cols: tuple[int, int] | None = None) -> torch.Tensor:
     """-> W^T[:, n0:n1] float32 [K, n1 - n0] = (q - zero) * scale (all N columns unless `cols`), written

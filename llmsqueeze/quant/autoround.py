@@ -40,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import LlmsqueezeError, QuantScheme
+from ..kernels import cpu as cpu_kernels
 from .grid import clip_search_qparams, dequantize, group_minmax, minmax_qparams, n_groups
 
 log = logging.getLogger("llmsqueeze")
@@ -416,9 +417,10 @@ def training_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None
         return None
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
-    elif device.type == "cpu":
+    elif device.type == "cpu":  # native bf16 dot products (kernels.cpu): without them bf16 is the slow kind
         try:
-            ok = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            ok = cpu_kernels.cpu().native_bf16 and bool(
+                torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
             ok = False
     else:
