@@ -256,7 +256,7 @@ class QuantLinear(nn.Module):
             plan = self._cpu_plan
             t = plan.tensors if plan is not None else ()
             if not t or t[0] is not self.qweight or t[1] is not self.scales or t[2] is not self.qzeros or (
-                    (t[3] is None) != (self.bias is None)):  # built for other buffers: build it again
+                    t[3] is not self.bias):  # built for other buffers: build it again
                 plan = self._cpu_plan = cpu_kernels.q_plan(*args, bias=self.bias)
             y = cpu_kernels.gemv_planned(xf, plan)
         else:  # column tiles of W^T dequantized into one reused buffer, each into the BLAS GEMM
@@ -275,6 +275,16 @@ class QuantLinear(nn.Module):
         return nn_kernels.quant_linear(x2, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._cpu_plan
+        if (plan is not None and x.dtype == torch.float32 and BACKEND == "auto" and not _DEQUANT_CACHING
+                and x.device.type == "cpu" and not torch.compiler.is_compiling()):
+            # decode's fast path: the GEMV's plan from an earlier call, still for these very buffers
+            b, t = self._buffers, plan.tensors
+            bias = b["bias"] if "bias" in b else self.__dict__.get("bias")
+            if (0 < x.numel() <= CPU_GEMV_MAX_M * self.in_features and b["qweight"] is t[0] and b["scales"] is t[1]
+                    and b["qzeros"] is t[2] and bias is t[3]):
+                y = cpu_kernels.gemv_planned(x.reshape(-1, self.in_features).contiguous(), plan)
+                return y.view(*x.shape[:-1], self.out_features)
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         y = None

@@ -174,6 +174,25 @@ def test_tiles_path_bounds_its_buffer(monkeypatch):
     assert ((y.double() - ref).abs() <= bound(lay, x)).all()
 
 
+def test_decode_plan_follows_new_buffers():
+    """The GEMV's cached plan (decode's fast path) is rebuilt when the layer's buffers change:
+    assigned, loaded from a state dict, or a bias added."""
+    lay, other = layer(64, 96, 32, seed=0), layer(64, 96, 32, seed=1, bias=True)
+    x = torch.randn(1, 96)
+    assert lay.cpu_path(x) == "gemv"
+    lay(x)
+    assert lay._cpu_plan is not None  # the next call takes the fast path
+    for name in ("qweight", "scales", "qzeros"):
+        setattr(lay, name, getattr(other, name).clone())
+    assert torch.allclose(lay(x), x @ other.dequantize_weight_t(), atol=1e-5)
+    lay.bias = other.bias.clone()
+    assert torch.allclose(lay(x), other(x), atol=1e-5)
+    fresh = layer(64, 96, 32, seed=2, bias=True)
+    fresh(x)
+    fresh.load_state_dict(other.state_dict())
+    assert torch.equal(fresh(x), other(x))
+
+
 def test_without_the_library_torch_paths_run(monkeypatch):
     lay = layer(64, 96, 32)
     x = torch.randn(3, 96)

@@ -141,7 +141,7 @@ _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None | bool = False  # False: not tried yet
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
-VERSION = 1  # lsq_version() of cpu_kernels.c
+VERSION = 2  # lsq_version() of cpu_kernels.c
 
 
 def _cache_dir() -> Path:
@@ -251,7 +251,7 @@ class QPlan:
     """A packed layer's arguments to the kernels, built once (plain ints beside the tensors they point
     into, which it keeps alive), so a decode call converts only x and the output."""
 
-    tensors: tuple  # qweight, scales, qzeros, bias float32 or None: kept referenced
+    tensors: tuple  # qweight, scales, qzeros, bias (as the layer holds it) or None: what the plan was built for
     head: tuple  # (qweight*, scales*, scode, qzeros*, zstride)
     tail: tuple  # (bias* or None, N, G, bits)
     in_features: int
@@ -260,7 +260,7 @@ class QPlan:
 
 def q_plan(qweight, scales, qzeros, bits: int, group_size: int, in_features: int, bias=None) -> QPlan:
     b = None if bias is None else bias.detach().float().contiguous()
-    return QPlan((qweight, scales, qzeros, b),
+    return QPlan((qweight, scales, qzeros, bias, b),
                  (qweight.data_ptr(), scales.data_ptr(), SCALE_CODES[scales.dtype], qzeros.data_ptr(), qzeros.shape[1]),
                  (_ptr(b), qweight.shape[1], group_size, bits), in_features, qweight.shape[1])
 

@@ -29,7 +29,7 @@
 #include <omp.h>
 #endif
 
-#define LSQ_VERSION 1
+#define LSQ_VERSION 2
 
 int lsq_version(void) { return LSQ_VERSION; }
 
@@ -95,11 +95,16 @@ static inline __attribute__((always_inline)) void gemv_tile(const GemvArgs *a, i
     const int64_t r0 = g * a->G / per;
     const int64_t r1 = (g == a->ng - 1) ? Kp / per : (g + 1) * a->G / per;
     const __m128i top = _mm_cvtsi32_si128(bits * (per - 1));
-    __m256 acc[4][8];
+    /* AS accumulator sets, code j into set j % AS: an FMA's latency (4-5 cycles) over MT*NV*AS
+     * independent chains, so that a single row (decode) keeps both FMA ports busy */
+    const int AS = MT * NV >= 8 ? 1 : 2;
+    __m256 acc[2][4][8];
+#pragma GCC unroll 2
+    for (int u = 0; u < AS; ++u)
 #pragma GCC unroll 4
-    for (int m = 0; m < MT; ++m)
+        for (int m = 0; m < MT; ++m)
 #pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
+            for (int v = 0; v < NV; ++v) acc[u][m][v] = _mm256_setzero_ps();
     for (int64_t r = r0; r < r1; ++r) {
         const int32_t *wp = a->qweight + r * N + n0;
         __m256i w[8];
@@ -117,7 +122,7 @@ static inline __attribute__((always_inline)) void gemv_tile(const GemvArgs *a, i
                 __m256i c = (j < per - 1) ? _mm256_and_si256(w[v], mask) : _mm256_srl_epi32(w[v], top);
                 __m256 f = _mm256_cvtepi32_ps(c);
 #pragma GCC unroll 4
-                for (int m = 0; m < MT; ++m) acc[m][v] = _mm256_fmadd_ps(f, xb[m], acc[m][v]);
+                for (int m = 0; m < MT; ++m) acc[j % AS][m][v] = _mm256_fmadd_ps(f, xb[m], acc[j % AS][m][v]);
             }
         }
     }
@@ -130,7 +135,8 @@ static inline __attribute__((always_inline)) void gemv_tile(const GemvArgs *a, i
 #pragma GCC unroll 4
         for (int m = 0; m < MT; ++m) {
             float *yp = a->out + (m0 + m) * N + n;
-            __m256 t = _mm256_fnmadd_ps(z, _mm256_set1_ps(a->xsum[(m0 + m) * a->ng + g]), acc[m][v]);
+            __m256 sum = AS == 2 ? _mm256_add_ps(acc[0][m][v], acc[1][m][v]) : acc[0][m][v];
+            __m256 t = _mm256_fnmadd_ps(z, _mm256_set1_ps(a->xsum[(m0 + m) * a->ng + g]), sum);
             _mm256_storeu_ps(yp, _mm256_fmadd_ps(s, t, _mm256_loadu_ps(yp)));
         }
     }
