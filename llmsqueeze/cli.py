@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import FLOAT_FORMATS, LlmsqueezeError
+from .config import COMPUTE_DTYPES, FLOAT_FORMATS, LlmsqueezeError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXIT_BAD_INPUT = 2
@@ -132,7 +132,7 @@ def cmd_quantize(args) -> int:
     quantize(
         model, scheme, data=data, method=args.method, device=args.device, offload=args.offload,
         true_sequential=args.true_sequential, act_order=args.act_order != "off", static_groups=args.act_order == "static",
-        damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
+        damp=args.damp, block_size=args.block_size, batch_size=args.batch_size, compute_dtype=args.compute_dtype,
         **({"avg_bits": args.avg_bits, "bit_candidates": tuple(args.bit_candidates)} if mixed else {}), **extra,
     )
     _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None))
@@ -247,6 +247,7 @@ def _quantize_lazy(args, scheme, model_dir, calib_texts) -> int:
         resume=args.resume, overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device,
         offload=args.offload, true_sequential=args.true_sequential, act_order=args.act_order != "off",
         static_groups=args.act_order == "static", damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
+        compute_dtype=args.compute_dtype,
     )
     _print_stats(args.method, stats)
     print(out)
@@ -317,7 +318,7 @@ def cmd_prune(args) -> int:
     owl = {"lam": args.owl_lambda, "m": args.owl_m} if args.owl else None
     prune(model, args.method, sparsity, data=data, scheme=scheme, progress=not args.quiet, owl=owl, device=args.device, offload=args.offload,
           true_sequential=args.true_sequential, damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
-          refit=args.refit)
+          refit=args.refit, compute_dtype=args.compute_dtype)
     stats = getattr(model, "_llmsqueeze_stats", None)
     if stats is not None:
         print(f"{args.method}: {stats.layers} layers in {stats.blocks} blocks, {stats.seconds:.1f} s, "
@@ -508,6 +509,9 @@ SHARED = {
     "--device": dict(default=None, help="where blocks are calibrated: cuda or cpu (default: cuda if present)"),
     "--offload": dict(default=None, help="where activations wait between blocks (e.g. cpu)"),
     "--dtype": dict(default="auto", choices=DTYPES, help="dtype to load the dense model in"),
+    "--compute-dtype": dict(default="auto", choices=COMPUTE_DTYPES,
+                            help="what each block computes in while calibrated (auto: float32 on a CPU without native "
+                                 "bfloat16, else the model's dtype; `llmsqueeze env` says which)"),
     "--out": dict(required=True, help="output directory (must be empty or absent)"),
     "--overwrite": dict(action="store_true", help="replace a non-empty --out"),
     "--max-shard-size": dict(default="2GB", help="largest safetensors shard (default 2GB)"),
@@ -612,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--include", action="append", metavar="REGEX", help="quantize only layers matching (repeatable)")
     q.add_argument("--exclude", action="append", metavar="REGEX", help="keep layers matching in full precision")
     q.add_argument("--lm-head", action="store_true", help="quantize the output head too")
-    _shared(q, "--dtype")
+    _shared(q, "--dtype", "--compute-dtype")
     _shared(q, "--out")
     _shared(q, "--overwrite")
     _shared(q, "--max-shard-size")
@@ -658,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(pr, "--block-size", block_size="sparsegpt columns per mask block (default 128)")
     _shared(pr, "--device")
     _shared(pr, "--offload")
-    _shared(pr, "--dtype")
+    _shared(pr, "--dtype", "--compute-dtype")
     _shared(pr, "--out")
     _shared(pr, "--overwrite")
     _shared(pr, "--max-shard-size")

@@ -133,6 +133,18 @@ def test_quantize_gptq(tiny_model_dir, text_file, tmp_path, capsys):
     assert cfg["method_args"]["n_samples"] == 4
 
 
+@pytest.mark.parametrize("compute, log_line", [("float32", "compute in torch.float32"), ("model", None)])
+def test_quantize_compute_dtype(tiny_model_dir, text_file, tmp_path, caplog, compute, log_line):
+    """--compute-dtype: a bfloat16 model's blocks calibrate in float32 when asked, in bfloat16 under "model"."""
+    caplog.set_level("INFO", logger="llmsqueeze")
+    out = tmp_path / "g"
+    assert main(["quantize", str(tiny_model_dir), "--method", "gptq", "--calib", str(text_file), "--n-samples", "2",
+                 "--seq-len", "16", "--dtype", "bfloat16", "--compute-dtype", compute, "--no-lazy",
+                 "--out", str(out)]) == 0
+    said = [r.getMessage() for r in caplog.records if "compute in" in r.getMessage()]
+    assert (said and log_line in said[0]) if log_line else not said
+
+
 def test_quantize_gptq_bad_calib(tiny_model_dir, tmp_path, capsys):
     assert main(["quantize", str(tiny_model_dir), "--method", "gptq", "--calib", str(tmp_path / "none.txt"),
                  "--out", str(tmp_path / "g")]) == 2
