@@ -232,8 +232,8 @@ class QuantLinear(nn.Module):
         (the float32 C kernels: decode, prefill), "int4" (torch's int4 kernel) or "dense" (dequantize
         this layer's weight to x2's dtype and matmul)."""
         m = x2.shape[0]
-        if _DEQUANT_CACHING or BACKEND != "auto" or m == 0:
-            return "dense"
+        if _DEQUANT_CACHING or BACKEND != "auto" or m == 0 or (x2.requires_grad and torch.is_grad_enabled()):
+            return "dense"  # (the kernels have no backward: a gradient to x goes through the torch matmul)
         native_half = x2.dtype != torch.float32 and cpu_kernels.cpu().native_bf16
         if self._cpu_kernels_take() and (m <= CPU_GEMV_MAX_M or not native_half):
             return "gemv" if m <= CPU_GEMV_MAX_M else "tiles"
@@ -277,7 +277,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._cpu_plan
         if (plan is not None and x.dtype == torch.float32 and BACKEND == "auto" and not _DEQUANT_CACHING
-                and x.device.type == "cpu" and not torch.compiler.is_compiling()):
+                and not x.requires_grad and x.device.type == "cpu" and not torch.compiler.is_compiling()):
             # decode's fast path: the GEMV's plan from an earlier call, still for these very buffers
             b, t = self._buffers, plan.tensors
             bias = b["bias"] if "bias" in b else self.__dict__.get("bias")
@@ -467,7 +467,8 @@ class HalfStorageLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.dtype == w.dtype or x.device.type != "cpu":
+        if x.dtype == w.dtype or x.device.type != "cpu" or (
+                torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):  # the kernels have no backward
             return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float().contiguous()

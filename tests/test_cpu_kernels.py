@@ -221,6 +221,36 @@ def tiny_bf16(tie=True):
     return LlamaForCausalLM(cfg).eval().to(torch.bfloat16)
 
 
+def test_compiled_float32_model_of_16bit_weights_has_no_graph_break(monkeypatch):
+    """torch.compile of a compute_in_float32 model traces in one graph even before the kernels'
+    library was loaded (its build takes a lock, which dynamo cannot trace) and gives the eager logits."""
+    model = tiny_bf16()
+    compute_in_float32(model)
+    monkeypatch.setattr(cpu, "_LIB", False)  # not resolved yet in this process
+    ids = torch.randint(0, 64, (1, 1))
+    with torch.no_grad():
+        assert torch._dynamo.explain(model)(input_ids=ids).graph_break_count == 0
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+        assert torch.allclose(compiled(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_gradients_flow_where_the_kernels_have_no_backward():
+    """Training through the CPU layers (QAT, fine-tuning, saliency): with a gradient wanted, the torch
+    matmul runs, so x (and a 16-bit weight) get their gradients."""
+    lay = layer(64, 96, 32)
+    x = torch.randn(1, 96, requires_grad=True)
+    assert lay.cpu_path(x) == "dense"
+    lay(x.detach())  # a plan exists: the fast path must still step aside
+    lay(x).sum().backward()
+    assert torch.allclose(x.grad, lay.dequantize_weight().sum(0).expand(1, -1), atol=1e-5)
+    model = tiny_bf16()
+    compute_in_float32(model)
+    model.train()
+    model(input_ids=torch.randint(0, 64, (1, 3))).logits.float().pow(2).mean().backward()
+    assert model.lm_head.weight.grad is not None and model.model.layers[0].mlp.down_proj.weight.grad is not None
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_compute_in_float32_keeps_16bit_weights_and_matches_an_upcast_model(tie):
     model = tiny_bf16(tie)

@@ -208,9 +208,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         f.restype = i32
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing (the build takes a lock)
 def available() -> bool:
     """Whether the float32 kernels run here (built and loaded on the first call)."""
-    if _LIB is not False:  # resolved: a plain global read, which torch.compile traces as a constant
+    if _LIB is not False:
         return _LIB is not None
     return library() is not None
 
