@@ -137,7 +137,9 @@ def generate_timed(model, batch: int, prompt_len: int, new_tokens: int, compile_
     cache = StaticCache(config=cfg, max_cache_len=prompt_len + new_tokens)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     # allocate the cache now, not lazily inside the compiled forward
-    cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, model.get_input_embeddings().weight.dtype, device)
+    with torch.no_grad():  # the dtype the model computes in (a float32 embedding of a 16-bit table under --dtype auto)
+        act_dtype = model.get_input_embeddings()(prompt[:, :1]).dtype
+    cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, act_dtype, device)
     forward = model.forward
     if compile_:
         forward = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
@@ -200,6 +202,10 @@ def measure_one(spec: dict) -> dict:
     try:
         if spec["model"].startswith("synthetic:"):
             model = build_synthetic(spec["model"].split(":", 1)[1], spec["weights"], device, getattr(torch, spec["dtype"]))
+            if spec.get("adapt"):
+                from llmsqueeze.nn import adapt_to_cpu
+
+                adapt_to_cpu(model)
         else:
             model = load_real(spec["model"], spec["dtype"], device)
     except torch.OutOfMemoryError as e:
@@ -327,12 +333,15 @@ def plan_generate(args, models: list[tuple[str, str, str]], device: str, dtype: 
     plan = []
     for label, dense, q4 in models:
         for batch in args.batch:
-            for wname, model in (("dense " + dtype, dense), ("rtn w4 g128", q4)):
+            auto = ", auto" if device == "cpu" else ""  # the CPU rows adapt to the CPU as --dtype auto does
+            for wname, model in (("dense " + dtype + auto, dense), ("rtn w4 g128" + auto, q4)):
                 spec = {"model": model, "dtype": dtype, "device": device, "batch": batch,
                         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                         "compile": args.compile, "threads": args.threads}
                 if model.startswith("synthetic:"):
                     spec["weights"] = "q4" if wname.startswith("rtn") else "dense"
+                    if device == "cpu":  # --dtype auto as from_pretrained does it: float32 compute without native bf16
+                        spec["adapt"] = True
                 spec["group"] = f"{label} b{batch}"  # dense and 4-bit of one group are compared
                 spec["kind"] = "q4" if wname.startswith("rtn") else "dense"
                 plan.append((f"{label} {wname} b{batch}", spec))
