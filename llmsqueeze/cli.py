@@ -273,8 +273,8 @@ def _print_coverage(out) -> None:
     llmsqueeze does not handle (info.coverage_lines), on stderr."""
     from .info import checkpoint_info, coverage_lines
 
-    for line in coverage_lines(checkpoint_info(out)):
-        print(line, file=sys.stderr)
+    for label, line in zip(("share", "left dense"), coverage_lines(checkpoint_info(out))):
+        print(f"{label}: {line}", file=sys.stderr)
 
 
 def _print_stats(method: str, stats) -> None:

@@ -127,8 +127,8 @@ def _by_suffix(names, last: int = 2) -> str:
 
 
 def coverage_lines(info: dict) -> list[str]:
-    """The share of the parameters compressed and, when there are any, the weights left dense in
-    modules llmsqueeze does not handle, one line each (for `info` and the quantize/prune summary)."""
+    """[the share of the parameters compressed, and when there are any the weights left dense in
+    modules llmsqueeze does not handle], one line each (`info`'s share / left dense, the CLI's summary)."""
     pruned, quantized = info.get("sparsity") is not None, info.get("scheme") is not None
     verb = " and ".join(v for v, on in (("pruned", pruned), ("quantized", quantized)) if on) or "quantized"
     lines = [f"{info['quantized_weights']:,} of the model's {info['dense_parameters']:,} parameters {verb} "
@@ -136,7 +136,7 @@ def coverage_lines(info: dict) -> list[str]:
     left = info.get("left_dense") or {}
     if left:
         what = verb.replace("pruned", "prune").replace("quantized", "quantize").replace(" and ", " or ")
-        lines.append(f"{sum(left.values()):,} weights left dense in {len(left)} modules llmsqueeze does not "
+        lines.append(f"{sum(left.values()):,} weights in {len(left)} modules llmsqueeze does not "
                      f"{what}: {_by_suffix(left)} ({', '.join(list(left)[:3])}{', ...' if len(left) > 3 else ''})")
     return lines
 

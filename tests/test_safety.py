@@ -325,9 +325,8 @@ def test_moe_quantize_says_what_it_left_dense(qwen2_moe_dir, tmp_path, capsys):
     assert info["routers_kept_dense"] == {"model.layers.1.mlp.gate": 4 * 64, "model.layers.1.mlp.shared_expert_gate": 64}
     share = info["quantized_weights"] / total
     assert info["handled_share"] == pytest.approx(share) and info["dense_parameters"] == total
-    left_line = (f"{n_experts:,} weights left dense in 1 modules llmsqueeze does not quantize: mlp.experts "
-                 "(model.layers.1.mlp.experts)")
-    assert left_line in err and f"parameters quantized ({share:.1%})" in err  # the quantize run says it
+    left_line = f"{n_experts:,} weights in 1 modules llmsqueeze does not quantize: mlp.experts (model.layers.1.mlp.experts)"
+    assert f"left dense: {left_line}" in err and f"parameters quantized ({share:.1%})" in err  # the quantize run says it
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"  left dense  {left_line}" in text and f"({share:.1%}); the rest dense" in text
@@ -355,9 +354,9 @@ def test_moe_prune_share_and_experts(tmp_path, text_file, capsys):
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     per_block = 4 * (2 * 64 * 64 + 64 * 64)  # 4 experts: gate_up [128, 64] and down [64, 64]
-    line = (f"{2 * per_block:,} weights left dense in 2 modules llmsqueeze does not prune: mlp.experts x2 "
+    line = (f"{2 * per_block:,} weights in 2 modules llmsqueeze does not prune: mlp.experts x2 "
             "(model.layers.0.mlp.experts, model.layers.1.mlp.experts)")
-    assert line in err and line in text
+    assert f"left dense: {line}" in err and f"  left dense  {line}" in text
     assert "parameters pruned (" in text and "2 routers and gates (mlp.gate x2; 512 weights)" in text
 
 
@@ -365,7 +364,7 @@ def test_dense_family_reports_its_share(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_model_dir), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "left dense" not in err and "parameters quantized" in err
+    assert "left dense" not in err and "share: " in err and "parameters quantized" in err
     assert main(["info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["left_dense"] == {} and info["routers_kept_dense"] == {}
