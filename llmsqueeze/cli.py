@@ -105,7 +105,8 @@ def cmd_quantize(args) -> int:
                  "float_targets": args.autoround_targets == "float",
                  "amp": {"auto": None, "on": True, "off": False}[args.amp],
                  "token_weighting": args.autoround_loss == "capped"}
-    prepare_output_dir(args.out, args.overwrite, inputs=(args.model, args.calib if calibrated else None))  # before the slow part
+    # before the slow part; --out never over or inside what is read
+    prepare_output_dir(args.out, args.overwrite, inputs=(args.model, args.calib if calibrated else None))
     if calibrated:
         calib_texts = _calibration_texts(args)  # a bad --calib fails before the model loads
         check_devices(args.device, args.offload)  # ... and so does a bad --device / --offload
@@ -325,7 +326,7 @@ def cmd_prune(args) -> int:
     if args.bits is not None:
         scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym)
     needs_data = structured and args.score == "activation" or not structured and row.calibrated
-    prepare_output_dir(args.out, args.overwrite, inputs=(args.model, args.calib if needs_data else None))  # before the slow part
+    prepare_output_dir(args.out, args.overwrite, inputs=(args.model, args.calib if needs_data else None))
     if needs_data:
         calib_texts = _calibration_texts(args)
         args.seq_len = _seq_len_for(args.model, args.seq_len)
