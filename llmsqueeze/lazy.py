@@ -415,6 +415,9 @@ def position_limit(config) -> tuple[int | None, bool]:
     return limit, not (rotary or fields.get("position_embedding_type") == "rotary")
 
 
+_WARNED: set[tuple] = set()  # (model type, limit, length) already warned about
+
+
 def check_positions(config, seq_len: int, what: str = "seq_len", clip: bool = False) -> int:
     """`seq_len` against the model's positions (position_limit), before any work. Past learned
     positions: clipped to them with a one-line notice (`clip`, the CLI) or refused in one line (the
@@ -424,8 +427,10 @@ def check_positions(config, seq_len: int, what: str = "seq_len", clip: bool = Fa
         return seq_len
     kind = getattr(config, "model_type", "the model")
     if not learned:
-        log.warning("%s %d is past %s's max_position_embeddings %d: RoPE runs on, but the model was not trained "
-                    "on sequences that long", what, seq_len, kind, limit)
+        if (kind, limit, seq_len) not in _WARNED:  # once: the CLI checks before loading, the library again
+            _WARNED.add((kind, limit, seq_len))
+            log.warning("%s %d is past %s's max_position_embeddings %d: RoPE runs on, but the model was not trained "
+                        "on sequences that long", what, seq_len, kind, limit)
         return seq_len
     if not clip:
         raise LlmsqueezeError(f"{what}={seq_len} is longer than the {limit} positions {kind} has learned "

@@ -205,6 +205,17 @@ def test_seq_len_past_learned_positions_is_clipped(gpt2_dir, text_file, tmp_path
     assert json.loads((out / "config.json").read_text())["quantization_config"]["method"] in ("gptq", "wanda")
 
 
+def test_training_windows_past_learned_positions_are_clipped(gpt2_dir, text_file, tmp_path, caplog):
+    out = tmp_path / "g"
+    with caplog.at_level(logging.WARNING, logger="llmsqueeze"):
+        assert main(["prune", str(gpt2_dir), "--schedule", "gradual", "--method", "magnitude", "--sparsity", "0.5",
+                     "--data", str(text_file), "--steps", "2", "--seq-len", "128", "--batch-size", "1", "--quiet",
+                     "--out", str(out)]) == 0
+    assert "--seq-len 128 is longer than the 64 positions gpt2 has learned" in caplog.text
+    finetune = json.loads((out / "config.json").read_text())["quantization_config"]["method_args"]["finetune"]
+    assert finetune["seq_len"] == 64
+
+
 def test_eval_windows_past_positions(gpt2_dir, tiny_model_dir, text_file, tmp_path, caplog):
     res = tmp_path / "r.json"
     with caplog.at_level(logging.WARNING, logger="llmsqueeze"):
@@ -216,6 +227,7 @@ def test_eval_windows_past_positions(gpt2_dir, tiny_model_dir, text_file, tmp_pa
         assert main(["eval", "ppl", str(tiny_model_dir), "--data", str(text_file), "--seq-len", "300", "--windows", "1",
                      "--json", str(res)]) == 0
     assert json.loads(res.read_text())["seq_len"] == 300
+    assert caplog.text.count("is past llama's max_position_embeddings 256: RoPE runs on") == 1  # said once
     assert "--seq-len 300 is past llama's max_position_embeddings 256: RoPE runs on" in caplog.text
 
 
