@@ -105,10 +105,12 @@ def cmd_quantize(args) -> int:
                  "float_targets": args.autoround_targets == "float",
                  "amp": {"auto": None, "on": True, "off": False}[args.amp],
                  "token_weighting": args.autoround_loss == "capped"}
-    prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
+    # before the slow part; --out never over or inside what is read
+    prepare_output_dir(args.out, args.overwrite, inputs=(args.model, args.calib if calibrated else None))
     if calibrated:
         calib_texts = _calibration_texts(args)  # a bad --calib fails before the model loads
         check_devices(args.device, args.offload)  # ... and so does a bad --device / --offload
+        args.seq_len = _seq_len_for(args.model, args.seq_len)  # ... and a --seq-len past learned positions is clipped
     # W8A8's SmoothQuant and AWQ fold scales into the norms, mixed precision needs every layer's
     # sensitivity before the first is quantized, autoround trains whole blocks: in memory
     lazy = args.lazy and not w8a8 and not mixed and row.lazy
@@ -137,6 +139,7 @@ def cmd_quantize(args) -> int:
     )
     _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None))
     out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    _print_coverage(out)
     if mixed:  # the sensitivity table and the allocation, beside the weights
         report = model._llmsqueeze_mixed
         (out / "sensitivity.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -202,6 +205,16 @@ def _calibration_texts(args) -> list[str]:
     return load_calibration_texts(args.calib)
 
 
+def _seq_len_for(model: str, seq_len: int, what: str = "--seq-len") -> int:
+    """`seq_len` checked against the model's positions before the model loads (lazy.check_positions):
+    clipped with a one-line notice where the positions are learned (GPT-2, OPT), a one-line warning
+    past a RoPE model's max_position_embeddings."""
+    from .lazy import check_positions, model_config
+
+    config = model_config(model)
+    return seq_len if config is None else check_positions(config, seq_len, what, clip=True)
+
+
 def _model_tokenizer_data(args, calib_texts):
     """-> (dense model, tokenizer or None, calibration token ids or None when calib_texts is None)."""
     from transformers import AutoTokenizer
@@ -220,7 +233,7 @@ def _model_tokenizer_data(args, calib_texts):
 
         if tok is None:
             raise LlmsqueezeError(f"{args.model} has no tokenizer to read --calib with; save one beside the model")
-        data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed)
+        data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed, name=args.calib)
     return model, tok, data
 
 
@@ -228,8 +241,10 @@ def _quantize_lazy(args, scheme, model_dir, calib_texts) -> int:
     """quantize, block by block from the shards into the output dir (resumable)."""
     from transformers import AutoTokenizer
 
+    from .lazy import dense_config
     from .pipeline import quantize_lazy
 
+    dense_config(str(model_dir))  # a bad config.json is the error, before the tokenizer is looked for
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception:
@@ -241,7 +256,7 @@ def _quantize_lazy(args, scheme, model_dir, calib_texts) -> int:
 
         if tok is None:
             raise LlmsqueezeError(f"{args.model} has no tokenizer to read --calib with; save one beside the model")
-        data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed)
+        data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed, name=args.calib)
     out, stats = quantize_lazy(
         str(model_dir), args.out, scheme, data=data, method=args.method, tokenizer=tok, dtype=_torch_dtype(args.dtype),
         resume=args.resume, overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device,
@@ -250,8 +265,18 @@ def _quantize_lazy(args, scheme, model_dir, calib_texts) -> int:
         compute_dtype=args.compute_dtype,
     )
     _print_stats(args.method, stats)
+    _print_coverage(out)
     print(out)
     return 0
+
+
+def _print_coverage(out) -> None:
+    """After a save: the share of the parameters compressed and any weights left dense in modules
+    llmsqueeze does not handle (info.coverage_lines), on stderr."""
+    from .info import checkpoint_info, coverage_lines
+
+    for label, line in zip(("share", "left dense"), coverage_lines(checkpoint_info(out))):
+        print(f"{label}: {line}", file=sys.stderr)
 
 
 def _print_stats(method: str, stats) -> None:
@@ -301,10 +326,11 @@ def cmd_prune(args) -> int:
     scheme = None
     if args.bits is not None:
         scheme = QuantScheme(bits=args.bits, group_size=args.group_size, sym=args.sym)
-    prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
     needs_data = structured and args.score == "activation" or not structured and row.calibrated
+    prepare_output_dir(args.out, args.overwrite, inputs=(args.model, args.calib if needs_data else None))
     if needs_data:
         calib_texts = _calibration_texts(args)
+        args.seq_len = _seq_len_for(args.model, args.seq_len)
     model, tok, data = _model_tokenizer_data(args, calib_texts if needs_data else None)
     if structured:
         from .pruning.structured import prune_attention_groups, prune_mlp_channels, save_structured
@@ -324,6 +350,7 @@ def cmd_prune(args) -> int:
         print(f"{args.method}: {stats.layers} layers in {stats.blocks} blocks, {stats.seconds:.1f} s, "
               f"peak RSS {stats.peak_rss_mib:,.0f} MiB", file=sys.stderr)
     out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    _print_coverage(out)
     print(out)
     return 0
 
@@ -342,7 +369,8 @@ def _training_run(args, model_dir: str):
         raise LlmsqueezeError("give the training text and the number of steps: --data FILE --steps N")
     options = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch_size or 4, seq_len=args.seq_len,
                               distill_weight=args.distill_weight, temperature=args.temperature, seed=args.seed).check()
-    prepare_output_dir(args.out, args.overwrite)  # fail before the slow part
+    prepare_output_dir(args.out, args.overwrite, inputs=(model_dir, args.data, args.distill))  # before the slow part
+    options.seq_len = _seq_len_for(model_dir, options.seq_len)
     text = load_eval_text(args.data)
     try:
         tok = AutoTokenizer.from_pretrained(os.path.expanduser(model_dir))
@@ -377,7 +405,9 @@ def _prune_gradual(args) -> int:
                           every=args.every, regrow=args.regrow, lr=options.lr, batch_size=options.batch_size,
                           seq_len=options.seq_len, teacher=teacher, distill_weight=options.distill_weight,
                           temperature=options.temperature, seed=args.seed, progress=not args.quiet)
-    print(save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size))
+    out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    _print_coverage(out)
+    print(out)
     return 0
 
 
@@ -438,16 +468,20 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval_ppl(args) -> int:
+    from .data import bos_token_id
     from .evaluate import load_eval_text, perplexity, tokenize_text
 
     text = load_eval_text(args.data)  # bad --data fails before the model loads
+    seq_len = _seq_len_for(args.model, args.seq_len)  # ... and windows past learned positions are clipped
     model, tok = _load_any(args.model, args.dtype)
     if tok is None:
         raise LlmsqueezeError(f"{args.model} has no tokenizer; save one beside the model to measure perplexity")
     ids = tokenize_text(tok, text)
-    res = perplexity(model, ids, seq_len=args.seq_len, windows=None if args.full else args.windows)
+    res = perplexity(model, ids, seq_len=seq_len, windows=None if args.full else args.windows,
+                     bos_token_id=bos_token_id(tok))
     res.update(model=args.model, data=args.data, dtype=args.dtype)
-    print(f"perplexity {res['ppl']:.4f}  ({res['windows']} windows of {res['seq_len']} tokens, {args.data})")
+    bos = ", BOS first" if res["bos"] else ""
+    print(f"perplexity {res['ppl']:.4f}  ({res['windows']} windows of {res['seq_len']} tokens{bos}, {args.data})")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     return 0

@@ -2,7 +2,9 @@
 cut into `n_samples` random windows of `seq_len` tokens (reproducible from `seed`).
 
 The project's protocol (shared/README.md): 128 samples of 512 tokens, seed 0, from WikiText-2's
-validation text; never calibrate on the test text.
+validation text; never calibrate on the test text. For a tokenizer that puts a BOS token first by
+default (Gemma, Llama 2/3: `bos_token_id`), each sample is that BOS and seq_len - 1 text tokens, as
+the model saw its training sequences; SmolLM2's tokenizer adds none, so its samples are plain text.
 """
 from __future__ import annotations
 
@@ -21,6 +23,31 @@ CALIBRATION_DATASETS = {
 }
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A file's text, or one line naming it when it is not UTF-8 text (a binary, an archive)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LlmsqueezeError(f"{what} {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                              "pass a .txt or .jsonl file") from None
+    except OSError as e:
+        raise LlmsqueezeError(f"{what} {path}: cannot read it ({e.strerror or type(e).__name__})") from None
+
+
+def bos_token_id(tokenizer) -> int | None:
+    """The BOS token id when `tokenizer` puts one first by default (Gemma, Llama 2/3, ...), else None
+    (SmolLM2, GPT-2: text alone). Decided by what the tokenizer does with special tokens on, not by
+    whether it has a BOS token at all."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    probe = "The text"
+    with_special = tokenizer(probe, add_special_tokens=True).input_ids
+    plain = tokenizer(probe, add_special_tokens=False).input_ids
+    first = bool(with_special) and with_special[0] == bos and (not plain or plain[0] != bos)
+    return int(bos) if first else None
+
+
 def _texts_from_path(path: Path) -> list[str]:
     if path.is_dir():  # a `datasets` dir written by save_to_disk
         try:
@@ -37,7 +64,7 @@ def _texts_from_path(path: Path) -> list[str]:
         return list(ds["text"])
     if path.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(read_text_file(path, "calibration data").splitlines()):
             if not line.strip():
                 continue
             try:
@@ -45,7 +72,7 @@ def _texts_from_path(path: Path) -> list[str]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise LlmsqueezeError(f"{path} line {i + 1}: expected a JSON object with a 'text' field") from None
         return texts
-    return [path.read_text(encoding="utf-8")]
+    return [read_text_file(path, "calibration data")]
 
 
 def load_calibration_texts(source: str) -> list[str]:
@@ -72,21 +99,29 @@ def load_calibration_texts(source: str) -> list[str]:
 
 
 def calibration_batches(
-    tokenizer, source: str | list[str], n_samples: int = 128, seq_len: int = 512, seed: int = 0
+    tokenizer, source: str | list[str], n_samples: int = 128, seq_len: int = 512, seed: int = 0,
+    name: str | None = None,
 ) -> torch.Tensor:
     """-> [n_samples, seq_len] int64 token ids: windows at random offsets of the tokenized text (all
-    texts joined by blank lines). `source` is a name/path for load_calibration_texts, or the texts."""
+    texts joined by blank lines), each led by the BOS token where the tokenizer puts one first by
+    default (bos_token_id; then seq_len - 1 text tokens). `source` is a name/path for
+    load_calibration_texts, or the texts; `name` what errors call the texts (the --calib path)."""
     if n_samples < 1 or seq_len < 2:
         raise LlmsqueezeError(f"n_samples={n_samples}, seq_len={seq_len}: use n_samples >= 1 and seq_len >= 2")
     texts = load_calibration_texts(source) if isinstance(source, str) else source
     text = "\n\n".join(texts)
-    source = source if isinstance(source, str) else "texts"
+    name = name or (source if isinstance(source, str) else "texts")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, truncation=False, verbose=False).input_ids[0]
-    if ids.numel() < seq_len + 1:
+    bos = bos_token_id(tokenizer)
+    width = seq_len - (bos is not None)  # text tokens per sample
+    if ids.numel() < width + 1:
         raise LlmsqueezeError(
-            f"calibration data {source!r} has {ids.numel()} tokens, fewer than one sample of {seq_len}; "
+            f"calibration data {name} has {ids.numel()} tokens, fewer than one sample of {seq_len}; "
             "use more text or a smaller --seq-len"
         )
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - width, (n_samples,), generator=g)
+    samples = torch.stack([ids[s : s + width] for s in starts.tolist()])  # [n_samples, width]
+    if bos is not None:
+        samples = torch.cat([torch.full((n_samples, 1), bos, dtype=samples.dtype), samples], dim=1)
+    return samples

@@ -2,7 +2,10 @@
 
 Perplexity follows the project's protocol (shared/README.md): tokenize the whole test text with the
 model's tokenizer, cut it into non-overlapping windows of `seq_len` tokens, average the token NLL
-over the first `windows` windows (8: "quick"; all: "full"), logits in float32.
+over the first `windows` windows (8: "quick"; all: "full"), logits in float32. For a tokenizer that
+puts a BOS token first by default (data.bos_token_id: Gemma, Llama 2/3), each window is that BOS and
+seq_len - 1 text tokens, as llama.cpp's perplexity starts each chunk with BOS: the same number of
+tokens scored per window, none of them a BOS. SmolLM2's tokenizer adds none: its windows are unchanged.
 """
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ def load_eval_text(source: str) -> str:
     fetched through `datasets`."""
     path = Path(source).expanduser()
     if path.is_file():
-        return path.read_text(encoding="utf-8")
+        from .data import read_text_file
+
+        return read_text_file(path, "evaluation data")
     if source == "python-docs":
         return python_docs_text()
     if source in DATASETS:
@@ -65,22 +70,33 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(
-    model, ids: torch.Tensor, seq_len: int = 2048, windows: int | None = 8, progress: bool = True
+    model, ids: torch.Tensor, seq_len: int = 2048, windows: int | None = 8, progress: bool = True,
+    bos_token_id: int | None = None,
 ) -> dict:
-    """ids [T] -> {"ppl", "nll", "windows", "tokens"} over the first `windows` windows (None: all)."""
+    """ids [T] -> {"ppl", "nll", "windows", "tokens", "bos"} over the first `windows` windows (None:
+    all). With `bos_token_id` (data.bos_token_id(tokenizer): the tokenizer puts one first by default)
+    each window is BOS + seq_len - 1 text tokens, else seq_len text tokens; seq_len - 1 predictions
+    are scored either way."""
+    from .lazy import check_positions
+
     if seq_len < 2:
         raise LlmsqueezeError(f"seq_len={seq_len} is too short: use at least 2 (the protocol uses 2048)")
-    total = ids.numel() // seq_len
+    if getattr(model, "config", None) is not None:  # past learned positions: one line, not an IndexError
+        check_positions(model.config, seq_len, "seq_len")
+    width = seq_len - (bos_token_id is not None)  # text tokens per window
+    total = ids.numel() // width
     if total == 0:
         raise LlmsqueezeError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}; use a longer text")
     n = total if windows is None else min(windows, total)
     if windows is not None and windows <= 0:
         raise LlmsqueezeError(f"windows={windows} must be positive (or omitted for all {total})")
     device = next(model.parameters()).device
+    bos = None if bos_token_id is None else torch.tensor([bos_token_id], dtype=ids.dtype)
     nlls = []
     bar = tqdm(range(n), desc="perplexity", disable=not progress, unit="window")
     for i in bar:
-        x = ids[i * seq_len : (i + 1) * seq_len].view(1, -1).to(device)
+        x = ids[i * width : (i + 1) * width]
+        x = (x if bos is None else torch.cat([bos, x])).view(1, -1).to(device)
         logits = model(x, use_cache=False).logits.float()
         nll = F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="mean").item()
         if not math.isfinite(nll):
@@ -89,7 +105,7 @@ def perplexity(
         bar.set_postfix(ppl=f"{math.exp(sum(nlls) / len(nlls)):.3f}")
     nll = sum(nlls) / len(nlls)
     return {"ppl": math.exp(nll), "nll": nll, "windows": n, "windows_available": total, "seq_len": seq_len,
-            "tokens": n * seq_len}
+            "tokens": n * width, "bos": bos is not None}
 
 
 def _cache_of(out):

@@ -56,6 +56,7 @@ def checkpoint_info(path: str | Path) -> dict:
         layers.append(layer)
         q_weights += k * n
         q_bytes += b
+    cover = coverage(model, {layer["name"] for layer in layers}, keep)
     dense_dtype = str(getattr(config, "dtype", None) or "bfloat16").replace("torch.", "")
     dense_elt = torch.empty(0, dtype=getattr(torch, dense_dtype, torch.bfloat16)).element_size()
     params = {id(p): p.numel() for p in model.parameters()}  # tied weights count once
@@ -78,10 +79,66 @@ def checkpoint_info(path: str | Path) -> dict:
         "dense_bytes": sum(params.values()) * dense_elt,
         "bytes_on_disk": disk,
         "compression": sum(params.values()) * dense_elt / disk if disk else math.nan,
+        "routers_kept_dense": cover["routers"],
+        "left_dense": cover["left_dense"],
+        "handled_share": q_weights / max(sum(params.values()), 1),
         "layers": layers,
         **({"bits_histogram": _bits_histogram(layers), "avg_bits_target": (qc.get("method_args") or {}).get("avg_bits")}
            if layer_schemes else {}),
     }
+
+
+def coverage(model: torch.nn.Module, handled: set[str], kept_linear: set[str]) -> dict:
+    """Where a model's parameters went, from its skeleton: {"routers": {module: weights} of the routers
+    and gates kept dense (models.KEPT_DENSE), "left_dense": {module: weights}}, the latter every
+    parameter of two or more dimensions held outside the `handled` (quantized or pruned) layers, the
+    Linears kept dense (`kept_linear`: the head, --exclude), the embeddings and the routers: modules
+    llmsqueeze does not know how to compress (MoE experts held as fused 3-D parameters, say), which
+    would otherwise stay dense without a word. Tied parameters count once; norms are 1-D."""
+    from .models import kept_dense
+
+    embeddings = {id(m) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        m = getattr(model, get, lambda: None)()
+        if m is not None:
+            embeddings.add(id(m))
+    seen, routers, left = set(), {}, {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.dim() < 2 or name in handled or id(module) in embeddings:
+                continue
+            if kept_dense(name):
+                routers[name] = routers.get(name, 0) + p.numel()
+            elif name not in kept_linear:
+                left[name] = left.get(name, 0) + p.numel()
+    return {"routers": routers, "left_dense": left}
+
+
+def _by_suffix(names, last: int = 2) -> str:
+    """'mlp.experts x2, ...': module names by their last `last` components, in model order."""
+    counts: dict[str, int] = {}
+    for n in names:
+        key = ".".join(n.split(".")[-last:])
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} x{c}" if c > 1 else k for k, c in counts.items())
+
+
+def coverage_lines(info: dict) -> list[str]:
+    """[the share of the parameters compressed, and when there are any the weights left dense in
+    modules llmsqueeze does not handle], one line each (`info`'s share / left dense, the CLI's summary)."""
+    pruned, quantized = info.get("sparsity") is not None, info.get("scheme") is not None
+    verb = " and ".join(v for v, on in (("pruned", pruned), ("quantized", quantized)) if on) or "quantized"
+    lines = [f"{info['quantized_weights']:,} of the model's {info['dense_parameters']:,} parameters {verb} "
+             f"({info['handled_share']:.1%}); the rest dense"]
+    left = info.get("left_dense") or {}
+    if left:
+        what = verb.replace("pruned", "prune").replace("quantized", "quantize").replace(" and ", " or ")
+        lines.append(f"{sum(left.values()):,} weights in {len(left)} modules llmsqueeze does not "
+                     f"{what}: {_by_suffix(left)} ({', '.join(list(left)[:3])}{', ...' if len(left) > 3 else ''})")
+    return lines
 
 
 def _bits_histogram(layers: list[dict]) -> dict[str, dict]:
@@ -99,13 +156,13 @@ def _mib(b: float) -> str:
 
 
 def _module_summary(layers: list[dict]) -> str:
-    """'q_proj x30 (576->576), ...' by the last name component, in model order."""
-    kinds: dict[str, list] = {}
+    """'q_proj x30 (576->576), ...' by the last name component and shape, in model order: layers of one
+    name with different shapes (DeepSeek-V3's dense and expert MLPs) get one entry per shape."""
+    kinds: dict[tuple, int] = {}
     for layer in layers:
-        kind = layer["name"].rsplit(".", 1)[-1]
-        entry = kinds.setdefault(kind, [0, layer["in_features"], layer["out_features"]])
-        entry[0] += 1
-    return ", ".join(f"{k} x{n} ({i}->{o})" for k, (n, i, o) in kinds.items())
+        key = (layer["name"].rsplit(".", 1)[-1], layer["in_features"], layer["out_features"])
+        kinds[key] = kinds.get(key, 0) + 1
+    return ", ".join(f"{k} x{n} ({i}->{o})" for (k, i, o), n in kinds.items())
 
 
 FLOAT_WEIGHTS = {"fp8": "FP8 E4M3 weights, an fp32 scale per output channel",
@@ -171,6 +228,8 @@ def format_info(info: dict) -> str:
         if s is not None and sp.get("format") == "nm":
             store = f"{s['bits']}-bit values + N:M indices"
         lines.append(f"  sparsity    {what}, method {info['method']}, stored as {store}")
+    routers = info.get("routers_kept_dense") or {}
+    linear = [n for n in info["modules_to_not_convert"] if n not in routers]
     w8 = s is not None and s.get("type") in ("w8a8", "float")
     included = "values, indices, scales and zeros" if sp is not None else ("scales" if w8 else "scales and zeros")
     if s is not None and s.get("type") == "gguf":
@@ -182,13 +241,16 @@ def format_info(info: dict) -> str:
         f"{info['quantized_weights']:,} weights at {info['bits_per_quantized_weight']:.3f} bits/weight "
         f"({included} included)",
         f"  modules     {_module_summary(info['layers'])}",
-        f"  kept dense  {len(info['modules_to_not_convert'])} linear modules"
-        + (f" ({', '.join(info['modules_to_not_convert'][:4])}{', ...' if len(info['modules_to_not_convert']) > 4 else ''})"
-           if info["modules_to_not_convert"] else "")
+        f"  kept dense  {len(linear)} linear modules"
+        + (f" ({', '.join(linear[:4])}{', ...' if len(linear) > 4 else ''})" if linear else "")
+        + (f", {len(routers)} routers and gates ({_by_suffix(routers)}; {sum(routers.values()):,} weights)"
+           if routers else "")
         + ", plus embeddings and norms",
-        f"  size        {_mib(info['bytes_on_disk'])} on disk vs {_mib(info['dense_bytes'])} dense "
-        f"{info['dense_dtype']} ({info['compression']:.2f}x smaller)",
     ]
+    share, *left = coverage_lines(info)
+    lines += [f"  share       {share}"] + [f"  left dense  {x}" for x in left]
+    lines.append(f"  size        {_mib(info['bytes_on_disk'])} on disk vs {_mib(info['dense_bytes'])} dense "
+                 f"{info['dense_dtype']} ({info['compression']:.2f}x smaller)")
     return "\n".join(lines)
 
 

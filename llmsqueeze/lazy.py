@@ -391,6 +391,55 @@ def dense_config(model_id: str):
     return path, config
 
 
+def model_config(model_id: str):
+    """The transformers config of a model dir or hub id (dense or a checkpoint), or None when it cannot
+    be read: the loader that follows says why, in one line."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(os.path.expanduser(model_id))
+    except Exception:  # noqa: BLE001 - reported by the loader
+        return None
+
+
+def position_limit(config) -> tuple[int | None, bool]:
+    """-> (the most positions the model's config declares, whether they are learned): a model without
+    RoPE settings (GPT-2's n_positions, OPT's max_position_embeddings) has a learned table that a
+    longer sequence indexes past; a RoPE model computes any position but was trained up to its limit."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        return None, False
+    fields = text.to_dict()
+    rotary = any(("rope" in k or "rotary" in k) and v is not None for k, v in fields.items())
+    return limit, not (rotary or fields.get("position_embedding_type") == "rotary")
+
+
+_WARNED: set[tuple] = set()  # (model type, limit, length) already warned about
+
+
+def check_positions(config, seq_len: int, what: str = "seq_len", clip: bool = False) -> int:
+    """`seq_len` against the model's positions (position_limit), before any work. Past learned
+    positions: clipped to them with a one-line notice (`clip`, the CLI) or refused in one line (the
+    API); past a RoPE model's max_position_embeddings: a one-line warning. -> the length to use."""
+    limit, learned = position_limit(config)
+    if limit is None or seq_len <= limit:
+        return seq_len
+    kind = getattr(config, "model_type", "the model")
+    if not learned:
+        if (kind, limit, seq_len) not in _WARNED:  # once: the CLI checks before loading, the library again
+            _WARNED.add((kind, limit, seq_len))
+            log.warning("%s %d is past %s's max_position_embeddings %d: RoPE runs on, but the model was not trained "
+                        "on sequences that long", what, seq_len, kind, limit)
+        return seq_len
+    if not clip:
+        raise LlmsqueezeError(f"{what}={seq_len} is longer than the {limit} positions {kind} has learned "
+                              f"(max_position_embeddings): use {what} <= {limit}")
+    log.warning("%s %d is longer than the %d positions %s has learned (max_position_embeddings): using %d",
+                what, seq_len, limit, kind, limit)
+    return limit
+
+
 # ---------------------------------------------------------------------------------- checks
 def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"

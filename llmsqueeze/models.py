@@ -72,6 +72,18 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+# Modules kept dense whatever the scheme selects (regexes on the full module name): MoE routers and
+# gates, which choose the experts (Mixtral's block_sparse_moe.gate, Qwen2/3-MoE's mlp.gate, Qwen2-MoE's
+# 64 -> 1 mlp.shared_expert_gate, routers named router): a few weights whose rounding changes which
+# experts run. `info` lists them beside the other dense modules.
+KEPT_DENSE = (r"(^|\.)gate$", r"(^|\.)shared_expert_gate$", r"(^|\.)router$")
+
+
+def kept_dense(name: str) -> bool:
+    """Whether the module `name` is a router or gate that stays dense (KEPT_DENSE)."""
+    return any(re.search(p, name) for p in KEPT_DENSE)
+
+
 def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
     if target is None:
         return None
@@ -114,7 +126,7 @@ def quantizable_modules(model: nn.Module, scheme: QuantScheme) -> list[str]:
     """Names of the layers the scheme quantizes, in model order."""
     arch = get_arch(model)
     prefix = arch.blocks + "."
-    names = [n for n, m in model.named_modules() if n.startswith(prefix) and is_linear(m)]
+    names = [n for n, m in model.named_modules() if n.startswith(prefix) and is_linear(m) and not kept_dense(n)]
     if scheme.lm_head:
         head = _name_of(model, model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
         head = head or arch.lm_head

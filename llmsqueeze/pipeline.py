@@ -96,11 +96,22 @@ def _split_blocks(model: nn.Module, names: list[str], calibrated: bool) -> tuple
 
 def _calibration(job: Job, data, what: str, sample_batches: bool = False) -> None:
     """job.ids / job.batches / job.device from the calibration data (one-line errors first)."""
-    ids = calibration_ids(data, what)
+    ids = _checked_ids(job.model, data, what)
     job.options.validate()
     job.device = check_devices(job.options.device, job.options.offload)
     job.ids = ids
     job.batches = list(ids.split(1 if sample_batches else job.options.batch_size))
+
+
+def _checked_ids(model: nn.Module, data, what: str) -> torch.Tensor:
+    """calibration_ids, with samples past the model's learned positions refused in one line (not an
+    IndexError deep in the embedding)."""
+    from .lazy import check_positions
+
+    ids = calibration_ids(data, what)
+    if getattr(model, "config", None) is not None:
+        check_positions(model.config, ids.shape[1], "calibration seq_len")
+    return ids
 
 
 def _home_device(model: nn.Module) -> str:
@@ -181,8 +192,8 @@ def quantize_model(model: nn.Module, scheme, data=None, method: str = "rtn", pro
     row, scheme = _check_scheme(model, scheme, method, avg_bits)
     names, head_name = selected_layers(model, scheme)
     what = _needs_data(row, scheme)
-    if what is not None and data is None:
-        calibration_ids(data, what)  # the one-line error, before anything changes
+    if what is not None or avg_bits is not None and data is not None:
+        _checked_ids(model, data, what or "mixed precision")  # the one-line errors, before anything changes
     if head_name is not None:
         untie_lm_head(model, head_name)
     job = _new_job(model, scheme, names, options, progress, extra)
@@ -415,7 +426,7 @@ def quantize_lazy(
         options = CalibrationOptions(**engine_options)
     elif engine_options:
         raise LlmsqueezeError("pass either options= or its fields as keywords, not both")
-    out = prepare_output_dir(out, overwrite=overwrite)
+    out = prepare_output_dir(out, overwrite=overwrite, inputs=(model_id,))
     shard_bytes = parse_size(max_shard_size)
     bound_heap_growth()
     lazy = LazyModel(model_id, dtype)

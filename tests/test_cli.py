@@ -149,7 +149,9 @@ def test_quantize_gptq_bad_calib(tiny_model_dir, tmp_path, capsys):
     assert main(["quantize", str(tiny_model_dir), "--method", "gptq", "--calib", str(tmp_path / "none.txt"),
                  "--out", str(tmp_path / "g")]) == 2
     _one_line_error(capsys, "no such file")
-    assert main(["quantize", str(tiny_model_dir), "--method", "gptq", "--calib", str(tmp_path), "--out", str(tmp_path / "g")]) == 2
+    (tmp_path / "ds").mkdir()  # a dir that is no datasets dir (and not around --out, which may not lie in an input)
+    assert main(["quantize", str(tiny_model_dir), "--method", "gptq", "--calib", str(tmp_path / "ds"),
+                 "--out", str(tmp_path / "g")]) == 2
     _one_line_error(capsys, "not a datasets directory")
 
 

@@ -13,7 +13,15 @@ from .files import linear_shapes, read_config, skeleton, tensor_getter, tensor_i
 from .loader import check_checkpoint
 from .native import LAYER_TENSORS as OURS
 from .peers import EXPORT_FORMATS, FORMATS
-from .writer import ExportJob, atomic_output_dir, copy_side_files, prepare_output_dir, write_config, write_shards
+from .writer import (
+    ExportJob,
+    atomic_output_dir,
+    check_apart,
+    copy_side_files,
+    prepare_output_dir,
+    write_config,
+    write_shards,
+)
 
 
 def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrite: bool = False,
@@ -28,6 +36,7 @@ def export(src: str | os.PathLike, format: str, out: str | os.PathLike, overwrit
     scale_dtype="float32" (compressed-tensors only) widens the stored scales: compressed-tensors
     dequantizes in the scales' dtype, so float16 scales give fp16((q - zero) * scale), rounded,
     where ours is exact in float32; float32 scales make its dense weights equal ours bit for bit."""
+    check_apart(out, (src,))  # before any format's own checks: never write over or into the checkpoint read
     if format == "gguf":
         if scale_dtype is not None:
             raise LlmsqueezeError("--scale-dtype applies to compressed-tensors; GGUF stores fp16 block scales")

@@ -17,7 +17,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..config import CheckpointError, check_layer_schemes, first_line, scheme_from_dict
+from ..config import CheckpointError, LlmsqueezeError, check_layer_schemes, first_line, scheme_from_dict
 from ..nn import adapt_to_cpu
 from .files import read_config, tensor_index
 from .native import FORMAT_VERSION, QUANT_METHOD, check_native, replace_with_quant_linear, verify_sparse_layers
@@ -60,9 +60,15 @@ class LlmsqueezeConfig(QuantizationConfigMixin):
         self.sparsity = None if sparsity is None else dict(sparsity)
         self.scheme = None if scheme is None and sparsity is not None else dict(scheme or {})
         self.modules_to_not_convert = list(modules_to_not_convert or [])
-        self.layer_schemes = {k: dict(v) for k, v in check_layer_schemes(layer_schemes).items()}
-        if self.scheme is not None:
-            scheme_from_dict(self.scheme)  # validate
+        # validated here, raised by the quantizer once the checkpoint's path is known (a bad config met
+        # inside transformers' from_pretrained: the same one-line CheckpointError llmsqueeze's own gives)
+        self.problem = None
+        try:
+            self.layer_schemes = {k: dict(v) for k, v in check_layer_schemes(layer_schemes).items()}
+            if self.scheme is not None:
+                scheme_from_dict(self.scheme)
+        except (LlmsqueezeError, TypeError, KeyError, AttributeError, ValueError) as e:
+            self.layer_schemes, self.problem = {}, first_line(e)
 
     def to_dict(self) -> dict:
         d = {
@@ -90,7 +96,14 @@ class LlmsqueezeHfQuantizer(HfQuantizer):
 
     requires_calibration = True  # only pre-quantized checkpoints; quantizing is llmsqueeze.quantize()
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        problem = self.quantization_config.problem
+        if problem is not None:
+            path = getattr(model.config, "name_or_path", "") or (Path(checkpoint_files[0]).parent if checkpoint_files else "")
+            if path and Path(path).is_dir():
+                check_checkpoint(path)  # says what llmsqueeze.from_pretrained says, with the path
+            raise CheckpointError(f"{path or 'the checkpoint'} has an invalid scheme in config.json ({problem}); "
+                                  "re-create the checkpoint")
         names = replace_with_quant_linear(model, self.quantization_config.to_dict())
         if self.quantization_config.source:  # tensors of the peer format that our layout does without
             model._keys_to_ignore_on_load_unexpected = {

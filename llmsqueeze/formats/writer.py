@@ -44,8 +44,26 @@ class ExportJob:
     scale_dtype: str | None = None  # compressed-tensors: "float32" widens the scales
 
 
-def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check that `out` can be written; return it resolved. Nothing is left behind."""
+def check_apart(out: str | os.PathLike, inputs: tuple = ()) -> None:
+    """One line when `out` is, contains or lies inside one of the local `inputs` (the model read, its
+    calibration text, a teacher): writing there would replace what is read, or nest a checkpoint inside
+    it, whatever --overwrite says. Inputs that are no local path (hub ids, dataset names) pass."""
+    target = Path(out).expanduser().resolve()
+    for source in inputs:
+        if source is None or not Path(source).expanduser().exists():
+            continue
+        src = Path(source).expanduser().resolve()
+        how = ("is" if target == src else "lies inside" if src in target.parents else
+               "contains" if target in src.parents else None)
+        if how is not None:
+            raise LlmsqueezeError(f"--out {target} {how} the input {src}; llmsqueeze never writes over or inside what it "
+                                  "reads (--overwrite included): choose an --out outside it")
+
+
+def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs: tuple = ()) -> Path:
+    """Check that `out` can be written and lies apart from the `inputs` (check_apart); return it
+    resolved. Nothing is left behind."""
+    check_apart(out, inputs)
     out = Path(out).expanduser().absolute()
     if out.exists():
         if not out.is_dir():
