@@ -134,11 +134,11 @@ def prune(
                        exclude=exclude, owl=owl, refit=refit, options=options)
 
 
-def _finetune_options(steps, lr, batch_size, seq_len, distill_weight, temperature, seed):
+def _finetune_options(steps, lr, batch_size, seq_len, distill_weight, temperature, seed, bos_token_id):
     from .pruning.finetune import FinetuneOptions
 
     return FinetuneOptions(steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len, distill_weight=distill_weight,
-                           temperature=temperature, seed=seed)
+                           temperature=temperature, seed=seed, bos_token_id=bos_token_id)
 
 
 def finetune(
@@ -154,14 +154,17 @@ def finetune(
     temperature: float = 1.0,
     pattern: str | None = None,
     seed: int = 0,
+    bos_token_id: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Recovery fine-tuning of a pruned model loaded with llmsqueeze.from_pretrained from a sparse float
     checkpoint, in place: the kept weights train on `data` (token ids [T] of a text), the pruned ones
     stay exactly zero, optionally distilling `teacher`'s (the dense model's) logits with `distill_weight`
     of the loss (llmsqueeze.pruning.finetune). `pattern` ("2:4"), when given, must be the checkpoint's.
-    Save with save_quantized: the same pattern, checked again by the loaders. -> per-step records."""
-    options = _finetune_options(steps, lr, batch_size, seq_len, distill_weight, temperature, seed)
+    `bos_token_id` (llmsqueeze.data.bos_token_id(tokenizer), for a tokenizer that puts BOS first) leads
+    each training window, seq_len tokens long all the same. Save with save_quantized: the same pattern,
+    checked again by the loaders. -> per-step records."""
+    options = _finetune_options(steps, lr, batch_size, seq_len, distill_weight, temperature, seed, bos_token_id)
     return finetune_pruned(model, data, options, teacher, pattern, progress)
 
 
@@ -186,6 +189,7 @@ def prune_during_finetune(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     seed: int = 0,
+    bos_token_id: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
     """Gradual pruning of a dense model while it fine-tunes on `data` (token ids [T]): from dense to
@@ -193,7 +197,7 @@ def prune_during_finetune(
     `end` of the `steps`, masks chosen again every `every` steps by `score` (magnitude, movement, wanda
     or random), pruned weights zeroed (`regrow` "zero", default) or kept training in a shadow
     copy so that they can come back with their own values ("shadow"); then trained with the mask held (llmsqueeze.pruning.schedule). The model
-    ends pruned; save it with save_quantized. -> per-step records."""
-    options = _finetune_options(steps, lr, batch_size, seq_len, distill_weight, temperature, seed)
+    ends pruned; save it with save_quantized. `bos_token_id` as for finetune(). -> per-step records."""
+    options = _finetune_options(steps, lr, batch_size, seq_len, distill_weight, temperature, seed, bos_token_id)
     return prune_gradual(model, data, SparsityScheme(sparsity, pattern), options, score, end, every, schedule, regrow,
                          teacher, include, exclude, progress)

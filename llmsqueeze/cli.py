@@ -361,6 +361,7 @@ def _training_run(args, model_dir: str):
     import torch
     from transformers import AutoTokenizer
 
+    from .data import bos_token_id
     from .evaluate import load_eval_text, tokenize_text
     from .formats.writer import prepare_output_dir
     from .pruning.finetune import FinetuneOptions, check_text_length
@@ -378,6 +379,7 @@ def _training_run(args, model_dir: str):
         raise LlmsqueezeError(f"{model_dir} has no tokenizer to read --data with; save one beside the model") from None
     ids = tokenize_text(tok, text)
     check_text_length(ids, options.batch_size, options.seq_len)
+    options.bos_token_id = bos_token_id(tok)  # BOS first in each window where the tokenizer puts it first
     teacher = None
     if args.distill:
         from .api import load_dense
@@ -404,7 +406,8 @@ def _prune_gradual(args) -> int:
     prune_during_finetune(model, ids, args.sparsity, args.pattern, options.steps, score=args.method, end=args.prune_end,
                           every=args.every, regrow=args.regrow, lr=options.lr, batch_size=options.batch_size,
                           seq_len=options.seq_len, teacher=teacher, distill_weight=options.distill_weight,
-                          temperature=options.temperature, seed=args.seed, progress=not args.quiet)
+                          temperature=options.temperature, seed=args.seed, bos_token_id=options.bos_token_id,
+                          progress=not args.quiet)
     out = save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     _print_coverage(out)
     print(out)
@@ -443,7 +446,7 @@ def cmd_finetune(args) -> int:
     model = from_pretrained(path, dtype=torch.float32)
     finetune(model, ids, options.steps, lr=options.lr, batch_size=options.batch_size, seq_len=options.seq_len,
              teacher=teacher, distill_weight=options.distill_weight, temperature=options.temperature,
-             pattern=args.pattern, seed=args.seed, progress=not args.quiet)
+             pattern=args.pattern, seed=args.seed, bos_token_id=options.bos_token_id, progress=not args.quiet)
     print(save_quantized(model, args.out, tokenizer=tok, overwrite=args.overwrite, max_shard_size=args.max_shard_size))
     return 0
 

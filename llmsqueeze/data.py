@@ -119,9 +119,21 @@ def calibration_batches(
             f"calibration data {name} has {ids.numel()} tokens, fewer than one sample of {seq_len}; "
             "use more text or a smaller --seq-len"
         )
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - width, (n_samples,), generator=g)
-    samples = torch.stack([ids[s : s + width] for s in starts.tolist()])  # [n_samples, width]
-    if bos is not None:
-        samples = torch.cat([torch.full((n_samples, 1), bos, dtype=samples.dtype), samples], dim=1)
-    return samples
+    return random_windows(ids, n_samples, seq_len, bos, torch.Generator().manual_seed(seed))
+
+
+def prepend_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """windows [n, w] -> [n, w + 1] led by the BOS token id `bos` (bos_token_id); unchanged when None."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype, device=windows.device), windows], 1)
+
+
+def random_windows(ids: torch.Tensor, n: int, seq_len: int, bos: int | None, generator: torch.Generator) -> torch.Tensor:
+    """ids [T] -> [n, seq_len] windows at random starts drawn from `generator`: with a BOS token id
+    `bos` (bos_token_id) each is that BOS and seq_len - 1 consecutive text tokens, else seq_len text
+    tokens (the starts drawn as before BOS was added, so a tokenizer without one samples as it did).
+    Calibration samples (calibration_batches) and training batches (pruning/finetune.py) alike."""
+    width = seq_len - (bos is not None)  # text tokens per window
+    starts = torch.randint(0, ids.numel() - width, (n,), generator=generator)
+    return prepend_bos(torch.stack([ids[s : s + width] for s in starts.tolist()]), bos)  # [n, seq_len]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import LlmsqueezeError
+from .data import prepend_bos
 from .engine import peak_rss_mib  # noqa: F401 (part of evaluate's interface: eval/ scripts use it)
 
 DATASETS = {
@@ -91,12 +92,10 @@ def perplexity(
     if windows is not None and windows <= 0:
         raise LlmsqueezeError(f"windows={windows} must be positive (or omitted for all {total})")
     device = next(model.parameters()).device
-    bos = None if bos_token_id is None else torch.tensor([bos_token_id], dtype=ids.dtype)
     nlls = []
     bar = tqdm(range(n), desc="perplexity", disable=not progress, unit="window")
     for i in bar:
-        x = ids[i * width : (i + 1) * width]
-        x = (x if bos is None else torch.cat([bos, x])).view(1, -1).to(device)
+        x = prepend_bos(ids[i * width : (i + 1) * width].view(1, -1), bos_token_id).to(device)  # [1, seq_len]
         logits = model(x, use_cache=False).logits.float()
         nll = F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="mean").item()
         if not math.isfinite(nll):
@@ -105,7 +104,7 @@ def perplexity(
         bar.set_postfix(ppl=f"{math.exp(sum(nlls) / len(nlls)):.3f}")
     nll = sum(nlls) / len(nlls)
     return {"ppl": math.exp(nll), "nll": nll, "windows": n, "windows_available": total, "seq_len": seq_len,
-            "tokens": n * width, "bos": bos is not None}
+            "tokens": n * width, "bos": bos_token_id is not None}
 
 
 def _cache_of(out):

@@ -178,6 +178,42 @@ def test_cli_bos_model_dense_and_4bit(bos_model_dir, text_file, tmp_path, capsys
     assert results["gptq 4-bit"]["ppl"] == pytest.approx(results["dense"]["ppl"], rel=0.1)
 
 
+
+def test_training_windows_without_bos_are_drawn_as_before():
+    from llmsqueeze.pruning.finetune import batches
+
+    ids = torch.arange(2, 102)
+    got = next(batches(ids, 3, 16, torch.Generator().manual_seed(0)))
+    # no BOS (SmolLM2): the windows the fine-tuning loop drew before BOS was added
+    starts = torch.randint(0, ids.numel() - 16, (3,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, torch.stack([ids[s : s + 16] for s in starts.tolist()]))
+    with_bos = next(batches(ids, 3, 16, torch.Generator().manual_seed(0), bos_token_id=1))
+    assert with_bos.shape == (3, 16) and (with_bos[:, 0] == 1).all()
+    assert all(torch.equal(row[1:], torch.arange(row[1], row[1] + 15)) for row in with_bos)  # 15 consecutive text tokens
+
+
+@pytest.mark.parametrize("how", ["gradual", "finetune"])
+def test_cli_training_windows_start_with_bos(bos_model_dir, text_file, tmp_path, monkeypatch, how):
+    import llmsqueeze.pruning.finetune as ft
+
+    drawn = []
+    real = ft.random_windows
+    monkeypatch.setattr(ft, "random_windows", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    if how == "gradual":
+        cmd = ["prune", str(bos_model_dir), "--schedule", "gradual", "--method", "magnitude", "--sparsity", "0.5"]
+    else:
+        pruned = tmp_path / "pruned"
+        assert main(["prune", str(bos_model_dir), "--method", "magnitude", "--sparsity", "0.5", "--quiet",
+                     "--out", str(pruned)]) == 0
+        cmd = ["finetune", str(pruned)]
+    out = tmp_path / "out"
+    assert main([*cmd, "--data", str(text_file), "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--quiet",
+                 "--out", str(out)]) == 0
+    assert len(drawn) == 2  # one batch per step: BOS, then 31 text tokens (the window keeps its length)
+    assert all(b.shape == (2, 32) and (b[:, 0] == 1).all() and not (b[:, 1:] == 1).any() for b in drawn)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["method_args"]["finetune"]["bos_first"]
+
+
 # ============================================================ 3. sequence length vs positions
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):

@@ -4,7 +4,9 @@ exactly zero (MaskGuard), optionally distilling the dense model's next-token dis
     loss = (1 - a) * CE(student, next token) + a * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
 a = `distill_weight` when a teacher is given (0 without one). Batches are `batch_size` windows of
-`seq_len` tokens drawn at random (seeded) from the token ids of the training text. AdamW (betas 0.9,
+`seq_len` tokens drawn at random (seeded) from the token ids of the training text, each led by the BOS
+token where the tokenizer puts one first (`bos_token_id`, data.bos_token_id: Gemma, Llama 2/3), as
+calibration samples are (data.random_windows). AdamW (betas 0.9,
 0.95, no weight decay: decay would shrink the kept weights towards the pruned ones), a linear warm-up
 over the first 5 % of the steps then a cosine decay to 10 % of `lr`, gradients clipped at norm 1.
 The input embeddings (tied to the output head in many models) are not trained; everything else is.
@@ -24,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import LlmsqueezeError
+from ..data import random_windows
 from .training import MaskGuard
 
 
@@ -39,6 +42,7 @@ class FinetuneOptions:
     min_lr: float = 0.1  # the cosine ends at min_lr * lr
     grad_clip: float = 1.0
     seed: int = 0
+    bos_token_id: int | None = None  # data.bos_token_id(tokenizer): BOS + seq_len - 1 text tokens per window
 
     def check(self) -> "FinetuneOptions":
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 2:
@@ -73,11 +77,11 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * t * t
 
 
-def batches(ids: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
-    """An endless stream of [batch_size, seq_len] windows of ids [T] at random starts."""
+def batches(ids: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator, bos_token_id: int | None = None):
+    """An endless stream of [batch_size, seq_len] windows of ids [T] at random starts, led by
+    `bos_token_id` when given (data.random_windows)."""
     while True:
-        starts = torch.randint(0, ids.numel() - seq_len, (batch_size,), generator=generator)
-        yield torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+        yield random_windows(ids, batch_size, seq_len, bos_token_id, generator)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -113,7 +117,7 @@ def finetune(model: nn.Module, ids: torch.Tensor, options: FinetuneOptions, *,
     if pruner is not None:
         pruner.attach(opt)
     g = torch.Generator().manual_seed(options.seed)
-    stream = batches(ids, options.batch_size, options.seq_len, g)
+    stream = batches(ids, options.batch_size, options.seq_len, g, options.bos_token_id)
     a = options.distill_weight if teacher is not None else 0.0
     history, t0 = [], time.time()
     model.train()
