@@ -28,7 +28,7 @@ def run_one(model: str, calib: str, test: str, bits: int, group: int, sym: bool,
     import torch
 
     import llmsqueeze
-    from llmsqueeze.evaluate import peak_rss_mib, perplexity
+    from llmsqueeze.evaluate import model_bos_token_id, peak_rss_mib, perplexity
 
     torch.manual_seed(0)
     ids = torch.load(calib)
@@ -41,7 +41,8 @@ def run_one(model: str, calib: str, test: str, bits: int, group: int, sym: bool,
     load1 = os.getloadavg()
     args = m.config.quantization_config["method_args"]
     alphas = list(args["awq"]["alphas"].values())
-    ppl = perplexity(m, torch.load(test), windows=windows, progress=False)["ppl"]
+    bos = model_bos_token_id(model)  # BOS first in each window where the tokenizer puts it first
+    ppl = perplexity(m, torch.load(test), windows=windows, progress=False, bos_token_id=bos)["ppl"]
     return {"tool": f"llmsqueeze {llmsqueeze.__version__}", "method": method, "quantize_s": tq,
             "peak_rss_mib": peak_rss_mib(), "ppl": ppl, "loadavg_before": load0, "loadavg_after": load1,
             "threads": torch.get_num_threads(), "alpha_mean": sum(alphas) / len(alphas),

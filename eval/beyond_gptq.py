@@ -40,7 +40,7 @@ def run_one(model: str, calib: str, test: str, bits: int, group: int, sym: bool,
         torch.set_num_threads(threads)
 
     import llmsqueeze
-    from llmsqueeze.evaluate import peak_rss_mib, perplexity
+    from llmsqueeze.evaluate import model_bos_token_id, peak_rss_mib, perplexity
 
     sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
     from common import cpu_seconds  # eval/peers/common.py
@@ -55,7 +55,8 @@ def run_one(model: str, calib: str, test: str, bits: int, group: int, sym: bool,
     tq, cq = time.perf_counter() - t0, cpu_seconds() - c0
     load1 = os.getloadavg()
     rss = peak_rss_mib()
-    ppl = perplexity(model_, torch.load(test), windows=windows, progress=False)["ppl"]
+    bos = model_bos_token_id(model)  # BOS first in each window where the tokenizer puts it first
+    ppl = perplexity(model_, torch.load(test), windows=windows, progress=False, bos_token_id=bos)["ppl"]
     report = getattr(model_, "_llmsqueeze_report", None)
     blocks = [r for r in (report or []) if "block" in r]
     return {"tool": f"llmsqueeze {llmsqueeze.__version__}", "method": method, "options": opts,
@@ -67,8 +68,10 @@ def run_one(model: str, calib: str, test: str, bits: int, group: int, sym: bool,
 def peer_command(args, method: str, opts: dict, calib: str, test: str, bits: int, group: int,
                  sym: bool) -> list[str] | None:
     """The command line of a peer run in its own venv, or None for one of ours."""
+    from llmsqueeze.evaluate import bos_args
+
     here = Path(__file__).resolve().parent / "peers"
-    common = [args.model, calib, test, "--bits", str(bits), "--group-size", str(group), "--windows",
+    common = [args.model, calib, test, *bos_args(args.model), "--bits", str(bits), "--group-size", str(group), "--windows",
               str(args.windows), *(["--sym"] if sym else [])]
     threads = ["--threads", str(args.threads)] if args.threads else []
     if method == "peer-autoround":

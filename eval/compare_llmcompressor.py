@@ -36,7 +36,7 @@ def run_ours(model: str, calib: str, test: str, bits: int, group: int, sym: bool
     import torch
 
     import llmsqueeze
-    from llmsqueeze.evaluate import peak_rss_mib, perplexity
+    from llmsqueeze.evaluate import model_bos_token_id, peak_rss_mib, perplexity
 
     sys.path.insert(0, str(HERE / "peers"))
     from common import cpu_seconds  # eval/peers/common.py
@@ -49,7 +49,8 @@ def run_ours(model: str, calib: str, test: str, bits: int, group: int, sym: bool
     llmsqueeze.quantize(model_, scheme, data=ids, method="gptq", progress=False, **opts)
     tq, cq = time.perf_counter() - t0, cpu_seconds() - c0
     rss = peak_rss_mib()
-    ppl = perplexity(model_, torch.load(test), windows=windows, progress=False)["ppl"]
+    bos = model_bos_token_id(model)  # BOS first in each window where the tokenizer puts it first
+    ppl = perplexity(model_, torch.load(test), windows=windows, progress=False, bos_token_id=bos)["ppl"]
     return {"tool": f"llmsqueeze {llmsqueeze.__version__}", "options": opts, "quantize_s": tq, "quantize_cpu_s": cq,
             "peak_rss_mib": rss,
             "ppl": ppl}
@@ -79,7 +80,7 @@ def main() -> None:
         print(json.dumps(run_ours(model, calib, test, int(bits), int(group), sym == "1", json.loads(opts), args.windows)))
         return
 
-    from llmsqueeze.evaluate import protocol_files, run_json, write_results
+    from llmsqueeze.evaluate import bos_args, protocol_files, run_json, write_results
 
     schemes = SCHEMES
     if args.schemes:
@@ -98,7 +99,7 @@ def main() -> None:
                        str(bits), str(group), "1" if sym else "0", json.dumps(opts)]
                 runs.append((label, cmd))
             if not args.skip_peer:
-                cmd = [args.llmc_python, str(HERE / "peers" / "llmcompressor_gptq.py"), args.model, calib, test,
+                cmd = [args.llmc_python, str(HERE / "peers" / "llmcompressor_gptq.py"), args.model, calib, test, *bos_args(args.model),
                        "--bits", str(bits), "--group-size", str(group), "--windows", str(args.windows)]
                 label = "llm-compressor gptq (defaults: actorder static)"
                 if args.llmc_bypass_divisibility:

@@ -41,7 +41,7 @@ def run_ours(model: str, calib: str, test: str, case: str, opts: dict, windows: 
     import torch
 
     import llmsqueeze
-    from llmsqueeze.evaluate import peak_rss_mib, perplexity
+    from llmsqueeze.evaluate import model_bos_token_id, peak_rss_mib, perplexity
     from llmsqueeze.pruning.masks import sparsity_of
 
     method, target, bits = parse_case(case)
@@ -59,7 +59,8 @@ def run_ours(model: str, calib: str, test: str, case: str, opts: dict, windows: 
     ws = [model_.get_submodule(n) for n in layers]
     ws = [m.dequantize_weight() if hasattr(m, "dequantize_weight") else m.weight for m in ws]
     measured = sum(sparsity_of(w) * w.numel() for w in ws) / sum(w.numel() for w in ws)
-    ppl = perplexity(model_, torch.load(test), windows=windows, progress=False)["ppl"]
+    bos = model_bos_token_id(model)  # BOS first in each window where the tokenizer puts it first
+    ppl = perplexity(model_, torch.load(test), windows=windows, progress=False, bos_token_id=bos)["ppl"]
     return {"tool": f"llmsqueeze {llmsqueeze.__version__}", "options": opts, "prune_s": tp, "peak_rss_mib": rss,
             "measured_sparsity": measured, "ppl": ppl}
 
@@ -82,7 +83,7 @@ def main() -> None:
         print(json.dumps(run_ours(model, calib, test, case, json.loads(opts), args.windows)))
         return
 
-    from llmsqueeze.evaluate import protocol_files, run_json, write_results
+    from llmsqueeze.evaluate import bos_args, protocol_files, run_json, write_results
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,7 +93,7 @@ def main() -> None:
             runs = [(f"llmsqueeze {method}", [sys.executable, __file__, "--windows", str(args.windows), "--one",
                                               args.model, calib, test, case, args.opts])]
             if not args.skip_peer and method in PEERS and bits is None:
-                cmd = [args.llmc_python, str(HERE / "peers" / "llmcompressor_prune.py"), args.model, calib, test,
+                cmd = [args.llmc_python, str(HERE / "peers" / "llmcompressor_prune.py"), args.model, calib, test, *bos_args(args.model),
                        "--method", method, "--windows", str(args.windows)]
                 cmd += ["--pattern", target["pattern"]] if "pattern" in target else ["--sparsity", str(target["sparsity"])]
                 runs.append((f"llm-compressor {method}", cmd))

@@ -40,7 +40,7 @@ def run_ours(model: str, calib: str, test: str, act: str, smooth: bool, method: 
     import torch
 
     import llmsqueeze
-    from llmsqueeze.evaluate import peak_rss_mib, perplexity
+    from llmsqueeze.evaluate import model_bos_token_id, peak_rss_mib, perplexity
 
     sys.path.insert(0, str(HERE / "peers"))
     from common import cpu_seconds  # eval/peers/common.py
@@ -53,7 +53,8 @@ def run_ours(model: str, calib: str, test: str, act: str, smooth: bool, method: 
         llmsqueeze.quantize(model_, scheme, data=torch.load(calib), method=method, progress=False)
         res.update(quantize_s=time.perf_counter() - t0, quantize_cpu_s=cpu_seconds() - c0, peak_rss_mib=peak_rss_mib(),
                    scheme=scheme.to_dict())
-    res["ppl"] = perplexity(model_, torch.load(test), windows=windows, progress=False)["ppl"]
+    bos = model_bos_token_id(model)  # BOS first in each window where the tokenizer puts it first
+    res["ppl"] = perplexity(model_, torch.load(test), windows=windows, progress=False, bos_token_id=bos)["ppl"]
     return res
 
 
@@ -80,7 +81,7 @@ def main() -> None:
         print(json.dumps(run_ours(model, calib, test, act, smooth == "1", method, args.windows)))
         return
 
-    from llmsqueeze.evaluate import protocol_files, run_json, write_results
+    from llmsqueeze.evaluate import bos_args, protocol_files, run_json, write_results
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,7 +93,7 @@ def main() -> None:
             if not args.skip_ours:
                 plan.append((label, "llmsqueeze", ours + [act, "1" if smooth else "0", method]))
             for observer in ([] if args.skip_peer else args.llmc_act_observer if act == "static" else [None]):
-                peer = [args.llmc_python, str(HERE / "peers" / "llmcompressor_w8a8.py"), args.model, calib, test,
+                peer = [args.llmc_python, str(HERE / "peers" / "llmcompressor_w8a8.py"), args.model, calib, test, *bos_args(args.model),
                         "--act", act, "--method", method, "--windows", str(args.windows),
                         "--smoothing-strength", str(args.smoothing_strength if smooth else -1)]
                 tool = "llm-compressor" + (f" (observer {observer})" if observer else "")

@@ -76,7 +76,7 @@ def run_ours(model: str, calib: str, test: str, test2: str, what: str, windows: 
     import torch
 
     import llmsqueeze
-    from llmsqueeze.evaluate import peak_rss_mib, perplexity
+    from llmsqueeze.evaluate import model_bos_token_id, peak_rss_mib, perplexity
 
     sys.path.insert(0, str(HERE / "peers"))
     from common import cpu_seconds  # eval/peers/common.py
@@ -99,8 +99,9 @@ def run_ours(model: str, calib: str, test: str, test2: str, what: str, windows: 
         res["bits_per_weight"] = bits_per_weight(m)
     else:
         res["bits_per_weight"] = 32.0
-    res["ppl"] = perplexity(m, torch.load(test), windows=windows, progress=False)["ppl"]
-    res["ppl_test2"] = perplexity(m, torch.load(test2), windows=windows, progress=False)["ppl"]
+    bos = model_bos_token_id(model)  # BOS first in each window where the tokenizer puts it first
+    res["ppl"] = perplexity(m, torch.load(test), windows=windows, progress=False, bos_token_id=bos)["ppl"]
+    res["ppl_test2"] = perplexity(m, torch.load(test2), windows=windows, progress=False, bos_token_id=bos)["ppl"]
     return res
 
 
@@ -159,7 +160,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from llmsqueeze.evaluate import protocol_files, run_json, tokenize_text, write_results
+    from llmsqueeze.evaluate import bos_args, protocol_files, run_json, tokenize_text, write_results
 
     out = Path(args.out)
     done = {r["row"]: r for r in json.loads(out.read_text())["results"]} if out.exists() else {}
@@ -177,7 +178,7 @@ def main() -> None:
                        what]
             else:
                 preset, method = what.split("/")
-                cmd = [args.llmc_python, str(HERE / "peers" / "llmcompressor_float.py"), args.model, calib, test,
+                cmd = [args.llmc_python, str(HERE / "peers" / "llmcompressor_float.py"), args.model, calib, test, *bos_args(args.model),
                        "--test2", test2, "--preset", preset, "--method", method, "--windows", str(args.windows)]
             res = {"row": row, "tool_name": tool, **run_json(cmd)}
             if tool == "llm-compressor" and "ppl" in res:  # the same layout as our row of that format

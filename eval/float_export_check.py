@@ -28,7 +28,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import llmsqueeze
-    from llmsqueeze.data import calibration_batches
+    from llmsqueeze.data import bos_token_id, calibration_batches
     from llmsqueeze.evaluate import add_protocol_args, load_eval_text, perplexity, tokenize_text, write_results
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,6 +39,7 @@ def main() -> int:
     args = ap.parse_args()
     tok = AutoTokenizer.from_pretrained(args.model)
     test = tokenize_text(tok, load_eval_text(args.test))
+    bos = bos_token_id(tok)  # BOS first in each window where the tokenizer puts it first
     calib = calibration_batches(tok, args.calib, 16, args.seq_len, seed=0)
     rows = []
     for fmt in args.formats:
@@ -52,10 +53,10 @@ def main() -> int:
             del model
             out = llmsqueeze.export(src, "compressed-tensors", f"{tmp}/ct")
             ours = llmsqueeze.from_pretrained(src, dtype=dtype)
-            p_ours = perplexity(ours, test, windows=args.windows, progress=False)["ppl"]
+            p_ours = perplexity(ours, test, windows=args.windows, progress=False, bos_token_id=bos)["ppl"]
             del ours
             theirs = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
-            p_theirs = perplexity(theirs, test, windows=args.windows, progress=False)["ppl"]
+            p_theirs = perplexity(theirs, test, windows=args.windows, progress=False, bos_token_id=bos)["ppl"]
             del theirs
         row = {"format": fmt, "dtype": str(dtype).removeprefix("torch."), "ppl_llmsqueeze": p_ours,
                "ppl_transformers_compressed_tensors": p_theirs, "rel_diff_pct": 100 * (p_theirs / p_ours - 1),

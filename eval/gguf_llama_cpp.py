@@ -149,15 +149,17 @@ def transformers_check(t: str, method: str, windows: int = 8) -> dict:
 
     import llmsqueeze
     from llmsqueeze.evaluate import perplexity as ppl
+    from llmsqueeze.data import bos_token_id
     from llmsqueeze.evaluate import tokenize_text
 
     f = WORK / f"{t}-{method}.gguf"
-    ids = tokenize_text(AutoTokenizer.from_pretrained(MODEL), (SHARED / "data/wikitext-2/test.txt").read_text())
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    ids, bos = tokenize_text(tok, (SHARED / "data/wikitext-2/test.txt").read_text()), bos_token_id(tok)
     ours_model = llmsqueeze.from_pretrained(f.with_suffix(""), dtype=torch.float32)
-    a = ppl(ours_model, ids, windows=windows, progress=False)["ppl"]
+    a = ppl(ours_model, ids, windows=windows, progress=False, bos_token_id=bos)["ppl"]
     del ours_model
     tf_model = AutoModelForCausalLM.from_pretrained(f.parent, gguf_file=f.name, dtype=torch.float32).eval()
-    b = ppl(tf_model, ids, windows=windows, progress=False)["ppl"]
+    b = ppl(tf_model, ids, windows=windows, progress=False, bos_token_id=bos)["ppl"]
     return {"llmsqueeze_checkpoint": round(a, 4), "transformers_gguf_file": round(b, 4),
             "relative": round(b / a - 1, 5), "windows": windows}
 

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoTokenizer
 
 import llmsqueeze
+from llmsqueeze.data import bos_token_id
 from llmsqueeze.evaluate import load_eval_text, perplexity, tokenize_text, write_results
 from llmsqueeze.nn import LUTLinear, QuantLinear
 
@@ -52,6 +53,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     ids = tokenize_text(tok, load_eval_text(args.data))
+    bos = bos_token_id(tok)  # BOS first in each window where the tokenizer puts it first
     calib = None
     rows = []
     for cfg in args.configs:
@@ -70,7 +72,7 @@ def main() -> None:
         llmsqueeze.quantize(model, scheme, data=data, method=method, progress=False)
         tq = time.perf_counter() - t0
         t1 = time.perf_counter()
-        res = perplexity(model, ids, windows=windows, progress=False)
+        res = perplexity(model, ids, windows=windows, progress=False, bos_token_id=bos)
         te = time.perf_counter() - t1
         row = {"config": cfg, "method": method, "grid": grid, "bits": int(bits), "group_size": int(group),
                "scheme": model.config.quantization_config["scheme"], "ppl": res["ppl"], "windows": res["windows"],

@@ -26,6 +26,7 @@ import torch
 from transformers import AutoTokenizer
 
 import llmsqueeze
+from llmsqueeze.data import bos_token_id
 from llmsqueeze.evaluate import load_eval_text, perplexity, tokenize_text, write_results
 
 
@@ -53,6 +54,7 @@ def main() -> None:
     work = Path(args.workdir or tmp.name)
     tok = AutoTokenizer.from_pretrained(args.src or args.model)
     ids = tokenize_text(tok, load_eval_text(args.data))
+    bos = bos_token_id(tok)  # BOS first in each window where the tokenizer puts it first
 
     if args.src:
         src = Path(args.src).expanduser()
@@ -92,7 +94,7 @@ def main() -> None:
         model = load(path).eval()
         t_load = time.perf_counter() - t0
         with torch.no_grad():
-            res = perplexity(model, ids, windows=windows, progress=False)
+            res = perplexity(model, ids, windows=windows, progress=False, bos_token_id=bos)
         rows.append({"checkpoint": checkpoint, "loader": loader, "ppl": res["ppl"], "nll": res["nll"],
                      "windows": res["windows"], "weights_bytes": weights_bytes(path), "load_s": t_load})
         print(f"{checkpoint:42s} {loader:50s} ppl {res['ppl']:.4f}  (load {t_load:.1f} s, "

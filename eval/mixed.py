@@ -20,7 +20,14 @@ import time
 import torch
 
 import llmsqueeze
-from llmsqueeze.evaluate import add_protocol_args, peak_rss_mib, perplexity, protocol_data, write_results
+from llmsqueeze.evaluate import (
+    add_protocol_args,
+    model_bos_token_id,
+    peak_rss_mib,
+    perplexity,
+    protocol_data,
+    write_results,
+)
 from llmsqueeze.mixed import layer_bits_cost, measure_sensitivity
 from llmsqueeze.models import quantizable_modules
 
@@ -64,6 +71,7 @@ def main() -> None:
 
     t_start = time.perf_counter()
     calib, test, protocol = protocol_data(args)
+    bos = model_bos_token_id(args.model)  # BOS first in each window where the tokenizer puts it first
     base = llmsqueeze.QuantScheme(bits=4, group_size=args.group_size)
     protocol += f"; group {args.group_size} asym"
 
@@ -93,7 +101,7 @@ def main() -> None:
         tq = time.perf_counter() - t0
         qc = model.config.quantization_config
         hist = getattr(model, "_llmsqueeze_mixed", {}).get("histogram", {str(bits): len(names)})
-        ppl = perplexity(model, test, windows=args.windows, progress=False)["ppl"]
+        ppl = perplexity(model, test, windows=args.windows, progress=False, bos_token_id=bos)["ppl"]
         row = {"method": method, "budget": budget, "uniform_bits": bits, "bits_per_weight": stored_bits(model, qc),
                "histogram": hist, "ppl": ppl, "quantize_s": tq, "peak_rss_mib": peak_rss_mib(),
                "loadavg": os.getloadavg(), "earlier_ppl": EARLIER.get((method, bits))}

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoTokenizer
 
 import llmsqueeze
+from llmsqueeze.data import bos_token_id
 from llmsqueeze.evaluate import load_eval_text, perplexity, tokenize_text, write_results
 
 # Measured with this protocol by an implementation independent of the project (shared/README.md).
@@ -46,6 +47,7 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     ids = tokenize_text(tok, load_eval_text(args.data))
+    bos = bos_token_id(tok)  # BOS first in each window where the tokenizer puts it first
     rows = []
 
     def run(label: str, cfg: dict | None) -> None:
@@ -54,7 +56,7 @@ def main() -> None:
         if cfg is not None:
             llmsqueeze.quantize(model, llmsqueeze.QuantScheme(**cfg), progress=False)
         tq = time.perf_counter() - t0
-        res = perplexity(model, ids, windows=windows, progress=False)
+        res = perplexity(model, ids, windows=windows, progress=False, bos_token_id=bos)
         key = "dense" if cfg is None else (cfg["bits"], cfg["group_size"], cfg["sym"])
         ref = REFERENCE.get(key) if cfg is None or not cfg.get("clip_search") else None
         row = {"config": label, **(cfg or {}), "ppl": res["ppl"], "windows": res["windows"],

@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from llmsqueeze.evaluate import environment, load_eval_text, perplexity, tokenize_text  # noqa: E402
+from llmsqueeze.evaluate import environment, load_eval_text, model_bos_token_id, perplexity, tokenize_text  # noqa: E402
 
 MODEL = Path("~/.cache/llmsqueeze/smollm2-135m").expanduser()
 DATA = ROOT / ".." / "shared" / "data" / "wikitext-2"
@@ -116,7 +116,8 @@ def llm_row(name: str, args, tok, texts: dict) -> dict:
         row.update(pattern_check(model, target))
     model.eval()
     for label, ids in texts.items():
-        row[f"ppl {label}"] = round(perplexity(model, ids, 2048, args.windows, progress=False)["ppl"], 3)
+        row[f"ppl {label}"] = round(perplexity(model, ids, 2048, args.windows, progress=False,
+                                                        bos_token_id=model_bos_token_id(MODEL))["ppl"], 3)
     return row
 
 

@@ -38,13 +38,14 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import llmsqueeze
-    from llmsqueeze.data import calibration_batches
+    from llmsqueeze.data import bos_token_id, calibration_batches
     from llmsqueeze.evaluate import load_eval_text, perplexity, tokenize_text, write_results
     from llmsqueeze.pruning.structured import prune_mlp_channels
 
     torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.model)
     test = tokenize_text(tok, load_eval_text(args.test))
+    bos = bos_token_id(tok)  # BOS first in each window where the tokenizer puts it first
     calib = calibration_batches(tok, args.calib, args.n_samples, args.seq_len, seed=0) if "activation" in args.score else None
     prompt = torch.randint(0, tok.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
 
@@ -62,7 +63,7 @@ def main() -> None:
 
     def measure(label: str, score: str | None, removed: float, model) -> dict:
         params = sum(p.numel() for p in model.parameters())
-        ppl = perplexity(model, test, windows=args.windows, progress=False)["ppl"]
+        ppl = perplexity(model, test, windows=args.windows, progress=False, bos_token_id=bos)["ppl"]
         row = {"label": label, "score": score, "removed": removed, "intermediate_size": model.config.intermediate_size,
                "params": params, "ppl": ppl, "prefill_s": prefill_s(model)}
         print(f"{label:24s} I={row['intermediate_size']:5d} params {params / 1e6:7.2f} M  ppl {ppl:8.2f}  "

@@ -206,11 +206,12 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import llmsqueeze
-    from llmsqueeze.data import calibration_batches
+    from llmsqueeze.data import bos_token_id, calibration_batches
     from llmsqueeze.evaluate import load_eval_text, perplexity, tokenize_text
 
     tok = AutoTokenizer.from_pretrained(args.model)
     ids = tokenize_text(tok, load_eval_text(args.data))
+    bos = bos_token_id(tok)  # BOS first in each window where the tokenizer puts it first
     calib = calibration_batches(tok, args.calib, args.n_samples, args.seq_len, seed=0)
     windows = args.windows or None
     configs = [CONFIGS[i] for i in args.configs] if args.configs else CONFIGS
@@ -224,7 +225,7 @@ def main() -> None:
             llmsqueeze.quantize(model, llmsqueeze.W8A8Scheme(**kw), data=calib, method=method, progress=False,
                                 search_batches=args.search_batches)
         tq = time.perf_counter() - t0
-        res = perplexity(model, ids, windows=windows, progress=False)
+        res = perplexity(model, ids, windows=windows, progress=False, bos_token_id=bos)
         if kw is None:
             dense = res["ppl"]
         qc = getattr(model.config, "quantization_config", None) or {}

@@ -184,18 +184,37 @@ def add_protocol_args(ap) -> None:
     ap.add_argument("--windows", type=int, default=8)
 
 
-def protocol_data(args) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """-> (calibration token ids [n_samples, seq_len] drawn with seed 0, the test text's token ids,
-    the protocol in words for the results JSON), from add_protocol_args' options."""
+def model_bos_token_id(model: str | os.PathLike) -> int | None:
+    """data.bos_token_id of the tokenizer saved with `model` (a dir or hub id): what an eval/ script
+    holding only the model's path and torch-saved token ids (a child run) passes to perplexity."""
     from transformers import AutoTokenizer
 
-    from .data import calibration_batches
+    from .data import bos_token_id
+
+    return bos_token_id(AutoTokenizer.from_pretrained(os.path.expanduser(str(model))))
+
+
+def bos_args(model: str | os.PathLike) -> list[str]:
+    """The peer scripts' `--bos ID` (eval/peers/common.py) for `model`'s tokenizer, [] where it puts no
+    BOS first: the peers, which run without llmsqueeze, then cut perplexity windows as perplexity() does."""
+    bos = model_bos_token_id(model)
+    return [] if bos is None else ["--bos", str(bos)]
+
+
+def protocol_data(args) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """-> (calibration token ids [n_samples, seq_len] drawn with seed 0, the test text's token ids,
+    the protocol in words for the results JSON), from add_protocol_args' options. Both follow the
+    tokenizer's BOS (data.bos_token_id); perplexity's callers pass model_bos_token_id(args.model)."""
+    from transformers import AutoTokenizer
+
+    from .data import bos_token_id, calibration_batches
 
     tok = AutoTokenizer.from_pretrained(args.model)
     calib = calibration_batches(tok, args.calib, args.n_samples, args.seq_len, seed=0)
     test = tokenize_text(tok, load_eval_text(args.test))
-    protocol = (f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0) of {args.calib}; perplexity on "
-                f"{args.test}, 2048-token windows, first {args.windows}, float32 CPU")
+    bos = ", BOS first" if bos_token_id(tok) is not None else ""
+    protocol = (f"calibration {args.n_samples}x{args.seq_len} tokens (seed 0{bos}) of {args.calib}; perplexity on "
+                f"{args.test}, 2048-token windows{bos}, first {args.windows}, float32 CPU")
     return calib, test, protocol
 
 

@@ -6,6 +6,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,6 +213,52 @@ def test_cli_training_windows_start_with_bos(bos_model_dir, text_file, tmp_path,
     assert len(drawn) == 2  # one batch per step: BOS, then 31 text tokens (the window keeps its length)
     assert all(b.shape == (2, 32) and (b[:, 0] == 1).all() and not (b[:, 1:] == 1).any() for b in drawn)
     assert json.loads((out / "config.json").read_text())["quantization_config"]["method_args"]["finetune"]["bos_first"]
+
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_eval_script_scores_a_bos_model_by_the_protocol(bos_model_dir, tiny_model_dir, tmp_path, monkeypatch, bos):
+    """eval/grids.py (as every eval/ script that measures perplexity) passes the tokenizer's BOS, so a
+    BOS model given with --model gets BOS-led windows; a tokenizer without one (SmolLM2) gets none."""
+    import runpy
+
+    import llmsqueeze.evaluate as ev
+
+    calls = []
+    real = ev.perplexity
+    monkeypatch.setattr(ev, "perplexity", lambda *a, **k: calls.append(k) or real(*a, **k))
+    text = tmp_path / "long.txt"
+    text.write_text("\n\n".join([TEXT] * 2))  # 6,000 tokens: two windows of 2048
+    model = bos_model_dir if bos else tiny_model_dir
+    monkeypatch.setattr(sys, "argv", ["grids.py", "--model", str(model), "--data", str(text), "--windows", "2",
+                                      "--configs", "rtn:uniform:4:32", "--out", str(tmp_path / "grids.json")])
+    runpy.run_path(str(ROOT / "eval" / "grids.py"), run_name="__main__")
+    assert [c["bos_token_id"] for c in calls] == [1 if bos else None]
+    row = json.loads((tmp_path / "grids.json").read_text())["results"][0]
+    assert row["windows"] == 2 and 10 < row["ppl"] < 200  # a random model: near the vocabulary size (64)
+
+
+def test_children_and_peers_cut_the_windows_perplexity_cuts(bos_model_dir, tiny_model_dir):
+    """The eval/ child runs (torch-saved ids, the model's path) find the BOS from the model's tokenizer;
+    the peer scripts, which run without llmsqueeze, get it as --bos and cut the same windows."""
+    from llmsqueeze.evaluate import bos_args, model_bos_token_id
+
+    assert model_bos_token_id(bos_model_dir) == 1 and model_bos_token_id(tiny_model_dir) is None
+    assert bos_args(bos_model_dir) == ["--bos", "1"] and bos_args(tiny_model_dir) == []
+    sys.path.insert(0, str(ROOT / "eval" / "peers"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(ROOT / "eval" / "peers"))
+    model = tiny_llama().eval()
+    ids = tokenize_text(bos_tokenizer(), TEXT)
+    for bos in (1, None):
+        ours = perplexity(model, ids, seq_len=64, windows=3, progress=False, bos_token_id=bos)["ppl"]
+        assert common.perplexity(model, ids, seq_len=64, windows=3, bos=bos) == pytest.approx(ours, rel=1e-6)
+    assert common.peer_parser().parse_args(["m", "c", "t", *bos_args(bos_model_dir)]).bos == 1
 
 
 # ============================================================ 3. sequence length vs positions

@@ -48,7 +48,7 @@ def main():
     if not timed(result, run):
         return
     model = ar.model if getattr(ar, "model", None) is not None else model
-    result["ppl"] = perplexity(model.float().eval(), test, windows=args.windows)
+    result["ppl"] = perplexity(model.float().eval(), test, windows=args.windows, bos=args.bos)
     print(json.dumps(result))
 
 

@@ -13,13 +13,15 @@ import torch.nn.functional as F
 
 
 def peer_parser() -> argparse.ArgumentParser:
-    """The arguments every peer script takes: MODEL CALIB.pt TEST.pt, --windows (perplexity windows)
-    and --threads (0: torch's default)."""
+    """The arguments every peer script takes: MODEL CALIB.pt TEST.pt, --windows (perplexity windows),
+    --bos (the BOS token id that leads each window, where the model's tokenizer puts one first:
+    llmsqueeze.evaluate.bos_args) and --threads (0: torch's default)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("calib")
     ap.add_argument("test")
     ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 2048 tokens (the pruning peer: 0 skips it)")
+    ap.add_argument("--bos", type=int, default=None, help="BOS token id first in each perplexity window")
     ap.add_argument("--threads", type=int, default=0)
     return ap
 
@@ -36,10 +38,14 @@ def load_inputs(args):
 
 
 @torch.no_grad()
-def perplexity(model, ids, seq_len=2048, windows=8):
+def perplexity(model, ids, seq_len=2048, windows=8, bos=None):
+    """llmsqueeze.evaluate.perplexity's windows of ids [T], which this venv cannot import: seq_len text
+    tokens each, or the BOS id `bos` and seq_len - 1 text tokens."""
+    width = seq_len - (bos is not None)
     nlls = []
-    for i in range(min(windows, ids.numel() // seq_len)):
-        x = ids[i * seq_len : (i + 1) * seq_len].view(1, -1)
+    for i in range(min(windows, ids.numel() // width)):
+        x = ids[i * width : (i + 1) * width]
+        x = (x if bos is None else torch.cat([torch.tensor([bos], dtype=x.dtype), x])).view(1, -1)
         logits = model(x, use_cache=False).logits.float()
         nlls.append(F.cross_entropy(logits[0, :-1], x[0, 1:]).item())
     return math.exp(sum(nlls) / len(nlls))

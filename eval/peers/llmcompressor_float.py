@@ -95,9 +95,9 @@ def main():
                                          f"quantized in a forward, {len(quantized)} Linears"))
         return
     try:
-        result["ppl"] = perplexity(model, test, windows=args.windows)
+        result["ppl"] = perplexity(model, test, windows=args.windows, bos=args.bos)
         if test2 is not None:
-            result["ppl_test2"] = perplexity(model, test2, windows=args.windows)
+            result["ppl_test2"] = perplexity(model, test2, windows=args.windows, bos=args.bos)
     except Exception as e:
         print_error(result, e)
         return

@@ -33,7 +33,7 @@ def main():
               "bypass_divisibility_checks": args.bypass_divisibility}
     if not oneshot_timed(result, model, calib, recipe):
         return
-    result["ppl"] = perplexity(model, test, windows=args.windows)
+    result["ppl"] = perplexity(model, test, windows=args.windows, bos=args.bos)
     print(json.dumps(result))
 
 

@@ -77,7 +77,7 @@ def main():
                  if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
         torch.save({"ids": torch.cat(seen) if seen else None, "masks": masks, "row_scalars": row_scalars}, args.save)
     if args.windows:
-        result["ppl"] = perplexity(model, test, windows=args.windows)
+        result["ppl"] = perplexity(model, test, windows=args.windows, bos=args.bos)
     print(json.dumps(result))
 
 

@@ -74,7 +74,7 @@ def main():
     if calls.count("input") != len(quantized):
         print_error(result, RuntimeError(f"{calls.count('input')} inputs quantized in a forward, {len(quantized)} Linears"))
         return
-    result["ppl"] = perplexity(model, test, windows=args.windows)
+    result["ppl"] = perplexity(model, test, windows=args.windows, bos=args.bos)
     print(json.dumps(result))
 
 
