@@ -217,46 +217,38 @@ def _seq_len_for(model: str, seq_len: int, what: str = "--seq-len") -> int:
 
 def _model_tokenizer_data(args, calib_texts):
     """-> (dense model, tokenizer or None, calibration token ids or None when calib_texts is None)."""
-    from transformers import AutoTokenizer
-
     from .api import load_dense
 
-    model = load_dense(args.model, _torch_dtype(args.dtype))
-    try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(args.model))
-    except Exception:
-        logging.getLogger("llmsqueeze").warning("no tokenizer found beside %s; saving the model without one", args.model)
-        tok = None
-    data = None
-    if calib_texts is not None:
-        from .data import calibration_batches
+    model = load_dense(args.model, _torch_dtype(args.dtype))  # a bad model is the error, before the tokenizer
+    return (model, *_tokenizer_and_data(args, os.path.expanduser(args.model), calib_texts))
 
-        if tok is None:
-            raise LlmsqueezeError(f"{args.model} has no tokenizer to read --calib with; save one beside the model")
-        data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed, name=args.calib)
-    return model, tok, data
+
+def _tokenizer_and_data(args, model_dir: str, calib_texts):
+    """-> (the tokenizer beside the model, or None with a warning; the calibration token ids of
+    calib_texts, BOS first where the tokenizer puts it first, or None when calib_texts is None)."""
+    from transformers import AutoTokenizer
+
+    from .data import calibration_batches
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+    except Exception:
+        if calib_texts is not None:  # the one line, without a warning about saving that will not happen
+            raise LlmsqueezeError(f"{args.model} has no tokenizer to read --calib with; save one beside the model") from None
+        logging.getLogger("llmsqueeze").warning("no tokenizer found beside %s; saving the model without one", args.model)
+        return None, None
+    if calib_texts is None:
+        return tok, None
+    return tok, calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed, name=args.calib)
 
 
 def _quantize_lazy(args, scheme, model_dir, calib_texts) -> int:
     """quantize, block by block from the shards into the output dir (resumable)."""
-    from transformers import AutoTokenizer
-
     from .lazy import dense_config
     from .pipeline import quantize_lazy
 
     dense_config(str(model_dir))  # a bad config.json is the error, before the tokenizer is looked for
-    try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception:
-        logging.getLogger("llmsqueeze").warning("no tokenizer found beside %s; saving the model without one", args.model)
-        tok = None
-    data = None
-    if calib_texts is not None:
-        from .data import calibration_batches
-
-        if tok is None:
-            raise LlmsqueezeError(f"{args.model} has no tokenizer to read --calib with; save one beside the model")
-        data = calibration_batches(tok, calib_texts, args.n_samples, args.seq_len, args.seed, name=args.calib)
+    tok, data = _tokenizer_and_data(args, str(model_dir), calib_texts)
     out, stats = quantize_lazy(
         str(model_dir), args.out, scheme, data=data, method=args.method, tokenizer=tok, dtype=_torch_dtype(args.dtype),
         resume=args.resume, overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device,

@@ -358,6 +358,20 @@ def test_corrupt_dense_config_is_the_only_line(model_copy, tmp_path, capsys, cap
     assert not (tmp_path / "q").exists()
 
 
+
+def test_calibrating_a_model_without_tokenizer_is_the_only_line(model_copy, text_file, tmp_path, capsys, caplog):
+    for f in model_copy.iterdir():  # the dense model alone, no tokenizer beside it
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            f.unlink()
+    for lazy in ("--lazy", "--no-lazy"):
+        with caplog.at_level(logging.WARNING, logger="llmsqueeze"):
+            assert main(["quantize", str(model_copy), lazy, "--method", "gptq", "--bits", "4", "--group-size", "32",
+                         "--calib", str(text_file), "--n-samples", "2", "--seq-len", "32", "--out", str(tmp_path / "q")]) == 2
+        _one_line_error(capsys, "has no tokenizer to read --calib with; save one beside the model")
+        assert "saving the model without one" not in caplog.text  # no warning about a save that will not happen
+    assert not (tmp_path / "q").exists()
+
+
 def test_tampered_checkpoint_through_transformers_names_its_path(model_copy, tmp_path):
     q = tmp_path / "q4"
     assert main(["quantize", str(model_copy), "--bits", "4", "--group-size", "32", "--out", str(q)]) == 0
