@@ -28,7 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
-from llmsqueeze.evaluate import environment, load_eval_text, model_bos_token_id, perplexity, tokenize_text  # noqa: E402
+from llmsqueeze.data import bos_token_id  # noqa: E402
+from llmsqueeze.evaluate import environment, load_eval_text, perplexity, tokenize_text  # noqa: E402
 
 MODEL = Path("~/.cache/llmsqueeze/smollm2-135m").expanduser()
 DATA = ROOT / ".." / "shared" / "data" / "wikitext-2"
@@ -87,16 +88,19 @@ def llm_row(name: str, args, tok, texts: dict) -> dict:
     start, how, target, steps_key, distill = LLM_ROWS[name]
     steps = getattr(args, steps_key) if steps_key else 0
     train_ids = tokenize_text(tok, (DATA / "valid.txt").read_text())
+    bos = bos_token_id(tok)  # BOS first in each training and perplexity window where the tokenizer puts it first
     teacher = load_dense(str(MODEL), torch.float32).eval() if distill else None
     row = {"row": name, "steps": steps, "tokens": steps * args.batch_size * args.seq_len, "lr": args.lr,
            "batch_size": args.batch_size, "seq_len": args.seq_len, "distill": distill}
-    common = dict(lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, seed=0, progress=not args.quiet)
+    common = dict(lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, seed=0, bos_token_id=bos,
+                  progress=not args.quiet)
     t0 = time.time()
     if start == "dense":
         model = load_dense(str(MODEL), torch.float32)
         if how == "ft":
             hist = finetune(model, train_ids, FinetuneOptions(steps=steps, lr=args.lr, batch_size=args.batch_size,
-                                                              seq_len=args.seq_len), progress=not args.quiet)
+                                                              seq_len=args.seq_len, bos_token_id=bos),
+                            progress=not args.quiet)
         elif how and how.startswith("gradual"):
             hist = prune_during_finetune(model, train_ids, target, None, steps, score=how.split("-")[1],
                                          end=args.prune_end, **common)
@@ -116,8 +120,7 @@ def llm_row(name: str, args, tok, texts: dict) -> dict:
         row.update(pattern_check(model, target))
     model.eval()
     for label, ids in texts.items():
-        row[f"ppl {label}"] = round(perplexity(model, ids, 2048, args.windows, progress=False,
-                                                        bos_token_id=model_bos_token_id(MODEL))["ppl"], 3)
+        row[f"ppl {label}"] = round(perplexity(model, ids, 2048, args.windows, progress=False, bos_token_id=bos)["ppl"], 3)
     return row
 
 

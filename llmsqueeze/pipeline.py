@@ -379,7 +379,7 @@ def _finetune_args(options, teacher, history: list[dict]) -> dict:
     return {"steps": options.steps, "lr": options.lr, "batch_size": options.batch_size, "seq_len": options.seq_len,
             "tokens": options.steps * options.batch_size * options.seq_len, "seed": options.seed,
             "distill_weight": options.distill_weight if teacher is not None else 0.0,
-            "temperature": options.temperature, "bos_first": options.bos_token_id is not None,
+            "temperature": options.temperature, "bos": options.bos_token_id is not None,
             "final_loss": history[-1]["loss"] if history else None}
 
 

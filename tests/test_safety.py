@@ -212,7 +212,7 @@ def test_cli_training_windows_start_with_bos(bos_model_dir, text_file, tmp_path,
                  "--out", str(out)]) == 0
     assert len(drawn) == 2  # one batch per step: BOS, then 31 text tokens (the window keeps its length)
     assert all(b.shape == (2, 32) and (b[:, 0] == 1).all() and not (b[:, 1:] == 1).any() for b in drawn)
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["method_args"]["finetune"]["bos_first"]
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["method_args"]["finetune"]["bos"]
 
 
 
