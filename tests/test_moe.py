@@ -1,0 +1,265 @@
+"""Mixtures of experts: tiny random Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss and DeepSeek-V3 models built
+from their transformers 5 configs. Every expert matrix is split out of the fused 3-D experts (and
+back, exactly), quantized, saved per expert, loaded back by both loaders with the same logits; the
+CLI quantizes 100 % of the expert weights lazily from the checkpoint's per-expert (or fused)
+tensors; calibration sees exactly the routed tokens of each expert, and rare experts all tokens."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_tokenizer
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import llmsqueeze
+from llmsqueeze.cli import main
+from llmsqueeze.engine import run_sequential
+from llmsqueeze.info import checkpoint_info
+from llmsqueeze.models import MOE_LAYOUTS, fuse_experts, moe_layouts, quantizable_modules, split_fused, split_fused_experts
+from llmsqueeze.nn import QuantLinear
+from llmsqueeze.nn_moe import MoEExperts, expert_linear_names
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3"]
+IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45, 3, 7, 11, 15]])
+
+
+def moe_config(family: str):
+    """Tiny configs: hidden 64, 4 experts, top-2, 2 blocks; widths multiples of 16 (group 32 fits)."""
+    import transformers as tf
+
+    common = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "mixtral":
+        return tf.MixtralConfig(**common, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)
+    if family == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, intermediate_size=96, moe_intermediate_size=48, num_experts=4,
+                                 num_experts_per_tok=2, shared_expert_intermediate_size=64, decoder_sparse_step=1)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, intermediate_size=96, moe_intermediate_size=48, num_experts=4,
+                                 num_experts_per_tok=2, head_dim=16, decoder_sparse_step=1)
+    if family == "gpt_oss":
+        return tf.GptOssConfig(**common, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                               sliding_window=64)
+    if family == "deepseek_v3":
+        c = dict(common)
+        c.pop("num_key_value_heads")
+        return tf.DeepseekV3Config(**c, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32,
+                                   n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+                                   first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                                   qk_nope_head_dim=16, v_head_dim=16)
+    raise KeyError(family)
+
+
+def moe_model(family: str):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(moe_config(family), dtype=torch.float32).eval()
+    with torch.no_grad():  # random routers spread tokens over the experts; gpt-oss's starts at zero
+        for n, p in model.named_parameters():
+            if p.dim() == 3 or "router" in n or n.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def dense_dir(family, tmp_path_factory):
+    d = tmp_path_factory.mktemp(f"dense-{family}")
+    moe_model(family).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_split_and_fuse_are_exact_inverses(family):
+    model = moe_model(family)
+    layouts = moe_layouts(model)
+    assert layouts and all(v is MOE_LAYOUTS[family] for v in layouts.values())
+    name, layout = next(iter(layouts.items()))
+    p = dict(model.get_submodule(name).named_parameters())
+    parts = split_fused(layout, p["gate_up_proj"], p["down_proj"], p.get("gate_up_proj_bias"), p.get("down_proj_bias"))
+    back = fuse_experts(layout, parts)
+    assert set(back) == set(p)
+    for k, t in back.items():
+        assert torch.equal(t, p[k])
+    with torch.no_grad():
+        ref = model(IDS).logits
+    assert split_fused_experts(model) == list(layouts)
+    assert split_fused_experts(model) == []  # idempotent
+    moe = model.get_submodule(name)
+    assert isinstance(moe, MoEExperts)
+    e1 = moe.expert(1)
+    assert torch.equal(e1.gate_proj.weight, parts["gate_proj"][0][1]) and torch.equal(e1.down_proj.weight, parts["down_proj"][0][1])
+    with torch.no_grad():
+        got = model(IDS).logits
+    # the same products, summed over the experts in another order: float32 rounding only
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_save_load_both_loaders(family, tmp_path):
+    model = moe_model(family)
+    llmsqueeze.quantize(model, bits=4, group_size=32, progress=False)
+    experts = expert_linear_names(model)
+    assert experts and all(isinstance(model.get_submodule(n), QuantLinear) for n in experts)
+    for dense in MOE_LAYOUTS[family].dense:  # the shared-expert gate (a router) stays dense
+        assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n.endswith(dense))
+    with torch.no_grad():
+        ref = model(IDS).logits
+    assert torch.isfinite(ref).all()
+    # the packed experts compute what their fake-quantized dense weights compute
+    sim = moe_model(family)
+    split_fused_experts(sim)
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if isinstance(m, QuantLinear):
+                sim.get_submodule(n).weight.copy_(m.dequantize_weight())
+        torch.testing.assert_close(sim(IDS).logits, ref, rtol=1e-4, atol=1e-4)
+    out = llmsqueeze.save_quantized(model, tmp_path / "q")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    # per expert, under the block names transformers saves (Mixtral's MLP: block_sparse_moe)
+    mlp = "block_sparse_moe" if family == "mixtral" else "mlp"
+    assert f"model.layers.1.{mlp}.experts.3.down_proj.qweight" in keys
+    assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in keys)
+    for loaded in (llmsqueeze.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)):
+        assert all(isinstance(loaded.get_submodule(n), QuantLinear) for n in experts)
+        with torch.no_grad():
+            assert torch.equal(loaded(IDS).logits, ref)
+
+
+def test_cli_rtn_quantizes_every_expert_lazily(family, dense_dir, tmp_path, capsys):
+    with safe_open(str(dense_dir / "model.safetensors"), "pt") as f:
+        on_disk = set(f.keys())
+    layout = MOE_LAYOUTS[family]
+    if layout.disk is not None:  # transformers saves the family's per-expert names
+        block = "model.layers.1."
+        assert block + layout.disk["down_proj"].format(e=3) in on_disk
+    out = tmp_path / "q"
+    assert main(["quantize", str(dense_dir), "--bits", "4", "--method", "rtn", "--out", str(out)]) == 0
+    info = checkpoint_info(out)
+    x = info["experts"]
+    assert x["experts"] == 4 * x["moe_layers"] and x["matrices"] == 3 * x["experts"]
+    assert x["quantized_matrices"] == x["matrices"] and x["quantized_weights"] == x["weights"] > 0
+    assert x["dense"] == []
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"{x['matrices']} of {x['matrices']} expert matrices quantized" in text and "100.0% of" in text
+    # the lazy checkpoint equals quantize() in memory + save, tensor for tensor
+    model = llmsqueeze.load_dense(str(dense_dir))
+    llmsqueeze.quantize(model, bits=4, group_size=128, progress=False)
+    mem = llmsqueeze.save_quantized(model, tmp_path / "mem")
+    with safe_open(str(out / "model.safetensors"), "pt") as a, safe_open(str(mem / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    loaded = llmsqueeze.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+
+
+def test_lazy_reads_fused_experts_on_disk(tmp_path):
+    """A checkpoint that stores the fused 3-D tensors (as gpt-oss's do, or one saved that way)."""
+    from safetensors.torch import save_file
+
+    model = moe_model("qwen3_moe")
+    d = tmp_path / "fused"
+    model.save_pretrained(d)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in set(f.keys())
+    out = llmsqueeze.quantize_lazy(str(d), tmp_path / "q", llmsqueeze.QuantScheme(bits=4, group_size=32),
+                                   progress=False)[0]
+    split_fused_experts(model)
+    llmsqueeze.quantize(model, bits=4, group_size=32, progress=False)
+    with torch.no_grad():
+        assert torch.equal(llmsqueeze.from_pretrained(out)(IDS).logits, model(IDS).logits)
+
+
+class _Rows:
+    """An engine method that records how many input rows each Linear's statistics came from."""
+
+    def __init__(self):
+        self.rows: dict[str, int] = {}
+
+    def collect(self, name, module, x):
+        self.rows[name] = self.rows.get(name, 0) + x.reshape(-1, x.shape[-1]).shape[0]
+
+    def apply(self, name, module):
+        return module
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_each_expert_calibrates_on_its_routed_tokens(family, caplog):
+    model = moe_model(family)
+    split_fused_experts(model)
+    ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    routed = {}  # tokens per expert, from the real router's choices on the block's true inputs
+
+    def count(name):
+        def hook(module, args, out):
+            idx = args[1]
+            routed[name] = torch.bincount(idx.reshape(-1), minlength=module.num_experts) + routed.get(name, 0)
+        return hook
+
+    moes = {n: m for n, m in model.named_modules() if isinstance(m, MoEExperts)}
+    handles = [m.register_forward_hook(count(n)) for n, m in moes.items()]
+    with torch.no_grad():
+        model(ids)
+    for h in handles:
+        h.remove()
+    n_tokens = ids.numel()
+    names = quantizable_modules(model, llmsqueeze.QuantScheme())
+    assert set(expert_linear_names(model)) <= set(names)
+    # block 0's inputs are the embeddings either way; min_tokens above some experts' counts
+    min_tokens = int(routed["model.layers.0.mlp.experts"].float().median()) + 1
+    method = _Rows()
+    caplog.set_level("INFO", logger="llmsqueeze")
+    stats = run_sequential(model, list(ids.split(2)), method, names, progress=False, expert_min_tokens=min_tokens)
+    block0 = "model.layers.0.mlp.experts"
+    rare = {r["expert"] for r in stats.rare_experts}
+    for e, c in enumerate(routed[block0].tolist()):
+        for role in ("gate_proj", "up_proj", "down_proj"):
+            got = method.rows[f"{block0}.{e}.{role}"]
+            if c >= min_tokens:  # exactly the routed tokens, unweighted
+                assert got == c and f"{block0}.{e}" not in rare
+            else:  # the rare-expert policy: all tokens too (the routed ones then twice)
+                assert got == c + n_tokens and f"{block0}.{e}" in rare
+    assert any("calibrated on all" in r.message for r in caplog.records)
+    assert rare  # the median threshold leaves some expert below it
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss", "deepseek_v3"])
+def test_gptq_quantizes_every_expert_finite(family, tmp_path):
+    model = moe_model(family)
+    ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    llmsqueeze.quantize(model, bits=4, group_size=32, data=ids, method="gptq", progress=False, expert_min_tokens=64)
+    experts = expert_linear_names(model)
+    assert all(isinstance(model.get_submodule(n), QuantLinear) for n in experts)
+    for n in experts:
+        m = model.get_submodule(n)
+        assert torch.isfinite(m.scales).all()
+    # 64 tokens x top-2 over 4 experts: 32 per expert on average, so most are below 64 and saw all tokens
+    rare = model._llmsqueeze_stats.rare_experts
+    assert rare and all(r["routed_tokens"] < 64 and r["calibrated_on"] == 64 for r in rare)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    assert torch.isfinite(ref).all()
+    out = llmsqueeze.save_quantized(model, tmp_path / "q")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == "gptq"
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(out)(IDS).logits, ref)
+
+
+def test_bad_expert_min_tokens_is_one_line():
+    model = moe_model("qwen3_moe")
+    ids = torch.randint(3, 64, (2, 8))
+    with pytest.raises(llmsqueeze.LlmsqueezeError, match="expert_min_tokens"):
+        llmsqueeze.quantize(model, bits=4, data=ids, method="gptq", progress=False, expert_min_tokens=0)
