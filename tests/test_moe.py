@@ -263,3 +263,83 @@ def test_bad_expert_min_tokens_is_one_line():
     ids = torch.randint(3, 64, (2, 8))
     with pytest.raises(llmsqueeze.LlmsqueezeError, match="expert_min_tokens"):
         llmsqueeze.quantize(model, bits=4, data=ids, method="gptq", progress=False, expert_min_tokens=0)
+
+
+def test_cli_gptq_lazy_equals_in_memory(tmp_path, text_file):
+    """GPTQ block by block from the per-expert tensors on disk (Mixtral's renamed MLP included) writes
+    what loading, quantizing and saving in memory writes, tensor for tensor."""
+    src = tmp_path / "mixtral"
+    moe_model("mixtral").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    args = ["quantize", str(src), "--bits", "4", "--group-size", "32", "--method", "gptq", "--calib", str(text_file),
+            "--n-samples", "4", "--seq-len", "16"]
+    assert main(args + ["--out", str(tmp_path / "lazy")]) == 0
+    assert main(args + ["--no-lazy", "--out", str(tmp_path / "mem")]) == 0
+    with safe_open(str(tmp_path / "lazy/model.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "mem/model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert any(".experts.3.up_proj.qweight" in k for k in a.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    assert checkpoint_info(tmp_path / "lazy")["experts"]["dense"] == []
+
+
+def test_true_sequential_calibrates_expert_inputs_before_outputs():
+    from llmsqueeze.engine import _groups
+    from llmsqueeze.models import ARCHS
+
+    model = moe_model("qwen2_moe")
+    split_fused_experts(model)
+    block = model.model.layers[0]
+    names = [n for n, m in block.named_modules() if type(m) is torch.nn.Linear and n != "mlp.shared_expert_gate"]
+    groups = _groups(names, ARCHS["qwen2_moe"].sequential, True)
+    assert groups[0] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+    assert groups[1] == ["self_attn.o_proj"]
+    assert set(groups[2]) == {f"mlp.experts.{e}.{r}" for e in range(4) for r in ("gate_proj", "up_proj")} | {
+        "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"}
+    assert set(groups[3]) == {f"mlp.experts.{e}.down_proj" for e in range(4)} | {"mlp.shared_expert.down_proj"}
+    assert len(groups) == 4
+
+
+def _olmoe():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.OlmoeConfig(vocab_size=64, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def test_generic_fallback_reads_experts_from_transformers_flags(tmp_path):
+    """OLMoE has no row: its experts carry @use_experts_implementation's flags and the plain gated MLP."""
+    model = _olmoe()
+    assert model.config.model_type not in MOE_LAYOUTS and len(moe_layouts(model)) == 2
+    src = tmp_path / "olmoe"
+    model.save_pretrained(src)
+    out = llmsqueeze.quantize_lazy(str(src), tmp_path / "q", llmsqueeze.QuantScheme(bits=4, group_size=32),
+                                   progress=False)[0]
+    llmsqueeze.quantize(model, bits=4, group_size=32, progress=False)
+    assert all(isinstance(model.get_submodule(n), QuantLinear) for n in expert_linear_names(model))
+    with torch.no_grad():
+        ref = model(IDS).logits
+    for loaded in (llmsqueeze.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)):
+        with torch.no_grad():
+            assert torch.equal(loaded(IDS).logits, ref)
+
+
+def test_unknown_fused_experts_are_one_line(tmp_path, capsys):
+    """Llama 4's experts are fused differently (no flags, routing folded into the inputs): refused, not left dense."""
+    import transformers as tf
+
+    cfg = tf.Llama4TextConfig(vocab_size=64, hidden_size=64, intermediate_size=48, intermediate_size_mlp=96,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              num_local_experts=4, num_experts_per_tok=1, max_position_embeddings=128, pad_token_id=0,
+                              bos_token_id=1, eos_token_id=2)
+    src = tmp_path / "llama4"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
+    capsys.readouterr()
+    assert main(["quantize", str(src), "--bits", "4", "--method", "rtn", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "feed_forward.experts (Llama4TextExperts)" in err and "MoELayout" in err
+    assert not (tmp_path / "q").exists()
