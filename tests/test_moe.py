@@ -343,3 +343,71 @@ def test_unknown_fused_experts_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "feed_forward.experts (Llama4TextExperts)" in err and "MoELayout" in err
     assert not (tmp_path / "q").exists()
+
+
+def test_export_writes_per_expert_names_and_imports_back(tmp_path):
+    """compressed-tensors and GPTQ exports name each expert's matrices as the Qwen MoE checkpoints do
+    (mlp.experts.{e}.down_proj.*), and import back into per-expert QuantLinears with the same logits."""
+    model = moe_model("qwen3_moe")
+    llmsqueeze.quantize(model, bits=4, group_size=16, progress=False)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    q = llmsqueeze.save_quantized(model, tmp_path / "q")
+    for fmt, suffix in (("compressed-tensors", "weight_packed"), ("gptq", "qweight")):
+        out = llmsqueeze.export(q, fmt, tmp_path / fmt)
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert f"model.layers.1.mlp.experts.3.down_proj.{suffix}" in set(f.keys())
+        loaded = llmsqueeze.from_pretrained(out)
+        assert all(isinstance(loaded.get_submodule(n), QuantLinear) for n in expert_linear_names(model))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(IDS).logits, ref, rtol=1e-3, atol=1e-3)  # gptq: scales re-stored
+
+
+def test_interrupted_gptq_resumes_with_per_expert_names(tmp_path, monkeypatch):
+    """A lazy GPTQ run stopped after block 0 and resumed writes what an uninterrupted run writes."""
+    from llmsqueeze import lazy
+
+    src = tmp_path / "mixtral"
+    moe_model("mixtral").save_pretrained(src)
+    ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    scheme = llmsqueeze.QuantScheme(bits=4, group_size=32)
+    kw = dict(data=ids, method="gptq", progress=False)
+    ref, _ = llmsqueeze.quantize_lazy(str(src), tmp_path / "ref", scheme, **kw)
+    real = lazy.LazyModel.release_block
+
+    def boom(self, i):
+        real(self, i)
+        if i == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(lazy.LazyModel, "release_block", boom)
+    with pytest.raises(KeyboardInterrupt, match="after 1 of 2 blocks"):
+        llmsqueeze.quantize_lazy(str(src), tmp_path / "q", scheme, **kw)
+    monkeypatch.setattr(lazy.LazyModel, "release_block", real)
+    out, stats = llmsqueeze.quantize_lazy(str(src), tmp_path / "q", scheme, resume=True, **kw)
+    assert stats.blocks == 2
+    with safe_open(str(out / "model.safetensors"), "pt") as a, safe_open(str(ref / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_pruning_reaches_every_expert(method, tmp_path):
+    """Wanda's norms and SparseGPT's Hessians come from each expert's routed tokens (the same engine);
+    every expert matrix ends exactly 50 % sparse per row, saved sparse, loaded back equal."""
+    model = moe_model("qwen2_moe")
+    ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    llmsqueeze.prune(model, method, 0.5, data=ids, progress=False)
+    experts = expert_linear_names(model)
+    for n in experts:
+        w = model.get_submodule(n).weight
+        assert ((w == 0).sum(dim=1) == w.shape[1] // 2).all(), n
+    with torch.no_grad():
+        ref = model(IDS).logits
+    assert torch.isfinite(ref).all()
+    out = llmsqueeze.save_quantized(model, tmp_path / "s")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert set(experts) <= set(qc["sparsity"]["layers"])
+    with torch.no_grad():
+        assert torch.equal(llmsqueeze.from_pretrained(out)(IDS).logits, ref)
