@@ -512,6 +512,7 @@ class CalibrationOptions:
     batch_size: int = 1
     compute_dtype: str = "auto"  # what blocks compute in on a CPU: auto (kernels.cpu.auto_dtype), float32, bfloat16, model
     expert_min_tokens: int = 32  # MoE: an expert routed fewer calibration tokens in a block sees all of them (engine)
+    experts_per_pass: int | None = None  # MoE: experts calibrated per pass over a block (None: all at once)
 
     def validate(self) -> None:
         """One-line errors for values no method can use (checked when calibration data is used)."""
@@ -522,5 +523,8 @@ class CalibrationOptions:
         if not isinstance(self.expert_min_tokens, int) or self.expert_min_tokens < 1:
             raise LlmsqueezeError(f"expert_min_tokens={self.expert_min_tokens!r} must be a positive number of tokens "
                                   "(experts routed fewer calibration tokens are calibrated on all of them)")
+        if self.experts_per_pass is not None and (not isinstance(self.experts_per_pass, int) or self.experts_per_pass < 1):
+            raise LlmsqueezeError(f"experts_per_pass={self.experts_per_pass!r} must be a positive number of experts, "
+                                  "or None (all of a block's experts in one pass)")
         if self.block_size < 1 or self.batch_size < 1:
             raise LlmsqueezeError(f"block_size={self.block_size} and batch_size={self.batch_size} must be positive")

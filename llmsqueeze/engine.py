@@ -248,6 +248,29 @@ def _groups(names: list[str], order: tuple[tuple[str, ...], ...], true_sequentia
     return groups + ([rest] if rest else [])
 
 
+def _expert_chunks(groups: list[list[str]], moes: dict[str, MoEExperts], per_pass: int | None) -> list[list[str]]:
+    """Each group's MoE experts split into passes of `per_pass` experts, before the group's other
+    Linears (None: unchanged). A pass holds only its experts' statistics (GPTQ: their Hessians), so
+    peak memory holds a few experts' instead of all of them, at the cost of one block pass each. The
+    result does not change: experts read the MoE layer's input, which no expert changes, and the
+    other Linears (attention, shared experts) come last, as they would in one pass."""
+    if per_pass is None or not moes:
+        return groups
+    out = []
+    for group in groups:
+        experts: dict[tuple[str, int], list[str]] = {}
+        rest = []
+        for g in group:
+            owner = next(((n, int(g[len(n) + 1:].partition(".")[0])) for n in moes if g.startswith(n + ".")), None)
+            (experts.setdefault(owner, []) if owner is not None else rest).append(g)
+        keys = list(experts)
+        for j in range(0, len(keys), per_pass):
+            out.append([g for k in keys[j:j + per_pass] for g in experts[k]])
+        if rest:
+            out.append(rest)
+    return out
+
+
 def _count_routed(moes: dict[str, MoEExperts], group: list[str]) -> dict[str, MoEExperts]:
     """Start counting the routed tokens of the MoE layers whose experts are in `group`."""
     counted = {n: m for n, m in moes.items() if any(g.startswith(n + ".") for g in group)}
@@ -322,6 +345,7 @@ def run_sequential(
     on_captured: Callable[[], None] | None = None,
     compute: str = "auto",
     expert_min_tokens: int = 32,
+    experts_per_pass: int | None = None,
 ) -> EngineStats:
     """Calibrate `layer_names` (full module names, all inside the decoder blocks) block by block.
 
@@ -335,7 +359,8 @@ def run_sequential(
     compute: CalibrationOptions.compute_dtype; each block is cast to it for its turn (activations
     between blocks stay in it) and back to its own dtype before it is handed on.
     expert_min_tokens: a MoE expert routed fewer calibration tokens than this in a block is then
-    calibrated on every token of that block (the rare-expert policy, _calibrate_rare_experts)."""
+    calibrated on every token of that block (the rare-expert policy, _calibrate_rare_experts);
+    experts_per_pass: calibrate that many experts per pass over the block (_expert_chunks; None: all)."""
     device = torch.device(device)
     offload = torch.device(offload) if offload is not None else device
     arch = get_arch(model)
@@ -408,7 +433,7 @@ def run_sequential(
         moes = {n: m for n, m in block.named_modules() if isinstance(m, MoEExperts)}
         with reuse_dequantized(block):  # the passes over quantized Linears unpack each weight once
             names = [n for n, m in block.named_modules() if is_linear(m) and bprefix + n in wanted]
-            for group in _groups(names, arch.sequential, true_sequential):
+            for group in _expert_chunks(_groups(names, arch.sequential, true_sequential), moes, experts_per_pass):
                 if not group:  # a block with nothing selected: only its outputs are needed
                     continue
                 handles = []

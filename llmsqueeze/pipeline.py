@@ -76,7 +76,8 @@ def _compress(job: Job, row: MethodRow, method=None, hooks: dict | None = None) 
     stats = run_sequential(model, job.batches, method, block_names, device=job.device, offload=job.options.offload,
                            true_sequential=getattr(method, "true_sequential", job.options.true_sequential),
                            progress=job.progress, compute=job.options.compute_dtype,
-                           expert_min_tokens=job.options.expert_min_tokens, **(hooks or {}))
+                           expert_min_tokens=job.options.expert_min_tokens,
+                           experts_per_pass=job.options.experts_per_pass, **(hooks or {}))
     with torch.no_grad():
         for n in outside:  # data-free (checked above): the head is in memory already
             set_module(model, n, method.apply(n, model.get_submodule(n)))

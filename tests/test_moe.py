@@ -411,3 +411,44 @@ def test_pruning_reaches_every_expert(method, tmp_path):
     assert set(experts) <= set(qc["sparsity"]["layers"])
     with torch.no_grad():
         assert torch.equal(llmsqueeze.from_pretrained(out)(IDS).logits, ref)
+
+
+class _Live(_Rows):
+    """Also the most Linears whose statistics were held at once (collected, not yet applied)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.most = set(), 0
+
+    def collect(self, name, module, x):
+        super().collect(name, module, x)
+        self.live.add(name)
+        self.most = max(self.most, len(self.live))
+
+    def apply(self, name, module):
+        self.live.discard(name)
+        return module
+
+
+def test_experts_per_pass_bounds_statistics_and_keeps_the_result(tmp_path):
+    ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for per_pass in (None, 1):
+        model = moe_model("qwen3_moe")
+        split_fused_experts(model)
+        method = _Live()
+        run_sequential(model, list(ids.split(2)), method, quantizable_modules(model, llmsqueeze.QuantScheme()),
+                       progress=False, expert_min_tokens=1, experts_per_pass=per_pass)
+        counts[per_pass] = (method.most, method.rows)
+    assert counts[None][0] == 4 + 4 * 3  # q, k, v, o and every expert's three matrices at once
+    assert counts[1][0] == 4  # one expert's three, or the attention's four
+    assert counts[1][1] == counts[None][1]  # each Linear saw the same tokens
+    outs = []
+    for per_pass in (None, 1):
+        model = moe_model("qwen2_moe")
+        llmsqueeze.quantize(model, bits=4, group_size=32, data=ids, method="gptq", progress=False,
+                            experts_per_pass=per_pass)
+        outs.append(llmsqueeze.save_quantized(model, tmp_path / f"q{per_pass}"))
+    with safe_open(str(outs[0] / "model.safetensors"), "pt") as a, safe_open(str(outs[1] / "model.safetensors"), "pt") as b:
+        for k in a.keys():
+            assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
