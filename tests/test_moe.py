@@ -5,7 +5,6 @@ CLI quantizes 100 % of the expert weights lazily from the checkpoint's per-exper
 tensors; calibration sees exactly the routed tokens of each expert, and rare experts all tokens."""
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
