@@ -451,3 +451,17 @@ def test_experts_per_pass_bounds_statistics_and_keeps_the_result(tmp_path):
     with safe_open(str(outs[0] / "model.safetensors"), "pt") as a, safe_open(str(outs[1] / "model.safetensors"), "pt") as b:
         for k in a.keys():
             assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+
+
+@pytest.mark.parametrize("flag", [["--expert-min-tokens", "0"], ["--experts-per-pass", "0"]])
+def test_cli_bad_expert_options_are_one_line(flag, tmp_path, text_file, capsys):
+    src = tmp_path / "m"
+    moe_model("qwen3_moe").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    capsys.readouterr()
+    out = tmp_path / "q"
+    assert main(["quantize", str(src), "--method", "gptq", "--calib", str(text_file), "--n-samples", "2",
+                 "--seq-len", "16", *flag, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag[0].lstrip("-").replace("-", "_") in err
+    assert not out.exists() and not (tmp_path / "q.partial").exists()
