@@ -18,7 +18,7 @@ from llmsqueeze.cli import main
 from llmsqueeze.engine import run_sequential
 from llmsqueeze.info import checkpoint_info
 from llmsqueeze.models import MOE_LAYOUTS, fuse_experts, moe_layouts, quantizable_modules, split_fused, split_fused_experts
-from llmsqueeze.nn import QuantLinear
+from llmsqueeze.nn import QuantLinear, linear_weight
 from llmsqueeze.nn_moe import MoEExperts, expert_linear_names
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3"]
@@ -465,3 +465,88 @@ def test_cli_bad_expert_options_are_one_line(flag, tmp_path, text_file, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag[0].lstrip("-").replace("-", "_") in err
     assert not out.exists() and not (tmp_path / "q.partial").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_balancing_folds_keep_the_float_moe_block(family):
+    """SmoothQuant/AWQ's folds for MoE blocks (attention norms and v -> o; each expert's and the shared
+    expert's up -> down; never the post-attention norm the router reads) leave the float block's
+    function unchanged, routing included."""
+    from llmsqueeze.quant.smoothquant import input_names, smooth_block, smooth_map_for
+
+    model = moe_model(family)
+    split_fused_experts(model)
+    smap = smooth_map_for(model)
+    assert not any(norm == "post_attention_layernorm" for norm, _ in smap.norms)
+    block = model.model.layers[-1]
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16)[None].expand(2, -1)
+    kw = dict(position_embeddings=model.model.rotary_emb(x, pos), attention_mask=None, position_ids=pos)
+    with torch.no_grad():
+        ref = block(x, **kw)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        names = input_names(block, smap, True)
+        if family != "gpt_oss":
+            assert "mlp.experts.3.down_proj" in names
+        g = torch.Generator().manual_seed(1)
+        absmax = {n: torch.rand(linear_weight(block.get_submodule(n)).shape[1], generator=g) * 4 + 0.1 for n in names}
+        applied = smooth_block(block, smap, absmax, 0.5)
+        assert applied
+        got = block(x, **kw)
+        got = got[0] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["awq", "awq-gptq"])
+def test_awq_balances_every_expert(method, tmp_path, caplog):
+    model = moe_model("qwen3_moe")
+    ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    caplog.set_level("INFO", logger="llmsqueeze")
+    llmsqueeze.quantize(model, bits=4, group_size=16, data=ids, method=method, progress=False, expert_min_tokens=40)
+    assert all(isinstance(model.get_submodule(n), QuantLinear) for n in expert_linear_names(model))
+    groups = {r["group"] for r in model._llmsqueeze_report if "group" in r}
+    assert {f"model.layers.{i}.mlp.experts.{e}.up_proj" for i in range(2) for e in range(4)} <= groups
+    assert not any("post_attention_layernorm" in g for g in groups)
+    assert all(r["error"] <= r["error_rtn"] for r in model._llmsqueeze_report if "group" in r)
+    assert any("calibrated on all tokens" in r.message for r in caplog.records)  # 32 per expert on average < 40
+    with torch.no_grad():
+        ref = model(IDS).logits
+    assert torch.isfinite(ref).all()
+    out = llmsqueeze.save_quantized(model, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(llmsqueeze.from_pretrained(out)(IDS).logits, ref)
+
+
+def _never_route_to(model, expert: int):
+    """Make every router of `model` send expert `expert`'s picks to expert 0: no calibration token reaches it."""
+    for layer in model.model.layers:
+        gate = layer.mlp.gate
+        real = gate.forward
+
+        def forward(h, real=real):
+            logits, weights, idx = real(h)
+            return logits, weights, torch.where(idx == expert, torch.zeros_like(idx), idx)
+
+        gate.forward = forward
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "w8a8-static", "sparsegpt"])
+def test_an_expert_no_token_reaches_is_calibrated_on_all_tokens(method):
+    model = moe_model("qwen3_moe")
+    _never_route_to(model, 3)
+    ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    if method == "sparsegpt":
+        llmsqueeze.prune(model, method, 0.5, data=ids, progress=False)
+    elif method == "w8a8-static":
+        llmsqueeze.quantize(model, llmsqueeze.W8A8Scheme(act="static"), data=ids, progress=False)
+    else:
+        llmsqueeze.quantize(model, bits=4, group_size=16, data=ids, method=method, progress=False)
+    if method != "awq":  # (AWQ's statistics come from its own pass, with the same policy: logged)
+        never = [r for r in model._llmsqueeze_stats.rare_experts if r["expert"].endswith("experts.3")]
+        assert len(never) == 2 and all(r["routed_tokens"] == 0 and r["calibrated_on"] == 64 for r in never)
+    for n in expert_linear_names(model):
+        layer = model.get_submodule(n)
+        for t in layer.state_dict().values():
+            assert not t.is_floating_point() or torch.isfinite(t).all(), n
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()
