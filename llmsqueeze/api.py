@@ -25,6 +25,8 @@ def quantize(
     block_size: int = 128,
     batch_size: int = 1,
     compute_dtype: str = "auto",
+    expert_min_tokens: int = 32,
+    experts_per_pass: int | None = None,
     avg_bits: float | None = None,
     bit_candidates: tuple[int, ...] = (2, 3, 4, 8),
     sensitivity: dict | None = None,
@@ -52,6 +54,14 @@ def quantize(
     compute_dtype what each block computes in while calibrated ("auto": the model's dtype, float32 on
     a CPU without native half precision; "model", "float32", "bfloat16"; CalibrationOptions).
 
+    Mixtures of experts (Mixtral, Qwen2/Qwen3-MoE, gpt-oss, DeepSeek-V3): the fused experts become
+    one Linear per expert matrix (llmsqueeze.models.MOE_LAYOUTS), each calibrated on the tokens the
+    real router sends it, unweighted by the router weights; an expert routed fewer than
+    `expert_min_tokens` calibration tokens in its block is calibrated on all of that block's tokens
+    (logged per expert; llmsqueeze.engine). Routers stay dense. `experts_per_pass` (e.g. 8)
+    calibrates that many experts per pass over a block, so only their statistics are held at once
+    (the same result, one block pass per chunk).
+
     avg_bits (e.g. 3.5) makes the precision mixed: each layer gets one of `bit_candidates` so that the
     bits stored per quantized weight (scales and zeros included) average at most avg_bits, the layers
     whose output error grows most at low widths getting the most bits (llmsqueeze.mixed). It needs
@@ -77,7 +87,7 @@ def quantize(
         else:
             raise LlmsqueezeError("pass either a QuantScheme or scheme keyword arguments, not both")
     options = CalibrationOptions(device, offload, true_sequential, act_order, static_groups, damp, block_size, batch_size,
-                                 compute_dtype)
+                                 compute_dtype, expert_min_tokens, experts_per_pass)
     extra = {"iters": iters, "lr": lr, "seed": seed, "init": init, "batch_samples": batch_samples,
              "float_targets": float_targets, "amp": amp, "token_weighting": token_weighting, **scheme_kwargs}
     return quantize_model(model, scheme, data, method, progress, options=options, extra=extra, avg_bits=avg_bits,
@@ -105,6 +115,8 @@ def prune(
     batch_size: int = 1,
     refit: bool | str | None = None,
     compute_dtype: str = "auto",
+    expert_min_tokens: int = 32,
+    experts_per_pass: int | None = None,
 ) -> nn.Module:
     """Prune the Linears inside the decoder blocks of `model` in place and return it.
 
@@ -125,7 +137,8 @@ def prune(
     bitmask), or packed with q == zero when quantized.
     """
     options = CalibrationOptions(device, offload, true_sequential, damp=damp, block_size=block_size,
-                                 batch_size=batch_size, compute_dtype=compute_dtype)
+                                 batch_size=batch_size, compute_dtype=compute_dtype, expert_min_tokens=expert_min_tokens,
+                                 experts_per_pass=experts_per_pass)
     if not isinstance(sparsity, SparsityScheme):
         sparsity = SparsityScheme(sparsity, pattern, scope)
     elif pattern is not None or scope is not None:

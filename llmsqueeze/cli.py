@@ -135,6 +135,7 @@ def cmd_quantize(args) -> int:
         model, scheme, data=data, method=args.method, device=args.device, offload=args.offload,
         true_sequential=args.true_sequential, act_order=args.act_order != "off", static_groups=args.act_order == "static",
         damp=args.damp, block_size=args.block_size, batch_size=args.batch_size, compute_dtype=args.compute_dtype,
+        expert_min_tokens=args.expert_min_tokens, experts_per_pass=args.experts_per_pass,
         **({"avg_bits": args.avg_bits, "bit_candidates": tuple(args.bit_candidates)} if mixed else {}), **extra,
     )
     _print_stats(args.method, getattr(model, "_llmsqueeze_stats", None))
@@ -254,7 +255,7 @@ def _quantize_lazy(args, scheme, model_dir, calib_texts) -> int:
         resume=args.resume, overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device,
         offload=args.offload, true_sequential=args.true_sequential, act_order=args.act_order != "off",
         static_groups=args.act_order == "static", damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
-        compute_dtype=args.compute_dtype,
+        compute_dtype=args.compute_dtype, expert_min_tokens=args.expert_min_tokens, experts_per_pass=args.experts_per_pass,
     )
     _print_stats(args.method, stats)
     _print_coverage(out)
@@ -336,7 +337,8 @@ def cmd_prune(args) -> int:
     owl = {"lam": args.owl_lambda, "m": args.owl_m} if args.owl else None
     prune(model, args.method, sparsity, data=data, scheme=scheme, progress=not args.quiet, owl=owl, device=args.device, offload=args.offload,
           true_sequential=args.true_sequential, damp=args.damp, block_size=args.block_size, batch_size=args.batch_size,
-          refit=args.refit, compute_dtype=args.compute_dtype)
+          refit=args.refit, compute_dtype=args.compute_dtype, expert_min_tokens=args.expert_min_tokens,
+          experts_per_pass=args.experts_per_pass)
     stats = getattr(model, "_llmsqueeze_stats", None)
     if stats is not None:
         print(f"{args.method}: {stats.layers} layers in {stats.blocks} blocks, {stats.seconds:.1f} s, "
@@ -535,6 +537,12 @@ SHARED = {
     "--true-sequential": dict(action="store_true", help="calibrate each block's Linears in order"),
     "--damp": dict(type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal"),
     "--block-size": dict(type=int, default=128, help="columns per block of the Hessian sweep (default 128)"),
+    "--expert-min-tokens": dict(type=int, default=32,
+                                help="mixtures of experts: an expert routed fewer calibration tokens than this in a "
+                                     "block is calibrated on all of the block's tokens (default 32)"),
+    "--experts-per-pass": dict(type=int, default=None,
+                               help="mixtures of experts: calibrate this many experts per pass over a block, holding "
+                                    "only their statistics (GPTQ Hessians) at once; same result (default: all)"),
     "--device": dict(default=None, help="where blocks are calibrated: cuda or cpu (default: cuda if present)"),
     "--offload": dict(default=None, help="where activations wait between blocks (e.g. cpu)"),
     "--dtype": dict(default="auto", choices=DTYPES, help="dtype to load the dense model in"),
@@ -618,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(q, "--true-sequential", true_sequential="gptq: calibrate each block's Linears in order (attention in, attention out, MLP in, MLP out)")
     _shared(q, "--damp", damp="gptq damping, fraction of the mean Hessian diagonal")
     _shared(q, "--block-size", block_size="gptq lazy-update block (default 128)")
+    _shared(q, "--expert-min-tokens")
+    _shared(q, "--experts-per-pass")
     q.add_argument("--iters", type=int, default=200, help="autoround: sign-SGD steps per block (default 200)")
     q.add_argument("--lr", type=float, default=None, help="autoround: step size (default 1/iters, 2/iters at <= 3 bits)")
     q.add_argument("--autoround-targets", choices=("float", "quantized"), default="float",
@@ -689,6 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     _shared(pr, "--true-sequential", true_sequential="calibrate each block's Linears in order")
     _shared(pr, "--damp", damp="sparsegpt damping, fraction of the mean Hessian diagonal")
     _shared(pr, "--block-size", block_size="sparsegpt columns per mask block (default 128)")
+    _shared(pr, "--expert-min-tokens")
+    _shared(pr, "--experts-per-pass")
     _shared(pr, "--device")
     _shared(pr, "--offload")
     _shared(pr, "--dtype", "--compute-dtype")

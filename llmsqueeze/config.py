@@ -511,6 +511,8 @@ class CalibrationOptions:
     block_size: int = 128
     batch_size: int = 1
     compute_dtype: str = "auto"  # what blocks compute in on a CPU: auto (kernels.cpu.auto_dtype), float32, bfloat16, model
+    expert_min_tokens: int = 32  # MoE: an expert routed fewer calibration tokens in a block sees all of them (engine)
+    experts_per_pass: int | None = None  # MoE: experts calibrated per pass over a block (None: all at once)
 
     def validate(self) -> None:
         """One-line errors for values no method can use (checked when calibration data is used)."""
@@ -518,5 +520,11 @@ class CalibrationOptions:
             raise LlmsqueezeError(f"compute_dtype={self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
         if not (0 < self.damp < 1):
             raise LlmsqueezeError(f"damp={self.damp} must lie in (0, 1), e.g. 0.01 (1% of the mean Hessian diagonal)")
+        if not isinstance(self.expert_min_tokens, int) or self.expert_min_tokens < 1:
+            raise LlmsqueezeError(f"expert_min_tokens={self.expert_min_tokens!r} must be a positive number of tokens "
+                                  "(experts routed fewer calibration tokens are calibrated on all of them)")
+        if self.experts_per_pass is not None and (not isinstance(self.experts_per_pass, int) or self.experts_per_pass < 1):
+            raise LlmsqueezeError(f"experts_per_pass={self.experts_per_pass!r} must be a positive number of experts, "
+                                  "or None (all of a block's experts in one pass)")
         if self.block_size < 1 or self.batch_size < 1:
             raise LlmsqueezeError(f"block_size={self.block_size} and batch_size={self.batch_size} must be positive")

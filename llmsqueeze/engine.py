@@ -19,6 +19,7 @@ the blocks start empty (meta tensors): each is read from disk when its turn come
 """
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import logging
 import resource
@@ -34,6 +35,7 @@ from .config import CalibrationOptions, LlmsqueezeError
 from .kernels import cpu as cpu_kernels
 from .models import get_arch
 from .nn import is_linear, reuse_dequantized, set_module
+from .nn_moe import MoEExperts
 
 log = logging.getLogger("llmsqueeze")
 
@@ -102,6 +104,7 @@ class EngineStats:
     blocks: int = 0
     layers: int = 0
     per_block_s: list[float] = field(default_factory=list)
+    rare_experts: list[dict] = field(default_factory=list)  # experts calibrated on all tokens (MoE)
 
 
 @dataclass
@@ -236,13 +239,92 @@ def _groups(names: list[str], order: tuple[tuple[str, ...], ...], true_sequentia
     if not true_sequential or not order:
         return [names]
     groups, seen = [], set()
-    for g in order:
-        present = [n for n in g if n in names]
+    for g in order:  # an entry with "*" (MoE experts: "mlp.experts.*.gate_proj") stands for any expert
+        present = [n for p in g for n in ([p] if "*" not in p else fnmatch.filter(names, p)) if n in names]
         if present:
             groups.append(present)
             seen.update(present)
     rest = [n for n in names if n not in seen]
     return groups + ([rest] if rest else [])
+
+
+def _expert_chunks(groups: list[list[str]], moes: dict[str, MoEExperts], per_pass: int | None) -> list[list[str]]:
+    """Each group's MoE experts split into passes of `per_pass` experts, before the group's other
+    Linears (None: unchanged). A pass holds only its experts' statistics (GPTQ: their Hessians), so
+    peak memory holds a few experts' instead of all of them, at the cost of one block pass each. The
+    result does not change: experts read the MoE layer's input, which no expert changes, and the
+    other Linears (attention, shared experts) come last, as they would in one pass."""
+    if per_pass is None or not moes:
+        return groups
+    out = []
+    for group in groups:
+        experts: dict[tuple[str, int], list[str]] = {}
+        rest = []
+        for g in group:
+            owner = next(((n, int(g[len(n) + 1:].partition(".")[0])) for n in moes if g.startswith(n + ".")), None)
+            (experts.setdefault(owner, []) if owner is not None else rest).append(g)
+        keys = list(experts)
+        for j in range(0, len(keys), per_pass):
+            out.append([g for k in keys[j:j + per_pass] for g in experts[k]])
+        if rest:
+            out.append(rest)
+    return out
+
+
+def _count_routed(moes: dict[str, MoEExperts], group: list[str]) -> dict[str, MoEExperts]:
+    """Start counting the routed tokens of the MoE layers whose experts are in `group`."""
+    counted = {n: m for n, m in moes.items() if any(g.startswith(n + ".") for g in group)}
+    for m in counted.values():
+        m.routed_tokens = [0] * m.num_experts
+    return counted
+
+
+def _collect_pass(block, bprefix, names, method, hidden, kwargs, i, device, work) -> None:
+    """One pass of the block over the calibration batches with method.collect hooked on `names` only."""
+    handles = []
+    for n in names:
+        def hook(module, args, out, full=bprefix + n):
+            method.collect(full, module, args[0])
+
+        handles.append(block.get_submodule(n).register_forward_hook(hook))
+    try:
+        for h, kw in zip(hidden, kwargs):
+            block(_to(h, device, work), **_to(kw[i], device, work))
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+def _calibrate_rare_experts(moes: dict[str, MoEExperts], routed: dict[str, list[int]], group: list[str], bprefix: str,
+                            min_tokens: int, n_tokens: int, collect_pass) -> list[dict]:
+    """The rare-expert policy: each expert of `group` routed fewer than `min_tokens` calibration
+    tokens in this block (none, for some experts of a small calibration set) collects its statistics
+    once more from all `n_tokens` tokens reaching its MoE layer, as llm-compressor's "calibrate all
+    experts" does for every expert, so that no Hessian is empty or near rank one (and no scale NaN).
+    Its few routed tokens then count twice (at most min_tokens of n_tokens): collect has no undo.
+    The block output is unchanged: only routed tokens enter it. Logged per expert; -> the records."""
+    rare = {}
+    for n, counts in routed.items():
+        experts = [e for e, c in enumerate(counts)
+                   if c < min_tokens and any(g.startswith(f"{n}.{e}.") for g in group)]
+        if experts:
+            rare[n] = experts
+    if not rare:
+        return []
+    records = []
+    for n, experts in rare.items():
+        for e in experts:
+            log.info("%s%s.%d: %d routed calibration tokens (< %d): calibrated on all %d tokens of the layer",
+                     bprefix, n, e, routed[n][e], min_tokens, n_tokens)
+            records.append({"expert": f"{bprefix}{n}.{e}", "routed_tokens": routed[n][e], "calibrated_on": n_tokens})
+        moes[n].calibrate_all = frozenset(experts)
+    names = [g for g in group if any(g.startswith(f"{n}.{e}.") for n, es in rare.items() for e in es)]
+    try:
+        collect_pass(names)
+    finally:
+        for n in rare:
+            moes[n].calibrate_all = frozenset()
+    return records
 
 
 @torch.no_grad()
@@ -262,6 +344,8 @@ def run_sequential(
     start_hidden: list[torch.Tensor] | None = None,
     on_captured: Callable[[], None] | None = None,
     compute: str = "auto",
+    expert_min_tokens: int = 32,
+    experts_per_pass: int | None = None,
 ) -> EngineStats:
     """Calibrate `layer_names` (full module names, all inside the decoder blocks) block by block.
 
@@ -273,7 +357,10 @@ def run_sequential(
     start_block are skipped and start_hidden (as block_done saw it) replaces the captured inputs.
     on_captured() runs once the block inputs are captured (a lazy model drops its embeddings there).
     compute: CalibrationOptions.compute_dtype; each block is cast to it for its turn (activations
-    between blocks stay in it) and back to its own dtype before it is handed on."""
+    between blocks stay in it) and back to its own dtype before it is handed on.
+    expert_min_tokens: a MoE expert routed fewer calibration tokens than this in a block is then
+    calibrated on every token of that block (the rare-expert policy, _calibrate_rare_experts);
+    experts_per_pass: calibrate that many experts per pass over the block (_expert_chunks; None: all)."""
     device = torch.device(device)
     offload = torch.device(offload) if offload is not None else device
     arch = get_arch(model)
@@ -343,9 +430,10 @@ def run_sequential(
                 prepare(bprefix, block, inputs, targets=lambda: (t.to(device) for t in fp_out))
             else:
                 prepare(bprefix, block, inputs)
+        moes = {n: m for n, m in block.named_modules() if isinstance(m, MoEExperts)}
         with reuse_dequantized(block):  # the passes over quantized Linears unpack each weight once
             names = [n for n, m in block.named_modules() if is_linear(m) and bprefix + n in wanted]
-            for group in _groups(names, arch.sequential, true_sequential):
+            for group in _expert_chunks(_groups(names, arch.sequential, true_sequential), moes, experts_per_pass):
                 if not group:  # a block with nothing selected: only its outputs are needed
                     continue
                 handles = []
@@ -356,13 +444,24 @@ def run_sequential(
                         method.collect(full, module, args[0])
 
                     handles.append(block.get_submodule(n).register_forward_hook(hook))
+                collecting = bool(hidden) and getattr(method, "collect_inputs", True)
+                counted = _count_routed(moes, group) if collecting else {}
                 try:
                     # a method that needs no inputs (e.g. W8A8 round-to-nearest) says so: skip the pass
-                    for h, kw in zip(hidden, kwargs) if getattr(method, "collect_inputs", True) else ():
+                    for h, kw in zip(hidden, kwargs) if collecting else ():
                         block(_to(h, device, work), **_to(kw[i], device, work))
                 finally:
                     for hd in handles:
                         hd.remove()
+                    routed = {n: m.routed_tokens for n, m in counted.items()}
+                    for m in counted.values():
+                        m.routed_tokens = None
+                if routed:
+                    def again(hook_names, i=i):
+                        _collect_pass(block, bprefix, hook_names, method, hidden, kwargs, i, device, work)
+
+                    stats.rare_experts += _calibrate_rare_experts(moes, routed, group, bprefix, expert_min_tokens,
+                                                                  sum(h.shape[0] * h.shape[1] for h in hidden), again)
                 for n in group:
                     set_module(block, n, method.apply(bprefix + n, block.get_submodule(n)))
                     stats.layers += 1

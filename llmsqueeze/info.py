@@ -28,6 +28,10 @@ def checkpoint_info(path: str | Path) -> dict:
     for f in weight_files(path):
         tensors.update({k: v for k, v in read_safetensors_header(f).items() if k != "__metadata__"})
 
+    from .formats.files import renamed_keys
+
+    tensors.update({name: tensors[key] for name, key in renamed_keys(model, list(tensors)).items()})  # module names
+
     def nbytes(key: str) -> int:
         t = tensors.get(key)
         return 0 if t is None else t["data_offsets"][1] - t["data_offsets"][0]
@@ -57,6 +61,7 @@ def checkpoint_info(path: str | Path) -> dict:
         q_weights += k * n
         q_bytes += b
     cover = coverage(model, {layer["name"] for layer in layers}, keep)
+    experts = _expert_counts(model, {layer["name"]: layer for layer in layers})
     dense_dtype = str(getattr(config, "dtype", None) or "bfloat16").replace("torch.", "")
     dense_elt = torch.empty(0, dtype=getattr(torch, dense_dtype, torch.bfloat16)).element_size()
     params = {id(p): p.numel() for p in model.parameters()}  # tied weights count once
@@ -83,6 +88,7 @@ def checkpoint_info(path: str | Path) -> dict:
         "left_dense": cover["left_dense"],
         "handled_share": q_weights / max(sum(params.values()), 1),
         "layers": layers,
+        **({"experts": experts} if experts else {}),
         **({"bits_histogram": _bits_histogram(layers), "avg_bits_target": (qc.get("method_args") or {}).get("avg_bits")}
            if layer_schemes else {}),
     }
@@ -141,6 +147,23 @@ def coverage_lines(info: dict) -> list[str]:
     return lines
 
 
+def _expert_counts(model, quantized: dict[str, dict]) -> dict | None:
+    """MoE: how many expert matrices (and their weights) the checkpoint stores quantized, of all."""
+    from .nn import linear_weight
+    from .nn_moe import MoEExperts, expert_linear_names
+
+    names = expert_linear_names(model)
+    if not names:
+        return None
+    weights = {n: linear_weight(model.get_submodule(n)).numel() for n in names}
+    done = [n for n in names if quantized.get(n, {}).get("bytes", 0) > 0]
+    moes = [m for m in model.modules() if isinstance(m, MoEExperts)]
+    return {"moe_layers": len(moes), "experts": sum(m.num_experts for m in moes), "matrices": len(names),
+            "quantized_matrices": len(done), "weights": sum(weights.values()),
+            "quantized_weights": sum(weights[n] for n in done),
+            "dense": [n for n in names if n not in set(done)]}
+
+
 def _bits_histogram(layers: list[dict]) -> dict[str, dict]:
     """{bits: {"layers", "weights"}} over the quantized layers of a mixed-precision checkpoint."""
     hist: dict[str, dict] = {}
@@ -155,12 +178,23 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:,.1f} MiB"
 
 
+def _experts_line(x: dict) -> str:
+    share = x["quantized_weights"] / max(x["weights"], 1)
+    return (f"  experts     {x['quantized_matrices']} of {x['matrices']} expert matrices quantized "
+            f"({x['experts']} experts in {x['moe_layers']} MoE layers; {share:.1%} of "
+            f"{x['weights']:,} expert weights)" + (f", dense: {x['dense'][0]}, ..." if x["dense"] else ""))
+
+
 def _module_summary(layers: list[dict]) -> str:
     """'q_proj x30 (576->576), ...' by the last name component and shape, in model order: layers of one
     name with different shapes (DeepSeek-V3's dense and expert MLPs) get one entry per shape."""
     kinds: dict[tuple, int] = {}
     for layer in layers:
-        key = (layer["name"].rsplit(".", 1)[-1], layer["in_features"], layer["out_features"])
+        kind = layer["name"].rsplit(".", 1)[-1]
+        parts = layer["name"].split(".")
+        if len(parts) > 3 and parts[-3] == "experts" and parts[-2].isdigit():  # a MoE expert's matrix
+            kind = f"experts.{kind}"
+        key = (kind, layer["in_features"], layer["out_features"])
         kinds[key] = kinds.get(key, 0) + 1
     return ", ".join(f"{k} x{n} ({i}->{o})" for (k, i, o), n in kinds.items())
 
@@ -241,6 +275,7 @@ def format_info(info: dict) -> str:
         f"{info['quantized_weights']:,} weights at {info['bits_per_quantized_weight']:.3f} bits/weight "
         f"({included} included)",
         f"  modules     {_module_summary(info['layers'])}",
+        *([_experts_line(info["experts"])] if info.get("experts") else []),
         f"  kept dense  {len(linear)} linear modules"
         + (f" ({', '.join(linear[:4])}{', ...' if len(linear) > 4 else ''})" if linear else "")
         + (f", {len(routers)} routers and gates ({_by_suffix(routers)}; {sum(routers.values()):,} weights)"

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .config import CheckpointError, LlmsqueezeError, QuantScheme, first_line
+from .models import expert_disk_sources, fused_part
 
 log = logging.getLogger("llmsqueeze")
 
@@ -114,7 +115,7 @@ class LazyModel:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        from .models import get_arch
+        from .models import get_arch, split_fused_experts
 
         self.path = resolve_model_dir(model_id)
         _, config = dense_config(str(self.path))
@@ -132,8 +133,10 @@ class LazyModel:
         with init_empty_weights(include_buffers=False):  # buffers (rotary tables) computed for real
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         self.model.eval()
+        split_fused_experts(self.model)  # MoE: per-expert Linears, read from the per-expert (or fused) tensors
         self.arch = get_arch(self.model)
         self.blocks = self.model.get_submodule(self.arch.blocks)
+        self._fused: dict[str, torch.Tensor] = {}  # fused expert tensors of the block being read
         self._map_keys()
         head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         self.head_names = {n + ".weight" for n, m in self.model.named_modules() if head is not None and m is head}
@@ -174,7 +177,24 @@ class LazyModel:
         params = dict(self.model.named_parameters(remove_duplicate=False))
         persistent = set(params) | set(self.model.state_dict())
         renamed = self._renamings()
-        self.keys: dict[str, str] = {}
+        experts = expert_disk_sources(self.model)
+
+        def variants(k):
+            out = [k]
+            if base and k.startswith(base + "."):
+                out.append(k[len(base) + 1:])
+            elif base:
+                out.append(f"{base}.{k}")
+            return out
+
+        def expert_key(sources):  # the per-expert tensor on disk, else expert e's part of the fused one
+            for src in sources:
+                found = next((k for k in variants(src[1]) if k in self.reader.tensors), None)
+                if found is not None:
+                    return found if src[0] == "tensor" else (found, *src[2:])
+            return None
+
+        self.keys: dict[str, str | tuple] = {}  # a key, or (fused key, expert, role, layout)
         self.renamed: set[str] = set()  # names saved under their checkpoint key (save_pretrained reverses renamings)
         for name in persistent:
             options = [name]
@@ -186,6 +206,8 @@ class LazyModel:
             if key is None and name in renamed:
                 key = renamed[name]
                 self.renamed.add(name)
+            if key is None and name in experts:
+                key = expert_key(experts[name])
             if key is not None:
                 self.keys[name] = key
             elif not (ties and name in tied):
@@ -195,7 +217,12 @@ class LazyModel:
         # shapes checked now, so a mismatch is found before any work
         for name, key in self.keys.items():
             want = tuple(params[name].shape) if name in params else None
-            have = tuple(self.reader.tensors[key][2])
+            if isinstance(key, tuple):  # a part of a fused expert tensor
+                fused, e, role, layout = key
+                have = tuple(fused_part(layout, torch.empty(self.reader.tensors[fused][2], device="meta"), e, role).shape)
+                key = fused
+            else:
+                have = tuple(self.reader.tensors[key][2])
             if want is not None and want != have:
                 raise CheckpointError(f"{self.path}: {key} has shape {have}, the model expects {want}; "
                                       "the checkpoint does not match its config.json")
@@ -203,28 +230,31 @@ class LazyModel:
     def _renamings(self) -> dict[str, str]:
         """Model name -> checkpoint key under the plain renamings transformers applies on loading
         (GPT-NeoX: embed_out -> lm_head); checkpoints that need fusing or splitting fail to map."""
-        import re
+        from .formats.files import renamed_keys
 
+        return renamed_keys(self.model, self.reader.tensors)
+
+    def block_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Block i's tensors under the names save_pretrained writes: it reverts transformers' load-time
+        renamings (Mixtral: mlp. -> block_sparse_moe.), so the lazy checkpoint equals the in-memory one."""
+        state = self.blocks[i].state_dict(prefix=self.block_prefix(i))
         try:
-            from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+            from transformers.core_model_loading import revert_weight_conversion
+        except ImportError:  # another transformers version: the module names
+            return state
+        return revert_weight_conversion(self.model, state)
 
-            rules = [t for t in get_model_conversion_mapping(self.model) if type(t) is WeightRenaming]
-        except Exception:  # noqa: BLE001 - another transformers version: no renamings
-            return {}
-        out = {}
-        for key in self.reader.tensors:
-            name = key
-            for r in rules:
-                tgt = r.target_patterns[0] if len(r.target_patterns) == 1 else None
-                for i, src in enumerate(r.source_patterns):
-                    name = re.sub(src, tgt if tgt is not None else r.target_patterns[i], name)
-            if name != key:
-                out[name] = key
-        return out
+    def _read(self, key: str | tuple) -> torch.Tensor:
+        if not isinstance(key, tuple):
+            return self.reader.read(key)
+        fused, e, role, layout = key
+        if fused not in self._fused:  # each fused tensor is read once per block
+            self._fused[fused] = self.reader.read(fused)
+        return fused_part(layout, self._fused[fused], e, role)
 
     def _load(self, name: str) -> None:
         key = self.keys[name]
-        t = self.reader.read(key)
+        t = self._read(key)
         mod_name, _, attr = name.rpartition(".")
         mod = self.model.get_submodule(mod_name) if mod_name else self.model
         current = mod._parameters.get(attr)
@@ -242,6 +272,7 @@ class LazyModel:
         for name in self.keys:
             if name.startswith(prefix):
                 self._load(name)
+        self._fused.clear()
 
     def release_block(self, i: int) -> None:
         for mod in self.blocks[i].modules():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .config import LlmsqueezeError, QuantScheme
@@ -127,6 +128,8 @@ def quantizable_modules(model: nn.Module, scheme: QuantScheme) -> list[str]:
     arch = get_arch(model)
     prefix = arch.blocks + "."
     names = [n for n, m in model.named_modules() if n.startswith(prefix) and is_linear(m) and not kept_dense(n)]
+    dense = moe_dense_names(model)  # MoE routers that are Linears stay dense
+    names = [n for n in names if n not in dense]
     if scheme.lm_head:
         head = _name_of(model, model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
         head = head or arch.lm_head
@@ -223,3 +226,233 @@ def untie_lm_head(model: nn.Module, head_name: str) -> None:
         head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
     for cfg in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
         cfg.tie_word_embeddings = False
+
+
+# =============================================================================================
+# Mixtures of experts (issue 22). transformers 5 keeps a MoE layer's experts as one module with
+# fused 3-D parameters, built at load time from the per-expert tensors of the checkpoint (its
+# conversion_mapping.py: Mixtral's block_sparse_moe.experts.{e}.w1/w3 -> mlp.experts.gate_up_proj,
+# w2 -> down_proj; Qwen2-MoE's, also used for Qwen3-MoE and DeepSeek-V3, mlp.experts.{e}.gate_proj/
+# up_proj -> gate_up_proj, down_proj -> down_proj; gpt-oss stores the fused tensors on disk).
+# llmsqueeze splits each such module into nn_moe.MoEExperts, one gate/up/down Linear per expert
+# (named <experts>.<e>.gate_proj ...), so every method and the checkpoint see the experts as Linears.
+# =============================================================================================
+EXPERT_ROLES = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """Where one family's MoE layers live, relative to a decoder block, and how its experts are fused.
+
+    experts: the fused experts module (blocks without it, e.g. DeepSeek's first dense layers, are
+    plain MLPs); router: the module that picks the experts (never quantized: a weight Parameter, not
+    a Linear); shared: shared-expert MLPs (ordinary Linears, quantized like any MLP); dense: Linears
+    kept dense (Qwen2-MoE's one-output shared_expert_gate, a router of its own);
+    gate_up: "concat" (gate_up_proj rows: the gate's I rows, then the up's) or "interleaved" (gpt-oss:
+    gate, up, gate, up ...); transposed: the fused weights are [E, in, out] (gpt-oss) rather than
+    [E, out, in]; bias: gate_up_proj_bias [E, 2I] and down_proj_bias [E, H] (gpt-oss); activation:
+    nn_moe's "glu" (act_fn(gate) * up) or "clamped_swiglu" (gpt-oss, with the module's alpha, limit);
+    disk: each role's per-expert tensor name in the family's checkpoints, relative to the block, {e}
+    the expert (None: the fused tensors themselves are on disk, under the module's names)."""
+
+    experts: str = "mlp.experts"
+    router: str = "mlp.gate"
+    shared: tuple[str, ...] = ()
+    dense: tuple[str, ...] = ()
+    gate_up: str = "concat"
+    transposed: bool = False
+    bias: bool = False
+    activation: str = "glu"
+    disk: dict | None = None
+
+
+_PER_EXPERT_DISK = {r: f"mlp.experts.{{e}}.{r}.weight" for r in EXPERT_ROLES}
+
+MOE_LAYOUTS: dict[str, MoELayout] = {
+    "mixtral": MoELayout(disk={"gate_proj": "block_sparse_moe.experts.{e}.w1.weight",
+                               "up_proj": "block_sparse_moe.experts.{e}.w3.weight",
+                               "down_proj": "block_sparse_moe.experts.{e}.w2.weight"}),
+    "qwen2_moe": MoELayout(shared=("mlp.shared_expert",), dense=("mlp.shared_expert_gate",), disk=_PER_EXPERT_DISK),
+    "qwen3_moe": MoELayout(disk=_PER_EXPERT_DISK),
+    "gpt_oss": MoELayout(router="mlp.router", gate_up="interleaved", transposed=True, bias=True,
+                         activation="clamped_swiglu"),
+    "deepseek_v3": MoELayout(shared=("mlp.shared_experts",), disk=_PER_EXPERT_DISK),
+}
+
+# calibration order of a MoE block (true-sequential): "*" stands for any expert
+_MOE_MLP_ORDER = (
+    ("mlp.experts.*.gate_proj", "mlp.experts.*.up_proj", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj",
+     "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.experts.*.down_proj", "mlp.shared_expert.down_proj", "mlp.shared_experts.down_proj", "mlp.down_proj"),
+)
+ARCHS.update({
+    "mixtral": Arch("model.layers", ("model.embed_tokens",), sequential=_LLAMA_ORDER[:2] + _MOE_MLP_ORDER),
+    "qwen2_moe": Arch("model.layers", ("model.embed_tokens",), sequential=_LLAMA_ORDER[:2] + _MOE_MLP_ORDER),
+    "qwen3_moe": Arch("model.layers", ("model.embed_tokens",), sequential=_LLAMA_ORDER[:2] + _MOE_MLP_ORDER),
+    "gpt_oss": Arch("model.layers", ("model.embed_tokens",), sequential=_LLAMA_ORDER[:2] + _MOE_MLP_ORDER),
+    "deepseek_v3": Arch(
+        "model.layers", ("model.embed_tokens",),
+        sequential=(("self_attn.q_a_proj", "self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"), ("self_attn.q_b_proj",),
+                    ("self_attn.kv_b_proj",), ("self_attn.o_proj",)) + _MOE_MLP_ORDER),
+})
+
+
+def _model_type(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None)
+
+
+def split_fused(layout: MoELayout, gate_up: torch.Tensor, down: torch.Tensor, gate_up_bias: torch.Tensor | None = None,
+                down_bias: torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Fused experts -> {role: (weight [E, out, in], bias [E, out] or None)}: gate and up [E, I, H],
+    down [E, H, I], the layout of nn.Linear. gate_up [E, 2I, H] ([E, H, 2I] transposed), down
+    [E, H, I] ([E, I, H] transposed)."""
+    if layout.transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    if layout.gate_up == "interleaved":
+        parts = (gate_up[:, 0::2], gate_up[:, 1::2])
+        bparts = (None, None) if gate_up_bias is None else (gate_up_bias[:, 0::2], gate_up_bias[:, 1::2])
+    else:
+        i = gate_up.shape[1] // 2
+        parts = (gate_up[:, :i], gate_up[:, i:])
+        bparts = (None, None) if gate_up_bias is None else (gate_up_bias[:, :i], gate_up_bias[:, i:])
+    return {"gate_proj": (parts[0], bparts[0]), "up_proj": (parts[1], bparts[1]), "down_proj": (down, down_bias)}
+
+
+def fuse_experts(layout: MoELayout, per_role: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
+    """The inverse of split_fused: {role: (weight [E, out, in], bias)} -> the fused module's tensors
+    {"gate_up_proj", "down_proj"(, "gate_up_proj_bias", "down_proj_bias")}."""
+    (g, gb), (u, ub), (d, db) = (per_role[r] for r in EXPERT_ROLES)
+    if layout.gate_up == "interleaved":
+        gate_up = torch.stack((g, u), dim=2).flatten(1, 2)  # [E, 2I, H]: rows gate0, up0, gate1, ...
+        bias = None if gb is None else torch.stack((gb, ub), dim=2).flatten(1, 2)
+    else:
+        gate_up = torch.cat((g, u), dim=1)
+        bias = None if gb is None else torch.cat((gb, ub), dim=1)
+    out = {"gate_up_proj": gate_up.transpose(1, 2) if layout.transposed else gate_up,
+           "down_proj": d.transpose(1, 2) if layout.transposed else d}
+    if bias is not None:
+        out.update(gate_up_proj_bias=bias, down_proj_bias=db)
+    return out
+
+
+def _generic_layout(module: nn.Module, rel: str) -> MoELayout | None:
+    """A fused experts module of a family not in MOE_LAYOUTS, read from the flags transformers'
+    @use_experts_implementation puts on it: only the plain gated MLP (act_fn(gate) * up)."""
+    from transformers.integrations import moe as hf_moe
+
+    flags = ("is_transposed", "is_concatenated", "has_bias", "has_gate")
+    if not all(hasattr(module, f) for f in flags) or not module.has_gate or module.has_bias:
+        return None
+    if getattr(type(module), "_apply_gate", None) is not hf_moe._default_apply_gate or not hasattr(module, "act_fn"):
+        return None
+    return MoELayout(experts=rel, gate_up="concat" if module.is_concatenated else "interleaved",
+                     transposed=bool(module.is_transposed), disk={r: f"{rel}.{{e}}.{r}.weight" for r in EXPERT_ROLES})
+
+
+def _fused_experts(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module of a block holding 3-D expert weights (gate_up_proj / down_proj)."""
+    out = []
+    for n, m in block.named_modules():
+        p = m._parameters.get("down_proj")
+        if p is not None and p.dim() == 3:
+            out.append((n, m))
+    return out
+
+
+def moe_layouts(model: nn.Module) -> dict[str, MoELayout]:
+    """{experts module name: its layout} for every MoE layer of `model` (fused or already split);
+    fused experts that no row nor the generic reading describes are refused in one line."""
+    from .nn_moe import MoEExperts
+
+    arch = get_arch(model)
+    row = MOE_LAYOUTS.get(_model_type(model))
+    out = {}
+    for i, block in enumerate(model.get_submodule(arch.blocks)):
+        for rel, module in _fused_experts(block) + [(n, m) for n, m in block.named_modules() if isinstance(m, MoEExperts)]:
+            layout = row if row is not None and rel == row.experts else _generic_layout(module, rel)
+            if layout is None and isinstance(module, MoEExperts):
+                layout = row or MoELayout(experts=rel)
+            if layout is None:
+                raise LlmsqueezeError(
+                    f"{_model_type(model)}: {arch.blocks}.{i}.{rel} ({type(module).__name__}) holds fused 3-D expert "
+                    "weights llmsqueeze cannot read (not in llmsqueeze.models.MOE_LAYOUTS, and not a plain gated MLP); "
+                    "add a MoELayout row for the family")
+            out[f"{arch.blocks}.{i}.{rel}"] = layout
+    return out
+
+
+def split_fused_experts(model: nn.Module) -> list[str]:
+    """Replace every fused experts module of `model` by an nn_moe.MoEExperts holding the same
+    weights as per-expert Linears (on the meta device too: an empty skeleton stays empty), in
+    place; -> the names of the modules replaced. Idempotent."""
+    from .nn import set_module
+    from .nn_moe import MoEExperts, linear_from
+
+    done = []
+    for name, layout in moe_layouts(model).items():
+        fused = model.get_submodule(name)
+        if isinstance(fused, MoEExperts):
+            continue
+        p = fused._parameters
+        parts = split_fused(layout, p["gate_up_proj"], p["down_proj"], p.get("gate_up_proj_bias"), p.get("down_proj_bias"))
+        n_exp, inter, hidden = parts["gate_proj"][0].shape
+        moe = MoEExperts(n_exp, hidden, inter, layout.activation, act_fn=getattr(fused, "act_fn", None),
+                         alpha=getattr(fused, "alpha", None), limit=getattr(fused, "limit", None),
+                         bias=layout.bias, dtype=p["down_proj"].dtype, device="meta")
+        grad = p["down_proj"].requires_grad
+        for e in range(n_exp):
+            expert = moe.expert(e)
+            for role, (w, b) in parts.items():
+                copy = (lambda t: t[e].clone()) if not w.is_meta else (lambda t: torch.empty_like(t[e]))
+                setattr(expert, role, linear_from(copy(w), None if b is None else copy(b), grad))
+        set_module(model, name, moe)
+        done.append(name)
+    return done
+
+
+def moe_dense_names(model: nn.Module) -> set[str]:
+    """Linears the MoE layouts keep dense (Qwen2-MoE's shared_expert_gate), full names."""
+    row = MOE_LAYOUTS.get(_model_type(model))
+    if row is None or not row.dense:
+        return set()
+    prefix = get_arch(model).blocks + "."
+    return {n for n, _ in model.named_modules()
+            if n.startswith(prefix) and n[len(prefix):].partition(".")[2] in row.dense}
+
+
+def fused_part(layout: MoELayout, fused: torch.Tensor, e: int, role: str) -> torch.Tensor:
+    """Expert e's `role` part of one fused tensor as nn.Linear holds it: from gate_up_proj [E, 2I, H]
+    ([E, H, 2I] transposed) gate or up [I, H]; from down_proj [E, H, I] ([E, I, H]) down [H, I];
+    from the biases gate_up_proj_bias [E, 2I] / down_proj_bias [E, H] the [I] or [H] bias."""
+    t = fused[e]
+    if t.dim() == 2 and layout.transposed:
+        t = t.t()
+    if role != "down_proj":
+        i = t.shape[0] // 2
+        if layout.gate_up == "interleaved":
+            t = t[0::2] if role == "gate_proj" else t[1::2]
+        else:
+            t = t[:i] if role == "gate_proj" else t[i:]
+    return t.clone(memory_format=torch.contiguous_format)  # its own storage: the fused tensor can be freed
+
+
+def expert_disk_sources(model: nn.Module) -> dict[str, list[tuple]]:
+    """Where each per-expert tensor of `model` (split, on any device) may come from in a dense
+    checkpoint, in the order to try: {model tensor name: [("tensor", key), ("fused", key, e, role,
+    layout)]}; keys are model tensor names (the loader adds or drops the base model's prefix).
+    "tensor": the family's per-expert name on disk; "fused": fused_part(layout, <key>, e, role)."""
+    out = {}
+    for name, layout in moe_layouts(model).items():
+        block = name[: len(name) - len(layout.experts) - 1]
+        moe = model.get_submodule(name)
+        for e in range(moe.num_experts):
+            for role in EXPERT_ROLES:
+                for what in ("weight", "bias") if layout.bias else ("weight",):
+                    options = []
+                    if layout.disk is not None and what == "weight":
+                        options.append(("tensor", f"{block}.{layout.disk[role].format(e=e)}"))
+                    fused = ("down_proj" if role == "down_proj" else "gate_up_proj") + ("_bias" if what == "bias" else "")
+                    options.append(("fused", f"{name}.{fused}", e, role, layout))
+                    out[f"{name}.{e}.{role}.{what}"] = options
+    return out

@@ -31,7 +31,15 @@ from .config import (
 )
 from .engine import EngineStats, Job, calibration_ids, check_devices, peak_rss_mib, run_sequential
 from .methods import MethodRow, check_quantize_options, prune_method, quantize_method, resolve_scheme
-from .models import all_linear_names, get_arch, gguf_layer_types, quantizable_modules, selected_layers, untie_lm_head
+from .models import (
+    all_linear_names,
+    get_arch,
+    gguf_layer_types,
+    quantizable_modules,
+    selected_layers,
+    split_fused_experts,
+    untie_lm_head,
+)
 from .nn import linear_weight, set_module
 
 log = logging.getLogger("llmsqueeze")
@@ -67,7 +75,9 @@ def _compress(job: Job, row: MethodRow, method=None, hooks: dict | None = None) 
     block_names, outside = _split_blocks(model, job.names, bool(job.batches))
     stats = run_sequential(model, job.batches, method, block_names, device=job.device, offload=job.options.offload,
                            true_sequential=getattr(method, "true_sequential", job.options.true_sequential),
-                           progress=job.progress, compute=job.options.compute_dtype, **(hooks or {}))
+                           progress=job.progress, compute=job.options.compute_dtype,
+                           expert_min_tokens=job.options.expert_min_tokens,
+                           experts_per_pass=job.options.experts_per_pass, **(hooks or {}))
     with torch.no_grad():
         for n in outside:  # data-free (checked above): the head is in memory already
             set_module(model, n, method.apply(n, model.get_submodule(n)))
@@ -189,6 +199,7 @@ def quantize_model(model: nn.Module, scheme, data=None, method: str = "rtn", pro
                    avg_bits: float | None = None, bit_candidates: tuple[int, ...] = (2, 3, 4, 8),
                    sensitivity: dict | None = None) -> nn.Module:
     """Quantize `model` in place (llmsqueeze.quantize documents the arguments); returns it."""
+    split_fused_experts(model)  # MoE: one Linear per expert matrix (models.MOE_LAYOUTS)
     row, scheme = _check_scheme(model, scheme, method, avg_bits)
     names, head_name = selected_layers(model, scheme)
     what = _needs_data(row, scheme)
@@ -232,6 +243,7 @@ def prune_model(model: nn.Module, method: str, sparsity: SparsityScheme, data=No
                 owl: dict | None = None, refit: bool | str | None = None,
                 options: CalibrationOptions | None = None) -> nn.Module:
     """Prune (and with `scheme` quantize) `model` in place (llmsqueeze.prune documents the arguments)."""
+    split_fused_experts(model)
     from .pruning.masks import check_nm_width
 
     row = prune_method(method)
@@ -328,6 +340,7 @@ def prune_gradual(model: nn.Module, ids: torch.Tensor, sparsity: SparsityScheme,
     from dense to `sparsity` (unstructured, uniform per layer, or N:M) on the `schedule` over the first
     `end` of the steps, masks chosen again every `every` steps (default: 10 updates) by `score`, then
     trained with the mask held. -> per-step records; the model ends pruned, marked for saving."""
+    split_fused_experts(model)
     from .pruning.finetune import check_text_length, finetune
     from .pruning.masks import check_nm_width
     from .pruning.schedule import GradualPruner
@@ -461,7 +474,7 @@ def quantize_lazy(
             delay = float(os.environ.get(BLOCK_DELAY_ENV, "0"))
 
             def block_done(i, block, hidden):
-                state = block.state_dict(prefix=lazy.block_prefix(i))
+                state = lazy.block_state(i)
                 run.block_done(i, state, hidden if job.batches else None)
                 lazy.release_block(i)
                 if i == stop_after:

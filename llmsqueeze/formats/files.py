@@ -94,15 +94,20 @@ def tensor_getter(keys: dict[str, tuple[Path, dict]]):
 
 
 def skeleton(path: Path, config: dict | None = None):
-    """The model built on the meta device from config.json, without its quantization_config."""
+    """The model built on the meta device from config.json, without its quantization_config; MoE
+    experts split into per-expert Linears, as our checkpoints store them."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models import split_fused_experts
 
     cfg = AutoConfig.from_pretrained(path)
     cfg.quantization_config = None
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg), cfg
+        model = AutoModelForCausalLM.from_config(cfg)
+    split_fused_experts(model)
+    return model, cfg
 
 
 def linear_shapes(model) -> dict[str, tuple[int, int, bool]]:
@@ -115,4 +120,28 @@ def linear_shapes(model) -> dict[str, tuple[int, int, bool]]:
         layer = model.get_submodule(name)
         n, k = linear_weight(layer).shape
         out[name] = (n, k, isinstance(layer, torch.nn.Linear))
+    return out
+
+
+def renamed_keys(model, keys) -> dict[str, str]:
+    """{model tensor name: checkpoint key} for the checkpoint `keys` that transformers' plain renamings
+    (WeightRenaming: GPT-NeoX's embed_out -> lm_head, Mixtral's block_sparse_moe -> mlp) map to another
+    name on loading; fusing and splitting converters are not applied."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import WeightRenaming, get_model_conversion_mapping
+
+        rules = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
+    except Exception:  # noqa: BLE001 - another transformers version: no renamings
+        return {}
+    out = {}
+    for key in keys:
+        name = key
+        for r in rules:
+            tgt = r.target_patterns[0] if len(r.target_patterns) == 1 else None
+            for i, src in enumerate(r.source_patterns):
+                name = re.sub(src, tgt if tgt is not None else r.target_patterns[i], name)
+        if name != key:
+            out[name] = key
     return out

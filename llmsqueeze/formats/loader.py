@@ -119,6 +119,15 @@ class LlmsqueezeHfQuantizer(HfQuantizer):
             if parent:
                 model.get_submodule(parent)._is_hf_initialized = True
 
+    def update_weight_conversions(self, weight_conversions, model):
+        """Without the family's fusing of per-expert tensors into 3-D experts: our checkpoints keep
+        each expert's matrices, and the skeleton its per-expert layers (models.split_fused_experts)."""
+        from ..nn_moe import MoEExperts
+
+        if any(isinstance(m, MoEExperts) for m in model.modules()):
+            weight_conversions = [c for c in weight_conversions if not _fuses_experts(c)]
+        return super().update_weight_conversions(weight_conversions, model)
+
     def get_weight_conversions(self):
         if not self.quantization_config.source:
             return super().get_weight_conversions()
@@ -143,6 +152,13 @@ class LlmsqueezeHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self):
         return False
+
+
+def _fuses_experts(conversion) -> bool:
+    """A transformers WeightConverter whose targets are fused expert tensors (experts.gate_up_proj ...)."""
+    targets = getattr(conversion, "_original_target_patterns", None) or getattr(conversion, "target_patterns", ())
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    return bool(targets) and all(t.rstrip("$").endswith(("experts.gate_up_proj", "experts.down_proj")) for t in targets)
 
 
 _REGISTERED = False

@@ -327,9 +327,10 @@ def _check_sparsity_config(sp: dict) -> None:
 def replace_with_quant_linear(model: nn.Module, qc: dict) -> list[str]:
     """Swap every Linear not in modules_to_not_convert for an empty QuantLinear of the same shape
     (on whatever device the skeleton is, usually meta); the loader then fills its buffers."""
-    from ..models import all_linear_names
+    from ..models import all_linear_names, split_fused_experts
     from ..nn import SparseLinear, empty_quant_linear, linear_weight, set_module
 
+    split_fused_experts(model)  # MoE: the checkpoint stores each expert's matrices under its own names
     sp = qc.get("sparsity")
     if sp is not None and sp.get("format") == "nm" and qc.get("scheme") is not None:  # N:M, values quantized
         scheme = scheme_from_dict(qc["scheme"])

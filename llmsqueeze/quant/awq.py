@@ -193,6 +193,47 @@ def collect_input_stats(block: nn.Module, names: list[str], batches) -> dict[str
     return {n: entries[share.get(n, n)] for n in names if share.get(n, n) in entries}
 
 
+def rare_expert_stats(block: nn.Module, names: list[str], stats: dict[str, InputStats], batches,
+                      min_tokens: int) -> dict[str, InputStats]:
+    """The engine's rare-expert policy for AWQ's own statistics pass: each MoE expert among `names`
+    whose inputs came from fewer than `min_tokens` routed tokens (none: no entry) is run once more on
+    every token of the block (nn_moe.MoEExperts.calibrate_all), its statistics merged with the
+    routed ones. -> the replaced entries (shared by an expert's gate and up, as collected)."""
+    from ..nn_moe import MoEExperts
+
+    rare: dict[str, list[int]] = {}
+    for n, m in block.named_modules():
+        if isinstance(m, MoEExperts):
+            for e in range(m.num_experts):
+                own = [x for x in names if x.startswith(f"{n}.{e}.")]
+                if own and min((stats[x].n if x in stats else 0) for x in own) < min_tokens:
+                    rare.setdefault(n, []).append(e)
+    if not rare:
+        return {}
+    wanted = [x for x in names for n, es in rare.items() for e in es if x.startswith(f"{n}.{e}.")]
+    for n, es in rare.items():
+        block.get_submodule(n).calibrate_all = frozenset(es)
+        log.info("AWQ %s: experts %s routed fewer than %d calibration tokens: calibrated on all tokens", n, es, min_tokens)
+    try:
+        extra = collect_input_stats(block, wanted, batches())
+    finally:
+        for n in rare:
+            block.get_submodule(n).calibrate_all = frozenset()
+    merged: dict[int, InputStats] = {}
+    out = {}
+    for x in wanted:
+        a, b = stats.get(x), extra[x]
+        key = id(b)
+        if key not in merged:
+            if a is None or a.n == 0:
+                merged[key] = b
+            else:
+                n = a.n + b.n
+                merged[key] = InputStats((a.h * a.n + b.h * b.n) / n, a.abs_sum + b.abs_sum, n)
+        out[x] = merged[key]
+    return out
+
+
 @dataclass
 class BalanceGroup:
     """producer: a norm (is_norm) or a Linear; consumers: the Linears reading its output; idx (Linear
@@ -254,8 +295,10 @@ class AWQ:
     Linear's clipped grid); `apply` packs each Linear, by RTN on the chosen grid or by GPTQ."""
 
     def __init__(self, scheme: QuantScheme, layer_names: list[str], smap: SmoothMap, gptq=None,
-                 grid: int = 20, clip_grid: int = 20, clip_max_shrink: float = 0.5, true_sequential: bool = False):
+                 grid: int = 20, clip_grid: int = 20, clip_max_shrink: float = 0.5, true_sequential: bool = False,
+                 expert_min_tokens: int = 32):
         self.scheme, self.smap, self.gptq = scheme, smap, gptq
+        self.expert_min_tokens = expert_min_tokens
         self.wanted = set(layer_names)
         self.grid, self.alpha_grid = grid, [round(i / grid, 6) for i in range(grid + 1)]
         self.true_sequential = true_sequential  # the engine's order of Linear groups (with GPTQ only)
@@ -275,6 +318,7 @@ class AWQ:
         readers = list(dict.fromkeys(names + [c for g in groups for c in g.consumers]))
 
         stats = collect_input_stats(block, readers, batches())
+        stats.update(rare_expert_stats(block, readers, stats, batches, self.expert_min_tokens))
         for grp in groups:
             quantized = [c for c in grp.consumers if prefix + c in self.wanted]
             if not quantized:
@@ -393,4 +437,5 @@ def build(job, inner=None) -> AWQ:
     if inner is None:
         job.method_args = dict(job.data_args)
     return AWQ(job.scheme, job.names, smap, inner, grid=grid, clip_grid=clip_grid, clip_max_shrink=clip_max_shrink,
-               true_sequential=job.options.true_sequential and inner is not None)
+               true_sequential=job.options.true_sequential and inner is not None,
+               expert_min_tokens=job.options.expert_min_tokens)

@@ -14,6 +14,7 @@ alpha is searched per block on the block-output error of the quantized block (`s
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,24 @@ SMOOTH_MAPS: dict[str, SmoothMap] = {
     "gpt_neox": SmoothMap((("input_layernorm", ("attention.query_key_value",)),
                            ("post_attention_layernorm", ("mlp.dense_h_to_4h",)))),
 }
+
+
+# Mixtures of experts (issue 22): the post-attention norm also feeds the router, so it is not folded
+# (that would change the routing unless the router's columns were scaled too); each expert's
+# up_proj -> down_proj is ("*": any expert; act(gate) * up is linear in up), like the shared expert's.
+# gpt-oss's clamped (up + 1) * glu is not linear in up: only its attention is balanced.
+_MOE_PAIRS = (("mlp.experts.*.up_proj", "mlp.experts.*.down_proj"), ("mlp.shared_expert.up_proj", "mlp.shared_expert.down_proj"),
+              ("mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj"), ("mlp.up_proj", "mlp.down_proj"))
+_MOE = SmoothMap(norms=_LLAMA.norms[:1], linears=_LLAMA.linears[:1] + _MOE_PAIRS)
+SMOOTH_MAPS.update({
+    "mixtral": _MOE, "qwen2_moe": _MOE, "qwen3_moe": _MOE,
+    "gpt_oss": SmoothMap(norms=_LLAMA.norms[:1], linears=_LLAMA.linears[:1]),
+    "deepseek_v3": SmoothMap(  # multi-head latent attention: each low-rank projection has its norm
+        norms=(("input_layernorm", ("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa")),
+               ("self_attn.q_a_layernorm", ("self_attn.q_b_proj",)),
+               ("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",))),
+        linears=_MOE_PAIRS),
+})
 
 
 def smooth_map_for(model: nn.Module) -> SmoothMap | None:
@@ -122,7 +141,7 @@ def linear_pair_plan(block: nn.Module, smap: SmoothMap) -> list[tuple[str, str, 
     """The Linear pairs of `smap` that exist in this block with compatible widths, each with the
     producer channel of every consumer input column."""
     plan = []
-    for prod, cons in smap.linears:
+    for prod, cons in _expand_experts(block, smap.linears):
         try:
             p, c = block.get_submodule(prod), block.get_submodule(cons)
         except AttributeError:
@@ -133,6 +152,21 @@ def linear_pair_plan(block: nn.Module, smap: SmoothMap) -> list[tuple[str, str, 
         if idx is not None:
             plan.append((prod, cons, idx))
     return plan
+
+
+def _expand_experts(block: nn.Module, pairs) -> list[tuple[str, str]]:
+    """(producer, consumer) pairs with "*" (a MoE expert's index) expanded to every expert present."""
+    out = []
+    for prod, cons in pairs:
+        if "*" not in prod:
+            out.append((prod, cons))
+            continue
+        pattern = re.compile(re.escape(prod).replace(r"\*", r"(\d+)") + "$")
+        for name, _ in block.named_modules():
+            m = pattern.match(name)
+            if m:
+                out.append((name, cons.replace("*", m.group(1))))
+    return out
 
 
 def input_names(block: nn.Module, smap: SmoothMap, pairs: bool) -> list[str]:
@@ -163,6 +197,8 @@ def smooth_block(block: nn.Module, smap: SmoothMap, act_absmax: dict[str, torch.
             applied[n] = s
     if pairs:
         for prod, cons, idx in linear_pair_plan(block, smap):
+            if cons not in act_absmax:  # a MoE expert no calibration token reached: nothing to balance
+                continue
             p, c = block.get_submodule(prod), block.get_submodule(cons)
             n_out = linear_weight(p).shape[0]
             idx = idx.to(linear_weight(c).device)

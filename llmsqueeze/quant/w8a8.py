@@ -178,7 +178,7 @@ class W8A8:
                 for n in names:
                     layer = trial.get_submodule(n)
                     inp = None
-                    if self.static:
+                    if self.static and n in stats:  # (a MoE expert no trial token reaches needs none)
                         inp = self.grid.input_scale((stats[n] / applied.get(n, torch.ones_like(stats[n]))).max())
                     set_module(trial, n, self.grid.rtn(layer, inp, prefix + n))
 
