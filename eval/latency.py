@@ -303,7 +303,7 @@ def llama_cpp_rows(args) -> list[dict]:
         tg = next(r for r in bench if r["n_gen"])
         rows.append({"config": f"llama.cpp {t}", "engine": "llama.cpp", "generated": True, "gguf": str(f),
                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": args.threads,
-                     "prefill_tok_s": pp["avg_ts"], "decode_tok_s": tg["avg_ts"], "decode_tok_s_stdev": tg["stdev_ts"],
+                     "prefill_tok_s": pp["avg_ts"], "decode_tok_s": tg["avg_ts"], "decode_tok_s_stdev": tg.get("stddev_ts", tg.get("stdev_ts")),
                      "weights_mib": f.stat().st_size / 2**20, "llama_cpp": g.llama_cpp_version(src),
                      "build": "GGML_NATIVE=OFF, AVX2 + FMA + F16C"})
         print(f"{rows[-1]['config']:44s} prefill {pp['avg_ts']:8.1f} tok/s  decode {tg['avg_ts']:8.2f} tok/s  "
