@@ -68,17 +68,6 @@ def llc_bytes() -> int:
     return best or 64 << 20
 
 
-def bandwidth_gbs(torch) -> float:
-    a = torch.ones(1 << 28)  # 1 GiB of float32
-    a.sum()
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a.sum()
-        best = max(best, a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
 def timed(fn, calls: int, reps: int) -> float:
     """Median seconds of one call, over `reps` rounds of `calls` calls (each on the next weight copy)."""
     for i in range(min(calls, 4)):
@@ -96,12 +85,13 @@ def run(args) -> dict:
     import torch
     import torch.nn.functional as F
 
+    from llmsqueeze.evaluate import read_bandwidth_gbs
     from llmsqueeze.kernels import cpu
     from llmsqueeze.nn import HalfStorageLinear, QuantLinear
 
     torch.set_num_threads(args.threads)
     info = cpu.cpu()
-    bw = bandwidth_gbs(torch)
+    bw = read_bandwidth_gbs()
     llc = llc_bytes()
     native_bf16 = info.native_bf16
     rows = []

@@ -261,21 +261,6 @@ def quantize_w8a8_dir(model: str, tmp: str) -> str:
     return out
 
 
-def bandwidth_gbs(threads: int) -> float:
-    """Read bandwidth: the best of 5 sums over 1 GiB of float32 with `threads` threads (a GEMV reads)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a = torch.ones(1 << 28)
-    a.sum()
-    best = 0.0
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a.sum()
-        best = max(best, a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
 def llama_cpp_rows(args) -> list[dict]:
     """llama-bench on the model as GGUF (llama.cpp's convert_hf_to_gguf.py, then llama-quantize from the
     exact bf16 file), each type in LLAMA_CPP_TYPES: pp = prompt of --prompt-len, tg = --new-tokens steps."""
@@ -412,7 +397,7 @@ def main() -> None:
     dtype = "float16" if cuda else "bfloat16"
     real = Path(args.model).expanduser().is_dir() and not args.no_real
 
-    from llmsqueeze.evaluate import write_results
+    from llmsqueeze.evaluate import read_bandwidth_gbs, write_results
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -450,7 +435,7 @@ def main() -> None:
     print()
     extra = {}
     if not cuda and not args.synthetic:  # the CPU table, with each row's ceiling: its weights read once per token
-        bw = bandwidth_gbs(args.threads)
+        bw = read_bandwidth_gbs(args.threads)
         extra = {"bandwidth_gbs": bw, "as_avx2": args.as_avx2, "env": AVX2_ENV if args.as_avx2 else {}}
         print(f"| model | prefill tok/s ({args.prompt_len} tokens) | decode tok/s | decode ceiling at {bw:.1f} GB/s "
               "| weights in memory | peak RSS |")

@@ -30,6 +30,21 @@ DATASETS = {
 }
 
 
+
+def read_bandwidth_gbs(threads: int | None = None, gib: float = 1.0) -> float:
+    """The machine's read bandwidth in GB/s, as a GEMV sees it: the best of 5 sums over `gib` GiB of
+    float32 with `threads` torch threads (this process's setting when None)."""
+    if threads:
+        torch.set_num_threads(threads)
+    a = torch.ones(int(gib * 2**28))
+    a.sum()
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.sum()
+        best = max(best, a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
 def python_docs_text() -> str:
     """A second domain that needs no download: the Python reference documentation that ships with
     CPython (pydoc_data.topics), topics in sorted order."""
