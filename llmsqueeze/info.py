@@ -132,11 +132,16 @@ def _by_suffix(names, last: int = 2) -> str:
     return ", ".join(f"{k} x{c}" if c > 1 else k for k, c in counts.items())
 
 
+def _verb(info: dict) -> str:
+    """'pruned', 'quantized' or 'pruned and quantized': what the checkpoint did to its layers."""
+    pruned, quantized = info.get("sparsity") is not None, info.get("scheme") is not None
+    return " and ".join(v for v, on in (("pruned", pruned), ("quantized", quantized)) if on) or "quantized"
+
+
 def coverage_lines(info: dict) -> list[str]:
     """[the share of the parameters compressed, and when there are any the weights left dense in
     modules llmsqueeze does not handle], one line each (`info`'s share / left dense, the CLI's summary)."""
-    pruned, quantized = info.get("sparsity") is not None, info.get("scheme") is not None
-    verb = " and ".join(v for v, on in (("pruned", pruned), ("quantized", quantized)) if on) or "quantized"
+    verb = _verb(info)
     lines = [f"{info['quantized_weights']:,} of the model's {info['dense_parameters']:,} parameters {verb} "
              f"({info['handled_share']:.1%}); the rest dense"]
     left = info.get("left_dense") or {}
@@ -178,9 +183,9 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:,.1f} MiB"
 
 
-def _experts_line(x: dict) -> str:
+def _experts_line(x: dict, verb: str = "quantized") -> str:
     share = x["quantized_weights"] / max(x["weights"], 1)
-    return (f"  experts     {x['quantized_matrices']} of {x['matrices']} expert matrices quantized "
+    return (f"  experts     {x['quantized_matrices']} of {x['matrices']} expert matrices {verb} "
             f"({x['experts']} experts in {x['moe_layers']} MoE layers; {share:.1%} of "
             f"{x['weights']:,} expert weights)" + (f", dense: {x['dense'][0]}, ..." if x["dense"] else ""))
 
@@ -275,7 +280,7 @@ def format_info(info: dict) -> str:
         f"{info['quantized_weights']:,} weights at {info['bits_per_quantized_weight']:.3f} bits/weight "
         f"({included} included)",
         f"  modules     {_module_summary(info['layers'])}",
-        *([_experts_line(info["experts"])] if info.get("experts") else []),
+        *([_experts_line(info["experts"], _verb(info))] if info.get("experts") else []),
         f"  kept dense  {len(linear)} linear modules"
         + (f" ({', '.join(linear[:4])}{', ...' if len(linear) > 4 else ''})" if linear else "")
         + (f", {len(routers)} routers and gates ({_by_suffix(routers)}; {sum(routers.values()):,} weights)"

@@ -415,7 +415,9 @@ def qwen2_moe_dir(tmp_path_factory):
     return _save(Qwen2MoeForCausalLM(cfg).eval(), tmp_path_factory.mktemp("qwen2-moe"))
 
 
-def test_moe_quantize_says_what_it_left_dense(qwen2_moe_dir, tmp_path, capsys):
+def test_moe_quantize_reports_share_experts_and_routers(qwen2_moe_dir, tmp_path, capsys):
+    """The experts are quantized (issue 22), the routers and gates stay dense and are listed, the share
+    counts every parameter, and nothing is left dense without a word."""
     from transformers import AutoModelForCausalLM
 
     dense = AutoModelForCausalLM.from_pretrained(qwen2_moe_dir)
@@ -430,25 +432,43 @@ def test_moe_quantize_says_what_it_left_dense(qwen2_moe_dir, tmp_path, capsys):
     names = {layer["name"] for layer in info["layers"]}
     assert not any(n.endswith(("mlp.gate", "shared_expert_gate")) for n in names)  # routers and gates stay dense
     assert "model.layers.1.mlp.shared_expert.down_proj" in names and "model.layers.0.mlp.down_proj" in names
-    assert info["left_dense"] == {"model.layers.1.mlp.experts": n_experts}
+    assert info["left_dense"] == {}
+    assert info["experts"]["quantized_weights"] == info["experts"]["weights"] == n_experts
     assert info["routers_kept_dense"] == {"model.layers.1.mlp.gate": 4 * 64, "model.layers.1.mlp.shared_expert_gate": 64}
     share = info["quantized_weights"] / total
     assert info["handled_share"] == pytest.approx(share) and info["dense_parameters"] == total
-    left_line = f"{n_experts:,} weights in 1 modules llmsqueeze does not quantize: mlp.experts (model.layers.1.mlp.experts)"
-    assert f"left dense: {left_line}" in err and f"parameters quantized ({share:.1%})" in err  # the quantize run says it
+    assert "left dense" not in err and f"parameters quantized ({share:.1%})" in err  # the quantize run says it
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
-    assert f"  left dense  {left_line}" in text and f"({share:.1%}); the rest dense" in text
+    assert "left dense" not in text and f"({share:.1%}); the rest dense" in text
     assert "2 routers and gates (mlp.gate, mlp.shared_expert_gate; 320 weights)" in text
     assert "kept dense  1 linear modules (lm_head)" in text
     # 7: gate_proj of the dense MLP (64->128) and of the shared expert (64->96) are listed apart
     assert "gate_proj x1 (64->128)" in text and "gate_proj x1 (64->96)" in text
-    # and it still loads and runs, with the experts dense
     model = llmsqueeze.from_pretrained(out)
     assert model(torch.tensor([[1, 5, 9, 3]])).logits.shape == (1, 4, 64)
 
 
+def test_weights_in_unknown_modules_are_reported_left_dense(tiny_model_dir):
+    """A 2-D parameter in a module llmsqueeze does not handle is counted as left dense, by name."""
+    from llmsqueeze.info import coverage, coverage_lines
+    from llmsqueeze.models import quantizable_modules
+
+    model = llmsqueeze.load_dense(str(tiny_model_dir))
+    extra = torch.nn.Module()
+    extra.table = torch.nn.Parameter(torch.zeros(8, 12))
+    model.model.layers[0].add_module("adapter", extra)
+    handled = set(quantizable_modules(model, llmsqueeze.QuantScheme(bits=4, group_size=32)))
+    cover = coverage(model, handled, {"lm_head"})
+    assert cover["left_dense"] == {"model.layers.0.adapter": 96} and cover["routers"] == {}
+    lines = coverage_lines({"quantized_weights": 10, "dense_parameters": 100, "handled_share": 0.1,
+                            "scheme": {}, "left_dense": cover["left_dense"]})
+    assert len(lines) == 2 and "96 weights in 1 modules llmsqueeze does not quantize" in lines[1]
+
+
 def test_moe_prune_share_and_experts(tmp_path, text_file, capsys):
+    """Wanda on a Mixtral prunes every expert (saved under transformers' block_sparse_moe. names) and
+    says so; the routers stay dense."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
@@ -462,11 +482,12 @@ def test_moe_prune_share_and_experts(tmp_path, text_file, capsys):
     err = capsys.readouterr().err
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
-    per_block = 4 * (2 * 64 * 64 + 64 * 64)  # 4 experts: gate_up [128, 64] and down [64, 64]
-    line = (f"{2 * per_block:,} weights in 2 modules llmsqueeze does not prune: mlp.experts x2 "
-            "(model.layers.0.mlp.experts, model.layers.1.mlp.experts)")
-    assert f"left dense: {line}" in err and f"  left dense  {line}" in text
+    assert "left dense" not in err and "left dense" not in text
+    assert "24 of 24 expert matrices pruned" in text
     assert "parameters pruned (" in text and "2 routers and gates (mlp.gate x2; 512 weights)" in text
+    model = llmsqueeze.from_pretrained(out)
+    w = model.model.layers[0].mlp.experts
+    assert model(torch.tensor([[1, 5, 9, 3]])).logits.shape == (1, 4, 64) and type(w).__name__ == "MoEExperts"
 
 
 def test_dense_family_reports_its_share(tiny_model_dir, tmp_path, capsys):

@@ -192,6 +192,15 @@ def check_native(path: Path, qc: dict) -> dict:
         values = ("values",) if qc.get("scheme") is None else tuple(f"qvalues.{x}" for x in QUANT_SUFFIXES)
         suffixes = values + (("indices",) if fmt == "nm" else ("bitmask",))
         prefixes = set(sparse["layers"])
+        if not all(f"{p}.{suffixes[-1]}" in keys for p in prefixes):
+            # the names on disk may be transformers' renamings of the model's (Mixtral's block_sparse_moe. for
+            # mlp.): check the layers the files hold, as many as the config lists
+            held = {k[: -len(suffixes[-1]) - 1] for k in keys if k.endswith("." + suffixes[-1])}
+            if len(held) < len(prefixes):
+                p = min(prefixes - held)
+                raise CheckpointError(f"{path}: layer {p} lacks {', '.join(suffixes)}; the checkpoint is corrupt, "
+                                      "re-create it")
+            prefixes = held
     else:
         suffixes = QUANT_SUFFIXES
         if isinstance(scheme, W8A8Scheme):
