@@ -436,32 +436,23 @@ def run_sequential(
             for group in _expert_chunks(_groups(names, arch.sequential, true_sequential), moes, experts_per_pass):
                 if not group:  # a block with nothing selected: only its outputs are needed
                     continue
-                handles = []
-                for n in group:
-                    full = bprefix + n
+                def collect_pass(hook_names, i=i):
+                    _collect_pass(block, bprefix, hook_names, method, hidden, kwargs, i, device, work)
 
-                    def hook(module, args, out, full=full):
-                        method.collect(full, module, args[0])
-
-                    handles.append(block.get_submodule(n).register_forward_hook(hook))
+                # a method that needs no inputs (e.g. W8A8 round-to-nearest) says so: skip the pass
                 collecting = bool(hidden) and getattr(method, "collect_inputs", True)
                 counted = _count_routed(moes, group) if collecting else {}
                 try:
-                    # a method that needs no inputs (e.g. W8A8 round-to-nearest) says so: skip the pass
-                    for h, kw in zip(hidden, kwargs) if collecting else ():
-                        block(_to(h, device, work), **_to(kw[i], device, work))
+                    if collecting:
+                        collect_pass(group)
                 finally:
-                    for hd in handles:
-                        hd.remove()
                     routed = {n: m.routed_tokens for n, m in counted.items()}
                     for m in counted.values():
                         m.routed_tokens = None
                 if routed:
-                    def again(hook_names, i=i):
-                        _collect_pass(block, bprefix, hook_names, method, hidden, kwargs, i, device, work)
-
                     stats.rare_experts += _calibrate_rare_experts(moes, routed, group, bprefix, expert_min_tokens,
-                                                                  sum(h.shape[0] * h.shape[1] for h in hidden), again)
+                                                                  sum(h.shape[0] * h.shape[1] for h in hidden),
+                                                                  collect_pass)
                 for n in group:
                     set_module(block, n, method.apply(bprefix + n, block.get_submodule(n)))
                     stats.layers += 1

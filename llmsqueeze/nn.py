@@ -253,10 +253,8 @@ class QuantLinear(nn.Module):
                 y = xf @ cpu_kernels.op("dequantize_q")(*args)
                 y = y if self.bias is None else y + self.bias.float()
         elif path == "gemv":
-            plan = self._cpu_plan
-            t = plan.tensors if plan is not None else ()
-            if not t or t[0] is not self.qweight or t[1] is not self.scales or t[2] is not self.qzeros or (
-                    t[3] is not self.bias):  # built for other buffers: build it again
+            plan = self._live_cpu_plan()
+            if plan is None:  # none yet, or built for other buffers
                 plan = self._cpu_plan = cpu_kernels.q_plan(*args, bias=self.bias)
             y = cpu_kernels.gemv_planned(xf, plan)
         else:  # column tiles of W^T dequantized into one reused buffer, each into the BLAS GEMM
@@ -270,19 +268,27 @@ class QuantLinear(nn.Module):
                 y += self.bias.float()
         return y if x2.dtype == torch.float32 else y.to(x2.dtype)
 
+    def _live_cpu_plan(self):
+        """The GEMV's plan (kernels.cpu.QPlan) if it was built for the very buffers the layer holds now
+        (they may be assigned anew), else None. Plain dict reads: it runs on every decode call."""
+        plan = self._cpu_plan
+        if plan is None:
+            return None
+        b, t = self._buffers, plan.tensors
+        bias = b["bias"] if "bias" in b else self.__dict__.get("bias")
+        live = b["qweight"] is t[0] and b["scales"] is t[1] and b["qzeros"] is t[2] and bias is t[3]
+        return plan if live else None
+
     def _triton_forward(self, x2: torch.Tensor) -> torch.Tensor | None:
         """x2 [M, K] -> [M, N] (bias added) by the Triton kernels, or None where they cannot run it."""
         return nn_kernels.quant_linear(x2, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self._cpu_plan
-        if (plan is not None and x.dtype == torch.float32 and BACKEND == "auto" and not _DEQUANT_CACHING
-                and not x.requires_grad and x.device.type == "cpu" and not torch.compiler.is_compiling()):
-            # decode's fast path: the GEMV's plan from an earlier call, still for these very buffers
-            b, t = self._buffers, plan.tensors
-            bias = b["bias"] if "bias" in b else self.__dict__.get("bias")
-            if (0 < x.numel() <= CPU_GEMV_MAX_M * self.in_features and b["qweight"] is t[0] and b["scales"] is t[1]
-                    and b["qzeros"] is t[2] and bias is t[3]):
+        if (self._cpu_plan is not None and x.dtype == torch.float32 and BACKEND == "auto" and not _DEQUANT_CACHING
+                and not x.requires_grad and x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and 0 < x.numel() <= CPU_GEMV_MAX_M * self.in_features):
+            plan = self._live_cpu_plan()  # decode's fast path: the GEMV's plan from an earlier call
+            if plan is not None:
                 y = cpu_kernels.gemv_planned(x.reshape(-1, self.in_features).contiguous(), plan)
                 return y.view(*x.shape[:-1], self.out_features)
         shape = x.shape[:-1]

@@ -237,14 +237,8 @@ def takes_q(bits: int, group_size: int, scales: torch.Tensor) -> bool:
 def gemv_q(x: torch.Tensor, qweight, scales, qzeros, bits: int, group_size: int, in_features: int,
            bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] float32 -> x @ W^T + bias [M, N] float32 from the packed layout (module docstring)."""
-    lib = library()
-    m, n = x.shape[0], qweight.shape[1]
-    out = torch.empty(m, n, dtype=torch.float32)
-    b = None if bias is None else bias.float().contiguous()
-    _check(lib.lsq_gemv_q(x.data_ptr(), m, in_features, qweight.data_ptr(), scales.data_ptr(), SCALE_CODES[scales.dtype],
-                          qzeros.data_ptr(), qzeros.shape[1], _ptr(b), out.data_ptr(), n, group_size, bits,
-                          torch.get_num_threads()), "gemv_q")
-    return out
+    library()
+    return gemv_planned(x, q_plan(qweight, scales, qzeros, bits, group_size, in_features, bias))
 
 
 @dataclass(frozen=True)
@@ -252,7 +246,8 @@ class QPlan:
     """A packed layer's arguments to the kernels, built once (plain ints beside the tensors they point
     into, which it keeps alive), so a decode call converts only x and the output."""
 
-    tensors: tuple  # qweight, scales, qzeros, bias (as the layer holds it) or None: what the plan was built for
+    tensors: tuple  # qweight, scales, qzeros, bias (as the layer holds it) or None: what the plan was built
+    # for; then the float32 bias the kernel reads (kept alive)
     head: tuple  # (qweight*, scales*, scode, qzeros*, zstride)
     tail: tuple  # (bias* or None, N, G, bits)
     in_features: int
