@@ -93,7 +93,6 @@ def run(args) -> dict:
     info = cpu.cpu()
     bw = read_bandwidth_gbs()
     llc = llc_bytes()
-    native_bf16 = info.native_bf16
     rows = []
     g = torch.Generator().manual_seed(0)
     for label, (n, k) in SHAPES.items():

@@ -108,3 +108,19 @@ def outlier_llama(gain: float):
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 norm.weight[[3, 17, 50]] = gain
     return model
+
+
+def interrupt_after_block(monkeypatch, block: int):
+    """Make a lazy run raise KeyboardInterrupt once block `block` is written (as Ctrl-C there would);
+    -> a function that undoes it, so the same test can then resume."""
+    from llmsqueeze import lazy
+
+    real = lazy.LazyModel.release_block
+
+    def boom(self, i):
+        real(self, i)
+        if i == block:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(lazy.LazyModel, "release_block", boom)
+    return lambda: monkeypatch.setattr(lazy.LazyModel, "release_block", real)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_llama, tiny_model, tiny_tokenizer
+from conftest import FAMILIES, interrupt_after_block, tiny_llama, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 import llmsqueeze
@@ -183,19 +183,10 @@ def test_rtn_resume_and_overwrite(model_dir, tmp_path, monkeypatch):
     """RTN runs through the same engine (no data): killed by an exception after block 2, resumed."""
     scheme = QuantScheme(bits=3, group_size=32)
     ref, _ = quantize_lazy(str(model_dir), tmp_path / "ref", scheme, progress=False, max_shard_size="30KB")
-    from llmsqueeze import lazy
-
-    real = lazy.LazyModel.release_block
-
-    def boom(self, i):
-        real(self, i)
-        if i == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(lazy.LazyModel, "release_block", boom)
+    undo = interrupt_after_block(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt, match="after 3 of 4 blocks.*--resume"):
         quantize_lazy(str(model_dir), tmp_path / "q", scheme, progress=False, max_shard_size="30KB")
-    monkeypatch.setattr(lazy.LazyModel, "release_block", real)
+    undo()
     out, stats = quantize_lazy(str(model_dir), tmp_path / "q", scheme, progress=False, max_shard_size="30KB",
                                resume=True)
     assert stats.layers == 7  # only the last block was left

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import interrupt_after_block, tiny_tokenizer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -364,25 +364,16 @@ def test_export_writes_per_expert_names_and_imports_back(tmp_path):
 
 def test_interrupted_gptq_resumes_with_per_expert_names(tmp_path, monkeypatch):
     """A lazy GPTQ run stopped after block 0 and resumed writes what an uninterrupted run writes."""
-    from llmsqueeze import lazy
-
     src = tmp_path / "mixtral"
     moe_model("mixtral").save_pretrained(src)
     ids = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     scheme = llmsqueeze.QuantScheme(bits=4, group_size=32)
     kw = dict(data=ids, method="gptq", progress=False)
     ref, _ = llmsqueeze.quantize_lazy(str(src), tmp_path / "ref", scheme, **kw)
-    real = lazy.LazyModel.release_block
-
-    def boom(self, i):
-        real(self, i)
-        if i == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(lazy.LazyModel, "release_block", boom)
+    undo = interrupt_after_block(monkeypatch, 0)
     with pytest.raises(KeyboardInterrupt, match="after 1 of 2 blocks"):
         llmsqueeze.quantize_lazy(str(src), tmp_path / "q", scheme, **kw)
-    monkeypatch.setattr(lazy.LazyModel, "release_block", real)
+    undo()
     out, stats = llmsqueeze.quantize_lazy(str(src), tmp_path / "q", scheme, resume=True, **kw)
     assert stats.blocks == 2
     with safe_open(str(out / "model.safetensors"), "pt") as a, safe_open(str(ref / "model.safetensors"), "pt") as b:
