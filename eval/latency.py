@@ -52,6 +52,10 @@ CPU_CONFIGS = [
     ("w8a8 dynamic (int8 GEMM), bf16 activations", "w8a8", "bfloat16"),
     ("dense auto", "dense", "auto"),
     ("rtn w4 g128, auto", "q4", "auto"),
+    # the same two with a static KV cache and torch.compile'd steps (evaluate.latency(compile=True))
+    ("dense auto, compiled", "dense", "auto"),
+    ("rtn w4 g128, auto, compiled", "q4", "auto"),
+    ("dense fp32, compiled", "dense", "float32"),
 ]
 # llama.cpp's llama-bench on the same model as GGUF (its own converter and quantizer), same threads
 LLAMA_CPP_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
@@ -121,64 +125,22 @@ def load_real(model_dir: str, dtype: str, device: str):
 
 
 def generate_timed(model, batch: int, prompt_len: int, new_tokens: int, compile_: bool, repeats: int, seed: int = 0) -> dict:
-    """Greedy generation with a static KV cache: prefill (time to first token) then `new_tokens`
-    one-token steps, best of `repeats` after warm-up (compilation, autotuning, CUDA graph capture)."""
+    """Greedy generation: prefill (time to first token) then `new_tokens` one-token steps, best of
+    `repeats` after warm-up (evaluate.latency: compiled, a static KV cache and torch.compile, with CUDA
+    graphs on a GPU), plus the GPU's peak memory."""
     import torch
-    from transformers import StaticCache
 
-    from llmsqueeze.evaluate import peak_rss_mib
+    from llmsqueeze.evaluate import latency
 
-    device = model.get_input_embeddings().weight.device
-    cuda = device.type == "cuda"
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
-    cfg = model.config
-    cache = StaticCache(config=cfg, max_cache_len=prompt_len + new_tokens)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    # allocate the cache now, not lazily inside the compiled forward
-    with torch.no_grad():  # the dtype the model computes in (a float32 embedding of a 16-bit table under --dtype auto)
-        act_dtype = model.get_input_embeddings()(prompt[:, :1]).dtype
-    cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, act_dtype, device)
-    forward = model.forward
-    if compile_:
-        forward = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
-    positions = torch.arange(prompt_len + new_tokens, device=device).view(1, -1)
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    @torch.no_grad()
-    def one_run():
-        cache.reset()
-        t0 = time.perf_counter()
-        logits = forward(input_ids=prompt, cache=cache, use_cache=True, position_ids=positions[:, :prompt_len]).logits
-        tok = logits[:, -1:].argmax(-1)
-        sync()
-        t1 = time.perf_counter()
-        for i in range(new_tokens - 1):  # the first new token came from the prefill
-            p = prompt_len + i
-            logits = forward(input_ids=tok, cache=cache, use_cache=True, position_ids=positions[:, p:p + 1]).logits
-            tok = logits[:, -1:].argmax(-1)
-        sync()
-        return t1 - t0, time.perf_counter() - t1
-
+    cuda = model.get_input_embeddings().weight.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad():  # eager prefill + one step first: kernel autotuning happens outside compile/capture
-        cache.reset()
-        model(input_ids=prompt, cache=cache, use_cache=True, position_ids=positions[:, :prompt_len])
-        model(input_ids=prompt[:, :1], cache=cache, use_cache=True, position_ids=positions[:, prompt_len:prompt_len + 1])
-    for _ in range(2 if compile_ else 1):  # warm-up: compile, capture
-        one_run()
-    ttft, decode = min(one_run() for _ in range(repeats))
-    res = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "compile": compile_,
-           "ttft_s": ttft, "prefill_tok_s": batch * prompt_len / ttft, "decode_tok_s": batch * (new_tokens - 1) / decode,
-           "threads": torch.get_num_threads()}
+    mode = ("reduce-overhead" if cuda else True) if compile_ else False
+    res = latency(model, prompt_len=prompt_len, new_tokens=new_tokens - 1, batch=batch, repeats=repeats, seed=seed,
+                  compile=mode)
+    res["new_tokens"] = new_tokens  # the first new token comes from the prefill
     if cuda:
         res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    res["peak_rss_mib"] = peak_rss_mib()
     return res
 
 
@@ -218,9 +180,9 @@ def measure_one(spec: dict) -> dict:
         prepare_model(model)  # the kernels' weights, before compile
         res["gpu_after_load_mib"] = torch.cuda.memory_allocated() / 2**20
     try:
-        if spec.get("legacy"):  # the CPU table's protocol (dynamic cache, eager), kept comparable
+        if spec.get("legacy"):  # the CPU table's protocol (eager: dynamic cache; compiled: static cache)
             res.update(latency(model, prompt_len=spec["prompt_len"], new_tokens=spec["new_tokens"], batch=1,
-                               repeats=spec["repeats"]))
+                               repeats=spec["repeats"], compile=spec.get("compile", False)))
         else:
             res.update(generate_timed(model, spec["batch"], spec["prompt_len"], spec["new_tokens"],
                                       spec.get("compile", False), spec["repeats"]))
@@ -308,8 +270,8 @@ def plan_cpu_real(args, tmp: str) -> list[tuple[str, dict]]:
     if any(c[1] == "w8a8" for c in configs):
         dirs["w8a8"] = quantize_w8a8_dir(args.model, tmp)
     return [(label, {"model": dirs[which], "dtype": dtype, "device": "cpu", "legacy": True,
-                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                     "threads": args.threads})
+                     "compile": label.endswith(", compiled"), "prompt_len": args.prompt_len,
+                     "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads})
             for label, which, dtype in configs]
 
 

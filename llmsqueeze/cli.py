@@ -502,6 +502,10 @@ def cmd_env(args) -> int:
           f"float16 in {str(cpu.auto_dtype(torch.float16)).removeprefix('torch.')}, on the CPU")
     print("kernels     " + (f"float32 C kernels (AVX2+FMA+F16C) loaded from {lib._name}" if lib is not None else
                             "float32 C kernels off: torch's paths (int4 kernel for bf16 decode, dequantize + matmul)"))
+    if lib is not None:
+        print("compiled    " + ("torch.compile'd graphs call them as C++ operators (torch.ops.llmsqueeze_c)"
+                                if cpu.c_ops_available() else "torch.compile'd graphs call them as Python custom ops "
+                                "(no C++ compiler: about 60 us more per call)"))
     print("int8        " + ("torch._int_mm (native int8 dot products)" if info.native_int8 else
                             "no native int8: W8A8 integer GEMMs run as exact float32 GEMMs"))
     print(f"cuda        {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
@@ -518,7 +522,7 @@ def cmd_eval_latency(args) -> int:
     model, _ = _load_any(args.model, args.dtype)
     if args.dtype == "auto":
         print(f"dtype auto: {compute_summary(model)}")
-    res = latency(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch)
+    res = latency(model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch, compile=args.compile)
     print(
         f"prefill {res['prefill_tok_s']:.1f} tok/s (ttft {res['ttft_s'] * 1000:.1f} ms)  "
         f"decode {res['decode_tok_s']:.2f} tok/s  peak RSS {res['peak_rss_mib']:.0f} MiB"
@@ -780,6 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--new-tokens", type=int, default=32)
     lat.add_argument("--batch", type=int, default=1)
     lat.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    lat.add_argument("--compile", action="store_true", help="a static KV cache and torch.compile'd steps, as "
+                     "generate(cache_implementation='static') runs them (compilation is not timed)")
     lat.set_defaults(func=cmd_eval_latency)
     return p
 

@@ -128,39 +128,85 @@ def _cache_of(out):
 
 
 @torch.no_grad()
-def latency(model, prompt_len: int = 128, new_tokens: int = 32, batch: int = 1, repeats: int = 3, seed: int = 0) -> dict:
+@torch.no_grad()
+def latency(model, prompt_len: int = 128, new_tokens: int = 32, batch: int = 1, repeats: int = 3, seed: int = 0,
+            compile: bool | str = False) -> dict:
     """Time prefill (one forward over the prompt) and greedy decode (one token per step with the KV
-    cache), best of `repeats` after one warm-up. Returns tokens/s for each and time to first token."""
+    cache), best of `repeats` after warm-up. Returns tokens/s for each, time to first token and the
+    greedy tokens.
+
+    compile: False runs eager transformers with its dynamic cache; True (or a torch.compile mode,
+    "reduce-overhead" for CUDA graphs) runs a static KV cache and a compiled forward, as transformers'
+    generate does with cache_implementation="static": the prefill and each decode step then run as
+    compiled graphs, so the per-step Python of the modelling code is gone (compilation happens in two
+    warm-up rounds, not timed)."""
     vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g).to(device)
-    best_prefill, best_decode = float("inf"), float("inf")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     # transformers >= 5.x names the KV cache `cache`; earlier releases `past_key_values`
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    for r in range(repeats + 1):
+    if compile:
+        forward, new_cache, positions = _static_decoding(model, batch, prompt, prompt_len + new_tokens + 1, compile)
+    else:
+        forward = model
+    best_prefill, best_decode = float("inf"), float("inf")
+    # untimed rounds first: caches, lazily built kernel weights; compiled, one eager round (kernel
+    # autotuning outside compilation and graph capture), then two compiled (compile, capture)
+    warm = 3 if compile else 1
+    for r in range(repeats + warm):
+        kw = {cache_kw: new_cache()} if compile else {}
+        pos = (lambda a, b: {"position_ids": positions[:, a:b]}) if compile else (lambda a, b: {})
+        step = model if r == 0 else forward
         t0 = time.perf_counter()
-        out = model(prompt, use_cache=True)
+        out = step(input_ids=prompt, use_cache=True, **kw, **pos(0, prompt_len))
         nxt = out.logits[:, -1:].argmax(-1)
+        sync()
         t1 = time.perf_counter()
-        past = _cache_of(out)
-        for _ in range(new_tokens):
-            out = model(nxt, use_cache=True, **{cache_kw: past})
-            past = _cache_of(out)
+        past = kw.get(cache_kw) or _cache_of(out)
+        tokens = [nxt]
+        for i in range(new_tokens):
+            p = prompt_len + i
+            out = step(input_ids=nxt, use_cache=True, **{cache_kw: past}, **pos(p, p + 1))
+            past = past if compile else _cache_of(out)
             nxt = out.logits[:, -1:].argmax(-1)
+            tokens.append(nxt)
+        sync()
         t2 = time.perf_counter()
-        if r > 0:  # the first round warms up caches and lazily built kernel weights
+        if r >= warm:
             best_prefill, best_decode = min(best_prefill, t1 - t0), min(best_decode, t2 - t1)
     return {
         "batch": batch,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
+        "compile": compile,
         "ttft_s": best_prefill,
         "prefill_tok_s": batch * prompt_len / best_prefill,
         "decode_tok_s": batch * new_tokens / best_decode,
         "threads": torch.get_num_threads(),
         "peak_rss_mib": peak_rss_mib(),
+        "tokens": torch.cat(tokens, 1)[0].tolist(),  # the last round's greedy tokens (batch row 0)
     }
+
+
+def _static_decoding(model, batch: int, prompt: torch.Tensor, max_len: int, mode: bool | str):
+    """-> (compiled forward, a function returning the reset static cache, position ids [1, max_len])."""
+    from transformers import StaticCache
+
+    cfg = model.config.get_text_config()
+    cache = StaticCache(config=cfg, max_cache_len=max_len)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    with torch.no_grad():  # the dtype the model computes in (a float32 embedding of a 16-bit table under --dtype auto)
+        act_dtype = model.get_input_embeddings()(prompt[:, :1]).dtype
+    cache.early_initialization(batch, cfg.num_key_value_heads, head_dim, act_dtype, prompt.device)
+    forward = torch.compile(model.forward, mode=mode if isinstance(mode, str) else None, dynamic=False)
+
+    def new_cache():
+        cache.reset()
+        return cache
+
+    return forward, new_cache, torch.arange(max_len, device=prompt.device).view(1, -1)
 
 
 def environment() -> dict:

@@ -246,7 +246,7 @@ class QuantLinear(nn.Module):
         xf = x2.float().contiguous()
         k, n = self.in_features, self.out_features
         args = (self.qweight, self.scales, self.qzeros, self.bits, self.group_size, k)
-        if torch.compiler.is_compiling():  # the kernels as custom ops: one opaque call each in the graph
+        if torch.compiler.is_compiling():  # the kernels as operators (C++, else Python): one opaque call each
             if path == "gemv":
                 y = cpu_kernels.op("gemv_q")(xf, *args, self.bias)
             else:

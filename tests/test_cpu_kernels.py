@@ -210,6 +210,70 @@ def test_compiled_quant_linear_keeps_the_kernels():
     assert torch._dynamo.explain(lay)(torch.randn(2, 96)).graph_break_count == 0
 
 
+def needs_c_ops():
+    if not cpu.c_ops_available():
+        pytest.skip("needs a C++ compiler for the C++-registered operators (kernels/cpu_ops.cpp)")
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n, k, group, bits", [(96, 160, 64, 4), (77, 96, 32, 8), (264, 96, 32, 2)])
+def test_c_operators_equal_the_kernels(n, k, group, bits, scale_dtype):
+    """torch.ops.llmsqueeze_c.* call the same kernels: bit-equal outputs, with and without a bias."""
+    needs_c_ops()
+    lay = layer(n, k, group, bits, scale_dtype, bias=True)
+    args = (lay.qweight, lay.scales, lay.qzeros, bits, group, k)
+    x = torch.randn(5, k)
+    for b in (None, lay.bias, lay.bias.bfloat16()):
+        assert torch.equal(torch.ops.llmsqueeze_c.gemv_q(x, *args, b), cpu.gemv_q(x, *args, b))
+    assert torch.equal(torch.ops.llmsqueeze_c.gemv_q(x.t().contiguous().t(), *args, None), cpu.gemv_q(x, *args))
+    assert torch.equal(torch.ops.llmsqueeze_c.dequantize_q(*args), cpu.dequantize_q(*args))
+    w = torch.randn(n, k).to(torch.bfloat16)
+    assert torch.equal(torch.ops.llmsqueeze_c.gemv_w16(x, w, lay.bias), cpu.gemv_w16(x, w, lay.bias))
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.llmsqueeze_c.gemv_q(x.double(), *args, None)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        torch.ops.llmsqueeze_c.gemv_w16(x, w.float(), None)
+
+
+def test_compiled_graphs_call_the_c_operators():
+    """The code torch.compile generates calls llmsqueeze_c::gemv_q (dispatched in C++), not the
+    Python custom op, and gives the eager layer's output."""
+    from torch._inductor.utils import run_and_get_code
+
+    needs_c_ops()
+    lay = layer(64, 96, 32, bias=True)
+    x = torch.randn(1, 96)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y, code = run_and_get_code(torch.compile(lay, fullgraph=True), x)
+    src = "\n".join(code)
+    assert "llmsqueeze_c.gemv_q" in src and "llmsqueeze.cpu_gemv_q" not in src
+    assert torch.equal(y, lay(x))
+
+
+def test_compiled_graphs_keep_python_ops_without_the_c_operators(monkeypatch):
+    """Where the C++ operators cannot be built, the graph calls the Python custom op: same output."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(cpu, "_C_OPS", False)
+    lay = layer(64, 96, 32, bias=True)
+    x = torch.randn(1, 96)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y, code = run_and_get_code(torch.compile(lay, fullgraph=True), x)
+    assert "llmsqueeze.cpu_gemv_q" in "\n".join(code)
+    assert torch.equal(y, lay(x))
+    torch._dynamo.reset()
+
+
+def test_c_operators_build_fails_in_one_warning(monkeypatch, caplog):
+    monkeypatch.setattr(cpu, "_C_OPS", None)
+    monkeypatch.setattr(cpu, "_build_ops", lambda: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    with caplog.at_level(logging.WARNING, logger="llmsqueeze"):
+        assert cpu.c_ops_available() is False
+    assert "Python custom ops" in caplog.text and "no compiler" in caplog.text
+
+
 # -- dense 16-bit weights with float32 compute -------------------------------------------------------
 
 def tiny_bf16(tie=True):
@@ -346,3 +410,20 @@ def test_w8a8_layer_same_bits_without_native_int8(on_cpu, m):
     native = lay(x)  # torch._int_mm
     on_cpu(AVX2)
     assert torch.equal(lay(x), native)  # the exact float32 GEMMs give the same integers, the same rescale
+
+
+def test_compiled_static_decoding_of_a_4bit_model_follows_eager(tiny_model_dir, tmp_path):
+    """evaluate.latency(compile=True) (static KV cache, compiled forward, the C++ operators when they
+    build) decodes the same greedy tokens as eager transformers, and reports finite speeds."""
+    from llmsqueeze.cli import main
+    from llmsqueeze.evaluate import latency
+
+    out = tmp_path / "q4"
+    assert main(["quantize", str(tiny_model_dir), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
+    model = llmsqueeze.from_pretrained(out, dtype="auto")
+    torch._dynamo.reset()
+    eager = latency(model, prompt_len=6, new_tokens=4, repeats=1)
+    compiled = latency(model, prompt_len=6, new_tokens=4, repeats=1, compile=True)
+    torch._dynamo.reset()
+    assert compiled["compile"] is True and 0 < compiled["decode_tok_s"] < float("inf") and 0 < compiled["prefill_tok_s"]
+    assert len(compiled["tokens"]) == 5 and compiled["tokens"] == eager["tokens"]
