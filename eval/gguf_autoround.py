@@ -46,9 +46,14 @@ def run_one(model_path: str, calib: str, test: str, test2: str, row: str, iters:
     from llmsqueeze import GGUFScheme
     from llmsqueeze.evaluate import model_bos_token_id, perplexity
 
+    import logging
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     mix, method = row.split()
+    WORK.mkdir(parents=True, exist_ok=True)  # the run's log (a block per line) to follow it while it runs
+    logging.basicConfig(filename=WORK / f"{row.replace(' ', '-')}.log", level=logging.INFO,
+                        format="%(asctime)s %(message)s")
     m = llmsqueeze.load_dense(model_path, dtype=torch.float32).eval()
     kw = {"iters": iters} if method == "autoround" else {}
     data = None if method == "rtn" else torch.load(calib)

@@ -25,6 +25,12 @@ the scale in its storage dtype: the packed QuantLinear reproduces it bit for bit
 
 `init="clip"` starts from the clip-searched range of `grid.clip_search_qparams` instead of the plain
 min/max (a_* start at the searched shrink), which round-to-nearest then learns from.
+
+Under a GGUFScheme (GGUFAutoRound) the grid is each Linear's GGML type (quant/ggml.py): the same loop
+learns V and multipliers of each sub-block's fitted step and min, and every forward rounds against
+what the file would store of them (fp16; the k-quants' sub-block codes under fp16 super-block
+scales), so the frozen GGUFLinear holds exactly the trained grid (the section "in GGML's block
+formats" below).
 """
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ Fitting (`fit`): each sub-block's scale (and min) is searched over candidate inv
 refitted by weighted least squares on its codes (the idea of ggml's make_qx_quants/make_qkx2_quants,
 written anew), weighted per input column by `importance` (the Hessian diagonal under GPTQ; none:
 plain squared error); k-quants then quantize the sub-block scales and mins to their 4/6/8-bit grid
-under fp16 super-block scales. The codes are the nearest levels (RTN) or GPTQ's (quant/gptq.py).
+under fp16 super-block scales (`store_steps`). The codes are the nearest levels (RTN), GPTQ's
+(quant/gptq.py) or learned (quant/autoround.py, which trains through `store_steps`).
 """
 from __future__ import annotations
 
