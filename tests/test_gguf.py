@@ -568,8 +568,12 @@ def test_cli_autoround_into_a_gguf_mix_and_one_line_errors(tmp_path, capsys):
     assert main(["export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "q.gguf")]) == 0
     tensors = read_tensors(tmp_path / "q.gguf")
     assert tensors["blk.0.ffn_down.weight"][0] == "Q4_K" and tensors["blk.1.ffn_down.weight"][0] == "Q6_K"
+    import json
+
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert saved["method"] == "autoround" and saved["method_args"]["iters"] == 3
     back = llmsqueeze.from_pretrained(tmp_path / "q")
-    assert back.config.quantization_config["method"] == "autoround"
+    assert isinstance(back.model.layers[0].mlp.down_proj, GGUFLinear)
     capsys.readouterr()
     for argv, msg in (
         (["--scheme", "gguf:iq4_nl", "--method", "autoround"], "iq4_nl's 16 levels are not"),
