@@ -87,7 +87,8 @@ def main() -> None:
                                    "protocol": "calibration 128x512 tokens (seed 0) of WikiText-2 valid.txt; scored on "
                                                "the first 4x512 tokens of WikiText-2 test.txt and of the Python docs: "
                                                "relative squared error of each block's output vs the float model",
-                                   "cpu_flags": sorted({"avx2"} & set(Path("/proc/cpuinfo").read_text().split())),
+                                   "cpu_flags": sorted({"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile"}
+                                                      & set(Path("/proc/cpuinfo").read_text().split())),
                                    "environment": environment(), "results": rows}, indent=1) + "\n")
 
 
