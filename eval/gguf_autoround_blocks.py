@@ -39,8 +39,15 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--methods", nargs="*", default=["rtn", "gptq", "autoround"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fixed-scales", action="store_true",
+                    help="ablation: autoround learns the rounding offsets V only, the fitted sub-block steps and "
+                         "mins held (no multipliers)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.fixed_scales:
+        from llmsqueeze.quant import autoround
+
+        autoround._GGMLLayer.trainable = lambda self: [self.v]  # bounds() follows: V's only
     torch.set_num_threads(args.threads)
     shared = HERE.parent.parent / "shared"
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -79,11 +86,12 @@ def main() -> None:
                                    for r in m._llmsqueeze_report]
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("layer_types", "method_args")}), flush=True)
-        out = Path(args.out or HERE / "results" / f"gguf_autoround_blocks_{args.mix}.json")
+        out = Path(args.out or HERE / "results" / f"gguf_autoround_blocks_{args.mix}{'_fixed_scales' * args.fixed_scales}.json")
         import shlex
         import sys
         out.write_text(json.dumps({"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
                                    "model": args.model, "blocks": args.blocks, "mix": args.mix,
+                                   "fixed_scales": args.fixed_scales,
                                    "protocol": "calibration 128x512 tokens (seed 0) of WikiText-2 valid.txt; scored on "
                                                "the first 4x512 tokens of WikiText-2 test.txt and of the Python docs: "
                                                "relative squared error of each block's output vs the float model",
