@@ -77,7 +77,9 @@ def quantize(
     "rtn") or the clip-searched grid ("clip"); the targets are the float model's block outputs
     (`float_targets`, default) or the float block's on the quantized inputs; `amp` (default: where the
     hardware has bfloat16) trains under bfloat16 autocast; `token_weighting` (default) caps the weight
-    of massive-activation tokens in the loss at that of a median-norm token.
+    of massive-activation tokens in the loss at that of a median-norm token. With a GGUFScheme it learns
+    inside each Linear's GGML type (the offsets and the sub-block step/min multipliers, trained
+    through the format's own scale quantization) and gives GGUFLinear layers.
     """
     if scheme is None:
         scheme = QuantScheme(**scheme_kwargs)

@@ -99,6 +99,11 @@ def cmd_quantize(args) -> int:
         from .quant.autoround import check_autoround_args
 
         check_autoround_args(args.iters, args.lr, 8, args.autoround_init, 0.5)
+        if gguf is not None:
+            from .quant.autoround import check_gguf_args
+            from .quant.ggml import MIXES
+
+            check_gguf_args([MIXES[gguf].default if gguf in MIXES else gguf], args.autoround_init)
         if args.resume:
             raise LlmsqueezeError("--resume continues a lazy run; autoround runs in memory, start it again")
         extra = {"iters": args.iters, "lr": args.lr, "seed": args.seed, "init": args.autoround_init,

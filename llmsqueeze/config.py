@@ -335,7 +335,7 @@ class GGUFScheme:
     `mix` a llama.cpp file type (q4_k_m, q3_k_m, q4_0, ...: each tensor gets the type llama-quantize
     gives it, by its role, its block and its width, with llama.cpp's fallbacks for widths a type's
     block does not divide), or with `pure` the mix's one type for every tensor (llama-quantize --pure),
-    or `mix` a GGML type (q4_k, ...) alone, which means pure. GPTQ, or RTN, chooses the codes inside
+    or `mix` a GGML type (q4_k, ...) alone, which means pure. GPTQ, AWQ, learned rounding or RTN chooses the codes inside
     each format's own block structure (the sub-block scales and mins on their 4/6/8-bit grids), so an
     export writes exactly what was optimized. `layer_types` ({Linear name: GGML type}) is filled when
     the model is known (llmsqueeze.pipeline) and saved with the checkpoint. include/exclude/lm_head

@@ -72,7 +72,8 @@ QUANTIZE = {row.name: row for row in (
     MethodRow("awq-gptq", "quantize", build=awq.build, inner=gptq.build, build_gguf=awq.build,
               inner_gguf=gptq.build_gguf, act_order=True, clip_search=True,
               recorded_as="awq", help="AWQ then GPTQ"),
-    MethodRow("autoround", "quantize", build=autoround.build, sample_batches=True, help="learned rounding"),
+    MethodRow("autoround", "quantize", build=autoround.build, build_gguf=autoround.build, sample_batches=True,
+              help="learned rounding"),
 )}
 
 PRUNE = {row.name: row for row in (

@@ -347,8 +347,6 @@ def test_cli_quantize_export_and_one_line_errors(tmp_path, capsys):
     for argv, msg in (
         (["quantize", str(src), "--scheme", "gguf:q9_k", "--out", str(tmp_path / "x")], "gguf type 'q9_k' is not known"),
         (["quantize", str(src), "--scheme", "fp9", "--out", str(tmp_path / "x")], "--scheme 'fp9' is not known"),
-        (["quantize", str(src), "--scheme", "gguf:q4_k_m", "--method", "autoround", "--out", str(tmp_path / "x")],
-         "not available for gguf"),
         (["export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "q.bin")], "ends in .gguf"),
         (["export", str(tmp_path / "q"), "--format", "gguf", "--type", "q8_0", "--out", str(tmp_path / "y.gguf")],
          "was quantized as q4_0"),
@@ -452,3 +450,144 @@ def test_a_sentencepiece_tokenizer_is_written_as_llama_cpps_llama_model(q4km, tm
     sp = spm.SentencePieceProcessor(model_file=str(work / "tokenizer.model"))
     assert len(tokens) == model.config.vocab_size and tokens[5] == sp.id_to_piece(5)
     assert scores[5] == pytest.approx(sp.get_score(5)) and tokens[-1].startswith("[PAD")
+
+
+# ------------------------------------------------------------------ learned rounding into the GGML types
+from llmsqueeze.quant import autoround as ar  # noqa: E402
+
+
+def _learned_state(t: ggml.GGMLType, w: torch.Tensor, g: torch.Generator):
+    """ggml.fit's steps of w, random offsets V and multipliers (what training may reach)."""
+    step0, bias0 = ggml.steps(t, ggml.fit(w, t))
+    n, k = w.shape
+    wg = w.view(n, k // t.sub, t.sub)
+    v = (torch.rand(wg.shape, generator=g) - 0.5).requires_grad_()
+    a_s = (0.7 + 0.6 * torch.rand(step0.shape, generator=g)).requires_grad_()
+    a_m = None if bias0 is None else (0.7 + 0.6 * torch.rand(bias0.shape, generator=g)).requires_grad_()
+    return wg, step0, bias0, v, a_s, a_m
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q5_0", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
+def test_learned_rounding_trains_on_the_stored_grid_and_freezes_to_it(name):
+    """The fake-quantized weight autoround trains on is, bit for bit, what the stored bytes give in
+    gguf's reference dequantization (the k-quants' 6/4/8-bit super-block scales included); at V = 0
+    and multipliers 1 the stored parameters are ggml.fit's; the gradients reach V, the step and the min."""
+    t = ggml.TYPES[name]
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(8, 512, generator=g) * torch.rand(8, 1, generator=g)
+    w[1, :256] *= 1e-3  # sub-blocks far below their super-block's largest: small (or zero) scale codes
+    wg, step0, bias0, v, a_s, a_m = _learned_state(t, w, g)
+    step, bias, params = ar.ggml_learned_steps(t, step0, bias0, a_s, a_m)
+    fake = ar.ggml_fake_quant(wg, v, step, bias, t).reshape(8, 512)
+    q = ar.ggml_codes(wg, v, step, bias, t)
+    assert q.min() >= 0 and q.max() < t.levels
+    stored = ggml.dequantize(q, t, params)
+    ref = torch.from_numpy(quants.dequantize(ggml.pack(q, t, params).numpy(), gguf.GGMLQuantizationType(t.id)))
+    assert torch.equal(ref, stored)
+    live = (step != 0).repeat_interleave(t.sub, 1)  # a zero step: any code gives the bias; trained as 1e-30
+    assert torch.equal(fake.detach()[live], stored[live])
+    assert torch.allclose(fake.detach(), stored, atol=1e-25)
+    fake.square().sum().backward()
+    for p in (v, a_s) + (() if a_m is None else (a_m,)):
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    # the start is the fitted grid itself
+    ones = torch.ones_like(step0)
+    _, _, start = ar.ggml_learned_steps(t, step0, bias0, ones, None if bias0 is None else ones)
+    for key, val in ggml.fit(w, t).items():
+        assert torch.equal(start[key], val), key
+
+
+def _block0_error(model, ref_model, ids) -> float:
+    """Mean squared error of decoder block 0's output (same embeddings in: the block's own error)."""
+    with torch.no_grad():
+        a = model(ids, output_hidden_states=True).hidden_states[1]
+        b = ref_model(ids, output_hidden_states=True).hidden_states[1]
+    return ((a - b) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("mix", ["q4_0", "q4_k", "q3_k", "q6_k"])
+def test_autoround_into_ggml_types_beats_rtn_and_exports_its_bytes(mix, tmp_path):
+    """autoround on a GGUFScheme: every Linear a GGUFLinear of its type whose bytes (gguf's reference
+    dequantization) are its weight; block 0's output error below round-to-nearest's with the same
+    fit; both loaders give the same logits, and the export holds exactly these bytes."""
+    ref, tok = gguf_llama()
+    ids = calib(tok)
+    errs, models = {}, {}
+    for method in ("rtn", "autoround"):
+        m, _ = gguf_llama()
+        kw = dict(iters=40, batch_samples=4) if method == "autoround" else {}
+        llmsqueeze.quantize(m, GGUFScheme(mix=mix), data=None if method == "rtn" else ids, method=method,
+                            progress=False, **kw)
+        errs[method], models[method] = _block0_error(m, ref, ids), m
+    assert errs["autoround"] < 0.8 * errs["rtn"], errs
+    model = models["autoround"]
+    qc = model.config.quantization_config
+    assert qc["method"] == "autoround" and qc["method_args"]["iters"] == 40
+    types = qc["scheme"]["layer_types"]
+    want = {"q4_0": "q4_0", "q4_k": "q4_k", "q3_k": "q3_k", "q6_k": "q6_k"}[mix]
+    assert set(types.values()) == {want}
+    for name in types:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, GGUFLinear) and layer.ggml_type == want
+        got = quants.dequantize(layer.blocks.numpy(), gguf.GGMLQuantizationType(layer.type.id))
+        assert np.array_equal(got, layer.dequantize().numpy()), name
+    # the learned grid is not the fitted one: codes moved
+    rtn_blocks = models["rtn"].model.layers[0].mlp.down_proj.blocks
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.blocks, rtn_blocks)
+    d = llmsqueeze.save_quantized(model, tmp_path / "q", tokenizer=tok)
+    x = ids[:2, :24]
+    with torch.no_grad():
+        want_logits = model(x).logits
+        assert torch.equal(llmsqueeze.from_pretrained(d)(x).logits, want_logits)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(d)(x).logits, want_logits)
+    out = llmsqueeze.export(d, "gguf", tmp_path / "m.gguf", progress=False)
+    raw = {t.name: (t.tensor_type.name, np.asarray(t.data)) for t in gguf.GGUFReader(str(out)).tensors}
+    heads = {"q_proj": 4, "k_proj": 2}
+    for name in types:
+        i, base = name.split(".")[2], name.rsplit(".", 1)[1]
+        gname = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                 "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[base]
+        got_type, got = raw[f"blk.{i}.{gname}.weight"]
+        blocks = model.get_submodule(name).blocks
+        if base in heads:  # q/k rows permuted for ggml's rope: whole rows of blocks
+            blocks = blocks[permute_rows(blocks.shape[0], heads[base])]
+        assert got_type == want.upper() and np.array_equal(got.reshape(blocks.shape), blocks.numpy()), name
+
+
+def test_cli_autoround_into_a_gguf_mix_and_one_line_errors(tmp_path, capsys):
+    from llmsqueeze.cli import main
+
+    model, tok = gguf_llama()
+    src = tmp_path / "dense"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT)
+    assert main(["quantize", str(src), "--scheme", "gguf:q4_k_m", "--method", "autoround", "--iters", "3",
+                 "--calib", str(text), "--n-samples", "4", "--seq-len", "32", "--out", str(tmp_path / "q")]) == 0
+    assert main(["export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "q.gguf")]) == 0
+    tensors = read_tensors(tmp_path / "q.gguf")
+    assert tensors["blk.0.ffn_down.weight"][0] == "Q4_K" and tensors["blk.1.ffn_down.weight"][0] == "Q6_K"
+    import json
+
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert saved["method"] == "autoround" and saved["method_args"]["iters"] == 3
+    back = llmsqueeze.from_pretrained(tmp_path / "q")
+    assert isinstance(back.model.layers[0].mlp.down_proj, GGUFLinear)
+    capsys.readouterr()
+    for argv, msg in (
+        (["--scheme", "gguf:iq4_nl", "--method", "autoround"], "iq4_nl's 16 levels are not"),
+        (["--scheme", "gguf:q4_k_m", "--method", "autoround", "--autoround-init", "clip"], "init='clip'"),
+        (["--scheme", "gguf:q4_0", "--method", "autoround", "--iters", "0"], "iters=0"),
+    ):
+        assert main(["quantize", str(src), *argv, "--calib", str(text), "--out", str(tmp_path / "x")]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "x").exists()
+
+
+def test_autoround_refuses_iq4_nl_layers_in_the_api():
+    model, tok = gguf_llama()
+    with pytest.raises(LlmsqueezeError, match="iq4_nl") as e:
+        llmsqueeze.quantize(model, GGUFScheme(mix="iq4_nl"), data=calib(tok), method="autoround", progress=False)
+    assert "\n" not in str(e.value)

@@ -25,6 +25,12 @@ the scale in its storage dtype: the packed QuantLinear reproduces it bit for bit
 
 `init="clip"` starts from the clip-searched range of `grid.clip_search_qparams` instead of the plain
 min/max (a_* start at the searched shrink), which round-to-nearest then learns from.
+
+Under a GGUFScheme (GGUFAutoRound) the grid is each Linear's GGML type (quant/ggml.py): the same loop
+learns V and multipliers of each sub-block's fitted step and min, and every forward rounds against
+what the file would store of them (fp16; the k-quants' sub-block codes under fp16 super-block
+scales), so the frozen GGUFLinear holds exactly the trained grid (the section "in GGML's block
+formats" below).
 """
 from __future__ import annotations
 
@@ -39,8 +45,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import LlmsqueezeError, QuantScheme
+from ..config import GGUFScheme, LlmsqueezeError, QuantScheme
 from ..kernels import cpu as cpu_kernels
+from . import ggml
 from .grid import clip_search_qparams, dequantize, group_minmax, minmax_qparams, n_groups
 
 log = logging.getLogger("llmsqueeze")
@@ -70,19 +77,28 @@ def learned_qparams(
     return scale, zero
 
 
+def rounded_codes(wg: torch.Tensor, v: torch.Tensor, s: torch.Tensor, z, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q = clamp(round(W/s + V) + z, 0, maxq) [N, ng, G] float32 and m (bool, same shape: inside the
+    grid, no clamping), for wg, v [N, ng, G], s [N, ng, 1], z [N, ng, 1] or a number. The one
+    expression the fake quantization and the frozen codes share, so they agree bit for bit."""
+    q = torch.div(wg, s).add_(v).round_().add_(z)
+    m = (q >= 0) & (q <= maxq)
+    return q.clamp_(0, maxq), m
+
+
 class _FakeQuant(torch.autograd.Function):
     """Wq = (clamp(round(W/s + V) + z, 0, maxq) - z) * s with the straight-through gradients written
     out, so autograd keeps two tensors instead of the chain of elementwise steps:
 
-        dWq/dV = s * m,   dWq/ds = (q - z) - m * W / s,   dWq/dz = -s * (1 - m)
+        dWq/dV = s * m,   dWq/ds = (q - z) - m * W / s,   dWq/dz = -s * (1 - m),   dWq/dW = m
 
-    m [N, ng, G] is 1 where round(W/s + V) + z lies inside the grid (no clamping)."""
+    m [N, ng, G] is 1 where round(W/s + V) + z lies inside the grid (no clamping). z may be a number
+    (no gradient); W gets one only when it requires it (GGML's affine types: W - bias)."""
 
     @staticmethod
     def forward(ctx, wg, v, s, z, maxq):  # wg, v [N, ng, G]; s, z [N, ng, 1]
-        q = torch.div(wg, s).add_(v).round_().add_(z)
-        m = (q >= 0) & (q <= maxq)
-        qz = q.clamp_(0, maxq).sub_(z)  # q - z
+        q, m = rounded_codes(wg, v, s, z, maxq)
+        qz = q.sub_(z)  # q - z
         ctx.save_for_backward(wg, s, qz, m)
         return qz * s
 
@@ -90,10 +106,11 @@ class _FakeQuant(torch.autograd.Function):
     def backward(ctx, g):
         wg, s, qz, m = ctx.saved_tensors
         gm = g * m
+        gw = gm if ctx.needs_input_grad[0] else None
         gv = gm * s if ctx.needs_input_grad[1] else None
         gs = (g * qz).sub_(gm * wg / s).sum(2, keepdim=True) if ctx.needs_input_grad[2] else None
         gz = (gm - g).sum(2, keepdim=True).mul_(s) if ctx.needs_input_grad[3] else None  # -s * sum g (1 - m)
-        return None, gv, gs, gz, None
+        return gw, gv, gs, gz, None
 
 
 def fake_quant_learned(
@@ -150,6 +167,63 @@ def freeze(
     return q.reshape(wg.shape[0], -1)[:, :k].to(torch.int32), scale, zero
 
 
+# -- the same in GGML's block formats (quant/ggml.py) ---------------------------------------------
+#
+# A GGUFScheme layer of type t: sub-blocks of S = t.sub weights, ns = K / S per row, each with a
+# step and (affine types) a bias <= 0 from ggml.fit; learned: V [N, ns, S] in [-0.5, 0.5] and the
+# multipliers a_s, a_m [N, ns] in [amin, 2 - amin] of the fitted step and bias. Every forward stores
+# (step0 * a_s, bias0 * a_m) as the file would (ggml.store_steps: fp16, and for the k-quants the
+# 4/6/8-bit sub-block codes under fp16 super-block scales) and rounds against what that stores, with
+# straight-through gradients across both roundings, so training sees exactly the representable grid:
+#
+#   symmetric  w = step * (q - offset),  q = clamp(round(W / step + V) + offset, 0, L - 1)
+#   affine     w = step * q + bias,      q = clamp(round((W - bias) / step + V), 0, L - 1)
+
+def ggml_learned_steps(
+    t: ggml.GGMLType, step0: torch.Tensor, bias0: torch.Tensor | None, a_s: torch.Tensor, a_m: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, ggml.Params]:
+    """Fitted steps/biases [N, ns] and their multipliers [N, ns] -> (step, bias, params): step and
+    bias hold exactly ggml.steps(t, params) of the stored params (forward), with the gradient of
+    step0 * a_s and bias0 * a_m (straight through the storage rounding)."""
+    raw_s = step0 * a_s
+    raw_b = None if bias0 is None else bias0 * a_m
+    with torch.no_grad():
+        params = ggml.store_steps(t, raw_s.detach(), None if raw_b is None else raw_b.detach())
+        qs, qb = ggml.steps(t, params)
+    step = raw_s + (qs - raw_s).detach()
+    bias = None if raw_b is None else raw_b + (qb - raw_b).detach()
+    return step, bias, params
+
+
+def _divisor(step: torch.Tensor) -> torch.Tensor:
+    """step [N, ns] -> [N, ns, 1] with zero steps (a sub-block whose stored scale code is 0) made
+    tiny: its weights then take the bias (or 0) whatever their code, and nothing divides by 0."""
+    return torch.where(step == 0, torch.full_like(step, 1e-30), step).unsqueeze(2)
+
+
+def ggml_fake_quant(wg: torch.Tensor, v: torch.Tensor, step: torch.Tensor, bias: torch.Tensor | None,
+                    t: ggml.GGMLType) -> torch.Tensor:
+    """wg, v [N, ns, S], step/bias [N, ns] (bias None: a symmetric type) -> Wq [N, ns, S] float32, the
+    weight the codes of `ggml_codes` give under (step, bias), straight-through on round()."""
+    s = _divisor(step)
+    if bias is None:
+        return _FakeQuant.apply(wg, v, s, float(t.offset), t.levels - 1)
+    b = bias.unsqueeze(2)
+    return _FakeQuant.apply(wg - b, v, s, 0.0, t.levels - 1) + b
+
+
+@torch.no_grad()
+def ggml_codes(wg: torch.Tensor, v: torch.Tensor, step: torch.Tensor, bias: torch.Tensor | None,
+               t: ggml.GGMLType) -> torch.Tensor:
+    """The frozen codes [N, K] int64 of ggml_fake_quant's rounding (the same expression, bit for bit)."""
+    s = _divisor(step)
+    if bias is None:
+        q, _ = rounded_codes(wg, v, s, float(t.offset), t.levels - 1)
+    else:
+        q, _ = rounded_codes(wg - bias.unsqueeze(2), v, s, 0.0, t.levels - 1)
+    return q.reshape(wg.shape[0], -1).long()
+
+
 # -- one Linear's learnable state -------------------------------------------------------------------
 
 @dataclass
@@ -167,15 +241,67 @@ class _Layer:
     a_hi: torch.Tensor  # [N, ng] learnable
     a_min: torch.Tensor  # [N, ng] lower bound of a_* (min(amin, its init))
     a_max: torch.Tensor  # [N, ng] upper bound of a_* (max(1, its init))
+    bits: int
+    sym: bool
+    scale_dtype: torch.dtype
 
-    def qparams(self, bits: int, sym: bool):
-        return learned_qparams(self.wmin, self.wmax, self.a_lo, self.a_hi, bits, sym)
+    def trainable(self) -> list[torch.Tensor]:
+        return [self.v, self.a_hi] if self.sym else [self.v, self.a_lo, self.a_hi]  # symmetric: one multiplier
 
-    def weight(self, bits: int, sym: bool) -> torch.Tensor:
+    def bounds(self) -> list[tuple]:
+        return [(-0.5, 0.5)] + [(self.a_min, self.a_max)] * (len(self.trainable()) - 1)
+
+    def qparams(self):
+        return learned_qparams(self.wmin, self.wmax, self.a_lo, self.a_hi, self.bits, self.sym)
+
+    def weight(self) -> torch.Tensor:
         """The fake-quantized weight in the layer's own layout ([N, K], Conv1D [K, N])."""
-        s, z = self.qparams(bits, sym)
-        w = fake_quant_learned(self.wg, self.v, s, z, bits).reshape(self.wg.shape[0], -1)[:, : self.k]
-        return w.t() if self.conv1d else w
+        s, z = self.qparams()
+        w = fake_quant_learned(self.wg, self.v, s, z, self.bits).reshape(self.wg.shape[0], -1)[:, : self.k]
+        return _layout(w, self.conv1d)
+
+    def frozen(self) -> tuple[tuple, torch.Tensor]:
+        """-> ((q, scale, zero) for QuantLinear, the weight the packed layer computes with, own layout)."""
+        out = freeze(self.wg, self.v, self.wmin, self.wmax, self.a_lo, self.a_hi, self.bits, self.sym, self.k,
+                     self.scale_dtype)
+        return out, _layout(dequantize(*out, self.g), self.conv1d)
+
+
+@dataclass
+class _GGMLLayer:
+    """One Linear of a GGUFScheme: its GGML type, the fitted sub-block steps and what is learned."""
+
+    name: str
+    param: str
+    conv1d: bool
+    t: ggml.GGMLType
+    wg: torch.Tensor  # [N, ns, S] float32, fixed (K a multiple of the type's block: no padding)
+    step0: torch.Tensor  # [N, ns] the fitted steps as stored (ggml.steps of ggml.fit)
+    bias0: torch.Tensor | None  # [N, ns] <= 0, affine types; None: symmetric
+    v: torch.Tensor  # [N, ns, S] learnable, in [-0.5, 0.5]
+    a_s: torch.Tensor  # [N, ns] learnable step multiplier
+    a_m: torch.Tensor | None  # [N, ns] learnable bias multiplier (affine types)
+    amin: float
+
+    def trainable(self) -> list[torch.Tensor]:
+        return [self.v, self.a_s] + ([] if self.a_m is None else [self.a_m])
+
+    def bounds(self) -> list[tuple]:
+        return [(-0.5, 0.5)] + [(self.amin, 2 - self.amin)] * (len(self.trainable()) - 1)
+
+    def weight(self) -> torch.Tensor:
+        step, bias, _ = ggml_learned_steps(self.t, self.step0, self.bias0, self.a_s, self.a_m)
+        return _layout(ggml_fake_quant(self.wg, self.v, step, bias, self.t).reshape(self.wg.shape[0], -1), self.conv1d)
+
+    def frozen(self) -> tuple[tuple, torch.Tensor]:
+        """-> ((codes [N, K], params) for GGUFLinear, ggml's dequantization of them, own layout)."""
+        step, bias, params = ggml_learned_steps(self.t, self.step0, self.bias0, self.a_s, self.a_m)
+        q = ggml_codes(self.wg, self.v, step, bias, self.t)
+        return (q, params), _layout(ggml.dequantize(q, self.t, params), self.conv1d)
+
+
+def _layout(w: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    return w.t() if conv1d else w
 
 
 def _init_layer(name: str, module: nn.Module, scheme: QuantScheme, init: str, amin: float) -> _Layer:
@@ -204,7 +330,26 @@ def _init_layer(name: str, module: nn.Module, scheme: QuantScheme, init: str, am
     return _Layer(
         name=name, param=f"{name}.weight", conv1d=not isinstance(module, nn.Linear), k=k, g=g, wg=wg,
         wmin=wmin, wmax=wmax, v=torch.zeros_like(wg).requires_grad_(), a_lo=a_lo.requires_grad_(),
-        a_hi=a_hi.requires_grad_(), a_min=a_min, a_max=a_max,
+        a_hi=a_hi.requires_grad_(), a_min=a_min, a_max=a_max, bits=scheme.bits, sym=scheme.sym,
+        scale_dtype=scheme.torch_scale_dtype,
+    )
+
+
+def _init_ggml_layer(name: str, module: nn.Module, t: ggml.GGMLType, importance: torch.Tensor | None,
+                     amin: float) -> _GGMLLayer:
+    """The start: ggml.fit weighted by `importance` [K] (mean x_k^2 of the layer's inputs, the
+    Hessian diagonal GGUF GPTQ fits against), V = 0, multipliers 1."""
+    from ..nn import linear_weight
+
+    w = linear_weight(module).detach().float()  # [N, K]
+    n, k = w.shape
+    step0, bias0 = ggml.steps(t, ggml.fit(w, t, importance))
+    wg = w.reshape(n, k // t.sub, t.sub)
+    return _GGMLLayer(
+        name=name, param=f"{name}.weight", conv1d=not isinstance(module, nn.Linear), t=t, wg=wg,
+        step0=step0.clone(), bias0=None if bias0 is None else bias0.clone(), v=torch.zeros_like(wg).requires_grad_(),
+        a_s=torch.ones_like(step0).requires_grad_(), a_m=None if bias0 is None else torch.ones_like(bias0).requires_grad_(),
+        amin=amin,
     )
 
 
@@ -239,7 +384,7 @@ class AutoRound:
                  token_weighting: bool = True):
         check_autoround_args(iters, lr, batch_samples, init, amin)
         self.scheme, self.names = scheme, set(names)
-        self.iters, self.lr = iters, (lr if lr is not None else default_lr(iters, scheme.bits))
+        self.iters, self.lr = iters, (lr if lr is not None else default_lr(iters, self.scheme_bits()))
         self.float_targets = bool(float_targets)  # the engine then hands prepare_block the float stream's outputs
         self.amp, self.token_weighting = amp, bool(token_weighting)
         self.train_dtype: torch.dtype | None = None  # decided on the first block (training_dtype), then kept
@@ -259,6 +404,15 @@ class AutoRound:
                 "token_weighting": self.token_weighting,
                 "train_dtype": str(self.train_dtype or torch.float32).replace("torch.", "")}
 
+    def scheme_bits(self) -> int:
+        """The width the default step size follows."""
+        return self.scheme.bits
+
+    def init_layers(self, prefix: str, modules: list[tuple[str, nn.Module]], work: nn.Module, x: torch.Tensor,
+                    kw) -> list:
+        """The learnable state of the block's selected Linears (x [S, T, H], kw: the block's inputs)."""
+        return [_init_layer(n, m, self.scheme, self.init, self.amin) for n, m in modules]
+
     def apply(self, name: str, module):
         from ..nn import QuantLinear
 
@@ -273,12 +427,9 @@ class AutoRound:
         from ..nn import is_linear
 
         t0 = time.perf_counter()
-        s = self.scheme
-        bits, sym = s.bits, s.sym
         work = block if all(p.dtype == torch.float32 for p in block.parameters()) else copy.deepcopy(block).float()
-        layers = [_init_layer(n, m, s, self.init, self.amin) for n, m in work.named_modules()
-                  if is_linear(m) and prefix + n in self.names]
-        if not layers:
+        modules = [(n, m) for n, m in work.named_modules() if is_linear(m) and prefix + n in self.names]
+        if not modules:
             return
         # inputs [S, T, H] (one sample per engine batch, stacked) and the float block's outputs
         xs, kw = [], None
@@ -289,6 +440,7 @@ class AutoRound:
         del xs
         if any(t.dim() > 0 and t.shape[0] > 1 for t in _tensors(kw)):
             raise LlmsqueezeError("autoround stacks calibration samples into minibatches: use batch_size=1 (no padding masks)")
+        layers = self.init_layers(prefix, modules, work, x, kw)
         saved_grad = [p.requires_grad for p in work.parameters()]
         for p in work.parameters():
             p.requires_grad_(False)
@@ -302,9 +454,8 @@ class AutoRound:
             self.train_dtype, self._dtype_decided = training_dtype(x.device, self.amp), True
         amp_dtype = self.train_dtype
 
-        params = [t for L in layers for t in ((L.v, L.a_lo, L.a_hi) if not sym else (L.v, L.a_hi))]
-        bounds = [b for L in layers for b in (((-0.5, 0.5), (L.a_min, L.a_max), (L.a_min, L.a_max)) if not sym
-                                               else ((-0.5, 0.5), (L.a_min, L.a_max)))]
+        params = [t for L in layers for t in L.trainable()]
+        bounds = [b for L in layers for b in L.bounds()]
 
         tw = token_weights(y) if self.token_weighting else None  # [S, T] or None
 
@@ -320,7 +471,7 @@ class AutoRound:
                            for b in (slice(i, min(i + self.batch_samples, m)) for i in range(0, m, self.batch_samples))) / m
 
         with torch.no_grad():
-            loss_before = eval_loss({L.param: L.weight(bits, sym) for L in layers})
+            loss_before = eval_loss({L.param: L.weight() for L in layers})
         start_state = [p.detach().clone() for p in params]
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(prefix.encode()))
         best, best_state, trace = math.inf, None, []
@@ -330,7 +481,7 @@ class AutoRound:
         for t in bar:
             idx = torch.randperm(len(x), generator=gen)[:bs]
             with torch.enable_grad():  # the engine runs under no_grad
-                loss = block_loss(x[idx], y[idx], {L.param: L.weight(bits, sym) for L in layers}, amp=True,
+                loss = block_loss(x[idx], y[idx], {L.param: L.weight() for L in layers}, amp=True,
                                   wb=None if tw is None else tw[idx])
                 loss.backward()
             lv = loss.item()
@@ -342,16 +493,13 @@ class AutoRound:
                 bar.set_postfix(loss=f"{lv:.3g}", best=f"{best:.3g}")
         bar.close()
         def frozen_state(state) -> tuple[dict, float]:
-            """Freeze the parameters `state` to the grid -> ({name: (q, scale, zero)}, eval loss)."""
+            """Freeze the parameters `state` to the grid -> ({name: what apply packs}, eval loss)."""
             with torch.no_grad():
                 for p, b in zip(params, state):
                     p.copy_(b)
-                out = {L.name: freeze(L.wg, L.v, L.wmin, L.wmax, L.a_lo, L.a_hi, bits, sym, L.k, s.torch_scale_dtype)
-                       for L in layers}
-                weights = {}
-                for L in layers:
-                    w = dequantize(*out[L.name], L.g)  # [N, K], what the packed QuantLinear computes with
-                    weights[L.param] = w.t() if L.conv1d else w
+                out, weights = {}, {}
+                for L in layers:  # the weight the packed layer computes with
+                    out[L.name], weights[L.param] = L.frozen()
                 return out, eval_loss(weights)
 
         frozen, loss_after = frozen_state(best_state)
@@ -369,6 +517,56 @@ class AutoRound:
                             "minibatch_losses": trace})
         log.info("autoround %s: block output MSE %.4g -> %.4g (%d iters, %.1f s)", prefix.rstrip("."),
                  loss_before, loss_after, self.iters, secs)
+
+
+class GGUFAutoRound(AutoRound):
+    """Learned rounding into the GGML types of a GGUFScheme (each Linear's own type from
+    scheme.layer_types): the start is ggml.fit weighted by the inputs' mean squares (as GGUF GPTQ
+    fits against the Hessian diagonal), the rest is AutoRound's loop; `apply` returns a GGUFLinear
+    holding the file's bytes of what was learned."""
+
+    def __init__(self, scheme, names: list[str], init: str = "rtn", **kw):
+        check_gguf_args((scheme.layer_types.get(n, "") for n in names), init)
+        super().__init__(scheme, names, init=init, **kw)
+
+    def scheme_bits(self) -> int:
+        """The mix's own type (q4_k for q4_k_m, q3_k for q3_k_m): 2/iters at 3 bits and below."""
+        return ggml.get_type(ggml.MIXES[self.scheme.mix].default).bits
+
+    @torch.no_grad()
+    def init_layers(self, prefix, modules, work, x, kw) -> list:
+        sums = {n: torch.zeros(linear_in(m), device=x.device) for n, m in modules}
+        count = [0]
+
+        def hook(name):
+            def pre(_, args):
+                a = args[0].detach().float()
+                sums[name] += a.reshape(-1, a.shape[-1]).square().sum(0)
+            return pre
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules]
+        try:
+            for i in range(0, len(x), self.batch_samples):
+                xb = x[i: i + self.batch_samples]
+                work(xb, **kw)
+                count[0] += xb.shape[0] * xb.shape[1]
+        finally:
+            for h in handles:
+                h.remove()
+        return [_init_ggml_layer(n, m, ggml.get_type(self.scheme.layer_types[prefix + n]), sums[n] / count[0],
+                                 self.amin) for n, m in modules]
+
+    def apply(self, name: str, module):
+        from ..nn_gguf import GGUFLinear
+
+        q, params = self.frozen.pop(name)
+        return GGUFLinear.from_codes(q, params, self.scheme.layer_types[name], bias=module.bias)
+
+
+def linear_in(module: nn.Module) -> int:
+    from ..nn import linear_weight
+
+    return linear_weight(module).shape[1]
 
 
 def _tensors(obj):
@@ -434,11 +632,23 @@ OPTIONS = ("iters", "lr", "seed", "init", "batch_samples", "float_targets", "amp
 
 
 def build(job) -> AutoRound:
-    """The engine method for llmsqueeze.engine.Job `job` (the method table's entry point); its options
-    (OPTIONS) come in job.extra. The engine hands it one calibration sample per batch: it stacks
-    them into its own minibatches."""
+    """The engine method for llmsqueeze.engine.Job `job` (the method table's entry point; a GGUFScheme
+    gets GGUFAutoRound); its options (OPTIONS) come in job.extra. The engine hands it one calibration
+    sample per batch: it stacks them into its own minibatches."""
     job.method_args = dict(job.data_args)
-    return AutoRound(job.scheme, job.names, progress=job.progress, **{k: v for k, v in job.extra.items() if k in OPTIONS})
+    cls = GGUFAutoRound if isinstance(job.scheme, GGUFScheme) else AutoRound
+    return cls(job.scheme, job.names, progress=job.progress, **{k: v for k, v in job.extra.items() if k in OPTIONS})
+
+
+def check_gguf_args(types, init: str) -> None:
+    """One-line errors for learned rounding into GGML types (`types`: the layers' type names, or
+    a mix's default type), before any work."""
+    if init != "rtn":
+        raise LlmsqueezeError(f"init={init!r} searches a uniform grid's range; a gguf scheme starts from ggml's own "
+                              "fit of each sub-block: drop init (--autoround-init)")
+    if "iq4_nl" in set(types):
+        raise LlmsqueezeError("autoround learns offsets between evenly spaced levels; iq4_nl's 16 levels are not: "
+                              "use --method gptq or rtn for it, or a q4_0 / q4_k mix")
 
 
 def check_autoround_args(iters, lr, batch_samples, init, amin) -> None:

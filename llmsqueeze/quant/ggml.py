@@ -23,7 +23,8 @@ Fitting (`fit`): each sub-block's scale (and min) is searched over candidate inv
 refitted by weighted least squares on its codes (the idea of ggml's make_qx_quants/make_qkx2_quants,
 written anew), weighted per input column by `importance` (the Hessian diagonal under GPTQ; none:
 plain squared error); k-quants then quantize the sub-block scales and mins to their 4/6/8-bit grid
-under fp16 super-block scales. The codes are the nearest levels (RTN) or GPTQ's (quant/gptq.py).
+under fp16 super-block scales (`store_steps`). The codes are the nearest levels (RTN), GPTQ's
+(quant/gptq.py) or learned (quant/autoround.py, which trains through `store_steps`).
 """
 from __future__ import annotations
 
@@ -257,6 +258,23 @@ def _super_signed(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tenso
     return d, codes.clamp(lo, hi).to(torch.int64)
 
 
+def store_steps(t: GGMLType, step: torch.Tensor, bias: torch.Tensor | None = None) -> Params:
+    """Each sub-block's step [N, K/sub] (and bias <= 0 [N, K/sub], affine types) -> the parameters the
+    file stores: fp16 per block of 32, or for the k-quants the sub-block steps (and mins -bias)
+    quantized to scale_bits under fp16 super-block scales. `steps` of the result gives the values
+    the codes are then rounded against (what `fit` and learned rounding both store)."""
+    m = step.shape[0]
+    if not t.super:
+        return {"d": fp16(step)} if t.kind != "affine" else {"d": fp16(step), "m": fp16(bias)}
+    nsub = t.block // t.sub
+    if t.kind == "sym":
+        d, sc = _super_signed(step.reshape(m, -1, nsub), t.scale_bits)
+        return {"d": d, "sc": sc}
+    d, sc = _super_unsigned(step.reshape(m, -1, nsub), t.scale_bits)
+    dmin, mn = _super_unsigned((-bias).reshape(m, -1, nsub), t.scale_bits)
+    return {"d": d, "sc": sc, "dmin": dmin, "mn": mn}
+
+
 @torch.no_grad()
 def fit(w: torch.Tensor, t: GGMLType, importance: torch.Tensor | None = None, rows: int = 2048) -> Params:
     """Block parameters of w [N, K] (K a multiple of t.block) in format t. importance [K] (e.g. the
@@ -272,23 +290,12 @@ def fit(w: torch.Tensor, t: GGMLType, importance: torch.Tensor | None = None, ro
         xs = x.reshape(-1, t.sub)  # [R, S] sub-blocks, row-major
         imp = col.view(1, k).expand(m, k).reshape(-1, t.sub)
         imp = imp + 1e-12 * (imp.sum(1, keepdim=True) == 0)  # an all-zero importance: plain error there
-        part: Params = {}
         if t.kind == "lut":
-            part["d"] = fp16(_fit_lut(xs, imp)).view(m, -1)
+            part = store_steps(t, _fit_lut(xs, imp).view(m, -1))
         elif t.kind == "sym":
-            step = _fit_sym(xs, imp, t).view(m, -1)
-            if t.super:
-                part["d"], part["sc"] = _super_signed(step.view(m, -1, t.block // t.sub), t.scale_bits)
-            else:
-                part["d"] = fp16(step)
+            part = store_steps(t, _fit_sym(xs, imp, t).view(m, -1))
         else:
-            step, bias = (v.view(m, -1) for v in _fit_affine(xs, imp, t))
-            if t.super:
-                nsub = t.block // t.sub
-                part["d"], part["sc"] = _super_unsigned(step.view(m, -1, nsub), t.scale_bits)
-                part["dmin"], part["mn"] = _super_unsigned((-bias).view(m, -1, nsub), t.scale_bits)
-            else:
-                part["d"], part["m"] = fp16(step), fp16(bias)
+            part = store_steps(t, *(v.view(m, -1) for v in _fit_affine(xs, imp, t)))
         for key, v in part.items():
             out.setdefault(key, []).append(v)
     return {key: torch.cat(v) for key, v in out.items()}
