@@ -169,8 +169,7 @@ def run_llm(args) -> None:
     texts = {"wikitext2": tokenize_text(tok, load_eval_text(str(DATA / "test.txt"))),
              "python-docs": tokenize_text(tok, load_eval_text("python-docs"))}
     path = args.json
-    doc = json.loads(path.read_text()) if path.exists() else {"results": []}
-    rows = {r["row"]: r for r in doc["results"]}
+    doc = {"results": []}
     wanted = list(LLM_ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
     for name in wanted:
         if name not in LLM_ROWS:
@@ -179,6 +178,8 @@ def run_llm(args) -> None:
         row = llm_row(name, args, tok, texts)
         row.update(cpu_flags=cpu_flags(), threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d %H:%M"),
                    command="python " + " ".join(sys.argv))
+        # read the file again just before writing: rows run by another process meanwhile are kept
+        rows = {r["row"]: r for r in (json.loads(path.read_text())["results"] if path.exists() else [])}
         rows[name] = row
         print({k: v for k, v in row.items() if k != "curve"}, flush=True)
         doc = {"protocol": f"SmolLM2-135M float32 CPU; perplexity: 2048-token windows, first {args.windows}, of "
@@ -192,11 +193,12 @@ def run_llm(args) -> None:
 
 
 def print_llm(doc) -> None:
-    print("\n| row | steps | tokens | minutes | WikiText-2 | Python docs | sparsity |\n|---|---|---|---|---|---|---|")
+    print("\n| row | steps | tokens | train minutes (wall / CPU) | WikiText-2 | Python docs | sparsity |\n"
+          "|---|---|---|---|---|---|---|")
     for r in doc["results"]:
         sp = f"{r['sparsity']:.3f}" + (" (2:4 in every layer)" if r.get("every_layer_nm") else "") if "sparsity" in r else "0"
-        print(f"| {r['row']} | {r['steps']} | {r['tokens']:,} | {r.get('train_minutes', '-')} | {r['ppl wikitext2']} | "
-              f"{r['ppl python-docs']} | {sp} |")
+        mins = f"{r.get('train_minutes', '-')} / {r.get('train_cpu_minutes', '-')}"
+        print(f"| {r['row']} | {r['steps']} | {r['tokens']:,} | {mins} | {r['ppl wikitext2']} | {r['ppl python-docs']} | {sp} |")
 
 
 def plot_llm(doc, out: Path, batch: str) -> None:
