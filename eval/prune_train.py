@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,13 +91,15 @@ def llm_row(name: str, args, tok, texts: dict) -> dict:
     train_ids = tokenize_text(tok, (DATA / "valid.txt").read_text())
     bos = bos_token_id(tok)  # BOS first in each training and perplexity window where the tokenizer puts it first
     teacher = load_dense(str(MODEL), torch.float32).eval() if distill else None
-    row = {"row": name, "steps": steps, "tokens": steps * args.batch_size * args.seq_len, "lr": args.lr,
+    row = {"row": name, "steps": steps, "tokens": steps * args.batch_size * args.seq_len, "lr": args.lr, "windows": args.windows,
            "batch_size": args.batch_size, "seq_len": args.seq_len, "distill": distill}
     common = dict(lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, seed=0, bos_token_id=bos,
                   progress=not args.quiet)
-    t0 = time.time()
+    src = None
+    load_before = os.getloadavg()[0]
     if start == "dense":
         model = load_dense(str(MODEL), torch.float32)
+        t0, c0 = time.time(), time.process_time()  # train minutes: the training loop only (not the one-shot prune, the loads or the eval)
         if how == "ft":
             hist = finetune(model, train_ids, FinetuneOptions(steps=steps, lr=args.lr, batch_size=args.batch_size,
                                                               seq_len=args.seq_len, bos_token_id=bos),
@@ -107,36 +110,54 @@ def llm_row(name: str, args, tok, texts: dict) -> dict:
     else:
         src = pruned_dir(args.work, start, target, tok)
         model = llmsqueeze.from_pretrained(src, dtype=torch.float32)
+        t0, c0 = time.time(), time.process_time()
         if how == "ft":
             hist = llmsqueeze.finetune(model, train_ids, steps, teacher=teacher, **common)
     if how:
         row["train_minutes"] = round((time.time() - t0) / 60, 2)
+        row["seconds_per_step"] = round((time.time() - t0) / max(1, steps), 2)
+        row["train_cpu_minutes"] = round((time.process_time() - c0) / 60, 2)  # CPU time of this process, all threads
+        row["load_1min"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]  # before, after training
         row["curve"] = [[r["step"], round(r["loss"], 4), round(r["ce"], 4)] for r in hist]
     if getattr(model.config, "quantization_config", None) is not None:
         out = args.work / ("ckpt-" + "".join(c if c.isalnum() else "_" for c in name))
         llmsqueeze.save_quantized(model, out, tokenizer=tok, overwrite=True)
         model = llmsqueeze.from_pretrained(out, dtype=torch.float32)  # the loaders' pattern check runs here
         row["checkpoint"] = str(out)
-        row.update(pattern_check(model, target))
+        row.update(pattern_check(model, target, src if how else None))
     model.eval()
     for label, ids in texts.items():
         row[f"ppl {label}"] = round(perplexity(model, ids, 2048, args.windows, progress=False, bos_token_id=bos)["ppl"], 3)
     return row
 
 
-def pattern_check(model, target) -> dict:
-    """Every pruned layer's sparsity from its stored layer: exactly 2:4 in each, or its share."""
+def sparse_weights(model) -> dict[str, torch.Tensor]:
+    """{layer name: its dense weight [out, in]} for every pruned (SparseLinear) layer of a loaded checkpoint."""
     from llmsqueeze.nn import SparseLinear
+
+    return {n: m.to_dense(torch.float32) for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def pattern_check(model, target, src: Path | None = None) -> dict:
+    """Every pruned layer's sparsity from the saved and reloaded checkpoint: at most n of every m inputs
+    nonzero and exactly n/m of the layer kept (2:4), or its share; with `src` (the one-shot checkpoint a
+    fine-tune started from) also that no pruned weight came back (the mask was held)."""
+    import llmsqueeze
     from llmsqueeze.pruning.masks import is_nm
 
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
-    dense = {n: m.to_dense(torch.float32) for n, m in layers.items()}
-    out = {"sparse_layers": len(layers),
-           "sparsity": sum(int((w == 0).sum()) for w in dense.values()) / sum(w.numel() for w in dense.values())}
+    dense = sparse_weights(model)
+    per_layer = [float((w == 0).float().mean()) for w in dense.values()]
+    out = {"sparse_layers": len(dense),
+           "sparsity": sum(int((w == 0).sum()) for w in dense.values()) / sum(w.numel() for w in dense.values()),
+           "layer_sparsity_min_max": [round(min(per_layer), 5), round(max(per_layer), 5)]}
     if isinstance(target, str):
         n, m = map(int, target.split(":"))
         out["every_layer_nm"] = all(is_nm(w, n, m) for w in dense.values()) and all(
-            int((w != 0).sum()) <= w.numel() * n // m for w in dense.values())
+            int((w != 0).sum()) == w.numel() * n // m for w in dense.values())
+    if src is not None:
+        before = sparse_weights(llmsqueeze.from_pretrained(src, dtype=torch.float32))
+        out["mask_held"] = set(before) == set(dense) and all(
+            not bool(((before[k] == 0) & (w != 0)).any()) for k, w in dense.items())
     return out
 
 
@@ -147,9 +168,8 @@ def run_llm(args) -> None:
     tok = AutoTokenizer.from_pretrained(MODEL)
     texts = {"wikitext2": tokenize_text(tok, load_eval_text(str(DATA / "test.txt"))),
              "python-docs": tokenize_text(tok, load_eval_text("python-docs"))}
-    path = RESULTS / "prune_train_llm.json"
-    doc = json.loads(path.read_text()) if path.exists() else {"results": []}
-    rows = {r["row"]: r for r in doc["results"]}
+    path = args.json
+    doc = {"results": []}
     wanted = list(LLM_ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
     for name in wanted:
         if name not in LLM_ROWS:
@@ -158,6 +178,8 @@ def run_llm(args) -> None:
         row = llm_row(name, args, tok, texts)
         row.update(cpu_flags=cpu_flags(), threads=torch.get_num_threads(), date=time.strftime("%Y-%m-%d %H:%M"),
                    command="python " + " ".join(sys.argv))
+        # read the file again just before writing: rows run by another process meanwhile are kept
+        rows = {r["row"]: r for r in (json.loads(path.read_text())["results"] if path.exists() else [])}
         rows[name] = row
         print({k: v for k, v in row.items() if k != "curve"}, flush=True)
         doc = {"protocol": f"SmolLM2-135M float32 CPU; perplexity: 2048-token windows, first {args.windows}, of "
@@ -167,18 +189,19 @@ def run_llm(args) -> None:
                "environment": environment(), "results": [rows[r] for r in LLM_ROWS if r in rows]}
         path.write_text(json.dumps(doc, indent=1) + "\n")
     print_llm(doc)
-    plot_llm(doc)
+    plot_llm(doc, path.with_suffix(".png"), f"{args.batch_size} x {args.seq_len}")
 
 
 def print_llm(doc) -> None:
-    print("\n| row | steps | tokens | minutes | WikiText-2 | Python docs | sparsity |\n|---|---|---|---|---|---|---|")
+    print("\n| row | steps | tokens | train minutes (wall / CPU) | WikiText-2 | Python docs | sparsity |\n"
+          "|---|---|---|---|---|---|---|")
     for r in doc["results"]:
         sp = f"{r['sparsity']:.3f}" + (" (2:4 in every layer)" if r.get("every_layer_nm") else "") if "sparsity" in r else "0"
-        print(f"| {r['row']} | {r['steps']} | {r['tokens']:,} | {r.get('train_minutes', '-')} | {r['ppl wikitext2']} | "
-              f"{r['ppl python-docs']} | {sp} |")
+        mins = f"{r.get('train_minutes', '-')} / {r.get('train_cpu_minutes', '-')}"
+        print(f"| {r['row']} | {r['steps']} | {r['tokens']:,} | {mins} | {r['ppl wikitext2']} | {r['ppl python-docs']} | {sp} |")
 
 
-def plot_llm(doc) -> None:
+def plot_llm(doc, out: Path, batch: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,12 +215,12 @@ def plot_llm(doc) -> None:
             k = 10  # running mean over 10 steps
             smooth = [sum(ce[max(0, i - k + 1): i + 1]) / len(ce[max(0, i - k + 1): i + 1]) for i in range(len(ce))]
             ax.plot(steps, smooth, label=r["row"])
-    ax.set_xlabel("fine-tuning step (4 x 512 tokens)")
+    ax.set_xlabel(f"fine-tuning step ({batch} tokens)")
     ax.set_ylabel("training cross-entropy (running mean of 10)")
     ax.set_title("SmolLM2-135M: recovery fine-tuning on WikiText-2 valid.txt")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(RESULTS / "prune_train_llm.png", dpi=120)
+    fig.savefig(out, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------- char
@@ -431,6 +454,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--prune-end", type=float, default=0.6, help="fraction of the steps the gradual schedule spans")
     ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--json", type=Path, default=RESULTS / "prune_train_llm.json",
+                    help="llm: the results JSON rows merge into (a scratch path for smoke runs)")
     # char
     ap.add_argument("--dense-steps", type=int, default=2000)
     ap.add_argument("--recovery-steps", type=int, default=300)

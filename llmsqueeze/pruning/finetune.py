@@ -147,9 +147,9 @@ def finetune(model: nn.Module, ids: torch.Tensor, options: FinetuneOptions, *,
             if callback is not None:
                 rec.update(callback(step + 1, model) or {})
             history.append(rec)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-            if not math.isfinite(float(loss)):
-                raise LlmsqueezeError(f"the loss became {float(loss)} at step {step + 1}: lower --lr")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            if not math.isfinite(rec["loss"]):
+                raise LlmsqueezeError(f"the loss became {rec['loss']} at step {step + 1}: lower --lr")
     finally:
         if guard is not None:
             guard.remove()
