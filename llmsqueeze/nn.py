@@ -246,9 +246,12 @@ class QuantLinear(nn.Module):
         xf = x2.float().contiguous()
         k, n = self.in_features, self.out_features
         args = (self.qweight, self.scales, self.qzeros, self.bits, self.group_size, k)
+        step = min(n, max(8, CPU_TILE_BYTES // (4 * k) // 8 * 8))  # prefill: columns of W^T per tile
         if torch.compiler.is_compiling():  # the kernels as operators (C++, else Python): one opaque call each
             if path == "gemv":
                 y = cpu_kernels.op("gemv_q")(xf, *args, self.bias)
+            elif cpu_kernels.c_ops_available():  # the tiles loop below, in C++
+                y = torch.ops.llmsqueeze_c.tiles_mm(xf, *args, self.bias, step)
             else:
                 y = xf @ cpu_kernels.op("dequantize_q")(*args)
                 y = y if self.bias is None else y + self.bias.float()
@@ -258,7 +261,6 @@ class QuantLinear(nn.Module):
                 plan = self._cpu_plan = cpu_kernels.q_plan(*args, bias=self.bias)
             y = cpu_kernels.gemv_planned(xf, plan)
         else:  # column tiles of W^T dequantized into one reused buffer, each into the BLAS GEMM
-            step = min(n, max(8, CPU_TILE_BYTES // (4 * k) // 8 * 8))
             buf = cpu_kernels.scratch(k * step)
             y = torch.empty(xf.shape[0], n, dtype=torch.float32)
             for n0 in range(0, n, step):

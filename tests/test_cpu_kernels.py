@@ -12,6 +12,7 @@ from torch import nn
 
 import llmsqueeze
 from llmsqueeze.kernels import cpu
+from llmsqueeze import nn as nn_mod
 from llmsqueeze.nn import HalfStorageLinear, QuantLinear, compute_in_float32
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="needs an x86-64 CPU with AVX2+FMA+F16C and a C compiler")
@@ -217,7 +218,7 @@ def needs_c_ops():
 
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n, k, group, bits", [(96, 160, 64, 4), (77, 96, 32, 8), (264, 96, 32, 2)])
-def test_c_operators_equal_the_kernels(n, k, group, bits, scale_dtype):
+def test_c_operators_equal_the_kernels(n, k, group, bits, scale_dtype, monkeypatch):
     """torch.ops.llmsqueeze_c.* call the same kernels: bit-equal outputs, with and without a bias."""
     needs_c_ops()
     lay = layer(n, k, group, bits, scale_dtype, bias=True)
@@ -229,6 +230,11 @@ def test_c_operators_equal_the_kernels(n, k, group, bits, scale_dtype):
     assert torch.equal(torch.ops.llmsqueeze_c.dequantize_q(*args), cpu.dequantize_q(*args))
     w = torch.randn(n, k).to(torch.bfloat16)
     assert torch.equal(torch.ops.llmsqueeze_c.gemv_w16(x, w, lay.bias), cpu.gemv_w16(x, w, lay.bias))
+    x40 = torch.randn(40, k)
+    assert lay.cpu_path(x40) == "tiles"
+    for cols in (8, 24, -(-n // 8) * 8):  # several tiles, a short last one, one tile: the eager tiles path bit for bit
+        monkeypatch.setattr(nn_mod, "CPU_TILE_BYTES", 4 * k * cols)
+        assert torch.equal(torch.ops.llmsqueeze_c.tiles_mm(x40, *args, lay.bias, cols), lay(x40))
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.llmsqueeze_c.gemv_q(x.double(), *args, None)
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
@@ -249,6 +255,12 @@ def test_compiled_graphs_call_the_c_operators():
     src = "\n".join(code)
     assert "llmsqueeze_c.gemv_q" in src and "llmsqueeze.cpu_gemv_q" not in src
     assert torch.equal(y, lay(x))
+    x = torch.randn(40, 96)  # prefill rows: the tiles loop as one C++ operator, the eager result bit for bit
+    with torch.no_grad():
+        y, code = run_and_get_code(torch.compile(lay, fullgraph=True), x)
+    assert "llmsqueeze_c.tiles_mm" in "\n".join(code)
+    assert torch.equal(y, lay(x))
+    torch._dynamo.reset()
 
 
 def test_compiled_graphs_keep_python_ops_without_the_c_operators(monkeypatch):

@@ -153,26 +153,34 @@ def _cache_dir() -> Path:
     return Path(root).expanduser() if root else Path("~/.cache/llmsqueeze").expanduser() / "cpu-kernels"
 
 
-def _build() -> Path:
-    """Compile cpu_kernels.c once per source, compiler and flags; -> the shared library's path."""
-    cc = os.environ.get("CC", "cc")
+def _compile_once(compiler_env: str, default: str, source: Path, prefix: str, args: list[str],
+                  key_parts: tuple = ()) -> Path:
+    """Compile `source` into a shared library once per source, compiler, arguments and key_parts,
+    into the cache (atomically: another process building the same key gets a whole file); -> its path.
+    args: the compiler's arguments, "{src}" and "{out}" standing for the source and the output."""
+    cc = os.environ.get(compiler_env, default)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *CFLAGS]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"lsq_cpu_{key}.so"
+    key = hashlib.sha256("\0".join([source.read_text(), cc, version, *key_parts, *args]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"{prefix}_{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        r = subprocess.run([cc, *(a.format(src=source, out=tmp) for a in args)], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError((r.stderr or r.stdout).strip().splitlines()[-1][:300])
-        os.replace(tmp, out)  # atomic: another process building the same key gets a whole file
+            raise RuntimeError(((r.stderr or r.stdout).strip().splitlines() or ["no output"])[-1][:300])
+        os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _build() -> Path:
+    """Compile cpu_kernels.c once per source, compiler and flags; -> the shared library's path."""
+    return _compile_once("CC", "cc", SOURCE, "lsq_cpu", [*CFLAGS, "{src}", "-o", "{out}"])
 
 
 def library() -> ctypes.CDLL | None:
@@ -367,31 +375,16 @@ def _build_ops() -> Path:
     """Compile cpu_ops.cpp once per source, compiler and torch; -> the shared library's path."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
-    cxx = os.environ.get("CXX", "c++")
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
     flags = ["-O2", "-std=c++20", "-shared", "-fPIC", "-w", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
              *(f"-I{p}" for p in include_paths())]
     libs = [*(f"-L{p}" for p in library_paths()), *(f"-Wl,-rpath,{p}" for p in library_paths()), "-ltorch_cpu", "-lc10"]
-    key = hashlib.sha256("\0".join([OPS_SOURCE.read_text(), cxx, version, torch.__version__, *flags]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"lsq_ops_{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        r = subprocess.run([cxx, *flags, str(OPS_SOURCE), "-o", tmp, *libs], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(((r.stderr or r.stdout).strip().splitlines() or ["no output"])[-1][:300])
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return _compile_once("CXX", "c++", OPS_SOURCE, "lsq_ops", [*flags, "{src}", "-o", "{out}", *libs],
+                         key_parts=(torch.__version__,))
 
 
 def _register_c_fakes() -> None:
-    for name, fake in (("gemv_q", _gemv_q_fake), ("dequantize_q", _dequantize_q_fake), ("gemv_w16", _gemv_w16_fake)):
+    for name, fake in (("gemv_q", _gemv_q_fake), ("dequantize_q", _dequantize_q_fake), ("gemv_w16", _gemv_w16_fake),
+                       ("tiles_mm", _tiles_mm_fake)):
         torch.library.register_fake(f"llmsqueeze_c::{name}")(fake)
 
 
@@ -401,6 +394,10 @@ def _gemv_q_fake(x, qweight, scales, qzeros, bits, group_size, in_features, bias
 
 def _dequantize_q_fake(qweight, scales, qzeros, bits, group_size, in_features):
     return qweight.new_empty(in_features, qweight.shape[1], dtype=torch.float32)
+
+
+def _tiles_mm_fake(x, qweight, scales, qzeros, bits, group_size, in_features, bias, tile_cols):
+    return x.new_empty(x.shape[0], qweight.shape[1], dtype=torch.float32)
 
 
 def _gemv_w16_fake(x, weight, bias):

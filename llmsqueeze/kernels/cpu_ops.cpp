@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -73,6 +74,35 @@ at::Tensor dequantize_q(const at::Tensor &qweight, const at::Tensor &scales, con
   return w;
 }
 
+// prefill: x [M, K] float32 -> x @ W^T + bias [M, N] float32, W^T dequantized tile_cols columns at a time
+// into this thread's reused buffer and each tile handed to the BLAS GEMM (what QuantLinear's eager
+// "tiles" path does, tile for tile, so the result is the same bit for bit)
+at::Tensor tiles_mm(const at::Tensor &x, const at::Tensor &qweight, const at::Tensor &scales, const at::Tensor &qzeros,
+                    int64_t bits, int64_t group_size, int64_t in_features, const std::optional<at::Tensor> &bias,
+                    int64_t tile_cols) {
+  TORCH_CHECK(g_dequant_q, "llmsqueeze_c: set_kernels() was not called");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features && x.scalar_type() == at::kFloat, "llmsqueeze_c::tiles_mm: x must be float32 [M, ", in_features, "]");
+  TORCH_CHECK(tile_cols > 0, "llmsqueeze_c::tiles_mm: tile_cols must be positive");
+  at::Tensor xc = x.contiguous();
+  const int64_t m = xc.size(0), n = qweight.size(1), k = in_features;
+  const int64_t step = tile_cols < n ? tile_cols : n;
+  thread_local at::Tensor buf;
+  if (!buf.defined() || buf.numel() < k * step) buf = at::empty({k * step}, xc.options());
+  at::Tensor out = at::empty({m, n}, xc.options());
+  for (int64_t n0 = 0; n0 < n; n0 += step) {
+    const int64_t n1 = n0 + step < n ? n0 + step : n;
+    check_rc(g_dequant_q(qweight.data_ptr<int32_t>(), scales.data_ptr(), scale_code(scales), qzeros.data_ptr<int32_t>(),
+                         qzeros.size(1), buf.data_ptr<float>(), k, n, group_size, static_cast<int>(bits), n0, n1,
+                         at::get_num_threads()),
+             "dequantize_q");
+    at::Tensor tile = buf.narrow(0, 0, k * (n1 - n0)).view({k, n1 - n0});
+    at::Tensor dst = out.narrow(1, n0, n1 - n0);
+    at::mm_out(dst, xc, tile);
+  }
+  if (bias.has_value()) out.add_(bias->to(at::kFloat));
+  return out;
+}
+
 // x [M, K] float32, weight [N, K] bfloat16/float16 -> x @ weight^T + bias [M, N] float32
 at::Tensor gemv_w16(const at::Tensor &x, const at::Tensor &weight, const std::optional<at::Tensor> &bias) {
   TORCH_CHECK(g_gemv_w16, "llmsqueeze_c: set_kernels() was not called");
@@ -96,10 +126,12 @@ TORCH_LIBRARY(llmsqueeze_c, m) {
   m.def("gemv_q(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int bits, int group_size, int in_features, Tensor? bias) -> Tensor");
   m.def("dequantize_q(Tensor qweight, Tensor scales, Tensor qzeros, int bits, int group_size, int in_features) -> Tensor");
   m.def("gemv_w16(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("tiles_mm(Tensor x, Tensor qweight, Tensor scales, Tensor qzeros, int bits, int group_size, int in_features, Tensor? bias, int tile_cols) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmsqueeze_c, CPU, m) {
   m.impl("gemv_q", &gemv_q);
   m.impl("dequantize_q", &dequantize_q);
   m.impl("gemv_w16", &gemv_w16);
+  m.impl("tiles_mm", &tiles_mm);
 }
