@@ -155,16 +155,16 @@ def latency(model, prompt_len: int = 128, new_tokens: int = 32, batch: int = 1, 
     # untimed rounds first: caches, lazily built kernel weights; compiled, one eager round (kernel
     # autotuning outside compilation and graph capture), then two compiled (compile, capture)
     warm = 3 if compile else 1
+    pos = (lambda a, b: {"position_ids": positions[:, a:b]}) if compile else (lambda a, b: {})
     for r in range(repeats + warm):
         kw = {cache_kw: new_cache()} if compile else {}
-        pos = (lambda a, b: {"position_ids": positions[:, a:b]}) if compile else (lambda a, b: {})
         step = model if r == 0 else forward
         t0 = time.perf_counter()
         out = step(input_ids=prompt, use_cache=True, **kw, **pos(0, prompt_len))
         nxt = out.logits[:, -1:].argmax(-1)
         sync()
         t1 = time.perf_counter()
-        past = kw.get(cache_kw) or _cache_of(out)
+        past = kw[cache_kw] if compile else _cache_of(out)
         tokens = [nxt]
         for i in range(new_tokens):
             p = prompt_len + i
