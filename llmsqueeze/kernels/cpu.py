@@ -325,15 +325,31 @@ def gemv_w16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 # the same kernels as torch custom ops, for torch.compile (one opaque call in the graph; eager code
 # calls the functions above directly: a custom op's dispatch costs microseconds per call)
 
+# shapes and dtypes of each operator's output, for tracing (the Python ops and the C++ ones alike)
+
+def _gemv_q_fake(x, qweight, scales, qzeros, bits, group_size, in_features, bias):
+    return x.new_empty(x.shape[0], qweight.shape[1], dtype=torch.float32)
+
+
+def _dequantize_q_fake(qweight, scales, qzeros, bits, group_size, in_features):
+    return qweight.new_empty(in_features, qweight.shape[1], dtype=torch.float32)
+
+
+def _tiles_mm_fake(x, qweight, scales, qzeros, bits, group_size, in_features, bias, tile_cols):
+    return x.new_empty(x.shape[0], qweight.shape[1], dtype=torch.float32)
+
+
+def _gemv_w16_fake(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
 @torch.library.custom_op("llmsqueeze::cpu_gemv_q", mutates_args=())
 def _gemv_q_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, bits: int,
                group_size: int, in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
     return gemv_q(x.contiguous(), qweight, scales, qzeros, bits, group_size, in_features, bias)
 
 
-@_gemv_q_op.register_fake
-def _(x, qweight, scales, qzeros, bits, group_size, in_features, bias):
-    return x.new_empty(x.shape[0], qweight.shape[1], dtype=torch.float32)
+_gemv_q_op.register_fake(_gemv_q_fake)
 
 
 @torch.library.custom_op("llmsqueeze::cpu_dequantize_q", mutates_args=())
@@ -342,9 +358,7 @@ def _dequantize_q_op(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.
     return dequantize_q(qweight, scales, qzeros, bits, group_size, in_features)
 
 
-@_dequantize_q_op.register_fake
-def _(qweight, scales, qzeros, bits, group_size, in_features):
-    return qweight.new_empty(in_features, qweight.shape[1], dtype=torch.float32)
+_dequantize_q_op.register_fake(_dequantize_q_fake)
 
 
 @torch.library.custom_op("llmsqueeze::cpu_gemv_w16", mutates_args=())
@@ -352,9 +366,7 @@ def _gemv_w16_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return gemv_w16(x.contiguous(), weight, bias)
 
 
-@_gemv_w16_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+_gemv_w16_op.register_fake(_gemv_w16_fake)
 
 
 _OPS = {"gemv_q": _gemv_q_op, "dequantize_q": _dequantize_q_op, "gemv_w16": _gemv_w16_op}
@@ -386,22 +398,6 @@ def _register_c_fakes() -> None:
     for name, fake in (("gemv_q", _gemv_q_fake), ("dequantize_q", _dequantize_q_fake), ("gemv_w16", _gemv_w16_fake),
                        ("tiles_mm", _tiles_mm_fake)):
         torch.library.register_fake(f"llmsqueeze_c::{name}")(fake)
-
-
-def _gemv_q_fake(x, qweight, scales, qzeros, bits, group_size, in_features, bias):
-    return x.new_empty(x.shape[0], qweight.shape[1], dtype=torch.float32)
-
-
-def _dequantize_q_fake(qweight, scales, qzeros, bits, group_size, in_features):
-    return qweight.new_empty(in_features, qweight.shape[1], dtype=torch.float32)
-
-
-def _tiles_mm_fake(x, qweight, scales, qzeros, bits, group_size, in_features, bias, tile_cols):
-    return x.new_empty(x.shape[0], qweight.shape[1], dtype=torch.float32)
-
-
-def _gemv_w16_fake(x, weight, bias):
-    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
 
 
 @torch.compiler.assume_constant_result  # built and loaded once, while the first graph traces

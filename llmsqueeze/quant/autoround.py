@@ -535,8 +535,9 @@ class GGUFAutoRound(AutoRound):
 
     @torch.no_grad()
     def init_layers(self, prefix, modules, work, x, kw) -> list:
-        sums = {n: torch.zeros(linear_in(m), device=x.device) for n, m in modules}
-        count = [0]
+        from ..nn import linear_weight
+
+        sums = {n: torch.zeros(linear_weight(m).shape[1], device=x.device) for n, m in modules}  # sum of x_k^2 [K]
 
         def hook(name):
             def pre(_, args):
@@ -547,13 +548,12 @@ class GGUFAutoRound(AutoRound):
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules]
         try:
             for i in range(0, len(x), self.batch_samples):
-                xb = x[i: i + self.batch_samples]
-                work(xb, **kw)
-                count[0] += xb.shape[0] * xb.shape[1]
+                work(x[i: i + self.batch_samples], **kw)
         finally:
             for h in handles:
                 h.remove()
-        return [_init_ggml_layer(n, m, ggml.get_type(self.scheme.layer_types[prefix + n]), sums[n] / count[0],
+        count = x.shape[0] * x.shape[1]  # tokens
+        return [_init_ggml_layer(n, m, ggml.get_type(self.scheme.layer_types[prefix + n]), sums[n] / count,
                                  self.amin) for n, m in modules]
 
     def apply(self, name: str, module):
@@ -561,12 +561,6 @@ class GGUFAutoRound(AutoRound):
 
         q, params = self.frozen.pop(name)
         return GGUFLinear.from_codes(q, params, self.scheme.layer_types[name], bias=module.bias)
-
-
-def linear_in(module: nn.Module) -> int:
-    from ..nn import linear_weight
-
-    return linear_weight(module).shape[1]
 
 
 def _tensors(obj):
