@@ -505,7 +505,8 @@ def cmd_env(args) -> int:
     print(f"cpu         {info.describe()} (flags from {info.source})")
     print(f"auto dtype  bfloat16 checkpoints compute in {str(cpu.auto_dtype(torch.bfloat16)).removeprefix('torch.')}, "
           f"float16 in {str(cpu.auto_dtype(torch.float16)).removeprefix('torch.')}, on the CPU")
-    print("kernels     " + (f"float32 C kernels (AVX2+FMA+F16C) loaded from {lib._name}" if lib is not None else
+    print("kernels     " + (f"float32 C kernels (AVX2+FMA+F16C, GEMV {lib.lsq_wide()} columns a vector) "
+                            f"loaded from {lib._name}" if lib is not None else
                             "float32 C kernels off: torch's paths (int4 kernel for bf16 decode, dequantize + matmul)"))
     if lib is not None:
         print("compiled    " + ("torch.compile'd graphs call them as C++ operators (torch.ops.llmsqueeze_c)"

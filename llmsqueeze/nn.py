@@ -243,11 +243,17 @@ class QuantLinear(nn.Module):
 
     def _cpu_kernel_forward(self, x2: torch.Tensor, path: str) -> torch.Tensor:
         """x2 [M, K] -> [M, N] in x2's dtype (bias added) by the float32 C kernels."""
-        xf = x2.float().contiguous()
         k, n = self.in_features, self.out_features
         args = (self.qweight, self.scales, self.qzeros, self.bits, self.group_size, k)
+        compiling = torch.compiler.is_compiling()
+        if path == "gemv" and not compiling and x2.dtype in cpu_kernels.SCALE_CODES:  # x2's dtype in and out
+            plan = self._live_cpu_plan()
+            if plan is None:  # none yet, or built for other buffers
+                plan = self._cpu_plan = cpu_kernels.q_plan(*args, bias=self.bias)
+            return cpu_kernels.gemv_planned(x2.contiguous(), plan)
+        xf = x2.float().contiguous()
         step = min(n, max(8, CPU_TILE_BYTES // (4 * k) // 8 * 8))  # prefill: columns of W^T per tile
-        if torch.compiler.is_compiling():  # the kernels as operators (C++, else Python): one opaque call each
+        if compiling:  # the kernels as operators (C++, else Python): one opaque call each
             if path == "gemv":
                 y = cpu_kernels.op("gemv_q")(xf, *args, self.bias)
             elif cpu_kernels.c_ops_available():  # the tiles loop below, in C++
@@ -255,11 +261,8 @@ class QuantLinear(nn.Module):
             else:
                 y = xf @ cpu_kernels.op("dequantize_q")(*args)
                 y = y if self.bias is None else y + self.bias.float()
-        elif path == "gemv":
-            plan = self._live_cpu_plan()
-            if plan is None:  # none yet, or built for other buffers
-                plan = self._cpu_plan = cpu_kernels.q_plan(*args, bias=self.bias)
-            y = cpu_kernels.gemv_planned(xf, plan)
+        elif path == "gemv":  # an x2 of another dtype (float64)
+            y = cpu_kernels.gemv_q(xf, *args, self.bias)
         else:  # column tiles of W^T dequantized into one reused buffer, each into the BLAS GEMM
             buf = cpu_kernels.scratch(k * step)
             y = torch.empty(xf.shape[0], n, dtype=torch.float32)
@@ -286,7 +289,7 @@ class QuantLinear(nn.Module):
         return nn_kernels.quant_linear(x2, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self._cpu_plan is not None and x.dtype == torch.float32 and BACKEND == "auto" and not _DEQUANT_CACHING
+        if (self._cpu_plan is not None and x.dtype in cpu_kernels.SCALE_CODES and BACKEND == "auto" and not _DEQUANT_CACHING
                 and not x.requires_grad and x.device.type == "cpu" and not torch.compiler.is_compiling()
                 and 0 < x.numel() <= CPU_GEMV_MAX_M * self.in_features):
             plan = self._live_cpu_plan()  # decode's fast path: the GEMV's plan from an earlier call

@@ -3,7 +3,9 @@ capability rules (kernels/cpu.py), and what QuantLinear, the loader and the engi
 
 The choices are tested for both kinds of CPU by replacing `kernels.cpu.cpu()` with a CpuInfo of the
 other kind, so the suite checks the AVX2-only rules on an AVX-512 machine and the reverse; the kernels
-themselves are AVX2 code and run on both (they need AVX2+FMA+F16C, which every x86 CI machine has)."""
+need AVX2+FMA+F16C (every x86 CI machine has them), and their GEMV is built 16 columns wide where the CPU
+has AVX-512 F+BW (both builds are compiled everywhere and run where the CPU can)."""
+import ctypes
 import logging
 
 import pytest
@@ -80,6 +82,40 @@ def test_gemv_q_within_float32_bound(n, k, group, bits, m):
     y = cpu.gemv_q(x, lay.qweight, lay.scales, lay.qzeros, bits, group, k, lay.bias)
     ref = x.double() @ lay.dequantize_weight().double().t() + lay.bias.double()
     assert ((y.double() - ref).abs() <= bound(lay, x)).all()
+
+
+def test_both_builds_compile_and_the_ones_this_cpu_runs_are_within_bound(monkeypatch):
+    """The AVX2 build (8-wide strips) and the AVX-512 build (16-wide) of cpu_kernels.c: both compile
+    on any x86 machine with a C compiler; each this CPU can execute is checked like the loaded one."""
+    for extra, wide in (([], 8), (cpu.CFLAGS_AVX512, 16)):
+        lib = ctypes.CDLL(str(cpu._compile_once("CC", "cc", cpu.SOURCE, "lsq_cpu",
+                                                [*cpu.CFLAGS, *extra, "{src}", "-o", "{out}"])))
+        assert lib.lsq_wide() == wide and lib.lsq_version() == cpu.VERSION
+        if wide == 16 and not cpu.cpu().avx512:
+            continue  # built, not executable on this CPU
+        cpu._declare(lib)
+        monkeypatch.setattr(cpu, "_LIB", lib)
+        for n, k, group, bits in SHAPES:
+            lay = layer(n, k, group, bits, bias=True)
+            for m in (1, 3, 4):
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+                y = cpu.gemv_q(x, lay.qweight, lay.scales, lay.qzeros, bits, group, k, lay.bias)
+                ref = x.double() @ lay.dequantize_weight().double().t() + lay.bias.double()
+                assert ((y.double() - ref).abs() <= bound(lay, x)).all(), (wide, n, k, group, bits, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_q_in_16_bits_is_the_float32_kernel_rounded_as_torch_rounds(dtype):
+    lay = layer(264, 96, 32, 4, bias=True)  # a 16-wide strip tail, an 8-wide tail
+    plan = cpu.q_plan(lay.qweight, lay.scales, lay.qzeros, 4, 32, 96, lay.bias)
+    x = (torch.randn(3, 96) * 30).to(dtype)
+    x[0, :4] = torch.tensor([float("inf"), -0.0, 1e-40, 65504.0]).to(dtype)  # inf, -0, a bf16 subnormal
+    y = cpu.gemv_planned(x, plan)
+    assert y.dtype == dtype
+    ref = cpu.gemv_planned(x.float(), plan).to(dtype)
+    nan = y.isnan()
+    assert torch.equal(nan, ref.isnan()) and nan[0].any()  # the inf made NaNs (inf * (q - z) of both signs)
+    assert torch.equal(y[~nan].view(torch.int16), ref[~nan].view(torch.int16))  # the rest bit for bit
 
 
 def test_gemv_q_threads_agree():

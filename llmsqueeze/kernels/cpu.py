@@ -14,6 +14,7 @@ them. Without a compiler, or on another architecture, `library()` is None after 
 callers keep their torch paths. `LLMSQUEEZE_CPU_KERNELS=0` turns them off.
 
     gemv_q(x, qweight, scales, qzeros, bits, group_size, in_features, bias)   x [M, K] fp32 -> [M, N]
+                                                     (gemv_planned: fp16/bf16 x too, -> [M, N] in x's dtype)
     dequantize_q(qweight, scales, qzeros, bits, group_size, in_features, out) -> W^T [K, N] fp32
     gemv_w16(x, weight, bias)              x [M, K] fp32, weight [N, K] bf16/fp16 -> [M, N] fp32
 
@@ -58,6 +59,11 @@ class CpuInfo:
     def x86_avx2(self) -> bool:
         """AVX2 + FMA + F16C on x86-64: what the float32 C kernels need."""
         return self.machine in ("x86_64", "AMD64") and {"avx2", "fma", "f16c"} <= self.flags
+
+    @property
+    def avx512(self) -> bool:
+        """AVX-512 F + BW (and torch allowed to use them): the C kernels' GEMV is built 16 columns wide."""
+        return self.x86_avx2 and {"avx512f", "avx512bw"} <= self.flags
 
     @property
     def native_bf16(self) -> bool:
@@ -145,7 +151,8 @@ _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None | bool = False  # False: not tried yet
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
-VERSION = 2  # lsq_version() of cpu_kernels.c
+CFLAGS_AVX512 = ["-mavx512f", "-mavx512bw"]  # added where cpu().avx512: the GEMV's 16-wide strips
+VERSION = 3  # lsq_version() of cpu_kernels.c
 
 
 def _cache_dir() -> Path:
@@ -179,8 +186,10 @@ def _compile_once(compiler_env: str, default: str, source: Path, prefix: str, ar
 
 
 def _build() -> Path:
-    """Compile cpu_kernels.c once per source, compiler and flags; -> the shared library's path."""
-    return _compile_once("CC", "cc", SOURCE, "lsq_cpu", [*CFLAGS, "{src}", "-o", "{out}"])
+    """Compile cpu_kernels.c once per source, compiler and flags (AVX-512 ones where this CPU has
+    them); -> the shared library's path."""
+    wide = CFLAGS_AVX512 if cpu().avx512 else []
+    return _compile_once("CC", "cc", SOURCE, "lsq_cpu", [*CFLAGS, *wide, "{src}", "-o", "{out}"])
 
 
 def library() -> ctypes.CDLL | None:
@@ -214,9 +223,10 @@ def library() -> ctypes.CDLL | None:
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.lsq_gemv_q.argtypes = [p, i64, i64, p, p, i32, p, i64, p, p, i64, i64, i32, i32]
+    lib.lsq_gemv_qx.argtypes = [p, i32, i64, i64, p, p, i32, p, i64, p, p, i64, i64, i32, i32]
     lib.lsq_dequant_q.argtypes = [p, p, i32, p, i64, p, i64, i64, i64, i32, i64, i64, i32]
     lib.lsq_gemv_w16.argtypes = [p, i64, i64, p, i32, p, p, i64, i32]
-    for f in (lib.lsq_gemv_q, lib.lsq_dequant_q, lib.lsq_gemv_w16):
+    for f in (lib.lsq_gemv_q, lib.lsq_gemv_qx, lib.lsq_dequant_q, lib.lsq_gemv_w16):
         f.restype = i32
 
 
@@ -228,7 +238,7 @@ def available() -> bool:
     return library() is not None
 
 
-SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+SCALE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the kernels' dtype codes (scales, x)
 W16_CODES = {torch.float16: 1, torch.bfloat16: 2}
 
 
@@ -274,10 +284,11 @@ def q_plan(qweight, scales, qzeros, bits: int, group_size: int, in_features: int
 
 
 def gemv_planned(x: torch.Tensor, plan: QPlan) -> torch.Tensor:
-    """gemv_q with the layer's arguments from q_plan: x [M, K] float32 contiguous -> [M, N] float32."""
-    out = torch.empty(x.shape[0], plan.out_features)
-    rc = _LIB.lsq_gemv_q(x.data_ptr(), x.shape[0], plan.in_features, *plan.head, plan.tail[0], out.data_ptr(),
-                         *plan.tail[1:], torch.get_num_threads())
+    """gemv_q with the layer's arguments from q_plan: x [M, K] contiguous, float32, float16 or bfloat16
+    -> [M, N] in x's dtype (a 16-bit x is widened and the result rounded in the kernel, as .to() rounds)."""
+    out = torch.empty(x.shape[0], plan.out_features, dtype=x.dtype)
+    rc = _LIB.lsq_gemv_qx(x.data_ptr(), SCALE_CODES[x.dtype], x.shape[0], plan.in_features, *plan.head, plan.tail[0],
+                          out.data_ptr(), *plan.tail[1:], torch.get_num_threads())
     if rc:
         _check(rc, "gemv_q")
     return out

@@ -1,5 +1,6 @@
 /* CPU kernels for packed weights with float32 activations (AVX2 + FMA + F16C; no AVX-512, no
- * native bf16/int8 dot products needed). Built on first use by llmsqueeze/kernels/cpu.py with the
+ * native bf16/int8 dot products needed; built with -mavx512f -mavx512bw where the CPU has them, the
+ * GEMV's strips are then 16-wide). Built on first use by llmsqueeze/kernels/cpu.py with the
  * system C compiler and called through ctypes; OpenMP regions run on torch's own OpenMP runtime
  * (the library is loaded after torch, whose libgomp.so.1 then satisfies ours).
  *
@@ -14,6 +15,7 @@
  *               (word & (mask << bits*j)), i.e. q * 2^(bits*j), converted exactly to float, against x
  *               pre-multiplied by 2^-(bits*j) (exact: a power of two): one AND + one convert per 8
  *               codes instead of shift + AND + convert. The same products as x * q, bit for bit.
+ * lsq_gemv_qx:  the same with x and y in float16 / bfloat16 (converted here, y rounded as torch rounds).
  * lsq_dequant_q: columns [n0, n1) of W^T [K, N] as float32 [K, n1 - n0] = (q - z) * s, the same
  *               expression (and bits) as QuantLinear.dequantize_weight_t; for prefill, where W^T
  *               then goes to the BLAS GEMM (column chunks bound the scratch buffer).
@@ -29,7 +31,7 @@
 #include <omp.h>
 #endif
 
-#define LSQ_VERSION 2
+#define LSQ_VERSION 3
 
 int lsq_version(void) { return LSQ_VERSION; }
 
@@ -43,14 +45,27 @@ static inline __m256 load8_scales(const void *s, int64_t idx, int scode) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-static inline float load1_scale(const void *s, int64_t idx, int scode) {
-    if (scode == 0) return ((const float *)s)[idx];
-    uint16_t h = ((const uint16_t *)s)[idx];
-    if (scode == 1) return _cvtsh_ss(h);
+/* a 16-bit float (code 1: IEEE half, 2: bfloat16) to float32, exactly */
+static inline float half_to_float(uint16_t h, int code) {
+    if (code == 1) return _cvtsh_ss(h);
     uint32_t u = (uint32_t)h << 16;
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+/* float32 to a 16-bit float, rounded to nearest even as torch's .to() rounds (a NaN stays a quiet NaN) */
+static inline uint16_t float_to_half(float f, int code) {
+    if (code == 1) return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float load1_scale(const void *s, int64_t idx, int scode) {
+    if (scode == 0) return ((const float *)s)[idx];
+    return half_to_float(((const uint16_t *)s)[idx], scode);
 }
 
 /* the zero point of column n in group row zrow (packed along N like qweight along K) */
@@ -180,9 +195,141 @@ static void gemv_dispatch(const GemvArgs *a, int64_t m0, int mt, int64_t n0, int
 
 static int nv_for(int mt) { return mt <= 2 ? 4 : 2; }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+/* The same tile 16 columns to a vector (the build for AVX-512 CPUs: twice the codes per convert and
+ * per FMA; 32 vector registers hold the MT x NV x AS accumulators). n0 a multiple of 16. */
+#define LSQ_WIDE 16
+
+static inline __m512 load16_scales(const void *s, int64_t idx, int scode) {
+    if (scode == 0) return _mm512_loadu_ps((const float *)s + idx);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)s + idx));
+    if (scode == 1) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline __m512 load16_zeros(const int32_t *zrow, int64_t n, int bits) {
+    if (bits == 4) {  /* columns n..n+15: two whole words */
+        __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(zrow[n >> 3])),
+                                       _mm256_set1_epi32(zrow[(n >> 3) + 1]), 1);
+        __m512i sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+        return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(w, sh), _mm512_set1_epi32(15)));
+    }
+    float z[16];
+    for (int i = 0; i < 16; ++i) z[i] = (float)zero1(zrow, n + i, bits);
+    return _mm512_loadu_ps(z);
+}
+
+static inline __attribute__((always_inline)) void gemv_tile16(const GemvArgs *a, int64_t m0, int64_t n0, int64_t g,
+                                                              const int bits, const int MT, const int NV) {
+    const int per = 32 / bits;
+    const int64_t N = a->N, Kp = a->Kp;
+    const int64_t r0 = g * a->G / per;
+    const int64_t r1 = (g == a->ng - 1) ? Kp / per : (g + 1) * a->G / per;
+    const __m128i top = _mm_cvtsi32_si128(bits * (per - 1));
+    const int AS = MT * NV >= 8 ? 1 : 2;
+    __m512 acc[2][4][4];
+#pragma GCC unroll 2
+    for (int u = 0; u < AS; ++u)
+#pragma GCC unroll 4
+        for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) acc[u][m][v] = _mm512_setzero_ps();
+    for (int64_t r = r0; r < r1; ++r) {
+        const int32_t *wp = a->qweight + r * N + n0;
+        __m512i w[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512((const void *)(wp + 16 * v));
+        const float *xr = a->xs + m0 * Kp + r * per;
+#pragma GCC unroll 16
+        for (int j = 0; j < per; ++j) {
+            const __m512i mask = _mm512_set1_epi32((int)(((1u << bits) - 1) << (bits * j)));
+            __m512 xb[4];
+#pragma GCC unroll 4
+            for (int m = 0; m < MT; ++m) xb[m] = _mm512_set1_ps(xr[m * Kp + j]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) {
+                __m512i c = (j < per - 1) ? _mm512_and_si512(w[v], mask) : _mm512_srl_epi32(w[v], top);
+                __m512 f = _mm512_cvtepi32_ps(c);
+#pragma GCC unroll 4
+                for (int m = 0; m < MT; ++m) acc[j % AS][m][v] = _mm512_fmadd_ps(f, xb[m], acc[j % AS][m][v]);
+            }
+        }
+    }
+    const int32_t *zrow = a->qzeros + g * a->zstride;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+        const int64_t n = n0 + 16 * v;
+        __m512 s = load16_scales(a->scales, g * N + n, a->scode);
+        __m512 z = load16_zeros(zrow, n, bits);
+#pragma GCC unroll 4
+        for (int m = 0; m < MT; ++m) {
+            float *yp = a->out + (m0 + m) * N + n;
+            __m512 sum = AS == 2 ? _mm512_add_ps(acc[0][m][v], acc[1][m][v]) : acc[0][m][v];
+            __m512 t = _mm512_fnmadd_ps(z, _mm512_set1_ps(a->xsum[(m0 + m) * a->ng + g]), sum);
+            _mm512_storeu_ps(yp, _mm512_fmadd_ps(s, t, _mm512_loadu_ps(yp)));
+        }
+    }
+}
+
+#define TILE16_CASE(B, MT, NV) \
+    case (B) * 100 + (MT) * 10 + (NV): gemv_tile16(a, m0, n0, g, B, MT, NV); break;
+
+static void gemv_dispatch16(const GemvArgs *a, int64_t m0, int mt, int64_t n0, int64_t g, int nv) {
+    switch (a->bits * 100 + mt * 10 + nv) {
+        TILE16_CASE(4, 1, 4) TILE16_CASE(4, 1, 2) TILE16_CASE(4, 1, 1)
+        TILE16_CASE(4, 2, 4) TILE16_CASE(4, 2, 2) TILE16_CASE(4, 2, 1)
+        TILE16_CASE(4, 3, 2) TILE16_CASE(4, 3, 1) TILE16_CASE(4, 4, 2) TILE16_CASE(4, 4, 1)
+        TILE16_CASE(8, 1, 4) TILE16_CASE(8, 1, 2) TILE16_CASE(8, 1, 1)
+        TILE16_CASE(8, 2, 4) TILE16_CASE(8, 2, 2) TILE16_CASE(8, 2, 1)
+        TILE16_CASE(8, 3, 2) TILE16_CASE(8, 3, 1) TILE16_CASE(8, 4, 2) TILE16_CASE(8, 4, 1)
+        TILE16_CASE(2, 1, 4) TILE16_CASE(2, 1, 2) TILE16_CASE(2, 1, 1)
+        TILE16_CASE(2, 2, 4) TILE16_CASE(2, 2, 2) TILE16_CASE(2, 2, 1)
+        TILE16_CASE(2, 3, 2) TILE16_CASE(2, 3, 1) TILE16_CASE(2, 4, 2) TILE16_CASE(2, 4, 1)
+        default: break;
+    }
+}
+#define STRIP_DISPATCH gemv_dispatch16
+#else
+#define LSQ_WIDE 8
+#define STRIP_DISPATCH gemv_dispatch
+#endif
+
+int lsq_wide(void) { return LSQ_WIDE; }
+
+static int gemv_q_impl(const float *x, int64_t M, int64_t K, const int32_t *qweight, const void *scales, int scode,
+                       const int32_t *qzeros, int64_t zstride, const float *bias, float *out, int64_t N, int64_t G,
+                       int bits, int nthreads);
+
+/* lsq_gemv_q with x [M, K] and out [M, N] in xcode's dtype (0 float32, 1 float16, 2 bfloat16): the
+ * conversions of a 16-bit model's decode done here, not as two more torch ops a call */
+int lsq_gemv_qx(const void *x, int xcode, int64_t M, int64_t K, const int32_t *qweight, const void *scales,
+                int scode, const int32_t *qzeros, int64_t zstride, const float *bias, void *out, int64_t N,
+                int64_t G, int bits, int nthreads) {
+    if (xcode == 0)
+        return gemv_q_impl((const float *)x, M, K, qweight, scales, scode, qzeros, zstride, bias, (float *)out, N, G,
+                           bits, nthreads);
+    if (xcode != 1 && xcode != 2) return -2;
+    if (M <= 0 || K <= 0 || N <= 0) return -2;
+    float *xf = (float *)malloc(sizeof(float) * (size_t)(M * K + M * N));
+    if (!xf) return -3;
+    float *yf = xf + M * K;
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = half_to_float(((const uint16_t *)x)[i], xcode);
+    int rc = gemv_q_impl(xf, M, K, qweight, scales, scode, qzeros, zstride, bias, yf, N, G, bits, nthreads);
+    if (rc == 0)
+        for (int64_t i = 0; i < M * N; ++i) ((uint16_t *)out)[i] = float_to_half(yf[i], xcode);
+    free(xf);
+    return rc;
+}
+
 int lsq_gemv_q(const float *x, int64_t M, int64_t K, const int32_t *qweight, const void *scales, int scode,
                const int32_t *qzeros, int64_t zstride, const float *bias, float *out, int64_t N, int64_t G,
                int bits, int nthreads) {
+    return gemv_q_impl(x, M, K, qweight, scales, scode, qzeros, zstride, bias, out, N, G, bits, nthreads);
+}
+
+static int gemv_q_impl(const float *x, int64_t M, int64_t K, const int32_t *qweight, const void *scales, int scode,
+                       const int32_t *qzeros, int64_t zstride, const float *bias, float *out, int64_t N, int64_t G,
+                       int bits, int nthreads) {
     if (bits != 2 && bits != 4 && bits != 8) return -1;
     const int per = 32 / bits;
     if (G <= 0 || G % per || M <= 0 || K <= 0 || N <= 0 || scode < 0 || scode > 2) return -2;
@@ -208,14 +355,17 @@ int lsq_gemv_q(const float *x, int64_t M, int64_t K, const int32_t *qweight, con
     for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) out[m * N + n] = bias ? bias[n] : 0.f;
     GemvArgs a = {xs, x, xsum, qweight, scales, qzeros, out, M, K, Kp, N, G, ng, zstride, scode, bits};
-    const int64_t n8 = N / 8 * 8;
-    /* rows in tiles of up to 4; columns in strips of 8*NV, each thread a contiguous range of strips;
-     * groups outermost inside a thread, so a group's rows stream as parallel sequential runs */
+    const int64_t n8 = N / 8 * 8, nw = N / LSQ_WIDE * LSQ_WIDE;
+    /* rows in tiles of up to 4; columns in strips of LSQ_WIDE*NV, each thread a contiguous range of
+     * strips (fewer, narrower strips where they would not split evenly over the threads); groups
+     * outermost inside a thread, so a group's rows stream as parallel sequential runs */
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int mt = (int)(M - m0 < 4 ? M - m0 : 4);
         int nv = nv_for(mt);
-        while (nv > 1 && n8 / (8 * nv) < 2 * nthreads) nv /= 2;
-        const int64_t width = 8 * nv, nstrips = n8 / width, rest = n8 - nstrips * width;
+        while (nv > 1 && (nw / (LSQ_WIDE * nv) < 2 * nthreads
+                          || (nw / (LSQ_WIDE * nv) % nthreads && nw / (LSQ_WIDE * nv) < 8 * nthreads)))
+            nv /= 2;
+        const int64_t width = LSQ_WIDE * nv, nstrips = nw / width;
 #pragma omp parallel num_threads(nthreads)
         {
             int t = 0, nt = 1;
@@ -225,10 +375,10 @@ int lsq_gemv_q(const float *x, int64_t M, int64_t K, const int32_t *qweight, con
 #endif
             const int64_t s0 = nstrips * t / nt, s1 = nstrips * (t + 1) / nt;
             for (int64_t g = 0; g < ng; ++g) {
-                for (int64_t s = s0; s < s1; ++s) gemv_dispatch(&a, m0, mt, s * width, g, nv);
-                if (t == nt - 1) {  /* what the strips leave: 8-column vectors, then single columns */
-                    for (int64_t n = nstrips * width; n < nstrips * width + rest; n += 8)
-                        gemv_dispatch(&a, m0, mt, n, g, 1);
+                for (int64_t s = s0; s < s1; ++s) STRIP_DISPATCH(&a, m0, mt, s * width, g, nv);
+                if (t == nt - 1) {  /* what the strips leave: whole vectors, 8 columns, single columns */
+                    for (int64_t n = nstrips * width; n < nw; n += LSQ_WIDE) STRIP_DISPATCH(&a, m0, mt, n, g, 1);
+                    for (int64_t n = nw; n < n8; n += 8) gemv_dispatch(&a, m0, mt, n, g, 1);
                     for (int64_t n = n8; n < N; ++n) gemv_col(&a, m0, mt, n, g);
                 }
             }
@@ -322,13 +472,7 @@ static inline __attribute__((always_inline)) void w16_tile(const float *x, const
 #pragma GCC unroll 4
         for (int r = 0; r < NR; ++r) {
             float s = hsum8(acc[m][r]);
-            for (int64_t k = k8; k < K; ++k) {
-                uint16_t h = w[(n0 + r) * K + k];
-                float f;
-                if (wcode == 1) f = _cvtsh_ss(h);
-                else { uint32_t u = (uint32_t)h << 16; memcpy(&f, &u, 4); }
-                s += f * x[(m0 + m) * K + k];
-            }
+            for (int64_t k = k8; k < K; ++k) s += half_to_float(w[(n0 + r) * K + k], wcode) * x[(m0 + m) * K + k];
             out[(m0 + m) * N + n0 + r] = s + (bias ? bias[n0 + r] : 0.f);
         }
 }
