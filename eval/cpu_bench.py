@@ -40,12 +40,13 @@ import sys
 import time
 from pathlib import Path
 
+from llmsqueeze.kernels.cpu import as_avx2_env
+
 HERE = Path(__file__).resolve().parent
 SHAPES = {"7b q/k/v/o": (4096, 4096), "7b gate/up": (11008, 4096), "7b down": (4096, 11008),
           "smollm2 q/o": (576, 576), "smollm2 gate/up": (1536, 576), "smollm2 down": (576, 1536),
           "smollm2 head": (49152, 576)}
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-            "LLMSQUEEZE_CPU_FLAGS": "avx2,fma,f16c"}
+AVX2_ENV = as_avx2_env()  # the child processes of --as-avx2 (torch, MKL, oneDNN, our kernels, Inductor's cache)
 
 
 def cpu_flags() -> list[str]:

@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmsqueeze.kernels.cpu import as_avx2_env
+
 CPU_CONFIGS = [
     # label, which model, dtype ("auto": what --dtype auto picks on this CPU, kernels/cpu.py)
     ("dense fp32", "dense", "float32"),
@@ -59,8 +61,7 @@ CPU_CONFIGS = [
 ]
 # llama.cpp's llama-bench on the same model as GGUF (its own converter and quantizer), same threads
 LLAMA_CPP_TYPES = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-            "LLMSQUEEZE_CPU_FLAGS": "avx2,fma,f16c"}
+AVX2_ENV = as_avx2_env()  # the child processes of --as-avx2 (torch, MKL, oneDNN, our kernels, Inductor's cache)
 SYNTHETIC = {  # Llama configs by shape; vocab 32000, untied head, as Llama-2
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=32),

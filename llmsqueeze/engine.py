@@ -456,11 +456,18 @@ def run_sequential(
                 for n in group:
                     set_module(block, n, method.apply(bprefix + n, block.get_submodule(n)))
                     stats.layers += 1
+            # a method that already ran the float block over every batch and keeps the float stream
+            # (W8A8 with round-to-nearest weights: SmoothQuant's statistics, as the paper takes them)
+            # hands those outputs on; the compressed block then runs on the first batch only, as a check
+            given = method.block_outputs() if hasattr(method, "block_outputs") else None
             for j, (h, kw) in enumerate(zip(hidden, kwargs)):
+                if given is not None and j > 0:
+                    hidden[j] = given[j].to(offload)
+                    continue
                 out = block_output(block(_to(h, device, work), **_to(kw[i], device, work)))
                 if not torch.isfinite(out).all():
                     raise FloatingPointError(f"block {i} produced NaN/Inf after calibration; check the model and the data")
-                hidden[j] = out.to(offload)
+                hidden[j] = (out if given is None else given[j]).to(offload)
         if float_targets:
             fp_hidden = fp_out
         if work is not None:  # back to the model's own dtype (packed layers keep what they store)

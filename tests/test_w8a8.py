@@ -161,6 +161,36 @@ def test_smoothquant_helps_with_outliers(act):
     assert len(alphas) == 2 and all(0 <= a <= 1 for a in alphas)
 
 
+@pytest.mark.parametrize("act, float_stream", [("dynamic", True), ("static", False)])
+def test_rtn_dynamic_smoothquant_keeps_the_float_stream(act, float_stream):
+    """RTN weights with per-token activations: block 1 is calibrated on block 0's float outputs (the
+    smoothing pass's), and the engine runs the int8 block 0 on one batch only, as a check; static
+    activations keep the quantized stream (their scales come from the quantized model's inputs)."""
+    model = outlier_llama(40.0)
+    blocks = model.model.layers
+    seen = {0: [], 1: []}
+    hooks = [blocks[i].register_forward_hook(
+        lambda mod, args, kwargs, out, i=i: seen[i].append((args[0] if args else kwargs["hidden_states"],
+                                                           out[0] if isinstance(out, tuple) else out)),
+        with_kwargs=True) for i in (0, 1)]
+    n = 4
+    llmsqueeze.quantize(model, W8A8Scheme(act=act), data=_calib(n), progress=False)
+    for h in hooks:
+        h.remove()
+    # block 0's calls: the capture (n, each block's forward a stub), the smoothing pass (n), the alpha
+    # search (its 4 batches per alpha tried), static: the engine's collecting pass (n), then the int8
+    # block on 1 batch (float stream) or on all n
+    rest = len(seen[0]) - 2 * n - (n if act == "static" else 0)
+    trials = rest - (1 if float_stream else n)
+    assert trials > 0 and trials % 4 == 0, (len(seen[0]), trials)
+    float_out0 = [out for _, out in seen[0][n:2 * n]]  # the smoothing pass: the float block
+    inputs1 = [x for x, _ in seen[1][n:2 * n]]  # block 1's smoothing pass
+    if float_stream:
+        assert all(torch.equal(a, b) for a, b in zip(float_out0[1:], inputs1[1:]))
+    else:
+        assert not all(torch.equal(a, b) for a, b in zip(float_out0[1:], inputs1[1:]))
+
+
 def test_rtn_dynamic_needs_no_data_and_gptq_runs():
     ref = tiny_model("llama")
     ids = _calib()

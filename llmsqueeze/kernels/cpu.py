@@ -48,6 +48,17 @@ FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vn
 WIDE = ("avx512", "amx")  # flag prefixes torch leaves unused when its capability is AVX2 or lower
 
 
+def as_avx2_env() -> dict[str, str]:
+    """The environment a child process runs in to behave as on an AVX2-only CPU (eval scripts'
+    --as-avx2): torch, MKL, oneDNN and these kernels capped at AVX2, and Inductor's cache in a folder
+    of its own. torch 2.13 keys that cache without the capability, so a kernel compiled under the cap
+    would be loaded by an uncapped process, built for 8-wide vectors where 16-wide are assumed: heap
+    corruption ("double free or corruption"), seen on an AVX-512 machine."""
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "torchinductor"))
+    return {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "LLMSQUEEZE_CPU_FLAGS": "avx2,fma,f16c", "TORCHINDUCTOR_CACHE_DIR": cache + "-as-avx2"}
+
+
 @dataclass(frozen=True)
 class CpuInfo:
     machine: str  # platform.machine(): x86_64, aarch64, ...

@@ -146,6 +146,11 @@ class W8A8:
         self.alphas: list[float] = []
         self.report: list[dict] = []
         self.collect_inputs = gptq is not None or self.static
+        # RTN weights and per-token activations depend on no input but SmoothQuant's statistics, which
+        # the paper takes from the float model: the next block's inputs are then the float block's
+        # outputs (the smoothing pass computes them), sparing the engine a pass over the int8 block
+        self.float_stream = gptq is None and not self.static
+        self._outputs: list[torch.Tensor] | None = None
 
     # -- before the block's Linears are calibrated: smooth the float block
     @torch.no_grad()
@@ -163,11 +168,15 @@ class W8A8:
         inputs = list(batches())
         targets: list[torch.Tensor] = []
 
+        keep = [] if self.float_stream else None
+
         def run():
             for j, (h, kw) in enumerate(inputs):
-                out = block(h, **kw)
+                out = block_output(block(h, **kw))
                 if j < self.search_batches and s.smooth_alpha == "auto":
-                    targets.append(block_output(out).float())
+                    targets.append(out.float())
+                if keep is not None:
+                    keep.append(out)
 
         every = [n for n, m in block.named_modules() if is_linear(m)]
         stats = collect_input_absmax(block, every, run)
@@ -190,6 +199,13 @@ class W8A8:
             alpha = float(s.smooth_alpha)
         smooth_block(block, self.smap, stats, alpha, pairs)
         self.alphas.append(alpha)
+        self._outputs = keep
+
+    def block_outputs(self) -> list[torch.Tensor] | None:
+        """The float block's outputs on this block's inputs when the float stream goes on (the
+        engine's next inputs, then), else None; once per block."""
+        out, self._outputs = self._outputs, None
+        return out
 
     # -- per Linear
     def collect(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
