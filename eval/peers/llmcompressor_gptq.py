@@ -7,6 +7,8 @@ Called by eval/compare_llmcompressor.py; prints one JSON line.
 """
 import json
 
+import torch
+
 from common import load_inputs, oneshot_timed, peer_parser, perplexity  # eval/peers/common.py, beside this script
 
 
@@ -31,8 +33,16 @@ def main():
     result = {"tool": f"llmcompressor {llmcompressor.__version__}", "bits": args.bits,
               "group_size": args.group_size, "sym": args.sym, "weights": weights,
               "bypass_divisibility_checks": args.bypass_divisibility}
+    experts = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}  # a MoE's
     if not oneshot_timed(result, model, calib, recipe):
         return
+    result["quantized_modules"] = sum(1 for m in model.modules() if hasattr(m, "weight_scale"))
+    if experts:  # did its GPTQ reach the experts? (their weights then hold quantize-dequantized values)
+        after = dict(model.named_parameters())
+        same = [n for n, p in experts.items() if n in after and torch.equal(after[n].detach(), p)]
+        result["expert_tensors"] = len(experts)
+        result["expert_tensors_unchanged"] = len(same)
+        result["expert_tensors_renamed_or_replaced"] = sum(1 for n in experts if n not in after)
     result["ppl"] = perplexity(model, test, windows=args.windows, bos=args.bos)
     print(json.dumps(result))
 

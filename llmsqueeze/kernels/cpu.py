@@ -7,7 +7,8 @@ M=512, and `torch._int_mm` ~22x. `cpu()` reads the instruction sets once; `best_
 activation dtype every default follows (`--dtype auto`): bfloat16 where it is native, else float32.
 
 The float32 kernels read the checkpoint's packed layout in place (no repacked copy) and need AVX2,
-FMA and F16C. They are compiled on first use with the system C compiler (`CC`, default `cc`) into
+FMA and F16C; where the CPU also has AVX-512 F+BW the same source is built with them and the GEMV
+runs 16 columns a vector (`CFLAGS_AVX512`). They are compiled on first use with the system C compiler (`CC`, default `cc`) into
 ~/.cache/llmsqueeze/cpu-kernels (`LLMSQUEEZE_CACHE` moves it) and called through ctypes, which
 releases the GIL; their OpenMP threads are torch's (the same libgomp), `torch.get_num_threads()` of
 them. Without a compiler, or on another architecture, `library()` is None after one warning and the
