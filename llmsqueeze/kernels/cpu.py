@@ -162,6 +162,7 @@ def auto_dtype(stored: torch.dtype) -> torch.dtype:
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None | bool = False  # False: not tried yet
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+INCLUDED = (Path(__file__).with_name("cpu_gemv_tile.inc"),)  # what SOURCE includes: part of the build's key
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 CFLAGS_AVX512 = ["-mavx512f", "-mavx512bw"]  # added where cpu().avx512: the GEMV's 16-wide strips
 VERSION = 3  # lsq_version() of cpu_kernels.c
@@ -197,11 +198,12 @@ def _compile_once(compiler_env: str, default: str, source: Path, prefix: str, ar
     return out
 
 
-def _build() -> Path:
-    """Compile cpu_kernels.c once per source, compiler and flags (AVX-512 ones where this CPU has
-    them); -> the shared library's path."""
-    wide = CFLAGS_AVX512 if cpu().avx512 else []
-    return _compile_once("CC", "cc", SOURCE, "lsq_cpu", [*CFLAGS, *wide, "{src}", "-o", "{out}"])
+def _build(wide: bool | None = None) -> Path:
+    """Compile cpu_kernels.c once per source (and what it includes), compiler and flags: with the
+    AVX-512 ones where `wide` (default: where this CPU has them); -> the shared library's path."""
+    extra = CFLAGS_AVX512 if (cpu().avx512 if wide is None else wide) else []
+    return _compile_once("CC", "cc", SOURCE, "lsq_cpu", [*CFLAGS, *extra, "{src}", "-o", "{out}"],
+                         tuple(p.read_text() for p in INCLUDED))
 
 
 def library() -> ctypes.CDLL | None:

@@ -102,61 +102,6 @@ typedef struct {
     int scode, bits;
 } GemvArgs;
 
-/* columns [n0, n0 + 8*NV) of rows [m0, m0 + MT), group g: out += s * (x.q - z * sum x) */
-static inline __attribute__((always_inline)) void gemv_tile(const GemvArgs *a, int64_t m0, int64_t n0, int64_t g,
-                                                            const int bits, const int MT, const int NV) {
-    const int per = 32 / bits;
-    const int64_t N = a->N, Kp = a->Kp;
-    const int64_t r0 = g * a->G / per;
-    const int64_t r1 = (g == a->ng - 1) ? Kp / per : (g + 1) * a->G / per;
-    const __m128i top = _mm_cvtsi32_si128(bits * (per - 1));
-    /* AS accumulator sets, code j into set j % AS: an FMA's latency (4-5 cycles) over MT*NV*AS
-     * independent chains, so that a single row (decode) keeps both FMA ports busy */
-    const int AS = MT * NV >= 8 ? 1 : 2;
-    __m256 acc[2][4][8];
-#pragma GCC unroll 2
-    for (int u = 0; u < AS; ++u)
-#pragma GCC unroll 4
-        for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) acc[u][m][v] = _mm256_setzero_ps();
-    for (int64_t r = r0; r < r1; ++r) {
-        const int32_t *wp = a->qweight + r * N + n0;
-        __m256i w[8];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) w[v] = _mm256_loadu_si256((const __m256i *)(wp + 8 * v));
-        const float *xr = a->xs + m0 * Kp + r * per;
-#pragma GCC unroll 16
-        for (int j = 0; j < per; ++j) {
-            const __m256i mask = _mm256_set1_epi32((int)(((1u << bits) - 1) << (bits * j)));
-            __m256 xb[4];
-#pragma GCC unroll 4
-            for (int m = 0; m < MT; ++m) xb[m] = _mm256_broadcast_ss(xr + m * Kp + j);
-#pragma GCC unroll 8
-            for (int v = 0; v < NV; ++v) {
-                __m256i c = (j < per - 1) ? _mm256_and_si256(w[v], mask) : _mm256_srl_epi32(w[v], top);
-                __m256 f = _mm256_cvtepi32_ps(c);
-#pragma GCC unroll 4
-                for (int m = 0; m < MT; ++m) acc[j % AS][m][v] = _mm256_fmadd_ps(f, xb[m], acc[j % AS][m][v]);
-            }
-        }
-    }
-    const int32_t *zrow = a->qzeros + g * a->zstride;
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-        const int64_t n = n0 + 8 * v;
-        __m256 s = load8_scales(a->scales, g * N + n, a->scode);
-        __m256 z = load8_zeros(zrow, n, bits);
-#pragma GCC unroll 4
-        for (int m = 0; m < MT; ++m) {
-            float *yp = a->out + (m0 + m) * N + n;
-            __m256 sum = AS == 2 ? _mm256_add_ps(acc[0][m][v], acc[1][m][v]) : acc[0][m][v];
-            __m256 t = _mm256_fnmadd_ps(z, _mm256_set1_ps(a->xsum[(m0 + m) * a->ng + g]), sum);
-            _mm256_storeu_ps(yp, _mm256_fmadd_ps(s, t, _mm256_loadu_ps(yp)));
-        }
-    }
-}
-
 /* one column n (the N % 8 tail), rows [m0, m0 + mt), group g, scalar */
 static void gemv_col(const GemvArgs *a, int64_t m0, int64_t mt, int64_t n, int64_t g) {
     const int bits = a->bits, per = 32 / bits;
@@ -175,28 +120,51 @@ static void gemv_col(const GemvArgs *a, int64_t m0, int64_t mt, int64_t n, int64
     }
 }
 
-#define TILE_CASE(B, MT, NV) \
-    case (B) * 100 + (MT) * 10 + (NV): gemv_tile(a, m0, n0, g, B, MT, NV); break;
-
-static void gemv_dispatch(const GemvArgs *a, int64_t m0, int mt, int64_t n0, int64_t g, int nv) {
-    switch (a->bits * 100 + mt * 10 + nv) {
-        TILE_CASE(4, 1, 4) TILE_CASE(4, 1, 2) TILE_CASE(4, 1, 1)
-        TILE_CASE(4, 2, 4) TILE_CASE(4, 2, 2) TILE_CASE(4, 2, 1)
-        TILE_CASE(4, 3, 2) TILE_CASE(4, 3, 1) TILE_CASE(4, 4, 2) TILE_CASE(4, 4, 1)
-        TILE_CASE(8, 1, 4) TILE_CASE(8, 1, 2) TILE_CASE(8, 1, 1)
-        TILE_CASE(8, 2, 4) TILE_CASE(8, 2, 2) TILE_CASE(8, 2, 1)
-        TILE_CASE(8, 3, 2) TILE_CASE(8, 3, 1) TILE_CASE(8, 4, 2) TILE_CASE(8, 4, 1)
-        TILE_CASE(2, 1, 4) TILE_CASE(2, 1, 2) TILE_CASE(2, 1, 1)
-        TILE_CASE(2, 2, 4) TILE_CASE(2, 2, 2) TILE_CASE(2, 2, 1)
-        TILE_CASE(2, 3, 2) TILE_CASE(2, 3, 1) TILE_CASE(2, 4, 2) TILE_CASE(2, 4, 1)
-        default: break;
-    }
-}
-
 static int nv_for(int mt) { return mt <= 2 ? 4 : 2; }
 
+/* the tile 8 columns to a vector (AVX2) */
+#define TW 8
+#define TILE gemv_tile
+#define DISPATCH gemv_dispatch
+#define VF __m256
+#define VI __m256i
+#define V_ZERO() _mm256_setzero_ps()
+#define V_LOADI(p) _mm256_loadu_si256((const __m256i *)(p))
+#define V_SET1I(i) _mm256_set1_epi32(i)
+#define V_AND(a, b) _mm256_and_si256(a, b)
+#define V_SRL(a, count) _mm256_srl_epi32(a, count)
+#define V_CVT(v) _mm256_cvtepi32_ps(v)
+#define V_FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define V_FNMADD(a, b, c) _mm256_fnmadd_ps(a, b, c)
+#define V_SET1(f) _mm256_set1_ps(f)
+#define V_ADD(a, b) _mm256_add_ps(a, b)
+#define V_LOAD(p) _mm256_loadu_ps(p)
+#define V_STORE(p, v) _mm256_storeu_ps(p, v)
+#define V_SCALES load8_scales
+#define V_ZEROS load8_zeros
+#include "cpu_gemv_tile.inc"
+#undef TW
+#undef TILE
+#undef DISPATCH
+#undef VF
+#undef VI
+#undef V_ZERO
+#undef V_LOADI
+#undef V_SET1I
+#undef V_AND
+#undef V_SRL
+#undef V_CVT
+#undef V_FMADD
+#undef V_FNMADD
+#undef V_SET1
+#undef V_ADD
+#undef V_LOAD
+#undef V_STORE
+#undef V_SCALES
+#undef V_ZEROS
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-/* The same tile 16 columns to a vector (the build for AVX-512 CPUs: twice the codes per convert and
+/* the same tile 16 columns to a vector (the build for AVX-512 CPUs: twice the codes per convert and
  * per FMA; 32 vector registers hold the MT x NV x AS accumulators). n0 a multiple of 16. */
 #define LSQ_WIDE 16
 
@@ -219,75 +187,26 @@ static inline __m512 load16_zeros(const int32_t *zrow, int64_t n, int bits) {
     return _mm512_loadu_ps(z);
 }
 
-static inline __attribute__((always_inline)) void gemv_tile16(const GemvArgs *a, int64_t m0, int64_t n0, int64_t g,
-                                                              const int bits, const int MT, const int NV) {
-    const int per = 32 / bits;
-    const int64_t N = a->N, Kp = a->Kp;
-    const int64_t r0 = g * a->G / per;
-    const int64_t r1 = (g == a->ng - 1) ? Kp / per : (g + 1) * a->G / per;
-    const __m128i top = _mm_cvtsi32_si128(bits * (per - 1));
-    const int AS = MT * NV >= 8 ? 1 : 2;
-    __m512 acc[2][4][4];
-#pragma GCC unroll 2
-    for (int u = 0; u < AS; ++u)
-#pragma GCC unroll 4
-        for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) acc[u][m][v] = _mm512_setzero_ps();
-    for (int64_t r = r0; r < r1; ++r) {
-        const int32_t *wp = a->qweight + r * N + n0;
-        __m512i w[4];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) w[v] = _mm512_loadu_si512((const void *)(wp + 16 * v));
-        const float *xr = a->xs + m0 * Kp + r * per;
-#pragma GCC unroll 16
-        for (int j = 0; j < per; ++j) {
-            const __m512i mask = _mm512_set1_epi32((int)(((1u << bits) - 1) << (bits * j)));
-            __m512 xb[4];
-#pragma GCC unroll 4
-            for (int m = 0; m < MT; ++m) xb[m] = _mm512_set1_ps(xr[m * Kp + j]);
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) {
-                __m512i c = (j < per - 1) ? _mm512_and_si512(w[v], mask) : _mm512_srl_epi32(w[v], top);
-                __m512 f = _mm512_cvtepi32_ps(c);
-#pragma GCC unroll 4
-                for (int m = 0; m < MT; ++m) acc[j % AS][m][v] = _mm512_fmadd_ps(f, xb[m], acc[j % AS][m][v]);
-            }
-        }
-    }
-    const int32_t *zrow = a->qzeros + g * a->zstride;
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-        const int64_t n = n0 + 16 * v;
-        __m512 s = load16_scales(a->scales, g * N + n, a->scode);
-        __m512 z = load16_zeros(zrow, n, bits);
-#pragma GCC unroll 4
-        for (int m = 0; m < MT; ++m) {
-            float *yp = a->out + (m0 + m) * N + n;
-            __m512 sum = AS == 2 ? _mm512_add_ps(acc[0][m][v], acc[1][m][v]) : acc[0][m][v];
-            __m512 t = _mm512_fnmadd_ps(z, _mm512_set1_ps(a->xsum[(m0 + m) * a->ng + g]), sum);
-            _mm512_storeu_ps(yp, _mm512_fmadd_ps(s, t, _mm512_loadu_ps(yp)));
-        }
-    }
-}
-
-#define TILE16_CASE(B, MT, NV) \
-    case (B) * 100 + (MT) * 10 + (NV): gemv_tile16(a, m0, n0, g, B, MT, NV); break;
-
-static void gemv_dispatch16(const GemvArgs *a, int64_t m0, int mt, int64_t n0, int64_t g, int nv) {
-    switch (a->bits * 100 + mt * 10 + nv) {
-        TILE16_CASE(4, 1, 4) TILE16_CASE(4, 1, 2) TILE16_CASE(4, 1, 1)
-        TILE16_CASE(4, 2, 4) TILE16_CASE(4, 2, 2) TILE16_CASE(4, 2, 1)
-        TILE16_CASE(4, 3, 2) TILE16_CASE(4, 3, 1) TILE16_CASE(4, 4, 2) TILE16_CASE(4, 4, 1)
-        TILE16_CASE(8, 1, 4) TILE16_CASE(8, 1, 2) TILE16_CASE(8, 1, 1)
-        TILE16_CASE(8, 2, 4) TILE16_CASE(8, 2, 2) TILE16_CASE(8, 2, 1)
-        TILE16_CASE(8, 3, 2) TILE16_CASE(8, 3, 1) TILE16_CASE(8, 4, 2) TILE16_CASE(8, 4, 1)
-        TILE16_CASE(2, 1, 4) TILE16_CASE(2, 1, 2) TILE16_CASE(2, 1, 1)
-        TILE16_CASE(2, 2, 4) TILE16_CASE(2, 2, 2) TILE16_CASE(2, 2, 1)
-        TILE16_CASE(2, 3, 2) TILE16_CASE(2, 3, 1) TILE16_CASE(2, 4, 2) TILE16_CASE(2, 4, 1)
-        default: break;
-    }
-}
+#define TW 16
+#define TILE gemv_tile16
+#define DISPATCH gemv_dispatch16
+#define VF __m512
+#define VI __m512i
+#define V_ZERO() _mm512_setzero_ps()
+#define V_LOADI(p) _mm512_loadu_si512((const void *)(p))
+#define V_SET1I(i) _mm512_set1_epi32(i)
+#define V_AND(a, b) _mm512_and_si512(a, b)
+#define V_SRL(a, count) _mm512_srl_epi32(a, count)
+#define V_CVT(v) _mm512_cvtepi32_ps(v)
+#define V_FMADD(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define V_FNMADD(a, b, c) _mm512_fnmadd_ps(a, b, c)
+#define V_SET1(f) _mm512_set1_ps(f)
+#define V_ADD(a, b) _mm512_add_ps(a, b)
+#define V_LOAD(p) _mm512_loadu_ps(p)
+#define V_STORE(p, v) _mm512_storeu_ps(p, v)
+#define V_SCALES load16_scales
+#define V_ZEROS load16_zeros
+#include "cpu_gemv_tile.inc"
 #define STRIP_DISPATCH gemv_dispatch16
 #else
 #define LSQ_WIDE 8
