@@ -461,12 +461,10 @@ def run_sequential(
             # hands those outputs on; the compressed block then runs on the first batch only, as a check
             given = method.block_outputs() if hasattr(method, "block_outputs") else None
             for j, (h, kw) in enumerate(zip(hidden, kwargs)):
-                if given is not None and j > 0:
-                    hidden[j] = given[j].to(offload)
-                    continue
-                out = block_output(block(_to(h, device, work), **_to(kw[i], device, work)))
-                if not torch.isfinite(out).all():
-                    raise FloatingPointError(f"block {i} produced NaN/Inf after calibration; check the model and the data")
+                if given is None or j == 0:
+                    out = block_output(block(_to(h, device, work), **_to(kw[i], device, work)))
+                    if not torch.isfinite(out).all():
+                        raise FloatingPointError(f"block {i} produced NaN/Inf after calibration; check the model and the data")
                 hidden[j] = (out if given is None else given[j]).to(offload)
         if float_targets:
             fp_hidden = fp_out

@@ -215,40 +215,9 @@ static inline __m512 load16_zeros(const int32_t *zrow, int64_t n, int bits) {
 
 int lsq_wide(void) { return LSQ_WIDE; }
 
-static int gemv_q_impl(const float *x, int64_t M, int64_t K, const int32_t *qweight, const void *scales, int scode,
-                       const int32_t *qzeros, int64_t zstride, const float *bias, float *out, int64_t N, int64_t G,
-                       int bits, int nthreads);
-
-/* lsq_gemv_q with x [M, K] and out [M, N] in xcode's dtype (0 float32, 1 float16, 2 bfloat16): the
- * conversions of a 16-bit model's decode done here, not as two more torch ops a call */
-int lsq_gemv_qx(const void *x, int xcode, int64_t M, int64_t K, const int32_t *qweight, const void *scales,
-                int scode, const int32_t *qzeros, int64_t zstride, const float *bias, void *out, int64_t N,
-                int64_t G, int bits, int nthreads) {
-    if (xcode == 0)
-        return gemv_q_impl((const float *)x, M, K, qweight, scales, scode, qzeros, zstride, bias, (float *)out, N, G,
-                           bits, nthreads);
-    if (xcode != 1 && xcode != 2) return -2;
-    if (M <= 0 || K <= 0 || N <= 0) return -2;
-    float *xf = (float *)malloc(sizeof(float) * (size_t)(M * K + M * N));
-    if (!xf) return -3;
-    float *yf = xf + M * K;
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = half_to_float(((const uint16_t *)x)[i], xcode);
-    int rc = gemv_q_impl(xf, M, K, qweight, scales, scode, qzeros, zstride, bias, yf, N, G, bits, nthreads);
-    if (rc == 0)
-        for (int64_t i = 0; i < M * N; ++i) ((uint16_t *)out)[i] = float_to_half(yf[i], xcode);
-    free(xf);
-    return rc;
-}
-
 int lsq_gemv_q(const float *x, int64_t M, int64_t K, const int32_t *qweight, const void *scales, int scode,
                const int32_t *qzeros, int64_t zstride, const float *bias, float *out, int64_t N, int64_t G,
                int bits, int nthreads) {
-    return gemv_q_impl(x, M, K, qweight, scales, scode, qzeros, zstride, bias, out, N, G, bits, nthreads);
-}
-
-static int gemv_q_impl(const float *x, int64_t M, int64_t K, const int32_t *qweight, const void *scales, int scode,
-                       const int32_t *qzeros, int64_t zstride, const float *bias, float *out, int64_t N, int64_t G,
-                       int bits, int nthreads) {
     if (bits != 2 && bits != 4 && bits != 8) return -1;
     const int per = 32 / bits;
     if (G <= 0 || G % per || M <= 0 || K <= 0 || N <= 0 || scode < 0 || scode > 2) return -2;
@@ -305,6 +274,27 @@ static int gemv_q_impl(const float *x, int64_t M, int64_t K, const int32_t *qwei
     }
     free(xs);
     return 0;
+}
+
+/* lsq_gemv_q with x [M, K] and out [M, N] in xcode's dtype (0 float32, 1 float16, 2 bfloat16): the
+ * conversions of a 16-bit model's decode done here, not as two more torch ops a call */
+int lsq_gemv_qx(const void *x, int xcode, int64_t M, int64_t K, const int32_t *qweight, const void *scales,
+                int scode, const int32_t *qzeros, int64_t zstride, const float *bias, void *out, int64_t N,
+                int64_t G, int bits, int nthreads) {
+    if (xcode == 0)
+        return lsq_gemv_q((const float *)x, M, K, qweight, scales, scode, qzeros, zstride, bias, (float *)out, N, G,
+                          bits, nthreads);
+    if (xcode != 1 && xcode != 2) return -2;
+    if (M <= 0 || K <= 0 || N <= 0) return -2;
+    float *xf = (float *)malloc(sizeof(float) * (size_t)(M * K + M * N));
+    if (!xf) return -3;
+    float *yf = xf + M * K;
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = half_to_float(((const uint16_t *)x)[i], xcode);
+    int rc = lsq_gemv_q(xf, M, K, qweight, scales, scode, qzeros, zstride, bias, yf, N, G, bits, nthreads);
+    if (rc == 0)
+        for (int64_t i = 0; i < M * N; ++i) ((uint16_t *)out)[i] = float_to_half(yf[i], xcode);
+    free(xf);
+    return rc;
 }
 
 /* ---------------------------------------------------------------------------------------------- */
